@@ -1,0 +1,84 @@
+"""Lightning Attention kernels behind one dispatch point.
+
+Public functions (same signatures as their PyTorch twins in `kernels.reference`):
+    lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None)
+        q, k [B, T, H, D], v [B, T, H, E], log_decay [H] fp32 (<= 0) -> (o [B, T, H, E], state [B, H, D, E] | None)
+    lightning_attn_step(q, k, v, log_decay, state)   q, k [B, H, D], v [B, H, E]; state updated in place
+    srmsnorm(x, eps=1e-6)
+
+This module is the ONLY place that decides between Triton (CUDA tensors, Triton importable) and the
+PyTorch reference (everything else). Tests force a path with `use_impl("torch" | "triton")`; under
+`TRITON_INTERPRET=1` the Triton path also runs on CPU tensors. Importing this package never imports
+Triton or touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+from typing import Iterator
+
+import torch
+
+from kernels import reference
+
+__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "use_impl", "backend_for", "reference"]
+
+_IMPLS = ("torch", "triton")
+_FORCE_IMPL: str | None = None
+
+
+@contextlib.contextmanager
+def use_impl(name: str | None) -> Iterator[None]:
+    """Force every dispatch inside the block to `name` ("torch" or "triton"); None restores auto."""
+    global _FORCE_IMPL
+    if name is not None and name not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS} or None, got {name!r}")
+    previous, _FORCE_IMPL = _FORCE_IMPL, name
+    try:
+        yield
+    finally:
+        _FORCE_IMPL = previous
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the `triton` package can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The implementation the dispatch picks for tensors on `device`: "triton" or "torch"."""
+    if _FORCE_IMPL is not None:
+        return _FORCE_IMPL
+    device = torch.device(device)
+    return "triton" if device.type == "cuda" and triton_available() else "torch"
+
+
+def _triton(module: str, name: str):
+    """Lazily import a Triton launcher (kept out of import time so CPU installs never need Triton)."""
+    return getattr(importlib.import_module(f"kernels.{module}"), name)
+
+
+def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Causal decay linear attention (prefill / training). See `kernels.reference.lightning_attn_chunked`."""
+    kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if backend_for(q.device) == "triton":
+        return _triton("triton_chunk", "lightning_attn_triton")(q, k, v, log_decay, **kwargs)
+    return reference.lightning_attn_chunked(q, k, v, log_decay, **kwargs)
+
+
+def lightning_attn_step(q, k, v, log_decay, state):
+    """One recurrent decode step, state updated in place. See `kernels.reference.lightning_attn_step_ref`."""
+    if backend_for(q.device) == "triton":
+        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state)
+    return reference.lightning_attn_step_ref(q, k, v, log_decay, state)
+
+
+def srmsnorm(x, eps: float = 1e-6):
+    """SimpleRMSNorm without gain. See `kernels.reference.srmsnorm_ref`."""
+    if backend_for(x.device) == "triton":
+        return _triton("triton_norm", "srmsnorm_triton")(x, eps)
+    return reference.srmsnorm_ref(x, eps)

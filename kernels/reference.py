@@ -1,0 +1,205 @@
+"""Pure-PyTorch Lightning Attention: the oracle, the CPU production path and the decode step.
+
+Every Triton kernel in this package has a twin here with the same signature; tests compare them.
+
+Notation: B batch, T time, H heads, D q/k head dim, E v head dim, N sequences (varlen).
+
+The op (per batch element and head, rate s_h >= 0, log_decay a_h = -s_h, lambda_h = exp(a_h)):
+    S_t = lambda_h * S_{t-1} + k_t^T v_t          # state [D, E], fp32
+    o_t = q_t S_t                                  # no softmax, no 1/sqrt(D), no denominator
+with S_{-1} = initial_state (zeros when absent). Exponents of lambda are never positive here, so
+nothing can overflow however long the sequence (the paper's "robust" form, arXiv 2307.14995 §3.2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "lightning_attn_naive",
+    "lightning_attn_chunked",
+    "lightning_attn_step_ref",
+    "srmsnorm_ref",
+    "decay_matrix",
+]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (test oracle); everything else is computed in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"expected q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, _, H, D = q.shape
+    E = v.shape[-1]
+    if log_decay.shape != (H,):
+        raise ValueError(f"log_decay must have shape [H]=[{H}], got {tuple(log_decay.shape)}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B={B}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (n_seq, H, D, E):
+        raise ValueError(
+            f"initial_state must be [{n_seq}, {H}, {D}, {E}], got {tuple(initial_state.shape)}"
+        )
+
+
+def decay_matrix(log_decay: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """M[h, i, j] = exp(log_decay[h] * (i - j)) for i >= j, else 0. Shape [H, n, n].
+
+    The mask is taken on the index (i >= j), never on the product, so rate 0 stays causal.
+    """
+    idx = torch.arange(n, device=log_decay.device)
+    dist = (idx[:, None] - idx[None, :]).to(dtype)  # [n, n]
+    causal = idx[:, None] >= idx[None, :]
+    m = torch.exp(log_decay.to(dtype)[:, None, None] * dist.clamp(min=0))  # [H, n, n]
+    return m * causal
+
+
+def _per_sequence(fn, q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, **kw):
+    """Run a dense implementation once per packed sequence (cu_seqlens) and re-pack the results."""
+    outs, finals = [], []
+    bounds = cu_seqlens.tolist()
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        s0 = None if initial_state is None else initial_state[i : i + 1]
+        o, s = fn(q[:, start:end], k[:, start:end], v[:, start:end], log_decay,
+                  initial_state=s0, output_final_state=output_final_state, **kw)
+        outs.append(o)
+        finals.append(s)
+    o = torch.cat(outs, dim=1)  # [1, T_total, H, E]
+    final = torch.cat(finals, dim=0) if output_final_state else None  # [N, H, D, E]
+    return o, final
+
+
+def lightning_attn_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Masked O(T^2) decay attention: the test oracle. Never used by the model.
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, E]; log_decay: [H] (<= 0);
+        initial_state: [B, H, D, E] or None; cu_seqlens: [N + 1] int offsets with B == 1, or None.
+    Returns:
+        o [B, T, H, E] in q.dtype, and the final state [B, H, D, E] (fp32, fp64 for fp64 inputs) or None.
+    """
+    _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
+    if cu_seqlens is not None:
+        return _per_sequence(lightning_attn_naive, q, k, v, log_decay, initial_state,
+                             output_final_state, cu_seqlens)
+    dt = _compute_dtype(q)
+    T = q.shape[1]
+    qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
+    a = log_decay.to(dt)
+    o = (qh @ kh.transpose(-1, -2) * decay_matrix(a, T, dt)) @ vh  # [B, H, T, E]
+    pos = torch.arange(T, device=q.device, dtype=dt)
+    if initial_state is not None:
+        # Contribution of the carried state: lambda^(t+1) q_t S0.
+        q_decay = torch.exp(a[:, None] * (pos + 1))[..., None]  # [H, T, 1]
+        o = o + (qh * q_decay) @ initial_state.to(dt)
+    final = None
+    if output_final_state:
+        k_decay = torch.exp(a[:, None] * (T - 1 - pos))[..., None]  # [H, T, 1]
+        final = (kh * k_decay).transpose(-1, -2) @ vh  # [B, H, D, E]
+        if initial_state is not None:
+            final = final + torch.exp(a * T)[:, None, None] * initial_state.to(dt)
+    return o.transpose(1, 2).to(q.dtype), final  # [B, T, H, E]
+
+
+def lightning_attn_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked decay attention, O(T·C·(D+E) + T·D·E): the CPU production path (differentiable).
+
+    Per chunk of m <= C rows with S the state entering it (0-based in-chunk index i, j):
+        o_i   = lambda^(i+1) q_i S + sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
+        S_new = lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
+
+    Args/Returns: as `lightning_attn_naive`; chunk_size C >= 1.
+    """
+    _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if cu_seqlens is not None:
+        return _per_sequence(lightning_attn_chunked, q, k, v, log_decay, initial_state,
+                             output_final_state, cu_seqlens, chunk_size=chunk_size)
+    dt = _compute_dtype(q)
+    B, T, H, D = q.shape
+    E = v.shape[-1]
+    qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
+    a = log_decay.to(dt)
+    C = max(1, min(chunk_size, T))
+    intra = decay_matrix(a, C, dt)  # [H, C, C]; top-left m x m block serves a short last chunk
+    rows = torch.arange(C, device=q.device, dtype=dt)
+    q_decay_full = torch.exp(a[:, None] * (rows + 1))[..., None]  # [H, C, 1]
+    if initial_state is None:
+        state = q.new_zeros((B, H, D, E), dtype=dt)
+    else:
+        state = initial_state.to(dt)
+    outs = []
+    for start in range(0, T, C):
+        m = min(C, T - start)
+        qc, kc, vc = qh[:, :, start:start + m], kh[:, :, start:start + m], vh[:, :, start:start + m]
+        o_intra = (qc @ kc.transpose(-1, -2) * intra[:, :m, :m]) @ vc  # [B, H, m, E]
+        o_inter = (qc * q_decay_full[:, :m]) @ state  # [B, H, m, E]
+        outs.append(o_intra + o_inter)
+        k_decay = torch.exp(a[:, None] * (m - 1 - rows[:m]))[..., None]  # [H, m, 1]
+        state = torch.exp(a * m)[:, None, None] * state + (kc * k_decay).transpose(-1, -2) @ vc
+    o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, H, E]
+    return o.to(q.dtype), (state if output_final_state else None)
+
+
+def lightning_attn_step_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_decay: torch.Tensor,
+    state: torch.Tensor,
+) -> torch.Tensor:
+    """One decode step for one token per sequence; updates `state` in place.
+
+        S <- exp(log_decay) * S + k^T v ;  o = q S
+
+    Args:
+        q, k: [B, H, D]; v: [B, H, E]; log_decay: [H]; state: [B, H, D, E] fp32 (or fp64), modified in place.
+    Returns:
+        o: [B, H, E] in q.dtype.
+    """
+    B, H, D = q.shape
+    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (B, H, D, v.shape[-1]):
+        raise ValueError(
+            f"step expects q, k [B, H, D], v [B, H, E], state [B, H, D, E]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
+        )
+    dt = state.dtype
+    decay = torch.exp(log_decay.to(dt))[:, None, None]  # [H, 1, 1]
+    state.mul_(decay).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
+    o = (q.to(dt)[..., None, :] @ state).squeeze(-2)  # [B, H, E]
+    return o.to(q.dtype)
+
+
+def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """SimpleRMSNorm: x * rsqrt(mean(x^2, -1) + eps), computed in fp32 (fp64 for fp64), no gain."""
+    dt = _compute_dtype(x)
+    xf = x.to(dt)
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
