@@ -1,0 +1,128 @@
+"""TransNormerLLM blocks, named and shaped as the official checkpoints (transnormer-spec.md §3-§4).
+
+Notation: B batch, T time, H heads, dh head dim, d model width, hd token-mixer width (= H * dh),
+g GLU width. Attention works in the kernel layout [B, T, H, D] (D = dh, or 2 * dh after LRPE).
+
+    x = x + token_mixer(srmsnorm(x))     # gated linear attention with fixed per-head decay
+    x = x + channel_mixer(srmsnorm(x))   # SGLU: l3(l1(x) * l2(x)), no activation
+
+Decode state never lives on a module: the caller passes the layer's fp32 kv tensor and positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from tnllm.config import TNLConfig
+
+
+class SimpleRMSNorm(nn.Module):
+    """SRMSNorm: x * rsqrt(mean(x^2) + eps) over the last dim, fp32 inside, no learnable gain."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.srmsnorm(x, self.eps)
+
+
+class GLU(nn.Module):
+    """Channel mixer ("SGLU" in the paper): l3(l1(x) * l2(x)); the released models use no activation."""
+
+    def __init__(self, dim: int, glu_dim: int, bias: bool):
+        super().__init__()
+        self.l1 = nn.Linear(dim, glu_dim, bias=bias)
+        self.l2 = nn.Linear(dim, glu_dim, bias=bias)
+        self.l3 = nn.Linear(glu_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class Lrpe(nn.Module):
+    """Linearized relative positional encoding, concat form: [x cos(theta t), x sin(theta t)].
+
+    Not RoPE: the cos and sin halves are concatenated (feature dim doubles), so
+    LRPE(q_s) . LRPE(k_t) = sum_j q_sj k_tj cos(theta_j (s - t)) depends only on s - t.
+    Positions and angles are fp32 (upstream computes them in bf16, which is inexact past 256).
+    """
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.empty(n_heads, 1, head_dim))  # learned; loaded from checkpoints
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n_heads, _, head_dim = self.theta.shape
+        d = n_heads * head_dim
+        freqs = 10000.0 ** (-2.0 / d * torch.arange(d, dtype=torch.float32))
+        self.theta.copy_(freqs.view(n_heads, 1, head_dim))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, H, dh], positions [B, T] (absolute, int) -> [B, T, H, 2 * dh] in x.dtype."""
+        theta = self.theta.float().squeeze(1)  # [H, dh]
+        angles = positions.float()[:, :, None, None] * theta  # [B, T, H, dh], fp32
+        xf = x.float()
+        return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
+
+
+class NormLinearAttention(nn.Module):
+    """Token mixer ("gated linear attention"): one fused q|k|v|u projection, decay attention,
+    one SRMSNorm over all hd channels, raw linear gate u (no sigmoid), output projection."""
+
+    def __init__(self, config: TNLConfig, use_lrpe: bool):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.qkvu_proj = nn.Linear(config.dim, 4 * config.hidden_dim, bias=config.bias)
+        self.out_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.lrpe = Lrpe(config.n_heads, config.head_dim) if use_lrpe else None
+        self.act = F.silu if config.act == "silu" else (lambda t: t)
+        self.norm = SimpleRMSNorm(config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        log_decay: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, d]; log_decay [H] fp32; positions [B, T]; kv [B, H, dk, dh] fp32 or None.
+
+        With `kv`, attention continues from it and writes the new state back into it in place.
+        """
+        B, T, _ = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]
+        q = self.act(q.view(B, T, self.n_heads, self.head_dim))  # [B, T, H, dh]
+        k = self.act(k.view(B, T, self.n_heads, self.head_dim))
+        v = v.view(B, T, self.n_heads, self.head_dim)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)  # [B, T, H, 2*dh]
+        if kv is None:
+            o, _ = kernels.lightning_attn(q, k, v, log_decay)
+        elif T == 1:
+            o = kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv)[:, None]  # [B, 1, H, dh]
+        else:
+            o, final = kernels.lightning_attn(q, k, v, log_decay, initial_state=kv, output_final_state=True)
+            kv.copy_(final)
+        o = self.norm(o.reshape(B, T, -1))  # [B, T, hd]: one norm over all heads
+        return self.out_proj(u * o)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: token mixer then channel mixer."""
+
+    def __init__(self, config: TNLConfig, layer_idx: int):
+        super().__init__()
+        self.token_norm = SimpleRMSNorm(config.norm_eps)
+        self.token_mixer = NormLinearAttention(config, use_lrpe=bool(config.lrpe_layers[layer_idx]))
+        self.channel_norm = SimpleRMSNorm(config.norm_eps)
+        self.channel_mixer = GLU(config.dim, config.glu_dim, config.bias)
+
+    def forward(self, x, log_decay, positions, kv=None):
+        x = x + self.token_mixer(self.token_norm(x), log_decay, positions, kv)
+        return x + self.channel_mixer(self.channel_norm(x))

@@ -1,0 +1,134 @@
+"""TransNormerLLM (arXiv 2307.14995) as the official OpenNLPLab checkpoints need it.
+
+    x = embed_tokens(ids) * sqrt(d)            # unless no_scale_embedding
+    x = layers(x)                              # L x (token mixer, channel mixer), pre-norm residual
+    logits = lm_head(srmsnorm(x))              # lm_head tied to embed_tokens by default
+
+Parameter names equal the official ones (`model.layers.{i}.token_mixer.qkvu_proj.weight`, ...), so an
+official state dict loads strictly. Decay rates are fixed fp32 buffers, never parameters.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from tnllm.config import TNLConfig
+from tnllm.layers import DecoderLayer, Lrpe, SimpleRMSNorm
+from tnllm.state import RecurrentState
+
+
+def alibi_slopes(n_heads: int) -> list[float]:
+    """ALiBi head slopes: 2^(-8 (h+1) / H) for H a power of two; otherwise the slopes of the
+    nearest lower power of two followed by every other slope of the doubled count (ALiBi's rule)."""
+    def power_of_two(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    if n_heads & (n_heads - 1) == 0:
+        return power_of_two(n_heads)
+    lower = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(lower) + alibi_slopes(2 * lower)[0::2][: n_heads - lower]
+
+
+def lightning_log_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Tensor:
+    """Per-head log decay [H] (fp32, <= 0) of one layer, exactly as the released checkpoints use it:
+
+        rate[l, h] = slope[h] * (1 - l / (L - 1) + 1e-5),   lambda = exp(-rate)
+
+    (transnormer-spec.md §4.3). The paper writes exp(-(8h/H)(1 - l/L)); the code - and so the
+    weights - use ALiBi slopes and L - 1: follow the code. Layer 0 decays most.
+    """
+    factor = 1.0 - layer_idx / (n_layers - 1) + 1e-5
+    rates = torch.tensor(alibi_slopes(n_heads), dtype=torch.float64) * factor
+    return (-rates).to(torch.float32)
+
+
+class TransNormerModel(nn.Module):
+    """The decoder body (official prefix `model.`): embeddings and layers."""
+
+    def __init__(self, config: TNLConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.n_layers))
+        self.final_norm = SimpleRMSNorm(config.norm_eps)
+
+
+class TransNormerLLM(nn.Module):
+    """Causal LM. `forward(input_ids [B, T], state=None, logits_to_keep=0) -> logits [B, T', V]`.
+
+    With a `RecurrentState`, the call continues each sequence from it (any number of new tokens;
+    one token takes the recurrent step) and advances the state in place.
+    """
+
+    def __init__(self, config: TNLConfig):
+        super().__init__()
+        self.config = config
+        self.model = TransNormerModel(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Fixed decay rates: recomputed, never loaded or saved.
+        self.register_buffer("log_decay", self._log_decay_table(), persistent=False)  # [L, H] fp32
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    def _log_decay_table(self) -> torch.Tensor:
+        c = self.config
+        return torch.stack([lightning_log_decay(c.n_heads, i, c.n_layers) for i in range(c.n_layers)])
+
+    def _apply(self, fn, recurse=True):
+        # Recompute the decay table after every .to()/.half()/to_empty(): it must stay exact fp32
+        # (a bf16 model would otherwise round it) and be real data after a meta-device build.
+        super()._apply(fn, recurse)
+        self.log_decay = self._log_decay_table().to(self.lm_head.weight.device)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Official init: normal(0, init_std) for every Linear/Embedding, zero biases and padding row."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, Lrpe):
+                module.reset_parameters()
+        pad = self.config.pad_token_id
+        if pad is not None:
+            self.model.embed_tokens.weight[pad].zero_()
+
+    def allocate_state(self, batch_size: int = 1) -> RecurrentState:
+        """A zero recurrent state for `batch_size` new sequences on this model's device."""
+        return RecurrentState.allocate(self.config, batch_size, self.lm_head.weight.device)
+
+    def num_parameters(self) -> int:
+        """Parameter count with tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: RecurrentState | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] (only the last `logits_to_keep` positions if > 0)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if state is not None and state.batch_size != B:
+            raise ValueError(f"state holds {state.batch_size} sequences but input_ids has batch {B}")
+        steps = torch.arange(T, device=input_ids.device)
+        start = torch.zeros(B, dtype=torch.long, device=input_ids.device) if state is None else state.positions
+        positions = start[:, None] + steps  # [B, T], absolute per sequence (LRPE)
+
+        x = self.model.embed_tokens(input_ids) * self.config.embed_scale  # [B, T, d]
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, self.log_decay[i], positions, None if state is None else state.kv[i])
+        if state is not None:
+            state.positions += T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(self.model.final_norm(x))

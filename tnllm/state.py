@@ -1,0 +1,98 @@
+"""Recurrent decode state, owned by the caller (one per conversation / Gradio session).
+
+TransNormerLLM's whole context lives in one fp32 matrix per layer and head, so the state size is
+constant however long a conversation gets: that is the point of the project. Per sequence it is
+4 * H * dh^2 * (L + #LRPE layers) bytes (LRPE layers have dk = 2 * dh): 17.8 MB for TNL-1B.
+
+Notation: B batch, L layers, H heads, dk = dh or 2 * dh (LRPE layers), dh head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tnllm.config import TNLConfig
+
+
+@dataclass
+class RecurrentState:
+    """Per-layer fp32 kv tensors [B, H, dk, dh] plus per-sequence positions [B] (tokens consumed).
+
+    The model updates both in place (`mul_`/`add_`/`copy_`), so tensor addresses never change
+    during decoding (what CUDA graphs need). Positions are per sequence, never shared.
+    """
+
+    kv: list[torch.Tensor]
+    positions: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: TNLConfig, batch_size: int = 1, device: torch.device | str = "cpu") -> "RecurrentState":
+        """Zero state for `batch_size` fresh sequences."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dh = config.head_dim
+        kv = [
+            torch.zeros(batch_size, config.n_heads, dh * (2 if lrpe else 1), dh, dtype=torch.float32, device=device)
+            for lrpe in config.lrpe_layers
+        ]
+        return cls(kv=kv, positions=torch.zeros(batch_size, dtype=torch.long, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state (independent of context length)."""
+        return sum(t.numel() * t.element_size() for t in self.kv) + self.positions.numel() * 8
+
+    def reset(self) -> None:
+        """Forget everything (in place)."""
+        for t in self.kv:
+            t.zero_()
+        self.positions.zero_()
+
+    def clone(self) -> "RecurrentState":
+        """An independent copy: fork a conversation."""
+        return RecurrentState([t.clone() for t in self.kv], self.positions.clone())
+
+    def select(self, index: torch.Tensor | list[int]) -> "RecurrentState":
+        """A new state holding the given batch rows, in the given order (reorder / split a batch)."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.positions.device)
+        return RecurrentState([t.index_select(0, index) for t in self.kv], self.positions.index_select(0, index))
+
+    @classmethod
+    def cat(cls, states: list["RecurrentState"]) -> "RecurrentState":
+        """Stack several states along the batch dim (e.g. to decode sessions together)."""
+        kv = [torch.cat(layer, dim=0) for layer in zip(*(s.kv for s in states))]
+        return cls(kv, torch.cat([s.positions for s in states]))
+
+    def to(self, device: torch.device | str) -> "RecurrentState":
+        return RecurrentState([t.to(device) for t in self.kv], self.positions.to(device))
+
+    def save(self, path: str | Path) -> None:
+        """Write to a safetensors file (a few MB; no pickle)."""
+        tensors = {f"kv.{i}": t.contiguous().cpu() for i, t in enumerate(self.kv)}
+        tensors["positions"] = self.positions.cpu()
+        save_file(tensors, str(path), metadata={"format": "pt", "kind": "tnllm-recurrent-state"})
+
+    @classmethod
+    def load(cls, path: str | Path, config: TNLConfig, device: torch.device | str = "cpu") -> "RecurrentState":
+        """Read a state saved by `save`, checking it fits `config`."""
+        tensors = load_file(str(path), device=str(device))
+        expected = cls.allocate(config, 1, "meta")
+        kv = []
+        for i, ref in enumerate(expected.kv):
+            t = tensors.get(f"kv.{i}")
+            if t is None or t.shape[1:] != ref.shape[1:] or t.dtype != torch.float32:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise ValueError(f"state file {path}: layer {i} expected [B, {', '.join(map(str, ref.shape[1:]))}] "
+                                 f"fp32, got {got}")
+            kv.append(t)
+        if f"kv.{len(kv)}" in tensors or "positions" not in tensors:
+            raise ValueError(f"state file {path} does not match a {config.n_layers}-layer model")
+        return cls(kv, tensors["positions"])

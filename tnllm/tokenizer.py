@@ -1,0 +1,97 @@
+"""SentencePiece tokenizer for TransNormerLLM and the official SFT chat format.
+
+Loads the official Baichuan-style `tokenizer.model` (<unk>=0, <s>=1, </s>=2, no BOS added) or our own.
+User text is encoded as plain text: SentencePiece never maps text to control pieces, and `encode`
+verifies it, so a user typing "</s>" or "<s>" cannot forge control tokens. Control ids (eos) are
+inserted as integers by the chat formatter.
+
+Chat format (official fine-tune/train.py; multi-turn is the project's convention, one block per turn):
+    Human:\\n{user}\\nAssistant:\\n{reply}</s>Human:\\n{user}\\nAssistant:\\n ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import sentencepiece as spm
+
+from tnllm.checkpoint import resolve
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+    """Thin wrapper over a SentencePiece model with safe encoding and the chat prompt format."""
+
+    def __init__(self, model_file: str | Path):
+        self.path = Path(model_file)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(self.path))
+        except (OSError, RuntimeError) as exc:
+            raise ValueError(f"cannot load SentencePiece model {self.path}: {exc}") from exc
+        self.control_ids = frozenset(i for i in range(self.sp.GetPieceSize()) if self.sp.IsControl(i))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    def encode(self, text: str) -> list[int]:
+        """Plain-text ids (no BOS/EOS); raises if any control id appeared (defence in depth)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, got {type(text).__name__}")
+        ids = self.sp.EncodeAsIds(text)
+        if self.control_ids.intersection(ids):
+            raise ValueError("text encoded to a control token; refusing (special-token injection)")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.DecodeIds(list(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.IdToPiece(token_id)
+
+    def chat_ids(self, turns: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Ids of a conversation: `turns` is [(role, text)] with role "human" or "assistant".
+
+        Each human turn becomes "Human:\\n{text}\\nAssistant:\\n"; each assistant turn its text + eos.
+        With `add_generation_prompt`, the conversation must end on a human turn (the model answers next).
+        """
+        ids: list[int] = []
+        expected = "human"
+        for role, text in turns:
+            if role != expected:
+                raise ValueError(f"turns must alternate human/assistant starting with human; got {role!r}")
+            if role == "human":
+                ids += self.encode(f"Human:\n{text}\nAssistant:\n")
+                expected = "assistant"
+            else:
+                ids += self.encode(text) + [self.eos_id]
+                expected = "human"
+        if add_generation_prompt and expected != "assistant":
+            raise ValueError("add_generation_prompt needs the conversation to end with a human turn")
+        return ids
+
+
+def load_tokenizer(path_or_repo_id: str | Path, *, revision: str | None = None) -> Tokenizer:
+    """Tokenizer from a `tokenizer.model` file, a directory holding one, or a Hub repo id."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_file():
+        return Tokenizer(path)
+    directory = resolve(path_or_repo_id, revision=revision, files=(TOKENIZER_FILE,))
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{directory / TOKENIZER_FILE} not found")
+    return Tokenizer(directory / TOKENIZER_FILE)
