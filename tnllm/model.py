@@ -81,7 +81,10 @@ class TransNormerLLM(nn.Module):
     def _apply(self, fn, recurse=True):
         # Recompute the decay table after every .to()/.half()/to_empty(): it must stay exact fp32
         # (a bf16 model would otherwise round it) and be real data after a meta-device build.
+        # Re-tie lm_head too: to_empty() gives each module its own new parameter.
         super()._apply(fn, recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.log_decay = self._log_decay_table().to(self.lm_head.weight.device)
         return self
 
