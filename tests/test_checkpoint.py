@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import assert_close
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, save_model
 from tnllm.checkpoint import MANIFEST_FILE, resolve, weight_files, write_manifest
-from tests.conftest import assert_close
 
 IDS = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import lightning_attn_naive
+from tests.conftest import assert_close
 from tnllm import RecurrentState, TNLConfig, TransNormerLLM, lightning_log_decay
 from tnllm.model import alibi_slopes
-from tests.conftest import assert_close
 
 # The official TransNormerLLM-1B config.json fields (transnormer-spec.md §1.2).
 OFFICIAL_1B = {
