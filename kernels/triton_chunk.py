@@ -1,0 +1,353 @@
+"""Triton chunked Lightning Attention (prefill / training), forward and backward.
+
+Notation: B batch, T time, H heads, D q/k head dim, E v head dim, N sequences, C chunk (BT), L segment.
+
+Design (kernels.md §2): the state of each (sequence, head) is carried on chip through a sequential loop over
+chunks, as in the official forward, so per-chunk states never touch HBM (fla writes them all). To keep the
+GPU busy when B·H is small, long sequences are cut into segments of L tokens: `_seg_state_kernel` computes
+each segment's own decayed KᵀV, `_seg_scan_kernel` turns those into the state entering every segment
+(in place, fp32, L ≫ C so this is small), then `_chunk_kernel` runs all segments in parallel. One generic
+kernel serves the forward and all three gradients (only the roles of the inputs change):
+
+    o  = attn(q, k, v)      forward in time, state S (carried S_{t-1}, enters row i of a chunk as λ^(i+1))
+    dq = attn(dO, v, k)     forward in time, state Sᵀ (forward entering states, transposed strides)
+    dv = attn(k, q, dO)     backward in time, state G' (λ·dL/dS; enters as λ^i, initial = d final_state)
+    dk = attn(v, dO, q)     backward in time, state G'ᵀ;   d initial_state = G' left after the first chunk
+
+Dots run on bf16/fp16 tensor cores for 16-bit inputs (fp32 accumulate); the state stays fp32 (the inter
+dot casts it to bf16 for bf16 inputs, to fp32/TF32 otherwise since fp16 could overflow).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["lightning_attn_triton"]
+
+def _interpret(device: torch.device) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu"
+
+
+@triton.jit
+def _dot(x, y, F32: tl.constexpr):
+    """tl.dot; F32 upcasts first (the CPU interpreter computes bf16 dots wrongly, triton 3.9)."""
+    if F32:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, y)
+
+
+@triton.jit
+def _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN: tl.constexpr):
+    """(bos, eos, i_n, is_first, is_last) of segment i_s, token offsets in int64."""
+    if IS_VARLEN:
+        bos = tl.load(seg + i_s * 5).to(tl.int64)
+        eos = tl.load(seg + i_s * 5 + 1).to(tl.int64)
+        i_n = tl.load(seg + i_s * 5 + 2).to(tl.int32)
+        is_first = tl.load(seg + i_s * 5 + 3) != 0
+        is_last = tl.load(seg + i_s * 5 + 4) != 0
+    else:
+        i_n = i_s // NS
+        i_j = i_s % NS
+        bos = i_n.to(tl.int64) * T + i_j.to(tl.int64) * L
+        eos = tl.minimum(bos + L, i_n.to(tl.int64) * T + T)
+        is_first = i_j == 0
+        is_last = i_j == NS - 1
+    return bos, eos, i_n, is_first, is_last
+
+
+@triton.jit(do_not_specialize=["T", "NS", "L"])
+def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  BT: tl.constexpr, REVERSE: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr,
+                  STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr,
+                  F32: tl.constexpr):
+    # out_i = sum_{j causal} λ^|i-j| (a_i·b_j) c_j + λ^e_i a_i S ;  S <- λ^m S + Σ_j λ^f_j b_jᵀ c_j
+    i_v, i_sh = tl.program_id(0), tl.program_id(1)
+    i_s, i_h = i_sh // H, i_sh % H
+    bos, eos, i_n, is_first, is_last = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
+    b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634  # log2 of λ
+
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    if REVERSE:
+        m_A = o_t[:, None] <= o_t[None, :]
+        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[None, :] - o_t[:, None]).to(tl.float32), float("-inf")))
+    else:
+        m_A = o_t[:, None] >= o_t[None, :]
+        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[:, None] - o_t[None, :]).to(tl.float32), float("-inf")))
+
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H:
+        if H_PER_SEG:
+            i_hn = i_s
+        else:
+            i_hn = i_n
+        p_h = h + i_hn.to(tl.int64) * s_hn + i_h * s_hh + o_k[:, None] * s_hk + o_v[None, :] * s_hv
+        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
+
+    n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
+    for i_c in range(n_c):
+        if REVERSE:
+            t0 = bos + (n_c - 1 - i_c) * BT
+        else:
+            t0 = bos + i_c * BT
+        n_m = tl.minimum(eos - t0, BT).to(tl.int32)
+        m_t = o_t < n_m
+        o_tok = t0 + o_t.to(tl.int64)
+        p_a = a + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
+        p_b = b + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
+        p_c = c + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_a = tl.load(p_a, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_b = tl.load(p_b, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_c = tl.load(p_c, mask=m_t[:, None] & m_v[None, :], other=0.)
+        if REVERSE:
+            e_q = n_m - 1 - o_t
+            e_k = o_t + 1
+        else:
+            e_q = o_t + 1
+            e_k = n_m - 1 - o_t
+        d_q = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_q, 0).to(tl.float32)), 0.)
+        d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
+
+        b_A = _dot(b_a, tl.trans(b_b), F32) * b_D
+        b_o = _dot(b_A.to(b_c.dtype), b_c, F32)
+        if BF16_STATE:
+            b_o += _dot((b_a * d_q[:, None]).to(b_a.dtype), b_h.to(b_a.dtype), F32)
+        else:
+            b_o += tl.dot(b_a.to(tl.float32) * d_q[:, None], b_h)
+        p_o = o + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_h = b_h * tl.exp2(b_ld * n_m.to(tl.float32)) \
+            + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+
+    if STORE_FINAL:
+        p_f = hf + (i_n.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        if REVERSE:
+            if is_first:
+                tl.store(p_f, b_h, mask=m_k[:, None] & m_v[None, :])
+        else:
+            if is_last:
+                tl.store(p_f, b_h, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "NS", "L"])
+def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, F32: tl.constexpr):
+    # hs[s] = Σ_{j in s} λ^f_j b_jᵀ c_j ; f_j = eos-1-j (forward) or j-bos+1 (reverse)
+    i_kv, i_sh = tl.program_id(0), tl.program_id(1)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    i_s, i_h = i_sh // H, i_sh % H
+    bos, eos, i_n, is_first, is_last = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
+    b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    for t0 in range(bos, eos, BT):
+        o_tok = t0 + o_t.to(tl.int64)
+        m_t = o_tok < eos
+        if REVERSE:
+            e_k = o_tok - bos + 1
+        else:
+            e_k = eos - 1 - o_tok
+        d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
+        b_b = tl.load(b + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_c = tl.load(c + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        b_h += _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+    p_h = hs + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "NS", "L"])
+def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr, USE_H0: tl.constexpr,
+                     IS_VARLEN: tl.constexpr):
+    # in place: hs[s] <- state entering segment s (in processing order); carry <- λ^len carry + hs[s]
+    i_kv, i_nh = tl.program_id(0), tl.program_id(1)
+    NV: tl.constexpr = triton.cdiv(V, BV)
+    i_k, i_v = i_kv // NV, i_kv % NV
+    i_n, i_h = i_nh // H, i_nh % H
+    b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_kv = o_k[:, None] * V + o_v[None, :]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        b_h = tl.load(h0 + (i_n.to(tl.int64) * H + i_h) * K * V + o_kv, mask=m_kv, other=0.).to(tl.float32)
+    if IS_VARLEN:
+        s_beg = tl.load(sseg + i_n).to(tl.int32)
+        n_s = tl.load(sseg + i_n + 1).to(tl.int32) - s_beg
+    else:
+        s_beg = i_n * NS
+        n_s = NS
+    for i_j in range(n_s):
+        if REVERSE:
+            i_s = s_beg + n_s - 1 - i_j
+        else:
+            i_s = s_beg + i_j
+        bos, eos, _n, _f, _l = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
+        p_h = hs + (i_s * H + i_h).to(tl.int64) * K * V + o_kv
+        b_l = tl.load(p_h, mask=m_kv, other=0.)
+        tl.store(p_h, b_h, mask=m_kv)
+        b_h = b_h * tl.exp2(b_ld * (eos - bos).to(tl.float32)) + b_l
+
+
+class _Plan:
+    """Segmentation and block sizes of one call (host side; varlen needs one sync for cu_seqlens)."""
+
+    def __init__(self, B, T, H, D, E, device, cu_seqlens, seg_len):
+        interp = _interpret(device)
+        self.BT = 16 if interp else 64
+        self.H = H
+        BVmax = 16 if interp else 64
+        self.BV_of = lambda V: min(BVmax, max(16, triton.next_power_of_2(V)))  # noqa: E731
+        self.BS = 16 if interp else 64  # state tile of the segment kernels
+        n_v = triton.cdiv(E, self.BV_of(E))
+        if cu_seqlens is None:
+            self.N, lens = B, None
+            tot = B * T
+        else:
+            bounds = cu_seqlens.tolist()
+            lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+            self.N, tot = len(lens), bounds[-1]
+        if seg_len is None:  # aim for >= ~1024 programs of the chunk kernel; segments >= 16 chunks
+            want = 1 if interp else 1024
+            seg_len = max(16 * self.BT, triton.cdiv(tot * H * n_v, want))
+        self.L = triton.cdiv(max(int(seg_len), 1), self.BT) * self.BT
+        self.T, self.varlen = T, cu_seqlens is not None
+        if lens is None:
+            self.NS = max(1, triton.cdiv(T, self.L))
+            self.n_seg = B * self.NS
+            self.segmented = self.NS > 1
+            self.seg = self.sseg = torch.zeros(1, dtype=torch.int64, device=device)
+        else:
+            rows, sseg = [], [0]
+            for i_n, (s, n) in enumerate(zip(bounds[:-1], lens)):
+                ns = max(1, triton.cdiv(n, self.L))
+                for j in range(ns):
+                    rows.append([s + j * self.L, min(s + (j + 1) * self.L, s + n), i_n, int(j == 0), int(j == ns - 1)])
+                sseg.append(sseg[-1] + ns)
+            self.NS, self.n_seg = 1, len(rows)
+            self.segmented = self.n_seg > self.N
+            self.seg = torch.tensor(rows, dtype=torch.int64).to(device)
+            self.sseg = torch.tensor(sseg, dtype=torch.int64).to(device)
+
+    @staticmethod
+    def f32(x):
+        return x.dtype == torch.bfloat16 and _interpret(x.device)
+
+    def seg_states(self, b, c, ld, h0, reverse):
+        """State entering each segment (processing order), fp32 [n_seg, H, K, V]."""
+        K, V = b.shape[-1], c.shape[-1]
+        hs = torch.empty(self.n_seg, self.H, K, V, dtype=torch.float32, device=b.device)
+        BK, BV = min(self.BS, triton.next_power_of_2(K)), min(self.BS, triton.next_power_of_2(V))
+        BK, BV = max(BK, 16), max(BV, 16)
+        n_kv = triton.cdiv(K, BK) * triton.cdiv(V, BV)
+        _seg_state_kernel[(n_kv, self.n_seg * self.H)](
+            b, c, hs, ld, self.seg, self.T, self.NS, self.L, H=self.H, K=K, V=V, BK=BK, BV=BV, BT=self.BT,
+            REVERSE=reverse, IS_VARLEN=self.varlen, F32=self.f32(b))
+        _seg_scan_kernel[(n_kv, self.N * self.H)](
+            hs, h0 if h0 is not None else hs, ld, self.seg, self.sseg, self.T, self.NS, self.L, H=self.H,
+            K=K, V=V, BK=BK, BV=BV, REVERSE=reverse, USE_H0=h0 is not None, IS_VARLEN=self.varlen)
+        return hs
+
+    def chunk(self, a, b, c, ld, h, h_per_seg, reverse, store_final, transpose_h=False):
+        """out [.., V] (a.dtype) and the final state [N, H, K, V] fp32 (or None) of one generic pass."""
+        K, V = a.shape[-1], c.shape[-1]
+        out = torch.empty(c.shape, dtype=a.dtype, device=a.device)
+        hf = torch.empty(self.N, self.H, K, V, dtype=torch.float32, device=a.device) if store_final else None
+        BV = self.BV_of(V)
+        if h is None:
+            strides = (0, 0, 0, 0)
+        else:
+            s_n, s_h, s_1, s_2 = h.stride()
+            strides = (s_n, s_h, s_2, s_1) if transpose_h else (s_n, s_h, s_1, s_2)
+        num_warps = 4 if _interpret(a.device) or K <= 64 else 8
+        _chunk_kernel[(triton.cdiv(V, BV), self.n_seg * self.H)](
+            a, b, c, out, h if h is not None else out, hf if hf is not None else out, ld, self.seg,
+            self.T, self.NS, self.L, *strides, H=self.H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
+            BV=BV, BT=self.BT, REVERSE=reverse, USE_H=h is not None, H_PER_SEG=h_per_seg,
+            STORE_FINAL=store_final, IS_VARLEN=self.varlen, BF16_STATE=a.dtype == torch.bfloat16, F32=self.f32(a),
+            num_warps=num_warps, num_stages=1 if _interpret(a.device) else 2)
+        return out, hf
+
+
+class _LightningAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, seg_len):
+        B, T, H, D = q.shape
+        plan = _Plan(B, T, H, D, v.shape[-1], q.device, cu_seqlens, seg_len)
+        ld = log_decay.detach().to(device=q.device, dtype=torch.float32).contiguous()
+        h0 = None if initial_state is None else initial_state.detach().float().contiguous()
+        hs = plan.seg_states(k, v, ld, h0, reverse=False) if plan.segmented else None
+        o, final = plan.chunk(q, k, v, ld, hs if plan.segmented else h0, plan.segmented, False, output_final_state)
+        ctx.save_for_backward(q, k, v, ld, h0, hs)
+        ctx.plan, ctx.s0_dtype = plan, None if initial_state is None else initial_state.dtype
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, ld, h0, hs = ctx.saved_tensors
+        plan = ctx.plan
+        do = do.contiguous()
+        dfinal = None if dfinal is None else dfinal.float().contiguous()
+        h_fwd = hs if plan.segmented else h0
+        dq, _ = plan.chunk(do, v, k, ld, h_fwd, plan.segmented, False, False, transpose_h=True)
+        gs = plan.seg_states(q, do, ld, dfinal, reverse=True) if plan.segmented else None
+        h_rev = gs if plan.segmented else dfinal
+        need_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[4]
+        dv, ds0 = plan.chunk(k, q, do, ld, h_rev, plan.segmented, True, need_ds0)
+        dk, _ = plan.chunk(v, do, q, ld, h_rev, plan.segmented, True, False, transpose_h=True)
+        if ds0 is not None:
+            ds0 = ds0.to(ctx.s0_dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds0, None, None, None
+
+
+def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None,
+                          _seg_len=None):
+    """Causal linear attention with a fixed per-head decay (Lightning Attention), Triton, differentiable.
+
+        S_t = λ_h S_{t-1} + k_tᵀ v_t ,   o_t = q_t S_t ,   λ_h = exp(log_decay[h])   (no scale, no softmax)
+
+    Args:
+        q, k: [B, T, H, D]; v: [B, T, H, E] (bf16, fp16 or fp32, one dtype; D != E allowed).
+        log_decay: [H] fp32, <= 0 (no gradient: a fixed buffer).
+        initial_state: [N, H, D, E] (fp32) or None; N = B, or the number of sequences with cu_seqlens.
+        output_final_state: also return the state after the last token, [N, H, D, E] fp32.
+        cu_seqlens: [N + 1] int offsets of packed sequences (needs B == 1), or None.
+        _seg_len: private, forces the segment length (tests).
+    Returns:
+        o [B, T, H, E] in q.dtype, and the final state or None. Gradients flow to q, k, v, initial_state
+        (and from the final state).
+    """
+    B, T, H, D = q.shape
+    if k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k [B, T, H, D], v [B, T, H, E]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if log_decay.shape != (H,):
+        raise ValueError(f"log_decay must be [H]=[{H}], got {tuple(log_decay.shape)}")
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B={B}")
+        n_seq = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (n_seq, H, D, v.shape[-1]):
+        raise ValueError(f"initial_state must be [{n_seq}, {H}, {D}, {v.shape[-1]}], "
+                         f"got {tuple(initial_state.shape)}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _LightningAttnFunction.apply(q, k, v, log_decay, initial_state, bool(output_final_state),
+                                        cu_seqlens, _seg_len)
+

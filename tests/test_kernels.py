@@ -1,0 +1,216 @@
+"""Triton kernels vs the fp64 PyTorch references (kernels/reference.py).
+
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (small shapes: the interpreter is slow; the
+launchers pick 16-wide blocks there so multi-chunk, multi-segment and multi-V-block paths are all exercised).
+"""
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as ref
+from tests.conftest import assert_close, requires_cuda, requires_triton_interpret
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+TOL = {torch.float32: 5e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def _attn_inputs(B, T, H, D, E, dtype, n_state=None, rate_scale=1.0, device=DEVICE):
+    q, k = (torch.randn(B, T, H, D, device=device).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, H, E, device=device).to(dtype)
+    log_decay = -rate_scale * torch.rand(H, device=device)
+    s0 = None if n_state is None else torch.randn(n_state, H, D, E, device=device)
+    return q, k, v, log_decay, s0
+
+
+def _run_both(q, k, v, log_decay, s0, cu=None, seg_len=None, grads=True):
+    """(reference outputs, triton outputs): o, final state and, if grads, dq, dk, dv, ds0."""
+    from kernels.triton_chunk import lightning_attn_triton
+
+    leaves_r = [x.detach().double().requires_grad_(grads) for x in (q, k, v)]
+    leaves_t = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
+    s0_r = None if s0 is None else s0.detach().double().requires_grad_(grads)
+    s0_t = None if s0 is None else s0.detach().clone().requires_grad_(grads)
+    o_r, f_r = ref.lightning_attn_naive(*leaves_r, log_decay, initial_state=s0_r, output_final_state=True,
+                                        cu_seqlens=cu)
+    o_t, f_t = lightning_attn_triton(*leaves_t, log_decay, initial_state=s0_t, output_final_state=True,
+                                     cu_seqlens=cu, _seg_len=seg_len)
+    out_r, out_t = {"o": o_r, "final": f_r}, {"o": o_t, "final": f_t}
+    if grads:
+        do, df = torch.randn_like(o_r), torch.randn_like(f_r)
+        ((o_r * do).sum() + (f_r * df).sum()).backward()
+        ((o_t.double() * do).sum() + (f_t.double() * df).sum()).backward()
+        for name, lr, lt in zip(("dq", "dk", "dv"), leaves_r, leaves_t):
+            out_r[name], out_t[name] = lr.grad, lt.grad
+        if s0 is not None:
+            out_r["ds0"], out_t["ds0"] = s0_r.grad, s0_t.grad
+    return out_r, out_t
+
+
+CHUNK_CASES = [
+    pytest.param(1, 1, 2, 16, 16, None, id="B1-T1-H2-D16"),
+    pytest.param(2, 63, 2, 16, 32, None, id="B2-T63-H2-D16-E32"),
+    pytest.param(2, 65, 3, 32, 16, 32, id="B2-T65-H3-D32-E16-seg32"),
+    pytest.param(1, 100, 2, 32, 32, 16, id="B1-T100-H2-D32-seg16"),
+]
+
+
+@requires_triton_interpret
+class TestChunk:
+    @pytest.mark.parametrize("B,T,H,D,E,seg", CHUNK_CASES)
+    @pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
+    def test_fwd_bwd_fp32(self, B, T, H, D, E, seg, with_s0):
+        inputs = _attn_inputs(B, T, H, D, E, torch.float32, n_state=B if with_s0 else None)
+        out_r, out_t = _run_both(*inputs, seg_len=seg)
+        for name in out_r:
+            assert_close(name, out_r[name], out_t[name], rel=TOL[torch.float32])
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    def test_fwd_bwd_16bit(self, dtype):
+        inputs = _attn_inputs(2, 65, 2, 32, 16, dtype, n_state=2)
+        out_r, out_t = _run_both(*inputs, seg_len=32)
+        for name in out_r:
+            assert_close(name, out_r[name], out_t[name], rel=TOL[dtype])
+        assert out_t["o"].dtype == dtype and out_t["final"].dtype == torch.float32
+
+    @pytest.mark.parametrize("seg", [None, 16], ids=["whole", "seg16"])
+    def test_varlen(self, seg):
+        lens = [5, 37, 1, 27]
+        cu = torch.tensor([0, 5, 42, 43, 70], device=DEVICE)
+        inputs = _attn_inputs(1, sum(lens), 2, 16, 32, torch.float32, n_state=len(lens))
+        out_r, out_t = _run_both(*inputs, cu=cu, seg_len=seg)
+        for name in out_r:
+            assert_close(name, out_r[name], out_t[name], rel=TOL[torch.float32])
+
+    def test_zero_rate_stays_causal(self):
+        from kernels.triton_chunk import lightning_attn_triton
+
+        q, k, v, _, _ = _attn_inputs(1, 40, 2, 16, 16, torch.float32)
+        a = torch.zeros(2, device=DEVICE)
+        o, _ = lightning_attn_triton(q, k, v, a, _seg_len=16)
+        v2 = v.clone()
+        v2[:, 20:] += 100.0  # the future must not leak into earlier outputs
+        o2, _ = lightning_attn_triton(q, k, v2, a, _seg_len=16)
+        assert torch.equal(o[:, :20], o2[:, :20])
+        o_r, _ = ref.lightning_attn_naive(q.double(), k.double(), v.double(), a)
+        assert_close("o rate0", o_r, o, rel=TOL[torch.float32])
+
+    def test_strong_decay_is_finite(self):
+        from kernels.triton_chunk import lightning_attn_triton
+
+        q, k, v, _, s0 = _attn_inputs(1, 70, 2, 16, 16, torch.float32, n_state=1)
+        a = torch.tensor([0.0, -30.0], device=DEVICE)
+        o, f = lightning_attn_triton(q, k, v, a, initial_state=s0, output_final_state=True, _seg_len=32)
+        o_r, f_r = ref.lightning_attn_naive(q.double(), k.double(), v.double(), a, initial_state=s0.double(),
+                                            output_final_state=True)
+        assert_close("o", o_r, o, rel=TOL[torch.float32])
+        assert_close("final", f_r, f, rel=TOL[torch.float32])
+
+    def test_dispatch_and_shape_errors(self):
+        q, k, v, a, s0 = _attn_inputs(2, 33, 2, 16, 16, torch.float32, n_state=2)
+        with kernels.use_impl("triton"):
+            o, f = kernels.lightning_attn(q, k, v, a, initial_state=s0, output_final_state=True)
+            assert kernels.lightning_attn(q, k, v, a)[1] is None
+            with pytest.raises(ValueError, match="initial_state"):
+                kernels.lightning_attn(q, k, v, a, initial_state=s0[:1])
+        o_r, f_r = ref.lightning_attn_chunked(q.double(), k.double(), v.double(), a, initial_state=s0.double(),
+                                              output_final_state=True)
+        assert_close("o", o_r, o, rel=TOL[torch.float32])
+        assert_close("final", f_r, f, rel=TOL[torch.float32])
+
+
+@requires_triton_interpret
+class TestStep:
+    @pytest.mark.parametrize("B,H,D,E,dtype", [
+        pytest.param(1, 2, 16, 16, torch.float32, id="B1-H2-D16-fp32"),
+        pytest.param(5, 3, 32, 16, torch.float32, id="B5-H3-D32-E16-fp32"),
+        pytest.param(4, 2, 16, 32, torch.bfloat16, id="B4-H2-D16-E32-bf16"),
+    ])
+    def test_step_in_place(self, B, H, D, E, dtype):
+        q, k = (torch.randn(B, H, D, device=DEVICE).to(dtype) for _ in range(2))
+        v = torch.randn(B, H, E, device=DEVICE).to(dtype)
+        a = -torch.rand(H, device=DEVICE)
+        state = torch.randn(B, H, D, E, device=DEVICE)
+        s_ref = state.double().clone()
+        ptr = state.data_ptr()
+        with kernels.use_impl("triton"):
+            o = kernels.lightning_attn_step(q, k, v, a, state)
+        o_ref = ref.lightning_attn_step_ref(q.double(), k.double(), v.double(), a, s_ref)
+        assert state.data_ptr() == ptr and o.dtype == dtype and o.shape == (B, H, E)
+        assert_close("state", s_ref, state, rel=1e-5)
+        assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
+
+    def test_steps_continue_prefill(self):
+        """Prefill with the chunk kernel, then decode token by token == one long prefill."""
+        from kernels.triton_chunk import lightning_attn_triton
+        from kernels.triton_step import lightning_attn_step_triton
+
+        q, k, v, a, _ = _attn_inputs(2, 24, 2, 16, 16, torch.float32)
+        o_full, _ = lightning_attn_triton(q, k, v, a)
+        _, state = lightning_attn_triton(q[:, :20], k[:, :20], v[:, :20], a, output_final_state=True)
+        outs = [lightning_attn_step_triton(q[:, t], k[:, t], v[:, t], a, state) for t in range(20, 24)]
+        assert_close("decode", o_full[:, 20:], torch.stack(outs, 1), rel=1e-5)
+
+
+@requires_triton_interpret
+class TestNorm:
+    @pytest.mark.parametrize("shape,dtype", [
+        pytest.param((3, 5, 64), torch.float32, id="3x5x64-fp32"),
+        pytest.param((4, 100), torch.bfloat16, id="4x100-bf16"),
+        pytest.param((2, 9000), torch.float32, id="2x9000-fp32"),
+    ])
+    def test_fwd_bwd(self, shape, dtype):
+        x = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+        x_r = x.detach().double().requires_grad_()
+        with kernels.use_impl("triton"):
+            y = kernels.srmsnorm(x, 1e-6)
+        y_r = ref.srmsnorm_ref(x_r, 1e-6)
+        dy = torch.randn_like(y_r)
+        (y.double() * dy).sum().backward()
+        (y_r * dy).sum().backward()
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert y.dtype == dtype
+        assert_close("y", y_r, y, rel=tol)
+        assert_close("dx", x_r.grad, x.grad, rel=tol)
+
+
+@requires_cuda
+class TestGPUShapes:
+    """Real shapes in bf16 on the GPU vs the fp32 chunked reference (also run by bench/kernels.py)."""
+
+    @pytest.mark.parametrize("B,T,H,D,E", [
+        pytest.param(2, 1000, 4, 128, 128, id="B2-T1000-H4-D128"),
+        pytest.param(1, 3000, 2, 256, 128, id="B1-T3000-H2-D256-E128"),
+        pytest.param(3, 500, 8, 64, 64, id="B3-T500-H8-D64"),
+    ])
+    def test_bf16_fwd_bwd(self, B, T, H, D, E):
+        from kernels.triton_chunk import lightning_attn_triton
+
+        q, k, v, a, s0 = _attn_inputs(B, T, H, D, E, torch.bfloat16, n_state=B, rate_scale=0.1)
+        q, k, v = (x / D ** 0.5 for x in (q, k, v))
+        leaves = [x.float().requires_grad_() for x in (q, k, v)]
+        o_r, f_r = ref.lightning_attn_chunked(*leaves, a, initial_state=s0, output_final_state=True)
+        do = torch.randn_like(o_r)
+        (o_r * do).sum().backward()
+        for seg in (None, 256):
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+            o, f = lightning_attn_triton(*xs, a, initial_state=s0, output_final_state=True, _seg_len=seg)
+            (o.float() * do).sum().backward()
+            assert_close("o", o_r, o, rel=1e-2)
+            assert_close("final", f_r, f, rel=1e-2)
+            for name, lr, lt in zip(("dq", "dk", "dv"), leaves, xs):
+                assert_close(name, lr.grad, lt.grad, rel=1e-2)
+
+    def test_step_large_batch(self):
+        B, H, D = 256, 8, 128
+        q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        a = -torch.rand(H, device="cuda")
+        state = torch.randn(B, H, D, D, device="cuda")
+        s_ref = state.clone()
+        with kernels.use_impl("triton"):
+            o = kernels.lightning_attn_step(q, k, v, a, state)
+        o_ref = ref.lightning_attn_step_ref(q, k, v, a, s_ref)
+        assert_close("state", s_ref, state, rel=1e-5)
+        assert_close("o", o_ref, o, rel=1e-2)
+
