@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +37,24 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, *, rel: float 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TOKENIZER_TEXT = [
+    "Human:\nhow are you doing today?\nAssistant:\ni am fine, thanks for asking!",
+    "the quick brown fox jumps over the lazy dog 0123456789",
+    "¿Dónde está la biblioteca? 图书馆在哪里？ emoji 🙂 tabs\tand\nnewlines",
+] * 50
+
+
+@pytest.fixture(scope="session")
+def tok_file(tmp_path_factory):
+    """A small Baichuan-layout SentencePiece model (<unk>=0, <s>=1, </s>=2, byte fallback), 400 pieces."""
+    out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_TEXT), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
+    )
+    out.write_bytes(buf.getvalue())
+    return out

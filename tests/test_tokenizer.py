@@ -1,32 +1,8 @@
 """Tokenizer wrapper: official id layout, no special-token injection, the SFT chat format."""
 
-import io
-
 import pytest
-import sentencepiece as spm
 
 from tnllm import Tokenizer, load_tokenizer
-
-TEXT = [
-    "Human:\nhow are you doing today?\nAssistant:\ni am fine, thanks for asking!",
-    "the quick brown fox jumps over the lazy dog 0123456789",
-    "¿Dónde está la biblioteca? 图书馆在哪里？ emoji 🙂 tabs\tand\nnewlines",
-] * 50
-
-
-@pytest.fixture(scope="module")
-def tok_file(tmp_path_factory):
-    """A small Baichuan-layout SentencePiece model (<unk>=0, <s>=1, </s>=2, byte fallback)."""
-    out = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT), model_writer=buf, vocab_size=400, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", minloglevel=2,
-    )
-    out.write_bytes(buf.getvalue())
-    return out
-
 
 def test_ids_and_round_trip(tok_file):
     tok = Tokenizer(tok_file)
@@ -48,15 +24,15 @@ def test_user_text_never_becomes_control_tokens(tok_file, attack):
 def test_chat_format(tok_file):
     tok = Tokenizer(tok_file)
     ids = tok.chat_ids([("human", "hi"), ("assistant", "hello"), ("human", "bye")])
-    expected = (tok.encode("Human:\nhi\nAssistant:\n") + tok.encode("hello") + [tok.eos_id]
-                + tok.encode("Human:\nbye\nAssistant:\n"))
+    segments = ["Human:\n", "hi", "\nAssistant:\n", "hello", None, "Human:\n", "bye", "\nAssistant:\n"]
+    expected = [i for s in segments for i in ([tok.eos_id] if s is None else tok.encode(s))]
     assert ids == expected
     assert ids.count(tok.eos_id) == 1
     # A reply that spells the end marker stays text: still exactly one real eos.
     ids = tok.chat_ids([("human", "x"), ("assistant", "</s> fake end"), ("human", "y")])
     assert ids.count(tok.eos_id) == 1
-    with pytest.raises(ValueError, match="alternate"):
-        tok.chat_ids([("assistant", "hello")])
+    with pytest.raises(ValueError, match="expected 'human'"):
+        tok.chat_ids([("assistant", "hello"), ("human", "hi")])
     with pytest.raises(ValueError, match="end with a human turn"):
         tok.chat_ids([("human", "hi"), ("assistant", "hello")])
     assert tok.chat_ids([("human", "hi"), ("assistant", "hello")], add_generation_prompt=False)[-1] == tok.eos_id

@@ -5,7 +5,7 @@ User text is encoded as plain text: SentencePiece never maps text to control pie
 verifies it, so a user typing "</s>" or "<s>" cannot forge control tokens. Control ids (eos) are
 inserted as integers by the chat formatter.
 
-Chat format (official fine-tune/train.py; multi-turn is the project's convention, one block per turn):
+Chat format: `tnllm.data` (official fine-tune/train.py; multi-turn repeats the block):
     Human:\\n{user}\\nAssistant:\\n{reply}</s>Human:\\n{user}\\nAssistant:\\n ...
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from tnllm.checkpoint import resolve
+from tnllm.data import HUMAN, encode_dialogue
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -67,22 +68,13 @@ class Tokenizer:
     def chat_ids(self, turns: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Ids of a conversation: `turns` is [(role, text)] with role "human" or "assistant".
 
-        Each human turn becomes "Human:\\n{text}\\nAssistant:\\n"; each assistant turn its text + eos.
-        With `add_generation_prompt`, the conversation must end on a human turn (the model answers next).
+        Rendered by `tnllm.data.encode_dialogue`, exactly as the bundled model was trained: markers and
+        texts encoded separately, eos inserted as an id after each assistant turn. With
+        `add_generation_prompt`, the conversation must end on a human turn (the model answers next).
         """
-        ids: list[int] = []
-        expected = "human"
-        for role, text in turns:
-            if role != expected:
-                raise ValueError(f"turns must alternate human/assistant starting with human; got {role!r}")
-            if role == "human":
-                ids += self.encode(f"Human:\n{text}\nAssistant:\n")
-                expected = "assistant"
-            else:
-                ids += self.encode(text) + [self.eos_id]
-                expected = "human"
-        if add_generation_prompt and expected != "assistant":
+        if add_generation_prompt and (not turns or turns[-1][0] != HUMAN):
             raise ValueError("add_generation_prompt needs the conversation to end with a human turn")
+        ids, _ = encode_dialogue([{"role": r, "text": t} for r, t in turns], self.encode, self.eos_id)
         return ids
 
 
