@@ -16,6 +16,8 @@ declare -A SIZES=(
 COMMON="--epochs ${EPOCHS:-8} --lr 2e-3 --warmup-steps 100 --batch-size 32 --seq-len 512 --time-budget-s ${BUDGET:-330}"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+# GPU-only tests (CUDA graph decode, Triton model path) alongside, if pytest is importable
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py > "$RUNS/gpu-tests.log" 2>&1 &
 for size in "${!SIZES[@]}"; do
   for arch in tnl llama; do
     python3 -m tnllm.train --arch $arch ${SIZES[$size]} $COMMON --out "$RUNS/$arch-$size" \

@@ -13,6 +13,7 @@ per epoch; writes the final model (bf16, official layout for TNL) and `summary.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import kernels
 from tnllm.checkpoint import save_model
 from tnllm.config import TNLConfig
 from tnllm.data import IGNORE_INDEX, encode_dialogue
@@ -157,8 +159,6 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 def check_kernels(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Relative difference of loss and gradients between the Triton and the PyTorch attention paths."""
-    import kernels
-
     results = []
     for impl in ("torch", "triton"):
         model.zero_grad(set_to_none=True)
@@ -184,6 +184,11 @@ def save(model: torch.nn.Module, cfg: TrainConfig, out: Path) -> None:
 
 def train(cfg: TrainConfig) -> dict:
     """Run one training; returns (and writes) the summary."""
+    with contextlib.ExitStack() as exit_stack:
+        return _train(cfg, exit_stack)
+
+
+def _train(cfg: TrainConfig, exit_stack: contextlib.ExitStack) -> dict:
     random.seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,10 +207,14 @@ def train(cfg: TrainConfig) -> dict:
     print(f"{cfg.arch}: {n_params:,} params, {len(x_train)} x {cfg.seq_len} train windows, {total} steps")
     kernel_diff = None
     if cfg.arch == "tnl" and cfg.device.startswith("cuda"):
-        kernel_diff = check_kernels(model, x_train[:4].to(cfg.device), y_train[:4].to(cfg.device))
-        print(f"Triton vs PyTorch attention (loss, grads): rel. diff {kernel_diff:.2e}")
-        if kernel_diff > 2e-2:
-            raise RuntimeError(f"Triton kernels disagree with the reference: {kernel_diff:.2e}")
+        try:
+            kernel_diff = check_kernels(model, x_train[:4].to(cfg.device), y_train[:4].to(cfg.device))
+        except Exception as exc:  # a kernel that fails to build must not cost the run
+            print(f"Triton kernels failed: {exc!r}")
+        print(f"Triton vs PyTorch attention (loss, grads): rel. diff {kernel_diff}")
+        if kernel_diff is None or kernel_diff > 2e-2:
+            print("training with the PyTorch attention path instead")
+            exit_stack.enter_context(kernels.use_impl("torch"))
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")
     step, tokens, timed_tokens, train_time, elapsed, epochs = 0, 0, 0, 0.0, 0.0, []
     best = None  # (val_loss, epoch, CPU copy of the weights): the model we ship
@@ -264,6 +273,7 @@ def train(cfg: TrainConfig) -> dict:
                "tokens_seen": epochs[best[1]]["tokens_seen"], "tokens_trained": tokens,
                "train_tokens_per_s": timed_tokens / max(train_time, 1e-9),
                "stopped_early_by_time_budget": stopped_early, "kernel_check_rel_diff": kernel_diff,
+               "attention_impl": kernels.backend_for(cfg.device),
                "epochs": epochs, "best_epoch": best[1], "val_loss": best[0], "val_ppl": math.exp(best[0]),
                "val_slice_loss": slice_loss, "device": torch.cuda.get_device_name() if
                cfg.device.startswith("cuda") else "cpu", "torch": torch.__version__}
