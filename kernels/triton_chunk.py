@@ -203,17 +203,22 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
         b_h = b_h * tl.exp2(b_ld * (eos - bos).to(tl.float32)) + b_l
 
 
+# Launch settings on GPU (tuned on H200 by bench/kernels.py --sweep); the interpreter uses 16-wide blocks.
+# BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128; BS state
+# tile of the segment kernels; PROGRAMS chunk-kernel programs to aim for when choosing the segment length.
+_CFG = dict(BT=64, BV=128, WARPS=8, STAGES=1, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, PROGRAMS=1024,
+            MIN_SEG_CHUNKS=16)
+_CFG_INTERPRET = dict(BT=16, BV=16, WARPS=4, STAGES=1, BV_WIDE=16, WARPS_WIDE=4, STAGES_WIDE=1, BS=16,
+                      PROGRAMS=1, MIN_SEG_CHUNKS=1)
+
+
 class _Plan:
     """Segmentation and block sizes of one call (host side; varlen needs one sync for cu_seqlens)."""
 
     def __init__(self, B, T, H, D, E, device, cu_seqlens, seg_len):
-        interp = _interpret(device)
-        self.BT = 16 if interp else 64
-        self.H = H
-        BVmax = 16 if interp else 64
-        self.BV_of = lambda V: min(BVmax, max(16, triton.next_power_of_2(V)))  # noqa: E731
-        self.BS = 16 if interp else 64  # state tile of the segment kernels
-        n_v = triton.cdiv(E, self.BV_of(E))
+        self.cfg = cfg = _CFG_INTERPRET if _interpret(device) else _CFG
+        self.BT, self.BS, self.H = cfg["BT"], cfg["BS"], H
+        n_v = max(triton.cdiv(E, self.BV_of(D, E)), triton.cdiv(D, self.BV_of(E, D)))
         if cu_seqlens is None:
             self.N, lens = B, None
             tot = B * T
@@ -221,9 +226,8 @@ class _Plan:
             bounds = cu_seqlens.tolist()
             lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
             self.N, tot = len(lens), bounds[-1]
-        if seg_len is None:  # aim for >= ~1024 programs of the chunk kernel; segments >= 16 chunks
-            want = 1 if interp else 1024
-            seg_len = max(16 * self.BT, triton.cdiv(tot * H * n_v, want))
+        if seg_len is None:  # aim for >= PROGRAMS programs of the chunk kernel
+            seg_len = max(cfg["MIN_SEG_CHUNKS"] * self.BT, triton.cdiv(tot * H * n_v, cfg["PROGRAMS"]))
         self.L = triton.cdiv(max(int(seg_len), 1), self.BT) * self.BT
         self.T, self.varlen = T, cu_seqlens is not None
         if lens is None:
@@ -242,6 +246,9 @@ class _Plan:
             self.segmented = self.n_seg > self.N
             self.seg = torch.tensor(rows, dtype=torch.int64).to(device)
             self.sseg = torch.tensor(sseg, dtype=torch.int64).to(device)
+
+    def BV_of(self, K, V):
+        return min(self.cfg["BV"] if K <= 128 else self.cfg["BV_WIDE"], max(16, triton.next_power_of_2(V)))
 
     @staticmethod
     def f32(x):
@@ -267,19 +274,19 @@ class _Plan:
         K, V = a.shape[-1], c.shape[-1]
         out = torch.empty(c.shape, dtype=a.dtype, device=a.device)
         hf = torch.empty(self.N, self.H, K, V, dtype=torch.float32, device=a.device) if store_final else None
-        BV = self.BV_of(V)
+        BV = self.BV_of(K, V)
         if h is None:
             strides = (0, 0, 0, 0)
         else:
             s_n, s_h, s_1, s_2 = h.stride()
             strides = (s_n, s_h, s_2, s_1) if transpose_h else (s_n, s_h, s_1, s_2)
-        num_warps = 4 if _interpret(a.device) or K <= 64 else 8
         _chunk_kernel[(triton.cdiv(V, BV), self.n_seg * self.H)](
             a, b, c, out, h if h is not None else out, hf if hf is not None else out, ld, self.seg,
             self.T, self.NS, self.L, *strides, H=self.H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
             BV=BV, BT=self.BT, REVERSE=reverse, USE_H=h is not None, H_PER_SEG=h_per_seg,
             STORE_FINAL=store_final, IS_VARLEN=self.varlen, BF16_STATE=a.dtype == torch.bfloat16, F32=self.f32(a),
-            num_warps=num_warps, num_stages=1 if _interpret(a.device) else 2)
+            num_warps=self.cfg["WARPS" if K <= 128 else "WARPS_WIDE"],
+            num_stages=self.cfg["STAGES" if K <= 128 else "STAGES_WIDE"])
         return out, hf
 
 
