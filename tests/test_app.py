@@ -1,0 +1,186 @@
+"""The Gradio app on the CPU: chat handler in-process, then the served app over HTTP with gradio_client.
+
+Model: the tiny preset with random weights over assets/tokenizer.model ("untrained demo weights") and a
+random Llama matched to it, float weights (the 8-bit path has its own tests in test_quant.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import pytest  # noqa: E402
+
+gr = pytest.importorskip("gradio")
+pytest.importorskip("transformers")
+
+from tnllm.generation import generate  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
+
+GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12, seed=0)
+SEEDED = dict(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=16, seed=123)
+
+
+def controls(p: dict, **changes) -> tuple:
+    """The chat fn's additional inputs, in UI order."""
+    p = {**p, **changes}
+    return (p["temperature"], p["top_p"], p["top_k"], p["repetition_penalty"], p["max_new_tokens"], p["seed"])
+
+
+def messages(*turns: tuple[str, str]) -> list[dict]:
+    """Gradio 6 history: content as a list of text parts."""
+    out = []
+    for user, reply in turns:
+        out.append({"role": "user", "content": [{"type": "text", "text": user}], "metadata": None})
+        out.append({"role": "assistant", "content": [{"type": "text", "text": reply}], "metadata": None})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from webui.runtime import load_runtime
+
+    return load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
+
+
+@pytest.fixture
+def chat(runtime):
+    from webui.chat import SessionStore, make_chat_fn
+
+    store = SessionStore(runtime)
+    fn = make_chat_fn(runtime, store)
+    fn.store = store
+    return fn
+
+
+def before_reply(info: dict) -> int:
+    """Tokens in the state when the reply started (the reply's last sampled id is not fed yet)."""
+    return info["context_tokens"] - info["new_tokens"] + 1
+
+
+def engine_reply(runtime, text: str, p: dict) -> str:
+    tok = runtime.tokenizer
+    return "".join(generate(runtime.model, tok, tok.chat_ids([("human", text)]), SamplingParams(**p)))
+
+
+# -- in-process ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [GREEDY, SEEDED], ids=["greedy", "seeded-sampling"])
+def test_chat_streams_the_engines_output(runtime, chat, p):
+    updates = [reply for reply, _, _ in chat("hello there, how are you?", [], *controls(p))]
+    assert len(updates) >= 5, "a reply streams as several cumulative updates"
+    assert all(b.startswith(a) for a, b in zip(updates, updates[1:])), "updates are cumulative"
+    assert updates[-1] == engine_reply(runtime, "hello there, how are you?", p)
+
+
+def test_stop_mid_stream_keeps_the_session_consistent(runtime, chat):
+    eos = runtime.model.config.eos_token_id
+    gen = chat("tell me a long story", [], *controls(SEEDED, max_new_tokens=500))
+    shown = [next(gen)[0] for _ in range(6)][-1]
+    gen.close()  # what Gradio does on Stop
+    session = chat.store.get("default")
+    conv = session.conv
+    assert not session.lock.locked(), "Stop released the session"
+    assert conv.last_stats.finish_reason == "cancelled" and conv.last_stats.new_tokens < 500
+    assert session.context_tokens == len(conv.history), "state holds exactly the recorded ids"
+    assert conv.pending[-1] == eos, "the cut reply is closed with eos before the next message"
+    assert session.turns == [("tell me a long story", shown)]
+
+    # The next turn continues the same state: only its new message is prefilled.
+    *_, (reply, _, info) = chat("and then?", messages(("tell me a long story", shown)), *controls(GREEDY))
+    assert info["history_rereads"] == 0
+    assert info["prompt_tokens"] < before_reply(info)
+    chat.store.drop("default")
+    assert "default" not in chat.store and len(chat.store) == 0
+
+
+def test_retry_restores_the_snapshot_and_clear_starts_fresh(runtime, chat):
+    first = [u[0] for u in chat("hi!", [], *controls(GREEDY))][-1]
+    second = [u[0] for u in chat("what now?", messages(("hi!", first)), *controls(GREEDY))][-1]
+    # Retry: Gradio re-sends the last message with the history before it.
+    *_, (again, _, info) = chat("what now?", messages(("hi!", first)), *controls(GREEDY))
+    assert again == second and info["history_rereads"] == 0
+    # Clear: an empty history is a fresh conversation, identical to the very first reply.
+    *_, (fresh, _, info) = chat("hi!", [], *controls(GREEDY))
+    assert fresh == first and info["prompt_tokens"] == before_reply(info)
+
+
+def test_bad_input_is_a_readable_error(chat):
+    with pytest.raises(gr.Error, match="Type a message"):
+        next(chat("  \n", [], *controls(GREEDY)))
+    with pytest.raises(gr.Error, match="top_p"):
+        next(chat("hi", [], *controls(GREEDY, top_p=0.0)))
+    with pytest.raises(gr.Error, match="too long"):
+        next(chat("x" * 9000, [], *controls(GREEDY)))
+
+
+def test_launch_settings_are_safe():
+    import app
+
+    kw = app.launch_kwargs(None, None)
+    assert kw["server_name"] is None, "host left to GRADIO_SERVER_NAME (127.0.0.1 unless a Space sets it)"
+    assert kw["share"] is False and kw["ssr_mode"] is False and kw["show_error"] is False
+    assert kw["max_file_size"] == "1mb" and kw["allowed_paths"] == [] and kw["strict_cors"] is True
+    assert not (kw["enable_monitoring"] or kw["mcp_server"] or kw["run_history"])
+    args = app.parse_args(["--no-int8", "--port", "7000"])
+    assert args.int8 is False and args.port == 7000 and args.host is None
+
+
+# -- over HTTP ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(runtime):
+    import app
+
+    demo = app.build_demo(runtime)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def test_http_chat_turn_streams(client):
+    job = client.submit("hello there", *controls(SEEDED), api_name="/chat")
+    updates = [u[0] for u in job]
+    reply, stats, info = job.result()
+    assert len(updates) >= 5 and updates[-1] == reply and reply
+    assert "tok/s" in stats and "TTFT" in stats and "recurrent state" in stats
+    assert info["new_tokens"] == SEEDED["max_new_tokens"] or info["finish_reason"] == "eos"
+
+
+def test_http_two_turns_reuse_the_state(client):
+    _, _, first = client.predict("hello there", *controls(GREEDY), api_name="/chat")
+    _, _, second = client.predict("and how was your day?", *controls(GREEDY), api_name="/chat")
+    assert second["history_rereads"] == 0
+    assert before_reply(second) > first["context_tokens"]
+    assert second["prompt_tokens"] < before_reply(second), "turn 2 prefilled only its new message, not the history"
+    assert second["state_bytes"] == first["state_bytes"], "the recurrent state does not grow"
+
+
+def test_http_latency_returns_numbers_for_both_models(client):
+    *plots, table = client.predict([128, 256], 4, api_name="/latency")
+    rows = table["data"]
+    assert {(r[0], r[1]) for r in rows} == {(m, c) for m in ("TNL", "Llama") for c in (128, 256)}
+    for _, _, decode_ms, ttft_ms, tok_s, cache_mib, *_ in rows:
+        assert decode_ms > 0 and ttft_ms > 0 and tok_s > 0 and cache_mib > 0
+    cache = {(r[0], r[1]): r[5] for r in rows}
+    assert cache["TNL", 128] == cache["TNL", 256] and cache["Llama", 256] > cache["Llama", 128]
+    assert all(p["data"] for p in plots)
+
+
+def test_http_race_streams_both_models(client):
+    job = client.submit("Hi there", 128, 8, api_name="/race")
+    updates = list(job)
+    tnl, llama, counters = job.result()
+    assert len(updates) >= 8 and "TNL" in counters and "Llama" in counters and "tok/s" in counters
+
+
+def test_http_monitoring_endpoint_is_off(server):
+    import httpx
+
+    assert httpx.get(server.rstrip("/") + "/monitoring/summary").status_code != 200

@@ -1,0 +1,185 @@
+"""What the app serves: the chat model, its tokenizer and the Transformer baseline, loaded once at startup.
+
+Model choice, in order: an explicit `--model` (local directory or Hub repo id), the bundled checkpoint
+`assets/tnl/` (config.json + model.safetensors) when present, else a clearly labelled tiny model with
+random weights ("untrained demo weights") over `assets/tokenizer.model`, so the app always starts.
+The baseline: `--baseline DIR`, else `assets/llama/` when present, else transformers' `LlamaForCausalLM`
+with random weights matched to the TNL config (`tnllm.baseline`). Missing GPU, Triton or the 8-bit
+back end each fall back with one log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import kernels
+from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer
+from tnllm.checkpoint import parse_dtype
+from tnllm.generation import generate
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import Tokenizer
+
+log = logging.getLogger("tnllm.app")
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+BUNDLED_TNL = ASSETS / "tnl"
+BUNDLED_LLAMA = ASSETS / "llama"
+TOKENIZER_FILE = ASSETS / "tokenizer.model"
+RANDOM_LABEL = "untrained demo weights"
+
+
+@dataclass
+class Runtime:
+    """Everything the handlers need; `info` feeds the Model tab."""
+
+    model: TransNormerLLM
+    tokenizer: Tokenizer
+    baseline: torch.nn.Module | None
+    device: torch.device
+    max_context: int
+    info: dict[str, str] = field(default_factory=dict)
+    baseline_info: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def untrained(self) -> bool:
+        return self.info.get("weights") == RANDOM_LABEL
+
+
+def pick_device(requested: str | None) -> torch.device:
+    """`requested` if usable, else CUDA when present, else CPU (one log line when falling back)."""
+    if requested and requested.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("device %s requested but no CUDA GPU is available: running on the CPU", requested)
+        return torch.device("cpu")
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _quant():
+    """The `quant` package, or None (one log line) when it or its dependencies cannot be imported."""
+    try:
+        import quant
+        return quant
+    except ImportError as exc:
+        log.warning("8-bit weights unavailable (%s): using float weights", exc)
+        return None
+
+
+def _random_model(preset: str, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> TransNormerLLM:
+    config = TNLConfig.from_name(preset, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                                 bos_token_id=tokenizer.bos_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransNormerLLM(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: torch.dtype
+             ) -> tuple[TransNormerLLM, Tokenizer, dict[str, str]]:
+    """(model, tokenizer, info) for `source`: a directory, a Hub repo id, `preset:NAME` (random weights over
+    assets/tokenizer.model) or None (the bundled checkpoint, else `preset:tiny`)."""
+    if source is None:
+        source = str(BUNDLED_TNL) if _is_checkpoint(BUNDLED_TNL) else "preset:tiny"
+        if source == "preset:tiny":
+            log.warning("no bundled checkpoint in %s: serving a tiny model with %s", BUNDLED_TNL, RANDOM_LABEL)
+    info = {"model": source, "weights": "trained checkpoint"}
+    start = time.perf_counter()
+    if source.startswith("preset:"):
+        tokenizer = load_tokenizer(TOKENIZER_FILE)
+        model = _random_model(source.removeprefix("preset:"), tokenizer, device, dtype)
+        info.update(model=f"{source} ({RANDOM_LABEL})", weights=RANDOM_LABEL)
+    else:
+        log.info("loading %s (a Hub repo id downloads with progress bars) ...", source)
+        tokenizer = _tokenizer_for(source)
+        model = None
+    quant = _quant() if int8 else None
+    method = quant.choose_method(device, dtype) if quant else "none"
+    if model is None:
+        model = (quant.load_quantized(source, method, dtype=dtype, device=device) if quant
+                 else load_model(source, dtype=dtype, device=device))
+    elif quant:
+        model = quant.quantize(model, method)
+    log.info("model ready in %.1fs (%s, 8-bit: %s)", time.perf_counter() - start, source, method)
+    info.update(_describe(model, device, dtype, method), tokenizer=f"{tokenizer.path} ({tokenizer.vocab_size} pieces)")
+    return model, tokenizer, info
+
+
+def _tokenizer_for(source: str) -> Tokenizer:
+    try:
+        return load_tokenizer(source)
+    except (FileNotFoundError, ValueError) as exc:
+        log.warning("no tokenizer with %s (%s): using %s", source, exc, TOKENIZER_FILE)
+        return load_tokenizer(TOKENIZER_FILE)
+
+
+def _describe(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, method: str) -> dict[str, str]:
+    params = sum(p.numel() for p in model.parameters())
+    backend = kernels.backend_for(device)
+    if device.type == "cuda" and backend != "triton":
+        log.warning("Triton is not available: Lightning Attention runs on the PyTorch path")
+    return {"parameters": f"{params:,}", "precision": str(dtype).removeprefix("torch."),
+            "8-bit": "off (float weights)" if method == "none" else method,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "kernel path": f"{backend} (kernels.backend_for)"}
+
+
+def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[torch.nn.Module | None, dict[str, str]]:
+    """The Llama baseline: a directory, "matched" (random, sized like `model`) or None (assets/llama/, else
+    matched); None with one log line when transformers is missing or loading fails."""
+    if source is None and _is_checkpoint(BUNDLED_LLAMA):
+        source = str(BUNDLED_LLAMA)
+    source = None if source == "matched" else source
+    try:
+        from tnllm.baseline import build_llama, load_llama
+        llama = (load_llama(source, dtype=dtype, device=device) if source
+                 else build_llama(model.config, dtype=dtype, device=device))
+    except (ImportError, OSError, ValueError) as exc:
+        log.warning("Transformer baseline unavailable (%s): the latency tab shows TNL only", exc)
+        return None, {"model": "none"}
+    name = source or f"LlamaForCausalLM matched to the TNL config ({RANDOM_LABEL})"
+    params = sum(p.numel() for p in llama.parameters())
+    return llama, {"model": name, "parameters": f"{params:,}", "precision": str(dtype).removeprefix("torch."),
+                   "attention": getattr(llama.config, "_attn_implementation", "?"), "device": str(device)}
+
+
+def warm_up(model: TransNormerLLM, tokenizer: Tokenizer) -> None:
+    """One short generation before serving, so the first user does not pay for lazy initialisation."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=2)
+    for _ in generate(model, tokenizer, tokenizer.chat_ids([("human", "hi")]), params):
+        pass
+
+
+def _notes(info: dict[str, str]) -> str:
+    """Licence and data notes: the checkpoint's model card when it has one, else what is known here."""
+    card = Path(info["model"]) / "README.md"
+    if card.is_file():
+        return f"see the model card {card}"
+    if info["weights"] == RANDOM_LABEL:
+        return ("random weights (no training data); tokenizer: BPE-8192 trained on chitchat-dataset (MIT), "
+                "see assets/tokenizer_report.md")
+    return "see the checkpoint's model card (official OpenNLPLab checkpoints carry their own licence)"
+
+
+def load_runtime(model: str | None = None, baseline: str | None = None, *, int8: bool = True,
+                 device: str | None = None, dtype: str | None = None, max_context: int | None = None) -> Runtime:
+    """Load everything the app serves (`model`/`baseline`: local path, Hub repo id, or None for the defaults;
+    `dtype` None: bf16 on CUDA, fp32 on the CPU)."""
+    dev = pick_device(device)
+    torch_dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    tnl, tokenizer, info = load_tnl(model, int8=int8, device=dev, dtype=torch_dtype)
+    llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype)
+    warm_up(tnl, tokenizer)
+    info["licence / data"] = _notes(info)
+    limit = max_context or (131072 if dev.type == "cuda" else 16384)
+    return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info)
