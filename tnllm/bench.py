@@ -1,0 +1,287 @@
+"""Prefill and decode latency, and memory: the one timing helper of the app's latency tab and bench/decode.py.
+
+TNL and the Transformer baseline are driven through the same functions, the same seeded token ids and
+the same timer; a small adapter per model family is all that differs (prefill a prompt, then step one
+token at a time with the model's own cache). Protocol (style.md "Benchmarks"):
+
+* inputs: seeded random ids [1, T], identical for every model (latency does not depend on the text);
+* warm-up excluded: one untimed prefill before the timed ones, and untimed decode steps before the
+  timed ones (kernel JIT/autotune, allocator growth); nothing is compiled inside a timed region;
+* timer: CUDA events around the call after a device synchronize on GPU (launch gaps count, as a
+  user sees them); `time.perf_counter` on CPU, where calls are synchronous; medians are reported;
+* memory: `cache_bytes`, the bytes the decode cache holds (TNL: recurrent state, constant; Llama: KV
+  cache, linear in context); on CUDA `peak_bytes`, the peak allocated above what was allocated
+  before the prefill (so weights excluded, activations and cache included); process RSS always.
+
+Decode latency at context T is the median over `n_tokens` single-token steps that see T .. T+n-1
+previous tokens. TNL's step cost is constant in T, a Transformer's grows with it (kernels.md §10).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tnllm.model import TransNormerLLM
+
+Progress = Callable[..., Any]  # progress(fraction, desc=...): gr.Progress() fits, and so does print_progress
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+class ModelAdapter:
+    """One model family behind `prefill(ids [B, T]) -> (logits [B, 1, V], cache)` and
+    `step(token [B, 1], cache) -> (logits [B, 1, V], cache)`; `cache_bytes(cache)` is its size."""
+
+    def __init__(self, model: torch.nn.Module, name: str):
+        self.model = model
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    def num_parameters(self) -> int:
+        """Parameters with tied weights counted once."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
+class TNLAdapter(ModelAdapter):
+    """TransNormerLLM: the cache is a `RecurrentState`, updated in place, the same size at any context."""
+
+    def __init__(self, model: TransNormerLLM, name: str = "TNL"):
+        super().__init__(model, name)
+
+    def prefill(self, ids):
+        state = self.model.allocate_state(ids.shape[0])
+        return self.model(ids, state, logits_to_keep=1), state
+
+    def step(self, token, state):
+        return self.model(token, state, logits_to_keep=1), state
+
+    def cache_bytes(self, state) -> int:
+        return state.nbytes
+
+
+class LlamaAdapter(ModelAdapter):
+    """A transformers causal LM (the Llama baseline): the cache is its `DynamicCache` (K and V per layer)."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "Llama"):
+        super().__init__(model, name)
+
+    def prefill(self, ids):
+        out = self.model(ids, use_cache=True, logits_to_keep=1)  # a fresh DynamicCache
+        return out.logits, out.cache
+
+    def step(self, token, cache):
+        out = self.model(token, cache=cache, use_cache=True, logits_to_keep=1)  # positions from the cache
+        return out.logits, out.cache
+
+    def cache_bytes(self, cache) -> int:
+        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+
+
+def adapter_for(model: torch.nn.Module, name: str | None = None) -> ModelAdapter:
+    """The adapter of `model`'s family: TNL for `TransNormerLLM`, else the transformers one."""
+    if isinstance(model, TransNormerLLM):
+        return TNLAdapter(model, name or "TNL")
+    return LlamaAdapter(model, name or "Llama")
+
+
+# -- rows --------------------------------------------------------------------------------------------
+@dataclass
+class PrefillRow:
+    """Time to first token: prefill `context_len` tokens and pick the first new one (median of repeats)."""
+
+    model: str
+    context_len: int
+    ttft_ms: float
+    prefill_tok_s: float
+    peak_bytes: int | None  # CUDA only: peak allocated above the pre-prefill baseline
+
+
+@dataclass
+class DecodeRow:
+    """Single-token decode at context `context_len` (median and p20/p80 over `n_tokens` steps)."""
+
+    model: str
+    context_len: int
+    n_tokens: int
+    decode_ms: float
+    decode_p20_ms: float
+    decode_p80_ms: float
+    tokens_per_s: float
+    cache_bytes: int  # after the timed steps: state (TNL) or KV cache (Llama)
+    peak_bytes: int | None  # CUDA only: peak allocated above the pre-prefill baseline
+    rss_bytes: int | None  # process resident set after the run (None where /proc is missing)
+
+
+@dataclass
+class BenchRow:
+    """One model at one context length, as the latency tab plots it and bench/decode.py prints it."""
+
+    model: str
+    context_len: int
+    ttft_ms: float
+    decode_ms: float
+    decode_p20_ms: float
+    decode_p80_ms: float
+    tokens_per_s: float
+    cache_bytes: int
+    peak_bytes: int | None  # max of the prefill and decode peaks
+    rss_bytes: int | None
+
+    @classmethod
+    def of(cls, prefill: PrefillRow, decode: DecodeRow) -> "BenchRow":
+        peaks = [p for p in (prefill.peak_bytes, decode.peak_bytes) if p is not None]
+        return cls(decode.model, decode.context_len, prefill.ttft_ms, decode.decode_ms, decode.decode_p20_ms,
+                   decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes, max(peaks, default=None),
+                   decode.rss_bytes)
+
+
+# -- measurement -------------------------------------------------------------------------------------
+def prompt_ids(vocab_size: int, length: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Deterministic token ids [1, length] in [3, vocab) (skipping pad/bos/eos), the same for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (1, length), generator=generator).to(device)
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """(fn(), seconds): CUDA events after a synchronize on GPU, perf_counter elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        return result, start.elapsed_time(end) / 1e3
+    start_s = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start_s
+
+
+def _memory_baseline(device: torch.device) -> int | None:
+    """Reset the CUDA peak counter and return what is allocated now (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_above(device: torch.device, baseline: int | None) -> int | None:
+    return None if baseline is None else torch.cuda.max_memory_allocated(device) - baseline
+
+
+def _quantile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@torch.inference_mode()
+def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, warmup: int = 1,
+                 seed: int = 0) -> PrefillRow:
+    """TTFT at `context_len`: median over `repeats` of prefill + argmax of the last logits."""
+    device = adapter.device
+    ids = prompt_ids(adapter.vocab_size, context_len, seed, device)  # [1, T]
+    first_token = lambda: adapter.prefill(ids)[0][:, -1].argmax(-1)  # [1]
+    for _ in range(warmup):
+        first_token()
+    baseline = _memory_baseline(device)
+    seconds = [_timed(first_token, device)[1] for _ in range(repeats)]
+    median_s = statistics.median(seconds)
+    return PrefillRow(adapter.name, context_len, median_s * 1e3, context_len / median_s,
+                      _peak_above(device, baseline))
+
+
+@torch.inference_mode()
+def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, warmup: int = 2,
+                seed: int = 0) -> DecodeRow:
+    """Per-token decode latency at `context_len`: prefill context_len - warmup tokens (untimed),
+    `warmup` untimed steps, then `n_tokens` timed steps fed the next prompt ids (teacher-forced, so
+    both models see identical inputs whatever their weights)."""
+    if not 0 <= warmup < context_len:
+        raise ValueError(f"need 0 <= warmup < context_len, got warmup={warmup}, context_len={context_len}")
+    device = adapter.device
+    ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, device)  # [1, T + n]
+    baseline = _memory_baseline(device)
+    _, cache = adapter.prefill(ids[:, : context_len - warmup])
+    for t in range(context_len - warmup, context_len):
+        _, cache = adapter.step(ids[:, t : t + 1], cache)
+    seconds = []
+    for t in range(context_len, context_len + n_tokens):
+        (_, cache), s = _timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
+        seconds.append(s)
+    median_s = statistics.median(seconds)
+    return DecodeRow(adapter.name, context_len, n_tokens, median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
+                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache),
+                     _peak_above(device, baseline), process_rss_bytes())
+
+
+def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
+          prefill_repeats: int = 3, warmup: int = 2, seed: int = 0,
+          progress: Progress | None = None) -> list[BenchRow]:
+    """TTFT and decode latency of every model at every context length, one `BenchRow` each.
+
+    Context lengths run in the outer loop so that slow drifts of a shared machine hit all models alike.
+    `progress(fraction, desc=...)` is called before each measurement and once at the end.
+    """
+    rows = []
+    total = 2 * len(adapters) * len(context_lengths)
+    done = 0
+    for context_len in context_lengths:
+        for adapter in adapters:
+            if progress:
+                progress(done / total, desc=f"{adapter.name}: prefill {context_len} tokens")
+            prefill = time_prefill(adapter, context_len, repeats=prefill_repeats, seed=seed)
+            if progress:
+                progress((done + 1) / total, desc=f"{adapter.name}: decode at context {context_len}")
+            decode = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
+            rows.append(BenchRow.of(prefill, decode))
+            done += 2
+    if progress:
+        progress(1.0, desc="done")
+    return rows
+
+
+def print_progress(fraction: float, desc: str = "") -> None:
+    """A plain progress callback for scripts (stderr, so stdout stays a table and one JSON line)."""
+    print(f"[{fraction:4.0%}] {desc}", file=sys.stderr, flush=True)
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A fixed-width text table of sweep rows."""
+    header = f"{'model':<10} {'context':>8} {'TTFT ms':>10} {'decode ms/tok':>14} {'p20-p80 ms':>15} " \
+             f"{'tok/s':>8} {'cache MiB':>10} {'peak MiB':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
+        lines.append(f"{r.model:<10} {r.context_len:>8} {r.ttft_ms:>10.1f} {r.decode_ms:>14.2f} "
+                     f"{f'{r.decode_p20_ms:.2f}-{r.decode_p80_ms:.2f}':>15} {r.tokens_per_s:>8.1f} "
+                     f"{r.cache_bytes / 2**20:>10.2f} {peak:>9}")
+    return "\n".join(lines)
