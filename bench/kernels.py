@@ -194,11 +194,9 @@ def decode_rows(anchors, H=32, D=128, batches=(1, 4, 16, 64, 128, 256), reps=10)
     return rows
 
 
-SWEEP_NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=2),
-                dict(BT=64, BV=64, WARPS=4, STAGES=1), dict(BT=128, BV=64, WARPS=8, STAGES=1),
-                dict(BT=128, BV=128, WARPS=8, STAGES=1), dict(BT=128, BV=64, WARPS=8, STAGES=2)]
-SWEEP_WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
-              dict(BV_WIDE=32, WARPS_WIDE=8, STAGES_WIDE=1)]
+SWEEP_NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=1), dict(BT=64, BV=64, WARPS=4, STAGES=1),
+                dict(BT=128, BV=64, WARPS=8, STAGES=1), dict(BT=128, BV=128, WARPS=8, STAGES=1)]
+SWEEP_WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1)]
 
 
 def sweep(shapes_narrow, shapes_wide):

@@ -1,0 +1,87 @@
+"""Write BENCHMARKS.md from bench/results/kernels-h200.json (never hand-edit the figures).
+
+    python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HEADER = """# Benchmarks
+
+Date: 2026-11-28. Hardware: {device} (one GPU of the lent `nvidia-h200` machine). Software: torch {torch},
+triton {triton}, fla-core {fla}, lightning-attn {official}. Command (repo root, wheels installed on the
+machine, see bench/kernels.py):
+
+    python bench/kernels.py --sweep        # then: python bench/report.py
+
+Protocol: docs kernels.md §9: bf16 inputs, fp32 state, H={H}, ALiBi rates 2^(-8(h+1)/H), B·N = 65,536 tokens
+(131,072 at N=128k, B=1); `triton.testing.do_bench` median (warm-up 25 ms, rep 100 ms, L2 flushed); every
+kernel in its native layout, pre-built. Ceilings measured in the same run: device copy **{copy:.2f} TB/s**
+(read+write), bf16 8192³ matmul **{mm:.0f} TF/s**. % floor = (q,k,v,o bytes [+ dO, dq, dk, dv]) / copy BW / time.
+Anchors: fla = `chunk_simple_gla(q, k, v, g_gamma=-rate, scale=1.0)`; official =
+`lightning_attn_func(q, k, v, s=rate.reshape(H,1,1))` ([B,H,N,D]); sdpa = `scaled_dot_product_attention(
+is_causal=True)` (different op: speed reference only; skipped for N > 32k and dk != dv).
+One run, no repeat: differences under ~10% are not significant. Our launch config: `{config}`.
+"""
+
+
+def fmt(x, f="{:.3f}"):
+    return f.format(x) if isinstance(x, (int, float)) else "—"
+
+
+def render(r: dict) -> str:
+    H = r["rows"][0]["H"] if r["rows"] else "?"
+    out = [HEADER.format(device=r["device"], torch=r["torch"], triton=r["triton"], fla=r.get("fla_version"),
+                         official=r.get("lightning_attn_version"), H=H, copy=r["ceilings"]["copy_TBps"],
+                         mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
+    out += ["## Prefill / training (ms, lower is better)", "",
+            "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
+            "ours faster (fwd) | ours faster (fwd+bwd) |", "|" + "---|" * 11]
+    ours = {(x["B"], x["N"], x["dk"]): x for x in r["rows"] if x["impl"] == "ours"}
+    for x in r["rows"]:
+        o = ours.get((x["B"], x["N"], x["dk"]), {})
+        sf = "" if x["impl"] == "ours" else fmt(o.get(f"fwd_speedup_vs_{x['impl']}"), "{:.2f}×")
+        sb = "" if x["impl"] == "ours" else fmt(o.get(f"fwdbwd_speedup_vs_{x['impl']}"), "{:.2f}×")
+        err = f" ({x['error'][:60]})" if "error" in x else ""
+        out.append(f"| {x['N']} | {x['B']} | {x['dk']}/{x['dv']} | {x['impl']}{err} | {fmt(x.get('fwd_ms'))} | "
+                   f"{fmt(x.get('fwdbwd_ms'))} | {fmt(x.get('fwd_Mtok_s'), '{:.1f}')} | "
+                   f"{fmt(x.get('fwd_pct_floor'), '{:.0f}%')} | {fmt(x.get('fwdbwd_pct_floor'), '{:.0f}%')} | "
+                   f"{sf} | {sb} |")
+    if r.get("decode"):
+        out += ["", f"## Decode step (H={H}, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay "
+                "of 10 steps)", "", "| B | impl | µs | state GB/s (read+write) |", "|---|---|---|---|"]
+        for x in sorted(r["decode"], key=lambda x: (x["B"], x["impl"])):
+            out.append(f"| {x['B']} | {x['impl']} | {fmt(x.get('us'), '{:.1f}')} | "
+                       f"{fmt(x.get('state_GBps'), '{:.0f}')} |")
+        out.append("\nours updates the state in place; fla `fused_recurrent_simple_gla` writes a new final state.")
+    if r.get("correctness"):
+        out += ["", "## Correctness (bf16 inputs, first sequence of each shape, initial state given; rel-L2 vs "
+                "the fp32 chunked reference)", "", "| shape | impl | o | final | dq | dk | dv |",
+                "|---|---|---|---|---|---|---|"]
+        for key, c in r["correctness"].items():
+            for impl in ("ours", "fla"):
+                if impl in c:
+                    e = c[impl]
+                    out.append(f"| {key} | {impl} | " + " | ".join(fmt(e.get(n), "{:.2e}") for n in
+                                                                 ("o", "final", "dq", "dk", "dv")) + " |")
+            if "ours_vs_fla_full_o" in c:
+                out.append(f"| {key} | ours vs fla (full batch, o) | {fmt(c['ours_vs_fla_full_o'], '{:.2e}')} "
+                           "| | | | |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    a = p.parse_args()
+    Path(a.out).write_text(render(json.loads(Path(a.json).read_text())))
+
+
+if __name__ == "__main__":
+    main()
