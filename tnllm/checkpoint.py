@@ -154,8 +154,8 @@ def _check_keys(model: TransNormerLLM, found: dict[str, tuple], where: str) -> N
         raise CheckpointError(f"checkpoint {where} does not match its config: " + "; ".join(parts))
 
 
-def load_weights(model: TransNormerLLM, directory: Path, files: list[str]) -> None:
-    """Check every key and shape against the model, then copy tensors in (dtype converted)."""
+def check_weights(model: TransNormerLLM, directory: Path, files: list[str]) -> dict[str, tuple]:
+    """Check every key, shape and dtype of `files` against `model`; returns name -> (shape, is_float)."""
     found: dict[str, tuple] = {}
     for name in files:
         path = directory / name
@@ -163,6 +163,12 @@ def load_weights(model: TransNormerLLM, directory: Path, files: list[str]) -> No
             raise CheckpointError(f"weight file {path} named by the index is missing")
         found.update(_file_keys(path))
     _check_keys(model, found, str(directory))
+    return found
+
+
+def load_weights(model: TransNormerLLM, directory: Path, files: list[str]) -> None:
+    """Check every key and shape against the model, then copy tensors in (dtype converted)."""
+    found = check_weights(model, directory, files)
     params = model.state_dict(keep_vars=True)
     # A tied checkpoint may store the shared matrix under either name, or both (the 7B index lists
     # both): read the embedding when present so the result never depends on file order.
@@ -208,6 +214,19 @@ def verify_manifest(directory: str | Path) -> None:
 
 
 # -- public entry points ------------------------------------------------------------------------
+def open_checkpoint(path_or_repo_id: str | Path, *, revision: str | None = None) -> tuple[Path, TNLConfig, list[str]]:
+    """(local directory, config, weight files to read) of a checkpoint, manifest verified first."""
+    directory = resolve(path_or_repo_id, revision=revision)
+    verify_manifest(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} not found")
+    config = TNLConfig.from_file(config_path)
+    listing = [p.name for p in directory.iterdir()]
+    _, files = weight_files(listing, lambda name: _read_json(directory / name))
+    return directory, config, files
+
+
 def load_model(
     path_or_repo_id: str | Path,
     *,
@@ -223,14 +242,7 @@ def load_model(
         device: where the parameters live.
     """
     dtype = parse_dtype(dtype)
-    directory = resolve(path_or_repo_id, revision=revision)
-    verify_manifest(directory)
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{config_path} not found")
-    config = TNLConfig.from_file(config_path)
-    listing = [p.name for p in directory.iterdir()]
-    _, files = weight_files(listing, lambda name: _read_json(directory / name))
+    directory, config, files = open_checkpoint(path_or_repo_id, revision=revision)
     with torch.device("meta"):
         model = TransNormerLLM(config)
     model = model.to(dtype).to_empty(device=device)

@@ -1,0 +1,96 @@
+"""Linear-layer timings behind `quant.choose_method("auto")`: float vs int8 weight-only vs bnb LLM.int8.
+
+    python bench/quant_cpu.py                 # CPU: 2048->2048 and 2048->5632, batch 1/16, fp32/bf16
+    python bench/quant_cpu.py --device cuda   # the same on a GPU (fp16/bf16)
+
+Prints a table (median ms per forward, rel-L2 error of the output vs float) and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant import bnb  # noqa: E402  (after the path fix)
+from quant.int8 import Int8Linear  # noqa: E402
+
+SHAPES = ((2048, 2048), (2048, 5632))  # (in, out): TNL-1B out_proj and l1/l2
+BATCHES = (1, 16)
+
+
+def time_ms(fn, x: torch.Tensor, reps: int) -> tuple[float, float]:
+    """(median, min) wall time of fn(x) in ms after warm-up (device-synchronised on CUDA).
+
+    The min is reported too because shared 2-core VMs lose whole scheduler slices (+4-8 ms)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    for _ in range(3):
+        fn(x)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn(x)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def layers(n_in: int, n_out: int, device: str, dtype: torch.dtype, threshold: float) -> dict[str, nn.Module]:
+    """The same random Linear as float, int8 weight-only and (if importable) bnb Linear8bitLt."""
+    ref = nn.Linear(n_in, n_out, bias=False).to(device=device, dtype=dtype)
+    out = {"float": ref, "int8": Int8Linear.from_float(ref)}
+    if bnb.available():
+        out["bnb_int8"] = bnb.linear_from_float(ref, device, threshold=threshold)
+    return out
+
+
+@torch.inference_mode()
+def run(device: str, dtypes: list[torch.dtype], reps: int, threshold: float) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        for n_in, n_out in SHAPES:
+            mods = layers(n_in, n_out, device, dtype, threshold)
+            for batch in BATCHES:
+                x = torch.randn(batch, n_in, device=device, dtype=dtype)
+                ref = mods["float"](x).double()
+                for method, mod in mods.items():
+                    err = ((mod(x).double() - ref).norm() / ref.norm()).item()
+                    med, best = time_ms(mod, x, reps)
+                    rows.append(dict(device=device, dtype=str(dtype).removeprefix("torch."), shape=f"{n_in}x{n_out}",
+                                     batch=batch, method=method, ms=round(med, 4), min_ms=round(best, 4),
+                                     rel_err=round(err, 5)))
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threshold", type=float, default=6.0, help="bnb outlier threshold")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [torch.float32, torch.bfloat16] if args.device == "cpu" else [torch.float16, torch.bfloat16]
+    rows = run(args.device, dtypes, args.reps, args.threshold)
+    print(f"device={args.device} capability={torch.backends.cpu.get_cpu_capability()} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"{'dtype':9} {'shape':10} {'batch':>5} {'method':9} {'median_ms':>9} {'min_ms':>8} {'rel_err':>8}")
+    for r in rows:
+        print(f"{r['dtype']:9} {r['shape']:10} {r['batch']:5d} {r['method']:9} {r['ms']:9.4f} {r['min_ms']:8.4f} "
+              f"{r['rel_err']:8.5f}")
+    print(json.dumps({"bench": "quant_linear", "device": args.device,
+                      "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""8-bit weights for TransNormerLLM, applied at load time (model code never imports bitsandbytes).
+
+    load_quantized(path_or_repo_id, method="auto", dtype="fp32", device="cpu") -> TransNormerLLM
+    quantize(model, method="auto") -> model                    # an already-loaded float model, in place
+
+Methods: "bnb_int8" (bitsandbytes LLM.int8 Linear8bitLt through Accelerate, quant/bnb.py), "int8"
+(pure-PyTorch weight-only int8, quant/int8.py), "none" (float), "auto" (`choose_method`).
+Quantised: every nn.Linear inside the decoder layers; embeddings and the tied lm_head stay float.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quant import bnb, int8, loader
+from quant.common import QuantOrderError
+from tnllm.checkpoint import load_model, parse_dtype
+from tnllm.model import TransNormerLLM
+
+METHODS = ("auto", "bnb_int8", "int8", "none")
+
+__all__ = ["METHODS", "QuantOrderError", "choose_method", "load_quantized", "quantize"]
+
+
+def choose_method(device: torch.device | str, dtype: torch.dtype | str) -> str:
+    """The 8-bit method "auto" picks for a device and compute dtype.
+
+    CPU, from bench/quant_cpu.py on a 2-core AVX-512 Xeon (2048x2048 and 2048x5632 Linears, batch
+    1 and 16): in fp32 bnb LLM.int8 (torch._int_mm) is as fast as float at 2048x2048 and 2-2.6x
+    faster at 2048x5632, while the int8 weight-only path is slower than float; in bf16 bnb and
+    int8 weight-only are both faster than float and within ~30% of each other (bnb ahead at batch
+    16). Without AVX-512 bnb falls back to a naive matmul 2-4x slower than float (ecosystem.md §1).
+    So: AVX-512 with fp32/bf16 -> "bnb_int8"; every other CPU case -> "int8".
+    CUDA: ecosystem.md's documented GPU branch is bitsandbytes (Accelerate's quantised loading) ->
+    "bnb_int8". To be measured on GPU (batch-1 decode may favour weight-only "int8").
+    """
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    if not bnb.available():
+        return "int8"
+    if device.type == "cuda":
+        return "bnb_int8"  # to be measured on GPU
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return "bnb_int8" if avx512 and dtype in (torch.float32, torch.bfloat16) else "int8"
+
+
+def _resolve_method(method: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return choose_method(device, dtype) if method == "auto" else method
+
+
+def quantize(model: TransNormerLLM, method: str = "auto", *, threshold: float = 6.0) -> TransNormerLLM:
+    """Quantise the decoder Linears of a loaded float model in place (on the device they are on).
+
+    Raises QuantOrderError if the model is already quantised.
+    """
+    if any(isinstance(m, int8.Int8Linear) for m in model.modules()) or any(
+            t.dtype == torch.int8 for t in model.state_dict().values()):
+        raise QuantOrderError("model is already quantised")
+    weight = model.lm_head.weight
+    method = _resolve_method(method, weight.device, weight.dtype)
+    if method == "bnb_int8":
+        return bnb.quantize_model(model, threshold).eval()
+    if method == "int8":
+        return int8.quantize_model(model).eval()
+    return model
+
+
+def load_quantized(
+    path_or_repo_id: str | Path,
+    method: str = "auto",
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: torch.device | str = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    threshold: float = 6.0,
+    revision: str | None = None,
+) -> TransNormerLLM:
+    """Load a checkpoint (directory or Hub repo id) with 8-bit decoder Linears, in eval mode.
+
+    Weights are streamed tensor by tensor into a meta-built model, so peak host memory stays near
+    the 8-bit size. Manifest and key/shape checks of tnllm.checkpoint apply unchanged.
+
+    Args:
+        method: "auto" | "bnb_int8" | "int8" | "none" (plain tnllm.load_model).
+        dtype: compute dtype of the float parts (embeddings, lm_head, scales, activations).
+        device: where the model lives (ignored when `device_map` is given).
+        device_map: CUDA only: "auto" / "balanced" / "sequential" or an Accelerate map: spread the
+            decoder layers over several GPUs (Accelerate's infer_auto_device_map + dispatch_model).
+            With more than one device, recurrent decoding needs each layer's state on that layer's
+            device; full forwards work as they are.
+        threshold: bnb LLM.int8 outlier threshold (0 disables the fp16 outlier path).
+    """
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    if device_map is not None:
+        if not torch.cuda.is_available():
+            raise ValueError("device_map needs CUDA GPUs; on the CPU pass device='cpu'")
+        device = torch.device("cuda", torch.cuda.current_device())
+    method = _resolve_method(method, device, dtype)
+    if method == "none":
+        if device_map is not None:
+            raise ValueError("device_map is only supported for the 8-bit methods")
+        return load_model(path_or_repo_id, dtype=dtype, device=device, revision=revision)
+    if method == "bnb_int8" and not bnb.available():
+        raise ImportError("method='bnb_int8' needs bitsandbytes (pip install -r requirements.txt)")
+    return loader.load(path_or_repo_id, method, dtype=dtype, device=device, device_map=device_map,
+                       threshold=threshold, revision=revision, max_memory=max_memory)

@@ -1,0 +1,94 @@
+"""bitsandbytes LLM.int8 (`Linear8bitLt`, has_fp16_weights=False) back end, loaded through Accelerate.
+
+Order matters (ecosystem.md §2): a Linear8bitLt must receive FLOAT weights and only then be moved
+to a device, which quantises them. Writing floats into an already-quantised module raises nothing
+in bitsandbytes and yields garbage, so every write here goes through `check_not_quantised` and
+each module gets a load_state_dict pre-hook that refuses float weights once quantised.
+
+Recipe R4: modules are swapped on the meta device with `accelerate.utils.bnb.replace_with_bnb_layers`
+and filled one tensor at a time: `Int8Params(float_w, has_fp16_weights=False).to(device)`
+quantises on `device` (CPU, or a GPU where the fp16 copy and int8 kernels live on the card).
+Only this module (and only when called) imports bitsandbytes; model code never does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import nn
+
+from quant.common import check_not_quantised, reject_float_into_int8, target_linears
+from tnllm.model import TransNormerLLM
+
+
+def available() -> bool:
+    """bitsandbytes is installed (importing it is deferred until a bnb model is built)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _bnb():
+    # Before the first import: silence per-forward "inputs will be cast to float16" and import-time
+    # optional-kernel messages (ecosystem.md §1).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def _config(threshold: float, skip: list[str]):
+    from accelerate.utils import BnbQuantizationConfig
+
+    return BnbQuantizationConfig(load_in_8bit=True, llm_int8_threshold=threshold, skip_modules=skip,
+                                 keep_in_fp32_modules=[])
+
+
+def float_modules(model: TransNormerLLM) -> list[str]:
+    """Names of the Linear modules to keep float: every nn.Linear outside the decoder layers (lm_head)."""
+    targets = target_linears(model)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+
+
+def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
+    """Swap the target nn.Linear modules for Linear8bitLt (in place, meta or float model).
+
+    On a float model the new modules hold the old float weights, not yet quantised.
+    """
+    from accelerate.utils.bnb import replace_with_bnb_layers
+
+    _bnb()
+    skip = float_modules(model)
+    replace_with_bnb_layers(model, _config(threshold, skip), modules_to_not_convert=skip)
+    for module in target_linears(model).values():
+        module.register_load_state_dict_pre_hook(reject_float_into_int8)
+
+
+@torch.no_grad()
+def load_float_weight(name: str, module: nn.Module, weight: torch.Tensor, device: torch.device | str) -> None:
+    """Quantise float `weight` [out, in] into the (not yet quantised) Linear8bitLt `module` on `device`."""
+    check_not_quantised(name, module)
+    bnb = _bnb()
+    # Int8Params quantises in .to() only when its data is on the CPU, so start from a host tensor.
+    param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
+    module.weight = param.to(device)
+
+
+def quantize_model(model: TransNormerLLM, threshold: float = 6.0) -> TransNormerLLM:
+    """Recipe R3 on a loaded float model: swap in Linear8bitLt, then quantise each on its device."""
+    floats = {name: m.weight.detach() for name, m in target_linears(model).items()}
+    replace_linears(model, threshold)
+    for name, module in target_linears(model).items():
+        load_float_weight(name, module, floats[name], floats[name].device)
+    return model
+
+
+def linear_from_float(linear: nn.Linear, device: torch.device | str, threshold: float = 6.0) -> nn.Module:
+    """A quantised Linear8bitLt copy of one float nn.Linear (benchmarks and tests)."""
+    bnb = _bnb()
+    mod = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, linear.bias is not None,
+                              has_fp16_weights=False, threshold=threshold, device="meta")
+    load_float_weight("linear", mod, linear.weight.detach(), device)
+    if linear.bias is not None:
+        mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return mod.eval()

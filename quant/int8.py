@@ -1,0 +1,98 @@
+"""Weight-only int8 Linear in pure PyTorch (gpt-fast style): CPU/CUDA fallback and test oracle.
+
+    W [out, in] float  ->  q = round(W / s) in int8,  s[o] = max_i |W[o, i]| / 127   (per output row)
+    y = (x @ q^T) * s + b                                # activations stay float: weight-only
+
+On CPU the matmul runs as `aten._weight_int8pack_mm` (int8 weight read directly, no float copy of
+W; fp32 activations computed in bf16), on other devices as `F.linear(x, q.to(x.dtype)) * s`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant.common import check_not_quantised, reject_float_into_int8, target_linears
+from tnllm.model import TransNormerLLM
+
+
+def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: weight [out, in] float -> (q [out, in] int8, scales [out])."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [out]; zero rows stay zero
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales.to(scale_dtype)
+
+
+def _use_packed_mm(x: torch.Tensor) -> bool:
+    """aten._weight_int8pack_mm on CPU: in bf16 measured 1.5-2x faster than a bf16 Linear
+    (bench/quant_cpu.py). On CUDA the dequantise form is what torch.compile fuses (gpt-fast);
+    to be measured on GPU."""
+    return x.device.type == "cpu"
+
+
+class Int8Linear(nn.Module):
+    """Drop-in for nn.Linear with int8 weight [out, in] + scales [out] (+ float bias) as buffers.
+
+    Not an nn.Linear subclass on purpose: nothing that walks for nn.Linear (bnb replacement,
+    `target_linears`) can mistake it for a float layer and quantise it twice.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_load_state_dict_pre_hook(reject_float_into_int8)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        """Quantise an existing float nn.Linear (same device; scales/bias keep its dtype)."""
+        w = linear.weight.detach()
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype)
+        mod.load_float_weight(w, w.device)
+        if linear.bias is not None:
+            mod.bias = linear.bias.detach().clone()
+        return mod
+
+    @torch.no_grad()
+    def load_float_weight(self, weight: torch.Tensor, device: torch.device | str) -> None:
+        """Quantise `weight` [out, in] (any float dtype) onto `device`; the module must still be empty."""
+        check_not_quantised("Int8Linear", self)
+        self.weight, self.scales = quantize_weight(weight.to(device), self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x.dtype."""
+        if _use_packed_mm(x):
+            # Its fp32 kernel is 5-40x slower than the bf16 one, so fp32 activations go through bf16
+            # (output rel. error 0.4% -> 0.5%; bnb LLM.int8 casts to fp16 the same way).
+            cdt = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+            x2 = x.reshape(-1, self.in_features).to(cdt)  # [N, in]
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(cdt))
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # [..., out]
+        else:
+            y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def replace_linears(model: TransNormerLLM, dtype: torch.dtype) -> None:
+    """Swap every target nn.Linear for an empty (meta) Int8Linear; `load_float_weight` fills it."""
+    for name, linear in target_linears(model).items():
+        parent_name, _, child = name.rpartition(".")
+        empty = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                           device="meta", dtype=dtype)
+        model.get_submodule(parent_name).register_module(child, empty)
+
+
+def quantize_model(model: TransNormerLLM) -> TransNormerLLM:
+    """Replace every target nn.Linear of a loaded float model by Int8Linear.from_float (in place)."""
+    for name, linear in target_linears(model).items():
+        parent_name, _, child = name.rpartition(".")
+        model.get_submodule(parent_name).register_module(child, Int8Linear.from_float(linear))
+    return model
