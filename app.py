@@ -64,10 +64,11 @@ def _model_card(runtime: Runtime) -> str:
 def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int) -> None:
     stats = gr.Markdown(elem_id="reply-stats", render=False)
     info = gr.JSON(visible=False, render=False)
+    with gr.Accordion("Sampling", open=False):  # rendered here, above the chat, not in ChatInterface's accordion
+        controls = [c.render() for c in _sampling_controls()]
     gr.ChatInterface(
         make_chat_fn(runtime, store),
-        additional_inputs=_sampling_controls(),
-        additional_inputs_accordion=gr.Accordion("Sampling", open=False),
+        additional_inputs=controls,
         additional_outputs=[stats, info],
         examples=[[e] for e in EXAMPLES],
         api_name="chat",

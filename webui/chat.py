@@ -138,7 +138,7 @@ def stats_line(stats: ReplyStats, context_tokens: int, live: bool = False) -> st
     """The small line under each reply: speed, TTFT and the (constant) recurrent-state size."""
     size = stats.state_bytes
     state = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
-    head = "streaming" if live else f"finished ({stats.finish_reason})"
+    head = f"{stats.new_tokens} tokens" + ("" if live else f" ({stats.finish_reason})")
     return (f"<small>{head} · **{stats.tokens_per_s:.1f} tok/s** · TTFT {stats.ttft_s * 1e3:.0f} ms · "
             f"recurrent state {state} (constant) · {stats.prompt_tokens} new prompt tokens · "
             f"{context_tokens} tokens in context</small>")
