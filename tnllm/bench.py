@@ -38,7 +38,9 @@ Progress = Callable[..., Any]  # progress(fraction, desc=...): gr.Progress() fit
 # -- adapters ----------------------------------------------------------------------------------------
 class ModelAdapter:
     """One model family behind `prefill(ids [B, T]) -> (logits [B, 1, V], cache)` and
-    `step(token [B, 1], cache) -> (logits [B, 1, V], cache)`; `cache_bytes(cache)` is its size."""
+    `step(token [B, 1], cache) -> (logits [B, 1, V], cache)`; `cache_bytes(cache)` is its size.
+
+    `step` also continues the cache by several tokens at once (`[B, T']`), as both models do."""
 
     def __init__(self, model: torch.nn.Module, name: str):
         self.model = model
