@@ -43,3 +43,18 @@ def test_graphed_decode_equals_eager(model):
         decoder.store(session)
     assert_close("graphed logits", torch.stack(eager), torch.stack(graphed), rel=1e-5)
     assert torch.equal(session.positions, eager_state.positions)
+
+
+def test_generate_with_graph_equals_eager(model):
+    from tnllm.generation import decode_tokens, generate_tokens, prefill
+    from tnllm.sampling import SamplingParams
+
+    prompt = torch.randint(3, 1024, (50,)).tolist()
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    eager = list(generate_tokens(model, prompt, params, eos_ids=set()))
+    decoder = GraphedDecoder(model, batch_size=1)
+    state = model.allocate_state(1)
+    logits = prefill(model, torch.tensor([prompt], device="cuda"), state)
+    graphed = list(decode_tokens(model, logits, state, params, set(), prompt, graph=decoder))
+    assert graphed == eager
+    assert state.positions.item() == len(prompt) + 29  # the last sampled token is not fed

@@ -229,3 +229,13 @@ def test_training_gradients_reach_every_parameter():
     F.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_state_layers_can_live_on_different_devices():
+    """device_map="auto" spreads layers over GPUs: each layer's kv is allocated next to its weights."""
+    cfg = tiny()
+    state = RecurrentState.allocate(cfg, 2, "cpu", layer_devices=[torch.device("cpu"), torch.device("meta"),
+                                                                 torch.device("cpu")])
+    assert [t.device.type for t in state.kv] == ["cpu", "meta", "cpu"]
+    with pytest.raises(ValueError):
+        RecurrentState.allocate(cfg, 2, "cpu", layer_devices=[torch.device("cpu")])

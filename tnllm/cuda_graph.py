@@ -37,15 +37,11 @@ class GraphedDecoder:
 
     def load(self, state: RecurrentState) -> None:
         """Copy a session's state into the static buffers."""
-        for dst, src in zip(self.state.kv, state.kv, strict=True):
-            dst.copy_(src)
-        self.state.positions.copy_(state.positions)
+        self.state.copy_(state)
 
     def store(self, state: RecurrentState) -> None:
         """Copy the static state back into a session's state."""
-        for dst, src in zip(state.kv, self.state.kv, strict=True):
-            dst.copy_(src)
-        state.positions.copy_(self.state.positions)
+        state.copy_(self.state)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step for all sequences; returns the static logits buffer (copy it to keep it)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tnllm.cuda_graph import GraphedDecoder
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams, sample_token
 from tnllm.state import RecurrentState
@@ -70,18 +71,31 @@ def decode_one_token(model: TransNormerLLM, token: torch.Tensor, state: Recurren
 
 
 def decode_tokens(model: TransNormerLLM, logits: torch.Tensor, state: RecurrentState, params: SamplingParams,
-                  eos_ids: set[int], seen: list[int]) -> Iterator[int]:
-    """Sample up to max_new_tokens ids for one sequence starting from `logits` [1, V]."""
+                  eos_ids: set[int], seen: list[int], graph: GraphedDecoder | None = None) -> Iterator[int]:
+    """Sample up to max_new_tokens ids for one sequence starting from `logits` [1, V].
+
+    With `graph` (CUDA), steps replay a captured CUDA graph on its static state, which is copied from
+    `state` before the loop and back into it afterwards (also when the consumer stops early).
+    """
+    if graph is not None:
+        graph.load(state)
+        step = lambda token_ids: _check_finite(graph.step(token_ids))  # noqa: E731
+    else:
+        step = lambda token_ids: decode_one_token(model, token_ids, state)  # noqa: E731
     generator = params.make_generator(logits.device)
     seen_ids = torch.tensor(seen, dtype=torch.long, device=logits.device)
-    for i in range(params.max_new_tokens):
-        token = sample_token(logits[0], params, generator, seen_ids)
-        yield token
-        if token in eos_ids or i + 1 == params.max_new_tokens:
-            return
-        if params.repetition_penalty != 1.0:
-            seen_ids = torch.cat([seen_ids, seen_ids.new_tensor([token])])
-        logits = decode_one_token(model, torch.tensor([[token]], device=logits.device), state)
+    try:
+        for i in range(params.max_new_tokens):
+            token = sample_token(logits[0], params, generator, seen_ids)
+            yield token
+            if token in eos_ids or i + 1 == params.max_new_tokens:
+                return
+            if params.repetition_penalty != 1.0:
+                seen_ids = torch.cat([seen_ids, seen_ids.new_tensor([token])])
+            logits = step(torch.tensor([[token]], device=logits.device))
+    finally:
+        if graph is not None:
+            graph.store(state)
 
 
 def generate_tokens(model: TransNormerLLM, prompt_ids: list[int], params: SamplingParams,
@@ -120,7 +134,7 @@ class TokenLog:
 
 def generate(model: TransNormerLLM, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              state: RecurrentState | None = None, stats: ReplyStats | None = None,
-             log: TokenLog | None = None) -> Iterator[str]:
+             log: TokenLog | None = None, graph: GraphedDecoder | None = None) -> Iterator[str]:
     """Stream the reply's text pieces. Yields "" while prefilling so a consumer can cancel.
 
     `stats` (if given) is filled in live; `log` (if given) records the ids fed and sampled. The last
@@ -139,7 +153,7 @@ def generate(model: TransNormerLLM, tokenizer: Tokenizer, prompt_ids: list[int],
             yield ""
     streamer = TextStreamer(tokenizer, params.stop)
     eos = {model.config.eos_token_id}
-    for token in decode_tokens(model, logits, state, params, eos, prompt_ids):
+    for token in decode_tokens(model, logits, state, params, eos, prompt_ids, graph):
         if log.sampled:
             fed.append(log.sampled[-1])  # decode_tokens fed it before sampling this one
         log.sampled.append(token)

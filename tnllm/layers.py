@@ -65,7 +65,7 @@ class Lrpe(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, H, dh], positions [B, T] (absolute, int) -> [B, T, H, 2 * dh] in x.dtype."""
         theta = self.theta.float().squeeze(1)  # [H, dh]
-        angles = positions.float()[:, :, None, None] * theta  # [B, T, H, dh], fp32
+        angles = positions.to(theta.device, torch.float32)[:, :, None, None] * theta  # [B, T, H, dh], fp32
         xf = x.float()
         return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
 

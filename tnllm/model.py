@@ -104,8 +104,9 @@ class TransNormerLLM(nn.Module):
             self.model.embed_tokens.weight[pad].zero_()
 
     def allocate_state(self, batch_size: int = 1) -> RecurrentState:
-        """A zero recurrent state for `batch_size` new sequences on this model's device."""
-        return RecurrentState.allocate(self.config, batch_size, self.lm_head.weight.device)
+        """A zero recurrent state for `batch_size` new sequences, each layer's kv on that layer's device."""
+        layer_devices = [layer.token_mixer.out_proj.weight.device for layer in self.model.layers]
+        return RecurrentState.allocate(self.config, batch_size, self.model.embed_tokens.weight.device, layer_devices)
 
     def num_parameters(self) -> int:
         """Parameter count with tied weights counted once."""

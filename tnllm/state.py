@@ -30,14 +30,20 @@ class RecurrentState:
     positions: torch.Tensor
 
     @classmethod
-    def allocate(cls, config: TNLConfig, batch_size: int = 1, device: torch.device | str = "cpu") -> "RecurrentState":
-        """Zero state for `batch_size` fresh sequences."""
+    def allocate(cls, config: TNLConfig, batch_size: int = 1, device: torch.device | str = "cpu",
+                 layer_devices: list[torch.device] | None = None) -> "RecurrentState":
+        """Zero state for `batch_size` fresh sequences.
+
+        `layer_devices` puts each layer's kv next to that layer's weights when a model is spread over
+        several GPUs (device_map="auto"), so in-place updates never go through a copy.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         dh = config.head_dim
+        devices = layer_devices or [device] * config.n_layers
         kv = [
-            torch.zeros(batch_size, config.n_heads, dh * (2 if lrpe else 1), dh, dtype=torch.float32, device=device)
-            for lrpe in config.lrpe_layers
+            torch.zeros(batch_size, config.n_heads, dh * (2 if lrpe else 1), dh, dtype=torch.float32, device=dev)
+            for lrpe, dev in zip(config.lrpe_layers, devices, strict=True)
         ]
         return cls(kv=kv, positions=torch.zeros(batch_size, dtype=torch.long, device=device))
 
@@ -70,6 +76,12 @@ class RecurrentState:
         """Stack several states along the batch dim (e.g. to decode sessions together)."""
         kv = [torch.cat(layer, dim=0) for layer in zip(*(s.kv for s in states))]
         return cls(kv, torch.cat([s.positions for s in states]))
+
+    def copy_(self, other: "RecurrentState") -> None:
+        """Overwrite this state with `other` in place (tensor addresses unchanged)."""
+        for dst, src in zip(self.kv, other.kv, strict=True):
+            dst.copy_(src)
+        self.positions.copy_(other.positions)
 
     def to(self, device: torch.device | str) -> "RecurrentState":
         return RecurrentState([t.to(device) for t in self.kv], self.positions.to(device))
