@@ -10,6 +10,7 @@ back end each fall back with one log line.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ ASSETS = ROOT / "assets"
 BUNDLED_TNL = ASSETS / "tnl"
 BUNDLED_LLAMA = ASSETS / "llama"
 TOKENIZER_FILE = ASSETS / "tokenizer.model"
+MODEL_CARD = ASSETS / "model_card.json"
 RANDOM_LABEL = "untrained demo weights"
 
 
@@ -111,10 +113,13 @@ def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: tor
         model = quant.quantize(model, method)
     log.info("model ready in %.1fs (%s, 8-bit: %s)", time.perf_counter() - start, source, method)
     info.update(_describe(model, device, dtype, method), tokenizer=f"{tokenizer.path} ({tokenizer.vocab_size} pieces)")
+    info["_method"] = method
     return model, tokenizer, info
 
 
 def _tokenizer_for(source: str) -> Tokenizer:
+    if Path(source).resolve() == BUNDLED_TNL.resolve() and not (BUNDLED_TNL / "tokenizer.model").is_file():
+        return load_tokenizer(TOKENIZER_FILE)  # the bundled model's tokenizer lives in assets/
     try:
         return load_tokenizer(source)
     except (FileNotFoundError, ValueError) as exc:
@@ -133,10 +138,11 @@ def _describe(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, 
             "kernel path": f"{backend} (kernels.backend_for)"}
 
 
-def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.device, dtype: torch.dtype
-                  ) -> tuple[torch.nn.Module | None, dict[str, str]]:
+def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.device, dtype: torch.dtype,
+                  method: str = "none") -> tuple[torch.nn.Module | None, dict[str, str]]:
     """The Llama baseline: a directory, "matched" (random, sized like `model`) or None (assets/llama/, else
-    matched); None with one log line when transformers is missing or loading fails."""
+    matched); None with one log line when transformers is missing or loading fails. `method`: the TNL model's
+    8-bit method, applied to the baseline's decoder Linears too so that both run at the same precision."""
     if source is None and _is_checkpoint(BUNDLED_LLAMA):
         source = str(BUNDLED_LLAMA)
     source = None if source == "matched" else source
@@ -149,7 +155,15 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
         return None, {"model": "none"}
     name = source or f"LlamaForCausalLM matched to the TNL config ({RANDOM_LABEL})"
     params = sum(p.numel() for p in llama.parameters())
+    if method != "none":
+        try:
+            import quant
+            llama = quant.quantize(llama, method)
+        except Exception as exc:  # noqa: BLE001 (any failure: keep a working float baseline)
+            log.warning("baseline stays float (8-bit %s failed: %s): latency compares 8-bit TNL to float", method, exc)
+            method = "none"
     return llama, {"model": name, "parameters": f"{params:,}", "precision": str(dtype).removeprefix("torch."),
+                   "8-bit": "off (float weights)" if method == "none" else method,
                    "attention": getattr(llama.config, "_attn_implementation", "?"), "device": str(device)}
 
 
@@ -165,6 +179,11 @@ def _notes(info: dict[str, str]) -> str:
     card = Path(info["model"]) / "README.md"
     if card.is_file():
         return f"see the model card {card}"
+    if Path(info["model"]).resolve() == BUNDLED_TNL.resolve() and MODEL_CARD.is_file():
+        tnl = json.loads(MODEL_CARD.read_text(encoding="utf-8"))["models"]["tnl"]
+        return (f"bundled model trained from scratch on {tnl['tokens_seen'] / 1e6:.0f}M tokens of chitchat-dataset "
+                f"(MIT licence, casual human chat), validation perplexity {tnl['val_ppl']:.1f}; a small demo model, "
+                f"expect short casual replies. Details: assets/model_card.json")
     if info["weights"] == RANDOM_LABEL:
         return ("random weights (no training data); tokenizer: BPE-8192 trained on chitchat-dataset (MIT), "
                 "see assets/tokenizer_report.md")
@@ -178,7 +197,7 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
     tnl, tokenizer, info = load_tnl(model, int8=int8, device=dev, dtype=torch_dtype)
-    llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype)
+    llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype, method=info.pop("_method"))
     warm_up(tnl, tokenizer)
     info["licence / data"] = _notes(info)
     limit = max_context or (131072 if dev.type == "cuda" else 16384)
