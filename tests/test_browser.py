@@ -72,7 +72,7 @@ def test_chat_streams_in_pieces_and_stops(page):
         lengths.append(len(last_reply(page)))
         time.sleep(0.05)
     assert len({n for n in lengths if n}) >= 3, f"reply did not arrive in pieces: lengths {lengths}"
-    assert lengths == sorted(lengths), "the reply only grows while streaming"
+    # (No monotonic check: rendered Markdown of random text can shrink when a later token closes a "*" or "`".)
 
     page.locator("button.stop-button").click()
     page.locator("button.stop-button").wait_for(state="hidden", timeout=10_000)

@@ -127,8 +127,15 @@ def _tokenizer_for(source: str) -> Tokenizer:
         return load_tokenizer(TOKENIZER_FILE)
 
 
+def count_parameters(model: torch.nn.Module) -> int:
+    """Weights and biases, tied ones once; 8-bit weights (int8 buffers, not Parameters) included."""
+    tensors = {p.data_ptr(): p.numel() for p in model.parameters()}
+    tensors.update({t.data_ptr(): t.numel() for t in model.buffers() if t.dtype == torch.int8})
+    return sum(tensors.values())
+
+
 def _describe(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, method: str) -> dict[str, str]:
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     backend = kernels.backend_for(device)
     if device.type == "cuda" and backend != "triton":
         log.warning("Triton is not available: Lightning Attention runs on the PyTorch path")
@@ -154,7 +161,7 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
         log.warning("Transformer baseline unavailable (%s): the latency tab shows TNL only", exc)
         return None, {"model": "none"}
     name = source or f"LlamaForCausalLM matched to the TNL config ({RANDOM_LABEL})"
-    params = sum(p.numel() for p in llama.parameters())
+    params = count_parameters(llama)
     if method != "none":
         try:
             import quant
