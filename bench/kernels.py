@@ -231,6 +231,8 @@ def main():
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test of the script)")
     p.add_argument("--sweep", action="store_true", help="sweep our launch configs first")
     p.add_argument("--no-main", action="store_true", help="skip the main table")
+    p.add_argument("--sections", default="prefill,wide,decode",
+                   help="comma list of prefill (dk == dv rows), wide (dk=256/dv=128 row), decode")
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels-h200.json"))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -258,8 +260,11 @@ def main():
         result["sweep"] = sweep([shapes[1]], [shapes[-1]])
         result["config"] = dict(triton_chunk._CFG)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    sections = set(args.sections.split(","))
     if not args.no_main:
         for B, N, H_, dk, dv in shapes:
+            if ("wide" if dk != dv else "prefill") not in sections:
+                continue
             key = f"B{B}-N{N}-H{H_}-dk{dk}-dv{dv}"
             try:
                 result["correctness"][key] = correctness(B, N, H_, dk, dv, anchors, n_ref_seq=1)
@@ -286,7 +291,8 @@ def main():
             if DEV == "cuda":
                 torch.cuda.empty_cache()
             Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
-        result["decode"] = decode_rows(anchors, H=H, D=D, batches=(1, 4) if args.tiny else (1, 4, 16, 64, 128, 256))
+        if "decode" in sections:
+            result["decode"] = decode_rows(anchors, H=H, D=D, batches=(1, 4) if args.tiny else (1, 4, 16, 64, 128, 256))
     derive(result)
     print(table(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def render(r: dict) -> str:
                          mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
     out += ["## Prefill / training (ms, lower is better)", "",
             "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
-            "ours faster (fwd) | ours faster (fwd+bwd) |", "|" + "---|" * 11]
+            "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |", "|" + "---|" * 12]
     ours = {(x["B"], x["N"], x["dk"]): x for x in r["rows"] if x["impl"] == "ours"}
     for x in r["rows"]:
         o = ours.get((x["B"], x["N"], x["dk"]), {})
@@ -51,7 +52,7 @@ def render(r: dict) -> str:
         out.append(f"| {x['N']} | {x['B']} | {x['dk']}/{x['dv']} | {x['impl']}{err} | {fmt(x.get('fwd_ms'))} | "
                    f"{fmt(x.get('fwdbwd_ms'))} | {fmt(x.get('fwd_Mtok_s'), '{:.1f}')} | "
                    f"{fmt(x.get('fwd_pct_floor'), '{:.0f}%')} | {fmt(x.get('fwdbwd_pct_floor'), '{:.0f}%')} | "
-                   f"{sf} | {sb} |")
+                   f"{sf} | {sb} | {fmt(x.get('peak_extra_GiB'), '{:.2f}')} |")
     if r.get("decode"):
         out += ["", f"## Decode step (H={H}, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay "
                 "of 10 steps)", "", "| B | impl | µs | state GB/s (read+write) |", "|---|---|---|---|"]
@@ -72,6 +73,17 @@ def render(r: dict) -> str:
             if "ours_vs_fla_full_o" in c:
                 out.append(f"| {key} | ours vs fla (full batch, o) | {fmt(c['ours_vs_fla_full_o'], '{:.2e}')} "
                            "| | | | |")
+    if r.get("sweep"):
+        out += ["", "## Our launch-config sweep (ms; the best fwd+bwd sum is the default in triton_chunk._CFG)", "",
+                "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
+        for x in r["sweep"]:
+            out.append(f"| {x['B']}×{x['N']} | {x['dk']}/{x['dv']} | `{x['cfg']}` | {fmt(x.get('fwd_ms'))} | "
+                       f"{fmt(x.get('fwdbwd_ms'))} |")
+    missing = [name for name, ok in (("dk=256/dv=128 anchors row", any(x["dk"] != x["dv"] for x in r["rows"])),
+                                     ("decode step table", bool(r.get("decode")))) if not ok]
+    if missing:
+        out += ["", f"Not in this run (the run hit its time limit; device budget spent): {', '.join(missing)}. "
+                "Re-run with `python bench/kernels.py --sections wide,decode --out <file>`."]
     return "\n".join(out) + "\n"
 
 
@@ -80,7 +92,12 @@ def main():
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
-    Path(a.out).write_text(render(json.loads(Path(a.json).read_text())))
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench/kernels.py")
+    bench_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernels)
+    result = json.loads(Path(a.json).read_text())
+    bench_kernels.derive(result)  # idempotent; partial (timed-out) JSON files are written before it runs
+    Path(a.out).write_text(render(result))
 
 
 if __name__ == "__main__":

@@ -206,7 +206,7 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
 # Launch settings on GPU (tuned on H200 by bench/kernels.py --sweep); the interpreter uses 16-wide blocks.
 # BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128; BS state
 # tile of the segment kernels; PROGRAMS chunk-kernel programs to aim for when choosing the segment length.
-_CFG = dict(BT=64, BV=128, WARPS=8, STAGES=1, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, PROGRAMS=1024,
+_CFG = dict(BT=64, BV=64, WARPS=4, STAGES=1, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, PROGRAMS=1024,
             MIN_SEG_CHUNKS=16)
 _CFG_INTERPRET = dict(BT=16, BV=16, WARPS=4, STAGES=1, BV_WIDE=16, WARPS_WIDE=4, STAGES_WIDE=1, BS=16,
                       PROGRAMS=1, MIN_SEG_CHUNKS=1)
