@@ -73,7 +73,7 @@ def test_timing_rows_are_sane():
         assert isinstance(r, BenchRow)
         assert r.ttft_ms > 0 and 0 < r.decode_p20_ms <= r.decode_ms <= r.decode_p80_ms
         assert r.tokens_per_s == pytest.approx(1e3 / r.decode_ms)
-        assert r.peak_bytes is None  # CPU: no allocator peak; cache_bytes and RSS instead
+        assert r.peak_bytes is None and r.prefill_peak_bytes is None  # CPU: cache_bytes and RSS instead
         assert r.rss_bytes is None or r.rss_bytes > 0
     tnl_16, llama_16, tnl_40, llama_40 = rows
     assert tnl_16.cache_bytes == tnl_40.cache_bytes == adapters[0].model.allocate_state().nbytes
@@ -134,3 +134,4 @@ def test_tnl_decode_memory_does_not_grow_while_llama_kv_cache_does():
 def test_cuda_rows_report_peak_memory():
     rows = sweep(_adapters(TINY, "cuda"), [64], n_tokens=4, prefill_repeats=2)
     assert all(r.peak_bytes is not None and r.peak_bytes >= r.cache_bytes > 0 for r in rows)
+    assert all(r.prefill_peak_bytes is not None and r.prefill_peak_bytes > 0 for r in rows)

@@ -10,8 +10,11 @@ token at a time with the model's own cache). Protocol (style.md "Benchmarks"):
 * timer: CUDA events around the call after a device synchronize on GPU (launch gaps count, as a
   user sees them); `time.perf_counter` on CPU, where calls are synchronous; medians are reported;
 * memory: `cache_bytes`, the bytes the decode cache holds (TNL: recurrent state, constant; Llama: KV
-  cache, linear in context); on CUDA `peak_bytes`, the peak allocated above what was allocated
-  before the prefill (so weights excluded, activations and cache included); process RSS always.
+  cache, linear in context); on CUDA `peak_bytes`, the peak allocated during the timed decode steps
+  above what was allocated before the prefill (weights excluded; cache and step activations
+  included, prefill activations not: those are `prefill_peak_bytes`); process RSS always.
+  On H200, TNL-1B bf16 measured 61 MiB -> 2.8 GiB from 512 to 32k context when the decode peak
+  still included the prefill's activations: hence the separate reset.
 
 Decode latency at context T is the median over `n_tokens` single-token steps that see T .. T+n-1
 previous tokens. TNL's step cost is constant in T, a Transformer's grows with it (kernels.md §10).
@@ -114,7 +117,7 @@ class PrefillRow:
     context_len: int
     ttft_ms: float
     prefill_tok_s: float
-    peak_bytes: int | None  # CUDA only: peak allocated above the pre-prefill baseline
+    peak_bytes: int | None  # CUDA only: peak allocated during the prefill above what was allocated before
 
 
 @dataclass
@@ -129,7 +132,7 @@ class DecodeRow:
     decode_p80_ms: float
     tokens_per_s: float
     cache_bytes: int  # after the timed steps: state (TNL) or KV cache (Llama)
-    peak_bytes: int | None  # CUDA only: peak allocated above the pre-prefill baseline
+    peak_bytes: int | None  # CUDA only: peak during the timed steps above the allocation before the prefill
     rss_bytes: int | None  # process resident set after the run (None where /proc is missing)
 
 
@@ -145,15 +148,15 @@ class BenchRow:
     decode_p80_ms: float
     tokens_per_s: float
     cache_bytes: int
-    peak_bytes: int | None  # max of the prefill and decode peaks
+    peak_bytes: int | None  # decode peak (CUDA only), see DecodeRow
+    prefill_peak_bytes: int | None  # prefill peak (CUDA only), see PrefillRow
     rss_bytes: int | None
 
     @classmethod
     def of(cls, prefill: PrefillRow, decode: DecodeRow) -> "BenchRow":
-        peaks = [p for p in (prefill.peak_bytes, decode.peak_bytes) if p is not None]
         return cls(decode.model, decode.context_len, prefill.ttft_ms, decode.decode_ms, decode.decode_p20_ms,
-                   decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes, max(peaks, default=None),
-                   decode.rss_bytes)
+                   decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes, decode.peak_bytes,
+                   prefill.peak_bytes, decode.rss_bytes)
 
 
 # -- measurement -------------------------------------------------------------------------------------
@@ -187,13 +190,18 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     return result, time.perf_counter() - start_s
 
 
-def _memory_baseline(device: torch.device) -> int | None:
-    """Reset the CUDA peak counter and return what is allocated now (None on CPU)."""
+def _allocated(device: torch.device) -> int | None:
+    """CUDA bytes allocated now, after a synchronize (None on CPU)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_above(device: torch.device, baseline: int | None) -> int | None:
@@ -214,7 +222,8 @@ def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, w
     first_token = lambda: adapter.prefill(ids)[0][:, -1].argmax(-1)  # [1]
     for _ in range(warmup):
         first_token()
-    baseline = _memory_baseline(device)
+    baseline = _allocated(device)
+    _reset_peak(device)
     seconds = [_timed(first_token, device)[1] for _ in range(repeats)]
     median_s = statistics.median(seconds)
     return PrefillRow(adapter.name, context_len, median_s * 1e3, context_len / median_s,
@@ -231,10 +240,11 @@ def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, 
         raise ValueError(f"need 0 <= warmup < context_len, got warmup={warmup}, context_len={context_len}")
     device = adapter.device
     ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, device)  # [1, T + n]
-    baseline = _memory_baseline(device)
+    baseline = _allocated(device)  # weights and ids
     _, cache = adapter.prefill(ids[:, : context_len - warmup])
     for t in range(context_len - warmup, context_len):
         _, cache = adapter.step(ids[:, t : t + 1], cache)
+    _reset_peak(device)  # the prefill's activations are gone; the cache stays counted
     seconds = []
     for t in range(context_len, context_len + n_tokens):
         (_, cache), s = _timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
