@@ -321,8 +321,7 @@ class _LightningAttnFunction(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds0, None, None, None
 
 
-def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None,
-                          _seg_len=None):
+def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Causal linear attention with a fixed per-head decay (Lightning Attention), Triton, differentiable.
 
         S_t = λ_h S_{t-1} + k_tᵀ v_t ,   o_t = q_t S_t ,   λ_h = exp(log_decay[h])   (no scale, no softmax)
@@ -333,11 +332,15 @@ def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_fina
         initial_state: [N, H, D, E] (fp32) or None; N = B, or the number of sequences with cu_seqlens.
         output_final_state: also return the state after the last token, [N, H, D, E] fp32.
         cu_seqlens: [N + 1] int offsets of packed sequences (needs B == 1), or None.
-        _seg_len: private, forces the segment length (tests).
     Returns:
         o [B, T, H, E] in q.dtype, and the final state or None. Gradients flow to q, k, v, initial_state
         (and from the final state).
     """
+    return _lightning_attn(q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, None)
+
+
+def _lightning_attn(q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, seg_len):
+    """`lightning_attn_triton` with the segment length forced (None: automatic); tests use it."""
     B, T, H, D = q.shape
     if k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k [B, T, H, D], v [B, T, H, E]; got {tuple(q.shape)}, "
@@ -356,5 +359,5 @@ def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_fina
                          f"got {tuple(initial_state.shape)}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _LightningAttnFunction.apply(q, k, v, log_decay, initial_state, bool(output_final_state),
-                                        cu_seqlens, _seg_len)
+                                        cu_seqlens, seg_len)
 

@@ -24,10 +24,16 @@ def _attn_inputs(B, T, H, D, E, dtype, n_state=None, rate_scale=1.0, device=DEVI
     return q, k, v, log_decay, s0
 
 
+def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None,
+                          _seg_len=None):
+    """The Triton launcher, optionally with a forced segment length (multi-segment paths at tiny T)."""
+    from kernels.triton_chunk import _lightning_attn
+
+    return _lightning_attn(q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, _seg_len)
+
+
 def _run_both(q, k, v, log_decay, s0, cu=None, seg_len=None, grads=True):
     """(reference outputs, triton outputs): o, final state and, if grads, dq, dk, dv, ds0."""
-    from kernels.triton_chunk import lightning_attn_triton
-
     leaves_r = [x.detach().double().requires_grad_(grads) for x in (q, k, v)]
     leaves_t = [x.detach().clone().requires_grad_(grads) for x in (q, k, v)]
     s0_r = None if s0 is None else s0.detach().double().requires_grad_(grads)
@@ -84,8 +90,6 @@ class TestChunk:
             assert_close(name, out_r[name], out_t[name], rel=TOL[torch.float32])
 
     def test_zero_rate_stays_causal(self):
-        from kernels.triton_chunk import lightning_attn_triton
-
         q, k, v, _, _ = _attn_inputs(1, 40, 2, 16, 16, torch.float32)
         a = torch.zeros(2, device=DEVICE)
         o, _ = lightning_attn_triton(q, k, v, a, _seg_len=16)
@@ -97,8 +101,6 @@ class TestChunk:
         assert_close("o rate0", o_r, o, rel=TOL[torch.float32])
 
     def test_strong_decay_is_finite(self):
-        from kernels.triton_chunk import lightning_attn_triton
-
         q, k, v, _, s0 = _attn_inputs(1, 70, 2, 16, 16, torch.float32, n_state=1)
         a = torch.tensor([0.0, -30.0], device=DEVICE)
         o, f = lightning_attn_triton(q, k, v, a, initial_state=s0, output_final_state=True, _seg_len=32)
@@ -106,6 +108,19 @@ class TestChunk:
                                             output_final_state=True)
         assert_close("o", o_r, o, rel=TOL[torch.float32])
         assert_close("final", f_r, f, rel=TOL[torch.float32])
+
+    def test_signatures_match_reference_twins(self):
+        import inspect
+
+        from kernels import triton_chunk, triton_norm, triton_step
+
+        def params(f):
+            return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+        assert params(triton_chunk.lightning_attn_triton) == params(ref.lightning_attn_chunked)[:-1]  # no chunk_size
+        assert params(triton_chunk.lightning_attn_triton) == params(ref.lightning_attn_naive)
+        assert params(triton_step.lightning_attn_step_triton) == params(ref.lightning_attn_step_ref)
+        assert params(triton_norm.srmsnorm_triton) == params(ref.srmsnorm_ref)
 
     def test_dispatch_and_shape_errors(self):
         q, k, v, a, s0 = _attn_inputs(2, 33, 2, 16, 16, torch.float32, n_state=2)
@@ -143,7 +158,6 @@ class TestStep:
 
     def test_steps_continue_prefill(self):
         """Prefill with the chunk kernel, then decode token by token == one long prefill."""
-        from kernels.triton_chunk import lightning_attn_triton
         from kernels.triton_step import lightning_attn_step_triton
 
         q, k, v, a, _ = _attn_inputs(2, 24, 2, 16, 16, torch.float32)
@@ -185,8 +199,6 @@ class TestGPUShapes:
         pytest.param(3, 500, 8, 64, 64, id="B3-T500-H8-D64"),
     ])
     def test_bf16_fwd_bwd(self, B, T, H, D, E):
-        from kernels.triton_chunk import lightning_attn_triton
-
         q, k, v, a, s0 = _attn_inputs(B, T, H, D, E, torch.bfloat16, n_state=B, rate_scale=0.1)
         q, k, v = (x / D ** 0.5 for x in (q, k, v))
         leaves = [x.float().requires_grad_() for x in (q, k, v)]
