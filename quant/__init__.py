@@ -90,8 +90,8 @@ def load_quantized(
         device: where the model lives (ignored when `device_map` is given).
         device_map: CUDA only: "auto" / "balanced" / "sequential" or an Accelerate map: spread the
             decoder layers over several GPUs (Accelerate's infer_auto_device_map + dispatch_model).
-            With more than one device, recurrent decoding needs each layer's state on that layer's
-            device; full forwards work as they are.
+            `model.allocate_state` then puts each layer's recurrent state on that layer's device, so
+            in-place state updates never go through a copy (untested on multi-GPU hardware so far).
         threshold: bnb LLM.int8 outlier threshold (0 disables the fp16 outlier path).
     """
     dtype = parse_dtype(dtype)
