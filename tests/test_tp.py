@@ -118,7 +118,10 @@ def _worker(rank: int, port: int, root: str) -> None:
                              "shapes": {k: tuple(v.shape) for k, v in model.state_dict().items()},
                              "decay": model.log_decay.clone()}
         with torch.inference_mode():
-            r["logits"] = model(IDS)
+            r["logits"] = model(IDS)  # 42 rows: norm all-reduce folded into out_proj's
+            model.set_fuse_norm_rows(0)
+            r["logits_unfused"] = model(IDS)  # separate [B, T, 1] all-reduce
+            model.set_fuse_norm_rows(64)
             state = model.allocate_state(IDS.shape[0])
             r["decode"] = teacher_forced_decode(model, IDS, state)
         r["kv_shapes"] = [tuple(t.shape) for t in state.kv]
@@ -172,6 +175,7 @@ def test_sharded_forward_equals_unsharded(tp_run, name):
         ref = models[name](IDS)
     for r in ranks:
         assert_close(f"{name} logits", ref, r[name]["logits"], rel=1e-5)
+        assert_close(f"{name} logits, unfused norm", ref, r[name]["logits_unfused"], rel=1e-5)
     assert torch.equal(ranks[0][name]["logits"], ranks[1][name]["logits"])  # every rank sees the same logits
 
 

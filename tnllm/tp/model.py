@@ -14,8 +14,9 @@ Rank r of N holds heads [r H/N, (r+1) H/N) and GLU units [r g/N, (r+1) g/N):
 Everything else - `TransNormerLLM.forward`, `DecoderLayer`, `NormLinearAttention`, the Lightning
 Attention kernels, `RecurrentState` - is the single-GPU code, run on the local shapes: the model's
 `config` is the *local* config (H/N heads), so `allocate_state` gives each rank only its heads' state.
-Per block: 2 all-reduces of [B, T, d] plus 1 of [B, T, 1]; per call: 1 for the embedding and one
-all-gather of the kept logits.
+Per block: 2 all-reduces of [B, T, d] plus 1 of [B, T, 1] (folded into out_proj's for calls of
+<= `fuse_norm_rows` rows, i.e. decode: see `tnllm.tp.layers`); per call: 1 for the embedding and
+one all-gather of the kept logits.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ class TPTransNormerLLM(TransNormerLLM):
     `full_config` is the checkpoint's config; `config` the local one (what `allocate_state` uses).
     """
 
-    def __init__(self, config: TNLConfig, tp: TPGroup, vocab_parallel: bool = True):
+    def __init__(self, config: TNLConfig, tp: TPGroup, vocab_parallel: bool = True, fuse_norm_rows: int = 64):
         self.full_config = config
+        self.fuse_norm_rows = fuse_norm_rows
         self.tp = tp
         self.vocab_parallel = vocab_parallel and tp.size > 1 and config.vocab_size % tp.size == 0
         self.head_range = shard_range(config.n_heads, tp.rank, tp.size, "n_heads")
@@ -60,14 +62,20 @@ class TPTransNormerLLM(TransNormerLLM):
         c, tp = self.full_config, self.tp
         for layer in self.model.layers:
             mixer = layer.token_mixer
-            mixer.norm = ShardedSRMSNorm(c.hidden_dim, c.norm_eps, tp)
-            mixer.out_proj = RowParallelLinear(c.hidden_dim // tp.size, c.dim, c.bias, tp)
+            mixer.norm = ShardedSRMSNorm(c.hidden_dim, c.norm_eps, tp, self.fuse_norm_rows)
+            mixer.out_proj = RowParallelLinear(c.hidden_dim // tp.size, c.dim, c.bias, tp, mixer.norm.pending)
             layer.channel_mixer.l3 = RowParallelLinear(c.glu_dim // tp.size, c.dim, c.bias, tp)
         n_rows = self.vocab_range[1] - self.vocab_range[0]
         self.model.embed_tokens = ShardedEmbedding(n_rows, c.dim, self.vocab_range[0], self.vocab_parallel, tp)
         self.lm_head = ShardedLMHead(n_rows, c.dim, self.vocab_parallel, tp)
         if c.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_fuse_norm_rows(self, rows: int) -> None:
+        """Calls of <= rows rows fold the norm's all-reduce into out_proj's (0 = never; see tp.layers)."""
+        self.fuse_norm_rows = rows
+        for layer in self.model.layers:
+            layer.token_mixer.norm.fuse_rows = rows
 
     def _log_decay_table(self) -> torch.Tensor:
         """[L, H/N] fp32: the full model's rates at this rank's global head indices."""
@@ -80,7 +88,7 @@ class TPTransNormerLLM(TransNormerLLM):
 
 
 def empty_tp_model(config: TNLConfig, tp: TPGroup, dtype: torch.dtype = torch.float32,
-                   vocab_parallel: bool = True) -> TPTransNormerLLM:
+                   vocab_parallel: bool = True, fuse_norm_rows: int = 64) -> TPTransNormerLLM:
     """An uninitialised shard on `tp.device` (only this rank's slices are allocated)."""
-    model = TPTransNormerLLM(config, tp, vocab_parallel)
+    model = TPTransNormerLLM(config, tp, vocab_parallel, fuse_norm_rows)
     return model.to(dtype).to_empty(device=tp.device).eval()
