@@ -110,6 +110,10 @@ def _worker(rank: int, port: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     tp = TPGroup(rank, WORLD, torch.device("cpu"), dist.group.WORLD)
     results = {}
+    try:  # rank 0 fails to open it; the other ranks must get an error too, not wait forever
+        load_tp_model(Path(root) / "missing", tp)
+    except Exception as exc:  # noqa: BLE001
+        results["missing_error"] = type(exc).__name__
     tp_load.safe_open = RecordingSafeOpen
     for name in CONFIGS:
         RecordingSafeOpen.reads = []
@@ -239,6 +243,12 @@ def test_checkpoint_loads_sharded(tp_run, name):
                 if key in linear:
                     assert torch.Size(shape).numel() * WORLD <= torch.Size(full[key]).numel(), key
     assert split > 0
+
+
+def test_open_failure_reaches_every_rank(tp_run):
+    _, ranks = tp_run
+    assert ranks[0]["missing_error"] == "FileNotFoundError"
+    assert ranks[1]["missing_error"] == "CheckpointError"
 
 
 def test_shard_slices_by_heads_in_process():
