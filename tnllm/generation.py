@@ -192,6 +192,7 @@ class Conversation:
     history: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     last_stats: ReplyStats = field(default_factory=ReplyStats)
+    graph: GraphedDecoder | None = None  # CUDA: decode by graph replay (shared; callers serialise its use)
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -204,7 +205,8 @@ class Conversation:
         self.last_stats = ReplyStats()
         log = TokenLog()
         try:
-            yield from generate(self.model, self.tokenizer, prompt, params, self.state, self.last_stats, log)
+            yield from generate(self.model, self.tokenizer, prompt, params, self.state, self.last_stats, log,
+                                self.graph)
         finally:
             # Done, stop string or cancelled mid-stream: record exactly what the state saw; what it has
             # not seen yet (rest of the prompt, the last sampled id) plus an eos closing the assistant
@@ -215,7 +217,8 @@ class Conversation:
 
     def fork(self) -> "Conversation":
         """An independent copy (same history, cloned state)."""
-        return Conversation(self.model, self.tokenizer, self.state.clone(), list(self.history), list(self.pending))
+        return Conversation(self.model, self.tokenizer, self.state.clone(), list(self.history), list(self.pending),
+                            graph=self.graph)
 
     def save(self, path: str | Path) -> None:
         """State + ids in one safetensors file (a few MB whatever the conversation length)."""
