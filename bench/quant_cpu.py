@@ -2,6 +2,7 @@
 
     python bench/quant_cpu.py                 # CPU: 2048->2048 and 2048->5632, batch 1/16, fp32/bf16
     python bench/quant_cpu.py --device cuda   # the same on a GPU (fp16/bf16)
+    python bench/quant_cpu.py --model assets/tnl   # whole-model decode ms/token per method (batch 1)
 
 Prints a table (median ms per forward, rel-L2 error of the output vs float) and one JSON line.
 """
@@ -9,6 +10,7 @@ Prints a table (median ms per forward, rel-L2 error of the output vs float) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -19,8 +21,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quant import bnb  # noqa: E402  (after the path fix)
+import quant  # noqa: E402  (after the path fix)
+from quant import bnb  # noqa: E402
 from quant.int8 import Int8Linear  # noqa: E402
+from tnllm.generation import prefill  # noqa: E402
 
 SHAPES = ((2048, 2048), (2048, 5632))  # (in, out): TNL-1B out_proj and l1/l2
 BATCHES = (1, 16)
@@ -70,15 +74,40 @@ def run(device: str, dtypes: list[torch.dtype], reps: int, threshold: float) -> 
     return rows
 
 
+@torch.inference_mode()
+def run_model(path: str, device: str, reps: int, context: int = 256) -> list[dict]:
+    """Batch-1 recurrent decode ms/token of a whole model loaded with each 8-bit method."""
+    rows = []
+    for method in ("none", "int8", "bnb_int8"):
+        if method == "bnb_int8" and not bnb.available():
+            continue
+        model = quant.load_quantized(path, method=method, device=device)
+        state = model.allocate_state(1)
+        prefill(model, torch.randint(3, model.config.vocab_size, (1, context), device=device), state)
+        token = torch.tensor([[5]], device=device)
+        med, best = time_ms(functools.partial(model, state=state), token, reps)
+        rows.append(dict(device=device, model=path, method=method, context=context, ms_per_token=round(med, 3),
+                         min_ms=round(best, 3)))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--threshold", type=float, default=6.0, help="bnb outlier threshold")
+    p.add_argument("--model", default=None, help="time whole-model decode of this checkpoint instead")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model:
+        rows = run_model(args.model, args.device, args.reps)
+        print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
+        for r in rows:
+            print(f"{r['method']:9} {r['ms_per_token']:8.3f} ms/token (min {r['min_ms']:.3f})")
+        print(json.dumps({"bench": "quant_model_decode", "threads": torch.get_num_threads(), "rows": rows}))
+        return
     dtypes = [torch.float32, torch.bfloat16] if args.device == "cpu" else [torch.float16, torch.bfloat16]
     rows = run(args.device, dtypes, args.reps, args.threshold)
     print(f"device={args.device} capability={torch.backends.cpu.get_cpu_capability()} "

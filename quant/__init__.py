@@ -27,22 +27,19 @@ __all__ = ["METHODS", "QuantOrderError", "choose_method", "load_quantized", "qua
 def choose_method(device: torch.device | str, dtype: torch.dtype | str) -> str:
     """The 8-bit method "auto" picks for a device and compute dtype.
 
-    CPU, from bench/quant_cpu.py on a 2-core AVX-512 Xeon (2048x2048 and 2048x5632 Linears, batch
-    1 and 16): in fp32 bnb LLM.int8 (torch._int_mm) is as fast as float at 2048x2048 and 2-2.6x
-    faster at 2048x5632, while the int8 weight-only path is slower than float; in bf16 bnb and
-    int8 weight-only are both faster than float and within ~30% of each other (bnb ahead at batch
-    16). Without AVX-512 bnb falls back to a naive matmul 2-4x slower than float (ecosystem.md §1).
-    So: AVX-512 with fp32/bf16 -> "bnb_int8"; every other CPU case -> "int8".
-    CUDA: ecosystem.md's documented GPU branch is bitsandbytes (Accelerate's quantised loading) ->
-    "bnb_int8". To be measured on GPU (batch-1 decode may favour weight-only "int8").
+    CPU: "int8" (pure-PyTorch weight-only). Whole-model batch-1 decode of the bundled model
+    (`python bench/quant_cpu.py --model assets/tnl`, 2-core AVX-512 Xeon, 2026-11-28): float 7.0-9.0,
+    int8 6.8-7.1, bnb_int8 12.2-13.0 ms/token (1 and 2 threads) - bnb's per-call activation
+    quantisation costs more than it saves at decode sizes, and without AVX-512 it falls back to a
+    naive matmul 2-4x slower than float (ecosystem.md §1). bnb LLM.int8 only won single Linears at
+    batch 16 (2048x5632); use method="bnb_int8" for batched CPU work.
+    CUDA: bitsandbytes, the documented GPU branch (Accelerate's quantised loading). To be measured on
+    GPU (batch-1 decode may favour weight-only "int8" there too). `dtype` does not change the
+    choice today; it is part of the signature because the GPU rule is expected to depend on it.
     """
-    device, dtype = torch.device(device), parse_dtype(dtype)
     if not bnb.available():
         return "int8"
-    if device.type == "cuda":
-        return "bnb_int8"  # to be measured on GPU
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return "bnb_int8" if avx512 and dtype in (torch.float32, torch.bfloat16) else "int8"
+    return "bnb_int8" if torch.device(device).type == "cuda" else "int8"
 
 
 def _resolve_method(method: str, device: torch.device | str, dtype: torch.dtype) -> str:

@@ -175,8 +175,8 @@ def test_sharded_and_lm_head_only_checkpoints(saved, method, tmp_path):
 def test_auto_choice(monkeypatch):
     monkeypatch.setattr(bnb, "available", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert quant.choose_method("cpu", "fp32") == "bnb_int8"
-    assert quant.choose_method("cpu", "bf16") == "bnb_int8"
+    assert quant.choose_method("cpu", "fp32") == "int8"  # measured: faster than bnb at batch-1 decode
+    assert quant.choose_method("cpu", "bf16") == "int8"
     assert quant.choose_method("cuda", "fp16") == "bnb_int8"  # to be measured on GPU
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert quant.choose_method("cpu", "fp32") == "int8"
