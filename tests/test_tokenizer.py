@@ -4,6 +4,7 @@ import pytest
 
 from tnllm import Tokenizer, load_tokenizer
 
+
 def test_ids_and_round_trip(tok_file):
     tok = Tokenizer(tok_file)
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.vocab_size) == (0, 1, 2, 400)
