@@ -5,9 +5,11 @@ Transformer, and what is loaded.
     python app.py --model OpenNLPLab/TransNormerLLM-385M --no-int8 --device cuda
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
-TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY). Without --host, Gradio's own GRADIO_SERVER_NAME
+TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE). Without --host, Gradio's own GRADIO_SERVER_NAME
 applies (a Space sets it), else loopback. Launch settings follow reliability.md §3: share off, no SSR, no
 monitoring/MCP/run-history endpoints, 1 MB uploads, model directories blocked from file serving.
+A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and one line naming the
+file and the mismatch, before Gradio is even imported (so within seconds, and nothing is ever served).
 """
 
 from __future__ import annotations
@@ -15,125 +17,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from functools import partial
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
-
-from webui.chat import SessionStore, make_chat_fn, session_key  # noqa: E402
-from webui.latency import COLUMNS, context_choices, race, run_benchmark  # noqa: E402
-from webui.runtime import BUNDLED_LLAMA, BUNDLED_TNL, Runtime, load_runtime  # noqa: E402
+from webui.runtime import BUNDLED_LLAMA, BUNDLED_TNL, Runtime, StartupError, load_runtime  # noqa: E402 (no Gradio)
 
 log = logging.getLogger("tnllm.app")
-
-EXAMPLES = [
-    "Hi! How was your weekend?",
-    "What is your favourite book, and why?",
-    "Tell me something about the ocean.",
-    "Do you like cooking? What do you make?",
-]
-HEADER = ("# ⚡ TransNormerLLM chat\nLinear attention with a **constant-size recurrent state**: each reply "
-          "costs the same per token however long the chat gets, and the history is never re-read.")
-UNTRAINED = ("> ⚠️ **Untrained demo weights.** No bundled checkpoint was found (`assets/tnl/`), so this is a tiny "
-             "model with random weights: replies are gibberish, but streaming, state reuse and the latency "
-             "comparison are real.")
+EXIT_BAD_MODEL = 2
 
 
-def _sampling_controls() -> list[gr.components.Component]:
-    return [
-        gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p", render=False),
-        gr.Slider(0, 200, value=40, step=1, label="Top-k (0 = off)", render=False),
-        gr.Slider(1.0, 2.0, value=1.1, step=0.05, label="Repetition penalty", render=False),
-        gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", render=False),
-        gr.Number(value=-1, precision=0, label="Seed (-1 = random)", render=False),
-    ]
+def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16):
+    """The Gradio app (webui.ui.build_demo); Gradio is imported only once the model has loaded."""
+    from webui.ui import build_demo as build
 
-
-def _model_card(runtime: Runtime) -> str:
-    lines = ["### TransNormerLLM (chat model)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.info.items()]
-    lines += [f"| max context | {runtime.max_context:,} tokens |",
-              f"| recurrent state | {runtime.model.allocate_state(1).nbytes / 2**20:.2f} MiB, whatever the context |",
-              "", "### Transformer baseline (latency tab)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.baseline_info.items()]
-    return "\n".join(lines)
-
-
-def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int) -> None:
-    stats = gr.Markdown(elem_id="reply-stats", render=False)
-    info = gr.JSON(visible=False, render=False)
-    with gr.Accordion("Sampling", open=False):  # rendered here, above the chat, not in ChatInterface's accordion
-        controls = [c.render() for c in _sampling_controls()]
-    gr.ChatInterface(
-        make_chat_fn(runtime, store),
-        additional_inputs=controls,
-        additional_outputs=[stats, info],
-        examples=[[e] for e in EXAMPLES],
-        api_name="chat",
-        concurrency_limit=concurrency_limit,
-        fill_height=False,
-        autofocus=False,
-    )
-    stats.render()
-    info.render()
-
-
-def _latency_tab(runtime: Runtime) -> None:
-    choices = context_choices(runtime)
-    gr.Markdown("Both models run through `tnllm.bench.sweep`, the code behind `bench/decode.py`: same seeded "
-                "prompts, warm-up excluded, medians. TNL's decode step and state stay flat; the Transformer's "
-                "KV cache and step time grow with the context.")
-    with gr.Row():
-        contexts = gr.CheckboxGroup(choices, value=choices[:3], label="Context lengths (tokens)", scale=3)
-        n_tokens = gr.Slider(4, 64, value=16, step=4, label="Timed decode steps per context", scale=1)
-    run = gr.Button("Run benchmark", variant="primary")
-    with gr.Row():
-        plots = [gr.LinePlot(x="context", y=y, color="model", title=title, height=260) for y, title in (
-            ("decode ms/token", "Per-token decode latency (ms)"), ("TTFT ms", "Time to first token (ms)"),
-            ("cache MiB", "Decode cache: state vs KV cache (MiB)"))]
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Measurements")
-    run.click(partial(run_benchmark, runtime), [contexts, n_tokens], [*plots, table], api_name="latency",
-              concurrency_id="bench", concurrency_limit=1)
-
-    gr.Markdown("### Live race\nBoth models answer the same prompt (greedy) after the same filler context; "
-                "whichever has spent less compute time takes the next step, so the faster one pulls ahead.")
-    with gr.Row():
-        prompt = gr.Textbox("Tell me about your favourite place.", label="Prompt", scale=3)
-        filler = gr.Slider(0, min(8192, runtime.max_context), value=min(2048, runtime.max_context), step=128,
-                           label="Context before the prompt (tokens)")
-        new_tokens = gr.Slider(8, 256, value=64, step=8, label="New tokens")
-    with gr.Row():
-        start, stop = gr.Button("Start race", variant="primary"), gr.Button("Stop race", variant="stop")
-    with gr.Row():
-        boxes = [gr.Textbox(label="TransNormerLLM (recurrent state)", lines=6),
-                 gr.Textbox(label="Llama (KV cache)", lines=6)]
-    counters = gr.Markdown(elem_id="race-counters")
-    event = start.click(partial(race, runtime), [prompt, filler, new_tokens], [*boxes, counters], api_name="race",
-                        concurrency_id="bench", concurrency_limit=1)
-    stop.click(None, None, None, cancels=[event])
-
-
-def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16) -> gr.Blocks:
-    """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`."""
-    store = SessionStore(runtime)
-    with gr.Blocks(title="TransNormerLLM chat", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(HEADER + ("\n\n" + UNTRAINED if runtime.untrained else ""))
-        with gr.Tabs():
-            with gr.Tab("Chat"):
-                _chat_tab(runtime, store, concurrency_limit)
-            with gr.Tab("Latency vs Transformer"):
-                _latency_tab(runtime)
-            with gr.Tab("Model"):
-                gr.Markdown(_model_card(runtime))
-
-        def forget(request: gr.Request) -> None:  # the tab closed: free that session's state
-            store.drop(session_key(request))
-
-        demo.unload(forget)
-    demo.sessions = store  # for tests and debugging
-    return demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_size)
+    return build(runtime, concurrency_limit=concurrency_limit, max_size=max_size)
 
 
 def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = None) -> dict:
@@ -165,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=env("TNLLM_PORT"), help="default: GRADIO_SERVER_PORT or 7860")
     p.add_argument("--concurrency", type=int, default=int(env("TNLLM_CONCURRENCY", "2")),
                    help="chat replies streamed at once (the benchmark runs one at a time)")
+    p.add_argument("--queue-size", type=int, default=int(env("TNLLM_QUEUE_SIZE", "16")),
+                   help="requests waiting beyond that; more get a 'Queue is full' (HTTP 503) answer")
     return p.parse_args(argv)
 
 
@@ -173,9 +73,13 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tnllm").setLevel(logging.INFO)  # startup progress; Gradio/httpx stay quiet
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    runtime = load_runtime(args.model, args.baseline, int8=args.int8, device=args.device, dtype=args.dtype,
-                           max_context=args.max_context)
-    demo = build_demo(runtime, concurrency_limit=args.concurrency)
+    try:
+        runtime = load_runtime(args.model, args.baseline, int8=args.int8, device=args.device, dtype=args.dtype,
+                               max_context=args.max_context)
+    except StartupError as exc:
+        print(f"error: cannot serve this model: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_MODEL) from None
+    demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size)
     demo.launch(**launch_kwargs(args.host, args.port, runtime))
 
 

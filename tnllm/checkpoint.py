@@ -137,13 +137,16 @@ def _file_keys(path: Path) -> dict[str, tuple[tuple[int, ...], bool]]:
     return {n: (tuple(t.shape), t.is_floating_point()) for n, t in _iter_file(path)}
 
 
-def _check_keys(model: TransNormerLLM, found: dict[str, tuple], where: str) -> None:
+def _check_keys(model: TransNormerLLM, found: dict[str, tuple], where: str,
+                origin: dict[str, str] | None = None) -> None:
+    origin = origin or {}
     expected = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
     tied = model.config.tie_word_embeddings
     missing = [n for n in expected if n not in found and not (tied and n in TIED_KEYS
                                                                and any(k in found for k in TIED_KEYS))]
     unexpected = sorted(set(found) - set(expected))
     mismatched = [f"{n}: checkpoint {list(found[n][0])} vs model {list(s)}"
+                  + (f" (in {origin[n]}, model from {CONFIG_FILE})" if n in origin else "")
                   for n, s in expected.items() if n in found and found[n][0] != s]
     not_float = [n for n, (_, is_float) in found.items() if n in expected and not is_float]
     if missing or unexpected or mismatched or not_float:
@@ -157,12 +160,15 @@ def _check_keys(model: TransNormerLLM, found: dict[str, tuple], where: str) -> N
 def check_weights(model: TransNormerLLM, directory: Path, files: list[str]) -> dict[str, tuple]:
     """Check every key, shape and dtype of `files` against `model`; returns name -> (shape, is_float)."""
     found: dict[str, tuple] = {}
+    origin: dict[str, str] = {}
     for name in files:
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"weight file {path} named by the index is missing")
-        found.update(_file_keys(path))
-    _check_keys(model, found, str(directory))
+        keys = _file_keys(path)
+        found.update(keys)
+        origin.update(dict.fromkeys(keys, name))
+    _check_keys(model, found, str(directory), origin)
     return found
 
 

@@ -13,46 +13,32 @@ partial reply as the turn's text, matching what the browser shows.
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 
 import gradio as gr
 
-from tnllm.generation import Conversation, ReplyStats
-from tnllm.sampling import SamplingParams
+from tnllm.generation import Conversation, NumericalError, ReplyStats
 from webui.runtime import Runtime
+from webui.validation import (FIELDS, MAX_MESSAGE_CHARS, InputError, Limits, check_request, check_sampling, clean_text,
+                              history_turns, message_text)
+
+__all__ = ["MAX_MESSAGE_CHARS", "ChatSession", "SessionStore", "history_turns", "make_chat_fn", "make_validator",
+           "message_text", "session_key"]
+log = logging.getLogger("tnllm.app")
 
 MAX_SESSIONS = 32         # least recently used sessions beyond this are dropped (their next turn re-reads history)
 MAX_SNAPSHOTS = 2         # states kept for retry/undo per session (each is one state: constant size)
-MAX_MESSAGE_CHARS = 8000  # rejected before tokenisation
+NUMERICAL_NOTICE = ("⚠️ Generation stopped: the model produced invalid numbers (NaN/inf). Nothing after this point "
+                    "was sampled, and this conversation's model state was reset; send your message again.")
+INTERNAL_NOTICE = "Internal error while generating; this conversation's model state was reset. Please try again."
 
 Turn = tuple[str, str]  # (user text, assistant text as shown)
-
-
-def message_text(content) -> str:
-    """Text of a message's content: a string, or (Gradio 6) a list of {"type": "text", "text": ...} parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return str(content.get("text") or "")
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return ""
-
-
-def history_turns(history: list[dict] | None) -> list[Turn]:
-    """[(user, assistant)] from Gradio's messages list (an unanswered user message gets "")."""
-    turns: list[Turn] = []
-    for message in history or []:
-        role, text = message.get("role"), message_text(message.get("content"))
-        if role == "user":
-            turns.append((text, ""))
-        elif role == "assistant" and turns:
-            turns[-1] = (turns[-1][0], turns[-1][1] + text)
-    return turns
 
 
 def _same(a: list[Turn], b: list[Turn]) -> bool:
@@ -86,10 +72,14 @@ class ChatSession:
         else:
             self.conv, self.rereads = self._fresh(), self.rereads + 1
             self.conv.pending = self.runtime.tokenizer.chat_ids(
-                [(role, text) for user, reply in visible for role, text in (("human", user), ("assistant", reply))],
-                add_generation_prompt=False)
+                [(role, clean_text(text)) for user, reply in visible
+                 for role, text in (("human", user), ("assistant", reply))], add_generation_prompt=False)
         self.turns = list(visible)
         self.snapshots = {k: v for k, v in self.snapshots.items() if k <= n}
+
+    def reset(self) -> None:
+        """Discard the state (after a numerical fault): the next turn re-reads the visible history."""
+        self.conv, self.turns, self.snapshots = self._fresh(), [], {}
 
     def begin(self) -> None:
         """Snapshot the state before a new turn (keeping the last MAX_SNAPSHOTS)."""
@@ -104,12 +94,26 @@ class ChatSession:
 
 
 class SessionStore:
-    """Session hash -> ChatSession, least recently used first out; thread-safe."""
+    """Session hash -> ChatSession, least recently used first out; thread-safe.
+
+    Also the server's counters: `active` replies streaming now, and `counts` of finished replies by outcome
+    ("eos", "length", "stop", "cancelled", "numerical_error", "error", "rejected", "busy").
+    """
 
     def __init__(self, runtime: Runtime, max_sessions: int = MAX_SESSIONS):
         self.runtime, self.max_sessions = runtime, max_sessions
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._lock = threading.Lock()
+        self.active = 0
+        self.counts: Counter[str] = Counter()
+        self.last_finished = 0.0  # perf_counter() when the last reply's generator finished (tests: cancel latency)
+
+    def count(self, outcome: str, delta_active: int = 0) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+            self.active += delta_active
+            if delta_active < 0:
+                self.last_finished = time.perf_counter()
 
     def get(self, key: str) -> ChatSession:
         with self._lock:
@@ -151,49 +155,88 @@ def stats_info(stats: ReplyStats, session: ChatSession) -> dict:
             "history_rereads": session.rereads}
 
 
-def make_params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> SamplingParams:
+def make_params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
     """SamplingParams from the UI controls; a bad value becomes a readable gr.Error."""
-    seed = None if seed is None or seed == "" or int(seed) < 0 else int(seed)
     try:
-        return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                              repetition_penalty=float(repetition_penalty), max_new_tokens=int(max_new_tokens),
-                              seed=seed)
-    except (TypeError, ValueError) as exc:
+        return check_sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    except InputError as exc:
         raise gr.Error(str(exc)) from None
 
 
-def make_chat_fn(runtime: Runtime, store: SessionStore):
-    """The ChatInterface fn: yields (cumulative reply, stats line, stats dict)."""
+def make_validator(runtime: Runtime, limits: Limits | None = None):
+    """Gradio `validator=` for the chat endpoint: runs before the event is queued (HTTP 422 when invalid, no
+    queue slot, no model work). Returns one gr.validate per input, in the endpoint's input order."""
+    limits = limits or Limits.for_context(runtime.max_context)
+
+    def validate(message, history, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+        try:
+            check_request(runtime.tokenizer, limits, message, history, temperature, top_p, top_k,
+                          repetition_penalty, max_new_tokens, seed)
+            problems = {}
+        except InputError as exc:
+            problems = exc.fields
+        # The history input is a gr.State: Gradio 6.26 stores whatever the validator returns for a State input
+        # as its new value, so it gets a no-op update instead of a gr.validate.
+        return [gr.update() if name == "history" else gr.validate(name not in problems, problems.get(name, ""))
+                for name in FIELDS]
+
+    return validate
+
+
+def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = None):
+    """The ChatInterface fn: yields (cumulative reply, stats line, stats dict).
+
+    Every reply ends in exactly one outcome counted in `store.counts`; the `finally` block runs on completion,
+    error, Stop and client disconnect alike (Gradio closes the generator at its next yield, and a yield comes
+    after every prefill chunk and every decoded token).
+    """
+    limits = limits or Limits.for_context(runtime.max_context)
 
     def chat(message: str, history: list[dict], temperature: float, top_p: float, top_k: int,
              repetition_penalty: float, max_new_tokens: int, seed: int,
              request: gr.Request = None) -> Iterator[tuple[str, str, dict]]:
-        text = message_text(message)
-        if not text.strip():
-            raise gr.Error("Type a message first.")
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise gr.Error(f"Message too long: {len(text)} characters (limit {MAX_MESSAGE_CHARS}).")
-        params = make_params(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        try:
+            req = check_request(runtime.tokenizer, limits, message, history, temperature, top_p, top_k,
+                                repetition_penalty, max_new_tokens, seed)
+        except InputError as exc:
+            store.count("rejected")
+            raise gr.Error(str(exc)) from None
+        raw = message_text(message)  # as the browser shows it: the next turn's history is compared with it
         session = store.get(session_key(request))
         if not session.lock.acquire(blocking=False):
+            store.count("busy")
             raise gr.Error("A reply is still streaming in this session: stop it first.")
-        reply, started = "", False
+        store.count("started", +1)
+        reply, started, outcome = "", False, "cancelled"
         try:
             session.sync(history_turns(history))
-            if session.context_tokens + len(text) // 2 > runtime.max_context:
-                raise gr.Error(f"The conversation reached the {runtime.max_context}-token limit: clear it.")
             session.begin()
             started = True
-            with closing(session.conv.reply(text, params)) as pieces:
+            with closing(session.conv.reply(req.text, req.params)) as pieces:
                 for piece in pieces:  # "" while prefilling: a chance to cancel
                     reply += piece
                     yield reply, stats_line(session.conv.last_stats, session.context_tokens, live=True), {}
+            outcome = session.conv.last_stats.finish_reason
+        except NumericalError:
+            outcome = "numerical_error"
+        except Exception:  # noqa: BLE001 (OOM, driver errors...: curated message to the user, details in the log)
+            log.exception("chat reply failed")
+            outcome = "error"
         finally:
-            # Runs on completion, error and Stop alike: the session holds what the browser shows.
-            if started:
-                session.turns.append((text, reply))
+            # Runs on completion, error, Stop and disconnect alike: the session holds what the browser shows.
+            if outcome in ("numerical_error", "error"):
+                session.reset()
+            elif started:
+                session.turns.append((raw, reply))
             session.lock.release()
+            store.count(outcome, -1)
+        if outcome == "error":
+            raise gr.Error(INTERNAL_NOTICE)
         stats = session.conv.last_stats
+        if outcome == "numerical_error":
+            info = {**stats_info(stats, session), "finish_reason": outcome}
+            yield (reply + "\n\n" if reply else "") + NUMERICAL_NOTICE, stats_line(stats, 0), info
+            return
         yield reply, stats_line(stats, session.context_tokens), stats_info(stats, session)
 
     return chat

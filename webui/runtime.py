@@ -5,7 +5,10 @@ Model choice, in order: an explicit `--model` (local directory or Hub repo id), 
 random weights ("untrained demo weights") over `assets/tokenizer.model`, so the app always starts.
 The baseline: `--baseline DIR`, else `assets/llama/` when present, else transformers' `LlamaForCausalLM`
 with random weights matched to the TNL config (`tnllm.baseline`). Missing GPU, Triton or the 8-bit
-back end each fall back with one log line.
+back end each fall back with one log line. A checkpoint or tokenizer that fails its checks (truncated or
+corrupted file, wrong shapes, config not matching the weights, tokenizer vocabulary or special ids not matching
+the model, NaN/inf at the warm-up generation) raises `StartupError` naming the file and the mismatch; the app
+exits instead of serving garbage.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ import torch
 
 import kernels
 from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer
-from tnllm.checkpoint import parse_dtype
-from tnllm.generation import generate
+from tnllm.checkpoint import CONFIG_FILE, CheckpointError, parse_dtype
+from tnllm.generation import NumericalError, generate
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import Tokenizer
 
@@ -34,6 +37,27 @@ BUNDLED_LLAMA = ASSETS / "llama"
 TOKENIZER_FILE = ASSETS / "tokenizer.model"
 MODEL_CARD = ASSETS / "model_card.json"
 RANDOM_LABEL = "untrained demo weights"
+VOCAB_PADDING = 128  # embedding rows may exceed the tokenizer's pieces by less than this (padded vocabularies)
+
+
+class StartupError(RuntimeError):
+    """The model cannot be served; the message names the file and the problem."""
+
+
+def check_tokenizer(config: TNLConfig, tokenizer: Tokenizer, model_where: str) -> None:
+    """Tokenizer vs model: every id must have an embedding row (rows may be padded by < VOCAB_PADDING) and the
+    special ids must be the config's; raises CheckpointError naming both files and each mismatch."""
+    rows, pieces = config.vocab_size, tokenizer.vocab_size
+    problems = []
+    if not pieces <= rows < pieces + VOCAB_PADDING:
+        problems.append(f"vocabulary size {pieces} != {rows} embedding rows (vocab_size)")
+    for name, tok_id in (("eos_token_id", tokenizer.eos_id), ("bos_token_id", tokenizer.bos_id)):
+        want = getattr(config, name, None)
+        if want is not None and tok_id != want and (tok_id >= 0 or name == "eos_token_id"):
+            problems.append(f"{name} {tok_id} != {want} in the config")
+    if problems:
+        raise CheckpointError(f"tokenizer {tokenizer.path} does not match the model {model_where}: "
+                              + "; ".join(problems))
 
 
 @dataclass
@@ -111,6 +135,7 @@ def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: tor
                  else load_model(source, dtype=dtype, device=device))
     elif quant:
         model = quant.quantize(model, method)
+    check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
     log.info("model ready in %.1fs (%s, 8-bit: %s)", time.perf_counter() - start, source, method)
     info.update(_describe(model, device, dtype, method), tokenizer=f"{tokenizer.path} ({tokenizer.vocab_size} pieces)")
     info["_method"] = method
@@ -118,11 +143,15 @@ def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: tor
 
 
 def _tokenizer_for(source: str) -> Tokenizer:
+    """The checkpoint's own tokenizer; assets/tokenizer.model only when it has none (then `check_tokenizer`
+    decides whether it fits). A tokenizer file that is there but unreadable is an error, never replaced."""
     if Path(source).resolve() == BUNDLED_TNL.resolve() and not (BUNDLED_TNL / "tokenizer.model").is_file():
         return load_tokenizer(TOKENIZER_FILE)  # the bundled model's tokenizer lives in assets/
+    if (Path(source) / "tokenizer.model").is_file():
+        return load_tokenizer(Path(source) / "tokenizer.model")
     try:
         return load_tokenizer(source)
-    except (FileNotFoundError, ValueError) as exc:
+    except FileNotFoundError as exc:
         log.warning("no tokenizer with %s (%s): using %s", source, exc, TOKENIZER_FILE)
         return load_tokenizer(TOKENIZER_FILE)
 
@@ -203,9 +232,14 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     `dtype` None: bf16 on CUDA, fp32 on the CPU)."""
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
-    tnl, tokenizer, info = load_tnl(model, int8=int8, device=dev, dtype=torch_dtype)
+    try:
+        tnl, tokenizer, info = load_tnl(model, int8=int8, device=dev, dtype=torch_dtype)
+        warm_up(tnl, tokenizer)  # before anything is served: NaN/inf weights fail here
+    except NumericalError as exc:
+        raise StartupError(f"{model or BUNDLED_TNL}: warm-up generation failed: {exc}") from exc
+    except (ValueError, OSError) as exc:  # CheckpointError, tokenizer and config errors, missing files
+        raise StartupError(str(exc)) from exc
     llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype, method=info.pop("_method"))
-    warm_up(tnl, tokenizer)
     info["licence / data"] = _notes(info)
     limit = max_context or (131072 if dev.type == "cuda" else 16384)
     return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info)

@@ -1,0 +1,214 @@
+"""Server-side checks of a chat request, run before any model work (reliability.md §1 rows 1-4, 13, 14).
+
+Browsers respect the sliders and the textbox; API callers do not, so every value is checked here, once, by
+`check_request`, which both the Gradio `validator=` hook (runs before the event is queued: a rejected
+request answers HTTP 422 and never takes a queue slot) and the chat handler itself (defence in depth)
+call. Each problem gives one readable sentence naming the value and its limit.
+
+Text policy (decided: clean, don't reject): lone surrogates (JSON can carry "\\ud800") become U+FFFD,
+text is NFC-normalised, "\\r\\n"/"\\r" become "\\n", C0/C1 control characters other than "\\n" and "\\t" and
+the bidi override/isolate controls (U+202A-202E, U+2066-2069, "Trojan source") are dropped. A message
+that is empty after that, or only whitespace and invisible format characters (zero-width space, BOM...),
+is rejected. Text spelling special tokens or chat markers ("</s>", "Human:") stays plain text:
+`Tokenizer.encode` never yields a control id and the chat format inserts eos as an id.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass
+
+from tnllm.sampling import SamplingParams
+
+MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB body costs ~nothing)
+MAX_NEW_TOKENS_CAP = 1024    # server-side cap on a reply, for API callers too
+MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
+
+# Server-side ranges = the UI controls' ranges (app.py builds its sliders from these).
+RANGES = {
+    "temperature": (0.0, 2.0),
+    "top_p": (0.05, 1.0),
+    "top_k": (0, 200),
+    "repetition_penalty": (1.0, 2.0),
+    "max_new_tokens": (1, MAX_NEW_TOKENS_CAP),
+}
+INTEGER = {"top_k", "max_new_tokens"}
+FIELDS = ("message", "history", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
+_DROP = {c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F} | set(range(0x80, 0xA0)) \
+    | set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
+_DROP_TABLE = dict.fromkeys(_DROP)
+
+
+class InputError(ValueError):
+    """A request rejected before any model work; the message is meant for the user. `fields`: the input
+    name -> its problem (the validator shows each next to its control)."""
+
+    def __init__(self, message: str, fields: dict[str, str] | None = None):
+        super().__init__(message)
+        self.fields = fields or {"message": message}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_chars: int = MAX_MESSAGE_CHARS
+    max_input_tokens: int = MAX_INPUT_TOKENS
+    max_context: int = 16384
+
+    @classmethod
+    def for_context(cls, max_context: int) -> "Limits":
+        return cls(max_input_tokens=min(MAX_INPUT_TOKENS, max_context // 2), max_context=max_context)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A checked request: cleaned text, its token count, the prompt size with history, sampling params."""
+
+    text: str
+    message_tokens: int
+    context_tokens: int
+    params: SamplingParams
+
+
+def clean_text(text: str) -> str:
+    """The text policy of the module docstring (no length check: callers bound the length first)."""
+    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(text) else text
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return text.translate(_DROP_TABLE)
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def is_blank(text: str) -> bool:
+    """Only whitespace and invisible format characters (Cf: zero-width space/joiners, BOM, ...)."""
+    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+
+
+def check_text(text, limits: Limits) -> str:
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        raise InputError(f"The message must be text, got {type(text).__name__}.")
+    if len(text) > limits.max_chars:
+        raise InputError(f"Message too long: {len(text):,} characters (limit {limits.max_chars:,}).")
+    text = clean_text(text)
+    if is_blank(text):
+        raise InputError("Type a message first (an empty or whitespace-only message has nothing to answer).")
+    return text
+
+
+def _number(name: str, value, errors: dict[str, str]):
+    low, high = RANGES[name]
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            errors[name] = f"{name} must be a number, got {value!r}."
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        errors[name] = f"{name} must be a finite number, got {value!r}."
+        return None
+    if name in INTEGER:
+        if value != int(value):
+            errors[name] = f"{name} must be a whole number, got {value!r}."
+            return None
+        value = int(value)
+    if not low <= value <= high:
+        errors[name] = f"{name} must be between {low} and {high}, got {value!r}."
+        return None
+    return value
+
+
+def parse_seed(seed, errors: dict[str, str]) -> int | None:
+    """None, "" or a negative integer -> random; a whole number -> that seed; anything else an error."""
+    if seed is None or (isinstance(seed, str) and not seed.strip()):
+        return None
+    value = seed
+    if isinstance(seed, str):
+        try:
+            value = float(seed.strip())
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or abs(value) >= 2**63:
+        errors["seed"] = f"seed must be a whole number (-1 = random), got {seed!r}."
+        return None
+    return None if value < 0 else int(value)
+
+
+def check_sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> SamplingParams:
+    """SamplingParams from raw control values; InputError listing every bad value."""
+    errors: dict[str, str] = {}
+    values = {name: _number(name, value, errors) for name, value in (
+        ("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
+        ("repetition_penalty", repetition_penalty), ("max_new_tokens", max_new_tokens))}
+    values["seed"] = parse_seed(seed, errors)
+    if errors:
+        raise InputError(" ".join(errors.values()), errors)
+    return SamplingParams(**values)
+
+
+def message_text(content) -> str:
+    """Text of a message's content: a string, or (Gradio 6) a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+def history_turns(history) -> list[tuple[str, str]]:
+    """[(user, assistant)] from Gradio's messages list (an unanswered user message gets ""); junk is skipped."""
+    turns: list[tuple[str, str]] = []
+    for message in history if isinstance(history, list) else []:
+        if not isinstance(message, dict):
+            continue
+        role, text = message.get("role"), message_text(message.get("content"))
+        if role == "user":
+            turns.append((text, ""))
+        elif role == "assistant" and turns:
+            turns[-1] = (turns[-1][0], turns[-1][1] + text)
+    return turns
+
+
+def check_request(tokenizer, limits: Limits, message, history, temperature, top_p, top_k, repetition_penalty,
+                  max_new_tokens, seed, *, context_tokens: int | None = None) -> ChatRequest:
+    """Every check of a chat turn; raises InputError with all problems found (text first).
+
+    `context_tokens`: tokens the session's state already holds; None = count the visible `history`.
+    """
+    errors: dict[str, str] = {}
+    text = ""
+    try:
+        text = check_text(message_text(message) if isinstance(message, (dict, list, tuple)) else message, limits)
+    except InputError as exc:
+        errors.update(exc.fields)
+    try:
+        params = check_sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+    except InputError as exc:
+        errors.update(exc.fields)
+    if errors:
+        raise InputError(" ".join(errors.values()), errors)
+    n_message = len(tokenizer.encode(text))
+    if n_message > limits.max_input_tokens:
+        raise InputError(f"Message too long: {n_message:,} tokens (limit {limits.max_input_tokens:,} per message).")
+    if context_tokens is None:
+        turns = [(role, t) for user, reply in history_turns(history)
+                 for role, t in (("human", clean_text(user)), ("assistant", clean_text(reply)))]
+        context_tokens = len(tokenizer.chat_ids(turns, add_generation_prompt=False)) if turns else 0
+    prompt = len(tokenizer.chat_ids([("human", text)]))
+    total = context_tokens + prompt + params.max_new_tokens
+    if total > limits.max_context:
+        why = (f"Context budget exceeded: {context_tokens:,} tokens of conversation + {prompt:,} for this message + "
+               f"up to {params.max_new_tokens:,} new tokens = {total:,} > {limits.max_context:,}. Clear the chat "
+               f"or lower max new tokens.")
+        raise InputError(why, {"message": why})
+    return ChatRequest(text, n_message, context_tokens, params)
