@@ -21,6 +21,8 @@ __all__ = [
     "lightning_attn_step_ref",
     "srmsnorm_ref",
     "decay_matrix",
+    "check_shapes",
+    "check_step_shapes",
 ]
 
 
@@ -29,7 +31,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens) -> None:
+def check_shapes(q, k, v, log_decay, initial_state=None, cu_seqlens=None) -> None:
+    """Validate the inputs of a prefill call (shared by every implementation); ValueError names them."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"expected q, k [B, T, H, D] and v [B, T, H, E] with equal B, T, H; "
@@ -95,7 +98,7 @@ def lightning_attn_naive(
     Returns:
         o [B, T, H, E] in q.dtype, and the final state [B, H, D, E] (fp32, fp64 for fp64 inputs) or None.
     """
-    _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
+    check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
     if cu_seqlens is not None:
         return _per_sequence(lightning_attn_naive, q, k, v, log_decay, initial_state,
                              output_final_state, cu_seqlens)
@@ -137,7 +140,7 @@ def lightning_attn_chunked(
 
     Args/Returns: as `lightning_attn_naive`; chunk_size C >= 1.
     """
-    _check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
+    check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if cu_seqlens is not None:
@@ -169,6 +172,18 @@ def lightning_attn_chunked(
     return o.to(q.dtype), (state if output_final_state else None)
 
 
+def check_step_shapes(q, k, v, log_decay, state) -> None:
+    """Validate the inputs of a decode step (shared by every implementation); ValueError names them."""
+    B, H, D = q.shape
+    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (B, H, D, v.shape[-1]):
+        raise ValueError(
+            f"step expects q, k [B, H, D], v [B, H, E], state [B, H, D, E]; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
+        )
+    if log_decay.shape != (H,):
+        raise ValueError(f"log_decay must be [H]=[{H}], got {tuple(log_decay.shape)}")
+
+
 def lightning_attn_step_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -185,12 +200,7 @@ def lightning_attn_step_ref(
     Returns:
         o: [B, H, E] in q.dtype.
     """
-    B, H, D = q.shape
-    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (B, H, D, v.shape[-1]):
-        raise ValueError(
-            f"step expects q, k [B, H, D], v [B, H, E], state [B, H, D, E]; got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
-        )
+    check_step_shapes(q, k, v, log_decay, state)
     dt = state.dtype
     decay = torch.exp(log_decay.to(dt))[:, None, None]  # [H, 1, 1]
     state.mul_(decay).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]

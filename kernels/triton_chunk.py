@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import check_shapes
+
 __all__ = ["lightning_attn_triton"]
 
 def _interpret(device: torch.device) -> bool:
@@ -341,22 +343,9 @@ def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_fina
 
 def _lightning_attn(q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, seg_len):
     """`lightning_attn_triton` with the segment length forced (None: automatic); tests use it."""
-    B, T, H, D = q.shape
-    if k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"expected q, k [B, T, H, D], v [B, T, H, E]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if log_decay.shape != (H,):
-        raise ValueError(f"log_decay must be [H]=[{H}], got {tuple(log_decay.shape)}")
-    n_seq = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs B == 1 (packed sequences), got B={B}")
-        n_seq = cu_seqlens.numel() - 1
-    if initial_state is not None and initial_state.shape != (n_seq, H, D, v.shape[-1]):
-        raise ValueError(f"initial_state must be [{n_seq}, {H}, {D}, {v.shape[-1]}], "
-                         f"got {tuple(initial_state.shape)}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _LightningAttnFunction.apply(q, k, v, log_decay, initial_state, bool(output_final_state),
                                         cu_seqlens, seg_len)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import check_step_shapes
+
 __all__ = ["lightning_attn_step_triton"]
 
 
@@ -52,13 +54,9 @@ def lightning_attn_step_triton(q, k, v, log_decay, state):
     Returns:
         o: [B, H, E] in q.dtype (the only allocation; no host sync: CUDA-graph capturable).
     """
+    check_step_shapes(q, k, v, log_decay, state)
     B, H, D = q.shape
     E = v.shape[-1]
-    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (B, H, D, E):
-        raise ValueError(f"step expects q, k [B, H, D], v [B, H, E], state [B, H, D, E]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}")
-    if log_decay.shape != (H,):
-        raise ValueError(f"log_decay must be [H]=[{H}], got {tuple(log_decay.shape)}")
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
