@@ -16,6 +16,7 @@ is rejected. Text spelling special tokens or chat markers ("</s>", "Human:") sta
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ FIELDS = ("message", "history", "temperature", "top_p", "top_k", "repetition_pen
 _DROP = {c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F} | set(range(0x80, 0xA0)) \
     | set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
 _DROP_TABLE = dict.fromkeys(_DROP)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InputError(ValueError):
@@ -72,7 +74,7 @@ class ChatRequest:
 
 def clean_text(text: str) -> str:
     """The text policy of the module docstring (no length check: callers bound the length first)."""
-    text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogate(text) else text
+    text = _SURROGATE.sub("\ufffd", text) if _has_surrogate(text) else text
     text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
     return text.translate(_DROP_TABLE)
 

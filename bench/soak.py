@@ -1,0 +1,312 @@
+"""Soak and concurrency figures for the chat app: a launched app on 127.0.0.1 driven over HTTP.
+
+    python bench/soak.py --minutes 3                       # bundled model, app defaults; writes the JSON
+    python bench/soak.py --minutes 1 --model preset:tiny --no-int8
+    python bench/soak.py --report                          # README "Reliability" section from the JSON
+
+Two parts, one JSON (bench/results/soak-cpu.json by default):
+* concurrency: for each `concurrency_limit` K in --concurrency-sweep, 8 clients send greedy 48-token replies
+  at once, 3 rounds; aggregate tokens/s, time to first streamed update (client side, queue wait included) and
+  reply time p50/p95. The app's default K is the smallest K within 10% of the best aggregate tokens/s.
+* soak: --clients threads loop for --minutes over mixed traffic (chat 60%, Stop mid-stream 15%, dropped
+  connection 10%, invalid input 15%, a new session 20% of the time); counts requests by outcome, unexpected
+  results as errors, samples RSS, open fds, and session counts; drift = RSS at the end - RSS after minute 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from webui.http_client import ChatClient  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "soak-cpu.json"
+README = ROOT / "README.md"
+START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
+PROMPTS = ["Hi! How was your weekend?", "What is your favourite book, and why?", "Tell me something about the ocean.",
+           "Do you like cooking? What do you make?", "ok", "Any plans for the summer? 🌞", "¿Hablas español?"]
+BAD = [("   ", None), ("\u200b\u200b", None), ("x" * 9000, None), ("hi", {0: -1.0}), ("hi", {1: 1.5}),
+       ("hi", {2: -5}), ("hi", {4: 10**9}), ("hi", {5: 1.5}), ("hi", {0: "hot"}), ("\x00\x01", None)]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
+
+
+def launch(runtime, concurrency: int, queue_size: int):
+    import app
+
+    demo = app.build_demo(runtime, concurrency_limit=concurrency, max_size=queue_size)
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None, runtime))
+    return demo, url, ChatClient.find_fn_index(url)
+
+
+class Timed(ChatClient):
+    """ChatClient that also records the time to the first streamed update."""
+
+    def chat(self, *args, **kwargs):
+        self.first_update = None
+        start = time.perf_counter()
+        original = self.http.stream
+
+        def stream(*a, **k):
+            ctx = original(*a, **k)
+            response = ctx.__enter__()
+            lines = response.iter_lines
+
+            def iter_lines():
+                for line in lines():
+                    if self.first_update is None and '"process_generating"' in line:
+                        self.first_update = time.perf_counter() - start
+                    yield line
+            response.iter_lines = iter_lines
+
+            class _Ctx:
+                def __enter__(self_inner):
+                    return response
+
+                def __exit__(self_inner, *exc):
+                    return ctx.__exit__(*exc)
+            return _Ctx()
+
+        self.http.stream = stream
+        try:
+            result = super().chat(*args, **kwargs)
+        finally:
+            self.http.stream = original
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def measure_concurrency(runtime, ks: list[int], clients: int = 8, rounds: int = 3, tokens: int = 48) -> list[dict]:
+    rows = []
+    for k in ks:
+        demo, url, fn = launch(runtime, k, 64)
+        try:
+            Timed(url, fn).chat("warm up", (0.0, 1.0, 0, 1.0, 8, 0))
+            ttfu, total, new_tokens, errors = [], [], 0, 0
+            start = time.perf_counter()
+            for r in range(rounds):
+                with ThreadPoolExecutor(clients) as pool:
+                    results = list(pool.map(lambda i: (lambda c: (c.chat(PROMPTS[i % len(PROMPTS)],
+                                            (0.0, 1.0, 0, 1.0, tokens, 0)), c.first_update))(Timed(url, fn)),
+                                            range(clients)))
+                for res, first in results:
+                    if res.outcome != "completed":
+                        errors += 1
+                        continue
+                    ttfu.append(first or res.seconds)
+                    total.append(res.seconds)
+                    new_tokens += res.info.get("new_tokens", 0)
+            wall = time.perf_counter() - start
+        finally:
+            demo.close()
+        rows.append({"concurrency_limit": k, "clients": clients, "requests": clients * rounds, "errors": errors,
+                     "aggregate_tokens_per_s": new_tokens / wall, "first_update_p50_s": pct(ttfu, .5),
+                     "first_update_p95_s": pct(ttfu, .95), "reply_p50_s": pct(total, .5), "reply_p95_s": pct(total, .95)})
+        print(f"K={k}: {rows[-1]['aggregate_tokens_per_s']:.0f} tok/s aggregate, first update p50 "
+              f"{rows[-1]['first_update_p50_s']:.2f}s p95 {rows[-1]['first_update_p95_s']:.2f}s, errors {errors}",
+              flush=True)
+    return rows
+
+
+def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: int, seed: int = 0) -> dict:
+    demo, url, fn = launch(runtime, concurrency, queue_size)
+    store = demo.sessions
+    counts: Counter[str] = Counter()
+    errors: list[str] = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + minutes * 60
+    samples: list[tuple[float, float, int, int, int]] = []
+    t0 = time.perf_counter()
+
+    def note(kind: str, problem: str | None = None):
+        with lock:
+            counts[kind] += 1
+            if problem:
+                counts["errors"] += 1
+                errors.append(problem[:200])
+
+    def worker(index: int):
+        rng = random.Random(seed * 1000 + index)
+        client = ChatClient(url, fn)
+        while time.perf_counter() < deadline:
+            if rng.random() < 0.2:
+                client.close()
+                client = ChatClient(url, fn)
+            controls = (round(rng.uniform(0, 1.2), 2), round(rng.uniform(0.5, 1), 2), rng.choice([0, 20, 50]),
+                        round(rng.uniform(1, 1.3), 2), rng.randint(8, 64), rng.randint(-1, 10**6))
+            action = rng.random()
+            try:
+                if action < 0.15:
+                    text, changes = rng.choice(BAD)
+                    bad = list(controls)
+                    for i, v in (changes or {}).items():
+                        bad[i] = v
+                    r = client.chat(text, tuple(bad))
+                    note("invalid", None if r.status == 422 else f"invalid input answered {r.status} {r.outcome}")
+                elif action < 0.30:
+                    r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]), cancel_after=rng.randint(1, 6))
+                    note("busy" if r.status == 503 else "cancelled",
+                         None if r.outcome in ("cancelled", "completed", "busy") else f"cancel: {r.outcome} {r.error}")
+                elif action < 0.40:
+                    r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
+                                    disconnect_after=rng.randint(1, 6))
+                    client.close()
+                    client = ChatClient(url, fn)
+                    note("busy" if r.status == 503 else "disconnected",
+                         None if r.outcome in ("disconnected", "completed", "busy") else f"disconnect: {r.outcome}")
+                else:
+                    r = client.chat(rng.choice(PROMPTS), controls)
+                    note("busy" if r.status == 503 else "chat",
+                         None if r.outcome in ("completed", "busy") else f"chat: {r.outcome} {r.error}")
+            except Exception as exc:  # noqa: BLE001 (a client-side failure is an error of the run, not a crash)
+                note("client_exception", f"{type(exc).__name__}: {exc}")
+                client.close()
+                client = ChatClient(url, fn)
+        client.close()
+
+    def sampler():
+        while time.perf_counter() < deadline:
+            samples.append((time.perf_counter() - t0, rss_mib(), open_fds(), len(store),
+                            len(demo.state_holder.session_data)))
+            time.sleep(5)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    with ThreadPoolExecutor(n_clients) as pool:
+        list(pool.map(worker, range(n_clients)))
+    idle_wait = time.perf_counter()
+    while store.active and time.perf_counter() - idle_wait < 10:
+        time.sleep(0.05)
+    gc.collect()
+    end = (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), len(demo.state_holder.session_data))
+    samples.append(end)
+    after_warmup = next((s for s in samples if s[0] >= 60), samples[0])
+    server_counts = dict(store.counts)
+    demo.close()
+    served = sum(counts[k] for k in ("chat", "cancelled", "disconnected"))
+    return {"minutes": minutes, "clients": n_clients, "concurrency_limit": concurrency, "queue_size": queue_size,
+            "requests": sum(v for k, v in counts.items() if k != "errors"), "served": served,
+            "by_kind": {k: v for k, v in counts.items() if k != "errors"}, "errors": counts["errors"],
+            "error_samples": errors[:10], "server_outcomes": server_counts, "active_at_end": store.active,
+            "rss_start_mib": samples[0][1], "rss_after_1min_mib": after_warmup[1], "rss_end_mib": end[1],
+            "rss_drift_after_1min_mib": end[1] - after_warmup[1], "rss_max_mib": max(s[1] for s in samples),
+            "fds_start": samples[0][2], "fds_end": end[2], "chat_sessions_end": end[3],
+            "gradio_sessions_end": end[4], "samples": samples}
+
+
+def render(data: dict) -> str:
+    env, lines = data["environment"], []
+    lines.append(f"Measured by `python bench/soak.py` on {env['cpu']} ({env['cores']} cores), model "
+                 f"`{env['model']}` ({env['precision']}, 8-bit: {env['int8']}), torch {env['torch']}, gradio "
+                 f"{env['gradio']}.")
+    if data.get("concurrency"):
+        lines += ["", "Concurrency limit (8 clients at once, greedy 48-token replies, 3 rounds; first update = "
+                  "client-side time to the first streamed piece, queue wait included):", "",
+                  "| concurrency_limit | aggregate tok/s | first update p50 / p95 | reply p50 / p95 | errors |",
+                  "|---|---|---|---|---|"]
+        for r in data["concurrency"]:
+            lines.append(f"| {r['concurrency_limit']} | {r['aggregate_tokens_per_s']:.0f} | "
+                         f"{r['first_update_p50_s']:.2f} s / {r['first_update_p95_s']:.2f} s | "
+                         f"{r['reply_p50_s']:.2f} s / {r['reply_p95_s']:.2f} s | {r['errors']} |")
+        lines += ["", f"Chosen default: `--concurrency {data['chosen_concurrency']}` (smallest limit within 10% of the "
+                  "best aggregate throughput: on this CPU, more parallel replies share the same cores)."]
+    s = data.get("soak")
+    if s:
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(s["by_kind"].items()))
+        lines += ["", f"Soak: {s['minutes']:g} min, {s['clients']} looping clients, concurrency_limit "
+                  f"{s['concurrency_limit']}, queue {s['queue_size']}:", "",
+                  "| requests | served (chat / Stop / dropped) | invalid → 422 | errors | RSS start → after 1 min → end "
+                  "| drift after 1 min | open fds start → end | sessions at end (app / Gradio) |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {s['requests']:,} | {s['served']:,} ({s['by_kind'].get('chat', 0):,} / "
+                  f"{s['by_kind'].get('cancelled', 0):,} / {s['by_kind'].get('disconnected', 0):,}) | "
+                  f"{s['by_kind'].get('invalid', 0):,} | {s['errors']} | {s['rss_start_mib']:.0f} → "
+                  f"{s['rss_after_1min_mib']:.0f} → {s['rss_end_mib']:.0f} MiB | "
+                  f"{s['rss_drift_after_1min_mib']:+.1f} MiB | {s['fds_start']} → {s['fds_end']} | "
+                  f"{s['chat_sessions_end']} / {s['gradio_sessions_end']} |", "",
+                  f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
+                  f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
+    return "\n".join(lines)
+
+
+def write_readme(data: dict) -> None:
+    text = README.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{README} has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{render(data)}\n{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--model", default=None, help="as app.py --model (default: the bundled checkpoint)")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--concurrency", type=int, default=None, help="limit for the soak (default: the measured choice)")
+    p.add_argument("--concurrency-sweep", default="1,2,4", help="limits to measure ('' to skip)")
+    p.add_argument("--queue-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report", action="store_true", help="only render the README section from --out")
+    args = p.parse_args(argv)
+    if args.report:
+        write_readme(json.loads(args.out.read_text()))
+        print(render(json.loads(args.out.read_text())))
+        return
+
+    import gradio
+
+    from webui.runtime import load_runtime
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    runtime = load_runtime(args.model, "matched", int8=args.int8, device="cpu")
+    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "model": runtime.info["model"],
+           "precision": runtime.info["precision"], "int8": runtime.info["8-bit"], "torch": torch.__version__,
+           "gradio": gradio.__version__, "python": platform.python_version()}
+    data: dict = {"environment": env}
+    ks = [int(k) for k in args.concurrency_sweep.split(",") if k.strip()]
+    if ks:
+        data["concurrency"] = measure_concurrency(runtime, ks)
+        best = max(r["aggregate_tokens_per_s"] for r in data["concurrency"])
+        data["chosen_concurrency"] = min(r["concurrency_limit"] for r in data["concurrency"]
+                                         if r["aggregate_tokens_per_s"] >= 0.9 * best)
+    concurrency = args.concurrency or data.get("chosen_concurrency", 2)
+    if args.minutes > 0:
+        data["soak"] = soak(runtime, args.minutes, args.clients, concurrency, args.queue_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(render(data))
+    print(json.dumps({k: v for k, v in data.get("soak", {}).items() if k != "samples"}))
+
+
+if __name__ == "__main__":
+    main()
