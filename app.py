@@ -5,9 +5,9 @@ Transformer, and what is loaded.
     python app.py --model OpenNLPLab/TransNormerLLM-385M --no-int8 --device cuda
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
-TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE). Without --host, Gradio's own GRADIO_SERVER_NAME
-applies (a Space sets it), else loopback. Launch settings follow reliability.md §3: share off, no SSR, no
-monitoring/MCP/run-history endpoints, 1 MB uploads, model directories blocked from file serving.
+TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE). Without --host, Gradio's own
+GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings follow reliability.md §3: share off,
+no SSR, no monitoring/MCP/run-history endpoints, 1 MB uploads, model directories blocked from file serving.
 A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and one line naming the
 file and the mismatch, before Gradio is even imported (so within seconds, and nothing is ever served).
 """
@@ -25,6 +25,9 @@ from webui.runtime import BUNDLED_LLAMA, BUNDLED_TNL, Runtime, StartupError, loa
 
 log = logging.getLogger("tnllm.app")
 EXIT_BAD_MODEL = 2
+# Gradio keeps each session's state (chat history, component copies: 0.1-0.7 MB measured by bench/soak.py) for an
+# hour, up to 10,000 sessions by default; API clients never close theirs. Least recently used beyond this go.
+MAX_GRADIO_SESSIONS = 200
 
 
 def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16):
@@ -41,7 +44,8 @@ def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = 
         blocked.append(os.path.abspath(runtime.info["model"]))
     return dict(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
                 max_file_size="1mb", enable_monitoring=False, mcp_server=False, run_history=False,
-                strict_cors=True, allowed_paths=[], blocked_paths=blocked)
+                strict_cors=True, allowed_paths=[], blocked_paths=blocked,
+                state_session_capacity=MAX_GRADIO_SESSIONS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -222,13 +222,13 @@ def test_property_chat_handler_never_crashes(chat, text, temperature, top_p, top
         max_new_tokens = 10**9 if max_new_tokens > 1024 else 6  # keep valid replies short
     chat.store.drop("default")
     try:
-        for reply, stats, info in chat(text, [], temperature, top_p, top_k, repetition_penalty, max_new_tokens,
-                                       seed, request=req("default")):
-            reply.encode("utf-8")
+        updates = list(chat(text, [], temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+                            request=req("default")))
     except gr.Error as exc:
         assert exc.message and "Traceback" not in exc.message
     else:
-        assert info["finish_reason"] in ("eos", "length", "stop")
+        assert all(reply.encode("utf-8") is not None for reply, _, _ in updates)
+        assert updates[-1][2]["finish_reason"] in ("eos", "length", "stop")
     assert chat.store.active == 0 and not chat.store.get("default").lock.locked()
 
 
@@ -378,7 +378,8 @@ BAD_CHECKPOINTS = {
     "wrong-shape": (_wrong_shape, r"out_proj\.weight: checkpoint \[\d+, \d+\] vs model \[\d+, \d+\] "
                                   r"\(in model\.safetensors, model from config\.json\)"),
     "config-dim": (_edit_config(decoder_embed_dim=96), r"shape mismatches .*model\.embed_tokens\.weight"),
-    "config-layers": (_edit_config(decoder_layers=4, linear_use_lrpe_list=[1, 0, 1, 0]), r"missing keys .*model\.layers\.3"),
+    "config-layers": (_edit_config(decoder_layers=4, linear_use_lrpe_list=[1, 0, 1, 0]),
+                      r"missing keys .*model\.layers\.3"),
     "config-glu": (_edit_config(glu_dim=96), r"channel_mixer\.l1\.weight: checkpoint \[128, 64\] vs model \[96, 64\]"),
     "config-vocab": (_edit_config(vocab_size=9000), r"model\.embed_tokens\.weight: checkpoint \[8192, \d+\] vs "
                                                     r"model \[9000"),
@@ -524,9 +525,10 @@ def test_http_gradio_client_sees_a_named_validation_error(server):
 
 
 def test_http_full_queue_answers_busy(runtime):
-    import app
     from gradio_client import Client
     from gradio_client.utils import QueueError
+
+    import app
 
     demo = app.build_demo(runtime, concurrency_limit=1, max_size=2)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
@@ -656,3 +658,4 @@ def test_http_file_access_is_refused(server, runtime, good_checkpoint):
     assert r.status_code == 413
     kw = app.launch_kwargs(None, None, runtime)
     assert kw["server_name"] is None and str(ROOT / "assets/tnl") in kw["blocked_paths"]
+    assert kw["state_session_capacity"] <= 1000, "Gradio per-session state is bounded"

@@ -25,8 +25,17 @@ import gradio as gr
 
 from tnllm.generation import Conversation, NumericalError, ReplyStats
 from webui.runtime import Runtime
-from webui.validation import (FIELDS, MAX_MESSAGE_CHARS, InputError, Limits, check_request, check_sampling, clean_text,
-                              history_turns, message_text)
+from webui.validation import (
+    FIELDS,
+    MAX_MESSAGE_CHARS,
+    InputError,
+    Limits,
+    check_request,
+    check_sampling,
+    clean_text,
+    history_turns,
+    message_text,
+)
 
 __all__ = ["MAX_MESSAGE_CHARS", "ChatSession", "SessionStore", "history_turns", "make_chat_fn", "make_validator",
            "message_text", "session_key"]
