@@ -257,12 +257,22 @@ def render(data: dict) -> str:
                   f"{s['rss_after_1min_mib']:.0f} → {s['rss_end_mib']:.0f} MiB | "
                   f"{s['rss_drift_after_1min_mib']:+.1f} MiB | {s['fds_start']} → {s['fds_end']} | "
                   f"{s['chat_sessions_end']} / {s['gradio_sessions_end']} |", "",
-                  f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) until "
-                  f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py), then "
-                  f"stays flat; the app's own session store keeps at most 32 recurrent states.", "",
+                  f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) up to "
+                  f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py); "
+                  + _after_cap(s) + " The app's own session store keeps at most 32 recurrent states.", "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
     return "\n".join(lines)
+
+
+def _after_cap(s: dict) -> str:
+    cap = s.get("gradio_session_capacity")
+    at_cap = [x for x in s["samples"] if x[4] >= (cap or 10**9)]
+    if len(at_cap) < 2:
+        return "the cap was not reached in this run."
+    last_min = [x for x in at_cap if x[0] >= at_cap[-1][0] - 30]
+    return (f"after it was reached (t = {at_cap[0][0]:.0f} s) RSS changed by {at_cap[-1][1] - at_cap[0][1]:+.1f} MiB "
+            f"over {at_cap[-1][0] - at_cap[0][0]:.0f} s, {last_min[-1][1] - last_min[0][1]:+.1f} MiB in the last 30 s.")
 
 
 def write_readme(data: dict) -> None:
