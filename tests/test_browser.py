@@ -74,7 +74,9 @@ def test_chat_streams_in_pieces_and_stops(page):
     assert len({n for n in lengths if n}) >= 3, f"reply did not arrive in pieces: lengths {lengths}"
     # (No monotonic check: rendered Markdown of random text can shrink when a later token closes a "*" or "`".)
 
-    page.locator("button.stop-button").click()
+    # dispatch the click on the button itself: Gradio's status-tracker overlay can sit on top of it
+    # while streaming, and a pointer click then waits until the reply has ended on its own.
+    page.locator("button.stop-button").dispatch_event("click")
     page.locator("button.stop-button").wait_for(state="hidden", timeout=10_000)
     stopped = last_reply(page)
     time.sleep(1.0)
