@@ -175,7 +175,7 @@ def process_rss_bytes() -> int | None:
         return None
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
     """(fn(), seconds): CUDA events after a synchronize on GPU, perf_counter elsewhere."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,7 +224,7 @@ def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, w
         first_token()
     baseline = _allocated(device)
     _reset_peak(device)
-    seconds = [_timed(first_token, device)[1] for _ in range(repeats)]
+    seconds = [timed(first_token, device)[1] for _ in range(repeats)]
     median_s = statistics.median(seconds)
     return PrefillRow(adapter.name, context_len, median_s * 1e3, context_len / median_s,
                       _peak_above(device, baseline))
@@ -247,7 +247,7 @@ def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, 
     _reset_peak(device)  # the prefill's activations are gone; the cache stays counted
     seconds = []
     for t in range(context_len, context_len + n_tokens):
-        (_, cache), s = _timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
+        (_, cache), s = timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
         seconds.append(s)
     median_s = statistics.median(seconds)
     return DecodeRow(adapter.name, context_len, n_tokens, median_s * 1e3, _quantile(seconds, 0.2) * 1e3,

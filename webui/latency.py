@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from tnllm.bench import ModelAdapter, _timed, adapter_for, prompt_ids, sweep  # _timed: bench's own step timer
+from tnllm.bench import ModelAdapter, adapter_for, prompt_ids, sweep, timed
 from tnllm.streaming import TextStreamer
 from webui.runtime import Runtime
 
@@ -73,7 +73,7 @@ class _Runner:
     @torch.inference_mode()
     def advance(self) -> None:
         if self.cache is None:
-            (self.logits, self.cache), seconds = _timed(lambda: self.adapter.prefill(self.ids), self.adapter.device)
+            (self.logits, self.cache), seconds = timed(lambda: self.adapter.prefill(self.ids), self.adapter.device)
             self.clock += seconds
             self.ttft = self.clock
         token = int(self.logits[0, -1].argmax())
@@ -84,7 +84,7 @@ class _Runner:
             return
         self.text += self.streamer.push(token)
         step = torch.tensor([[token]], device=self.adapter.device)
-        (self.logits, self.cache), seconds = _timed(lambda: self.adapter.step(step, self.cache),
+        (self.logits, self.cache), seconds = timed(lambda: self.adapter.step(step, self.cache),
                                                          self.adapter.device)
         self.clock += seconds
 
