@@ -3,9 +3,10 @@ Transformer, and what is loaded.
 
     python app.py                                   # bundled model (or tiny demo weights), CPU or GPU, 127.0.0.1
     python app.py --model OpenNLPLab/TransNormerLLM-385M --no-int8 --device cuda
+    torchrun --standalone --nproc-per-node 2 app.py --tp 2 --model DIR   # tensor parallel; rank 0 serves the UI
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
-TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE). Without --host, Gradio's own
+TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_TP). Without --host, Gradio's own
 GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings follow reliability.md §3: share off,
 no SSR, no monitoring/MCP/run-history endpoints, 1 MB uploads, model directories blocked from file serving.
 A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and one line naming the
@@ -21,7 +22,14 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from webui.runtime import BUNDLED_LLAMA, BUNDLED_TNL, Runtime, StartupError, load_runtime  # noqa: E402 (no Gradio)
+from webui.runtime import (  # noqa: E402 (no Gradio yet)
+    BUNDLED_LLAMA,
+    BUNDLED_TNL,
+    Runtime,
+    StartupError,
+    load_runtime,
+    load_tp_runtime,
+)
 
 log = logging.getLogger("tnllm.app")
 EXIT_BAD_MODEL = 2
@@ -69,7 +77,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="chat replies streamed at once (the benchmark runs one at a time)")
     p.add_argument("--queue-size", type=int, default=int(env("TNLLM_QUEUE_SIZE", "16")),
                    help="requests waiting beyond that; more get a 'Queue is full' (HTTP 503) answer")
+    p.add_argument("--tp", type=int, default=int(env("TNLLM_TP", "1")),
+                   help="tensor-parallel ranks; launch with torchrun --nproc-per-node N (float weights)")
     return p.parse_args(argv)
+
+
+def serve_tensor_parallel(args: argparse.Namespace) -> None:
+    """Every torchrun rank loads its shard; rank 0 builds the runtime and serves the UI, the others follow."""
+    from tnllm.tp.comm import init_tp
+    from tnllm.tp.serve import serve, shutdown
+
+    tp = init_tp()
+    if tp.size != args.tp:
+        raise SystemExit(f"error: --tp {args.tp} needs torchrun --nproc-per-node {args.tp} (got {tp.size} ranks)")
+    source = args.model or str(BUNDLED_TNL)
+    dtype = args.dtype or ("bf16" if tp.device.type == "cuda" else "fp32")
+
+    def ui(model) -> None:
+        runtime = load_tp_runtime(model, source, args.baseline, max_context=args.max_context)
+        demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size)
+        demo.launch(**launch_kwargs(args.host, args.port, runtime))
+
+    try:
+        serve(source, ui, dtype=dtype, tp=tp)
+    except StartupError as exc:
+        print(f"error: cannot serve this model: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_MODEL) from None
+    finally:
+        shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tnllm").setLevel(logging.INFO)  # startup progress; Gradio/httpx stay quiet
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.tp > 1:
+        return serve_tensor_parallel(args)
     try:
         runtime = load_runtime(args.model, args.baseline, int8=args.int8, device=args.device, dtype=args.dtype,
                                max_context=args.max_context)

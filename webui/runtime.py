@@ -243,3 +243,28 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     info["licence / data"] = _notes(info)
     limit = max_context or (131072 if dev.type == "cuda" else 16384)
     return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info)
+
+
+def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: int | None = None) -> Runtime:
+    """The runtime around a tensor-parallel `tnllm.tp.serve.DrivenModel` (rank 0 of `app.py --tp N`).
+
+    Same checks as `load_runtime` (tokenizer vs model, warm-up); weights stay float (8-bit is not sharded).
+    """
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    try:
+        tokenizer = _tokenizer_for(source)
+        check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
+        warm_up(model, tokenizer)
+    except NumericalError as exc:
+        raise StartupError(f"{source}: warm-up generation failed: {exc}") from exc
+    except (ValueError, OSError) as exc:
+        raise StartupError(str(exc)) from exc
+    info = {"model": source, "weights": "trained checkpoint", "parameters": f"{model.num_parameters():,}",
+            "precision": str(dtype).removeprefix("torch."), "8-bit": "off (tensor-parallel shards are float)",
+            "device": f"{model.tp.size} x {device.type} (tensor parallel, this rank holds 1/{model.tp.size})",
+            "kernel path": f"{kernels.backend_for(device)} (kernels.backend_for)",
+            "tokenizer": f"{tokenizer.path} ({tokenizer.vocab_size} pieces)"}
+    llama, baseline_info = load_baseline(baseline, model, device=device, dtype=dtype)
+    info["licence / data"] = _notes(info)
+    limit = max_context or (131072 if device.type == "cuda" else 16384)
+    return Runtime(model, tokenizer, llama, device, limit, info, baseline_info)
