@@ -190,7 +190,8 @@ def test_tokenizer_newline_is_a_byte_piece(sp):
 
 
 # U+2581 is SentencePiece's space marker: it decodes to " " (same in Llama/Baichuan tokenizers). Known, pinned.
-_TEXT = st.text(st.characters(blacklist_characters="\u2581"), max_size=40)
+# Lone surrogates (category Cs) are not Unicode text: Tokenizer.encode refuses them (tests/test_tokenizer.py).
+_TEXT = st.text(st.characters(blacklist_characters="\u2581", blacklist_categories=("Cs",)), max_size=40)
 
 
 @settings(max_examples=300, deadline=None)

@@ -50,3 +50,5 @@ def test_load_tokenizer_from_file_or_directory(tok_file, tmp_path):
         load_tokenizer(bad)
     with pytest.raises(TypeError):
         Tokenizer(tok_file).encode(b"bytes")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        Tokenizer(tok_file).encode("lone \ud800 surrogate")

@@ -54,6 +54,10 @@ class Tokenizer:
         """Plain-text ids (no BOS/EOS); raises if any control id appeared (defence in depth)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text is not valid Unicode ({exc.reason} at position {exc.start})") from None
         ids = self.sp.EncodeAsIds(text)
         if self.control_ids.intersection(ids):
             raise ValueError("text encoded to a control token; refusing (special-token injection)")
