@@ -222,16 +222,16 @@ class Conversation:
 
     def save(self, path: str | Path) -> None:
         """State + ids in one safetensors file (a few MB whatever the conversation length)."""
-        tensors = {f"kv.{i}": t.contiguous().cpu() for i, t in enumerate(self.state.kv)}
-        tensors["positions"] = self.state.positions.cpu()
+        tensors = self.state.tensors()
         tensors["history"] = torch.tensor(self.history, dtype=torch.long)
         tensors["pending"] = torch.tensor(self.pending, dtype=torch.long)
         save_file(tensors, str(path), metadata={"format": "pt", "kind": "tnllm-conversation"})
 
     @classmethod
     def load(cls, path: str | Path, model: TransNormerLLM, tokenizer: Tokenizer) -> "Conversation":
-        state = RecurrentState.load(path, model.config, model.lm_head.weight.device)
-        tensors = load_file(str(path))
+        """A conversation saved by `save` (one read of the file), its state checked against `model`."""
+        tensors = load_file(str(path), device=str(model.lm_head.weight.device))
+        state = RecurrentState.from_tensors(tensors, model.config, path)
         return cls(model, tokenizer, state, tensors["history"].tolist(), tensors["pending"].tolist())
 
 

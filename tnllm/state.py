@@ -86,25 +86,33 @@ class RecurrentState:
     def to(self, device: torch.device | str) -> "RecurrentState":
         return RecurrentState([t.to(device) for t in self.kv], self.positions.to(device))
 
-    def save(self, path: str | Path) -> None:
-        """Write to a safetensors file (a few MB; no pickle)."""
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as named CPU tensors (`kv.{layer}`, `positions`), the safetensors layout."""
         tensors = {f"kv.{i}": t.contiguous().cpu() for i, t in enumerate(self.kv)}
         tensors["positions"] = self.positions.cpu()
-        save_file(tensors, str(path), metadata={"format": "pt", "kind": "tnllm-recurrent-state"})
+        return tensors
+
+    def save(self, path: str | Path) -> None:
+        """Write to a safetensors file (a few MB; no pickle)."""
+        save_file(self.tensors(), str(path), metadata={"format": "pt", "kind": "tnllm-recurrent-state"})
 
     @classmethod
     def load(cls, path: str | Path, config: TNLConfig, device: torch.device | str = "cpu") -> "RecurrentState":
         """Read a state saved by `save`, checking it fits `config`."""
-        tensors = load_file(str(path), device=str(device))
+        return cls.from_tensors(load_file(str(path), device=str(device)), config, path)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], config: TNLConfig, where: str | Path) -> "RecurrentState":
+        """The state held in `tensors` (layout of `tensors()`; other keys ignored), checked against `config`."""
         expected = cls.allocate(config, 1, "meta")
         kv = []
         for i, ref in enumerate(expected.kv):
             t = tensors.get(f"kv.{i}")
             if t is None or t.shape[1:] != ref.shape[1:] or t.dtype != torch.float32:
                 got = None if t is None else (tuple(t.shape), t.dtype)
-                raise ValueError(f"state file {path}: layer {i} expected [B, {', '.join(map(str, ref.shape[1:]))}] "
+                raise ValueError(f"state file {where}: layer {i} expected [B, {', '.join(map(str, ref.shape[1:]))}] "
                                  f"fp32, got {got}")
             kv.append(t)
         if f"kv.{len(kv)}" in tensors or "positions" not in tensors:
-            raise ValueError(f"state file {path} does not match a {config.n_layers}-layer model")
+            raise ValueError(f"state file {where} does not match a {config.n_layers}-layer model")
         return cls(kv, tensors["positions"])
