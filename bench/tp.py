@@ -43,6 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `torchrun bench/tp.py` from the repo root
 
 from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
+from tnllm.bench import timed  # noqa: E402
 from tnllm.checkpoint import parse_dtype  # noqa: E402
 from tnllm.tp import TPGroup, empty_tp_model, init_tp, shard_spec  # noqa: E402
 from tnllm.tp.load import take  # noqa: E402
@@ -103,21 +104,6 @@ def shard_model(config: TNLConfig, tp: TPGroup, dtype, seed: int):
 
 
 # -- timing -------------------------------------------------------------------------------------
-def timed(fn, device) -> tuple[object, float]:
-    """(fn(), ms): CUDA events after a synchronize, perf_counter on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        return out, start.elapsed_time(end)
-    t0 = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - t0) * 1e3
-
-
 def ids(config: TNLConfig, shape, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, config.vocab_size, shape, generator=gen).to(device)
@@ -140,7 +126,7 @@ def decode_latency(model, config, batch: int, args, device, graphs: bool, fuse_r
         step = graph.step
     else:
         step = lambda t: model(t, state)  # noqa: E731
-    times = [timed(lambda t=t: step(t), device)[1] for t in steps]
+    times = [timed(lambda t=t: step(t), device)[1] * 1e3 for t in steps]
     if fuse_rows is not None:
         model.set_fuse_norm_rows(64)
     return {"ms_per_step": statistics.median(times[args.warmup:]), "tokens_per_step": batch, "mode": mode}
@@ -158,7 +144,7 @@ def prefill_latency(model, config, args, device) -> dict:
     times = []
     for _ in range(args.repeats + 1):
         state = model.allocate_state(1)
-        times.append(timed(lambda s=state: model(prompt, s, logits_to_keep=1), device)[1])
+        times.append(timed(lambda s=state: model(prompt, s, logits_to_keep=1), device)[1] * 1e3)
         del state
     return {"tokens": args.prefill, "ms": statistics.median(times[1:]), "all_ms": times}
 
@@ -197,8 +183,8 @@ def driven_tokens_per_s(model, config, args, device, graphs: bool) -> dict:
         for _ in range(n):
             token = logits.argmax(-1, keepdim=True)
             int(token)  # the host sees the sampled id (as a chat would), then sends it
-            logits, ms = timed(lambda t=token: step(t), device)
-            times.append(ms)
+            logits, seconds = timed(lambda t=token: step(t), device)
+            times.append(seconds * 1e3)
         ms = statistics.median(times[args.warmup:])
         return {"ms_per_token": ms, "tokens_per_s": 1e3 / ms, "mode": "graph" if graphs else "eager"}
     finally:
