@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -65,3 +66,29 @@ def tok_file(tmp_path_factory):
     )
     out.write_bytes(buf.getvalue())
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The Gradio app's handlers over the tiny preset (random weights, float), one runtime per test module.
+@pytest.fixture(scope="module")
+def runtime():
+    from webui.runtime import load_runtime
+
+    return load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
+
+
+@pytest.fixture
+def chat(runtime):
+    """The chat handler with its own session store (`chat.store`)."""
+    from webui.chat import SessionStore, make_chat_fn
+
+    store = SessionStore(runtime)
+    fn = make_chat_fn(runtime, store)
+    fn.store = store
+    return fn

@@ -37,22 +37,6 @@ def messages(*turns: tuple[str, str]) -> list[dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from webui.runtime import load_runtime
-
-    return load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
-
-
-@pytest.fixture
-def chat(runtime):
-    from webui.chat import SessionStore, make_chat_fn
-
-    store = SessionStore(runtime)
-    fn = make_chat_fn(runtime, store)
-    fn.store = store
-    return fn
-
 
 def before_reply(info: dict) -> int:
     """Tokens in the state when the reply started (the reply's last sampled id is not fed yet)."""

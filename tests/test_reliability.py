@@ -49,22 +49,6 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from webui.runtime import load_runtime
-
-    return load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
-
-
-@pytest.fixture
-def chat(runtime):
-    from webui.chat import SessionStore, make_chat_fn
-
-    store = SessionStore(runtime)
-    fn = make_chat_fn(runtime, store)
-    fn.store = store
-    return fn
-
 
 def req(session: str) -> SimpleNamespace:
     return SimpleNamespace(session_hash=session)

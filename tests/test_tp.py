@@ -7,14 +7,12 @@ rank's results; the tests compare them with the single-process model. Checkpoint
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import assert_close
+from tests.conftest import assert_close, free_port
 from tnllm import TNLConfig, TransNormerLLM, save_model
 from tnllm.generation import generate_tokens
 from tnllm.sampling import SamplingParams
@@ -150,11 +148,6 @@ def _worker(rank: int, port: int, root: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def tp_run(tmp_path_factory):
@@ -167,7 +160,7 @@ def tp_run(tmp_path_factory):
         save(models[name], root / name, how)
         if how == "bin":  # the .bin holds bf16: compare against what was actually saved
             models[name] = models[name].to(torch.bfloat16).float()
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=WORLD)
     return models, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import torch
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
+from tests.conftest import free_port  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer, save_model  # noqa: E402
 from tnllm.generation import Conversation  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
@@ -24,18 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 GREEDY = (0.0, 1.0, 0, 1.0, 12, 0)  # temperature, top-p, top-k, repetition penalty, max new tokens, seed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def tp_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tp-model")
     torch.manual_seed(0)
     save_model(TransNormerLLM(TNLConfig.from_name("tiny", vocab_size=8192, tie_word_embeddings=False)), directory)
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TNLLM_MODEL": ""}
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.Popen(
