@@ -1,4 +1,5 @@
-"""Write BENCHMARKS.md from bench/results/kernels-h200.json (never hand-edit the figures).
+"""Write BENCHMARKS.md from bench/results/kernels-h200.json and, when present, the bundled-model training
+sweep bench/results/train-sweep-h200.json (never hand-edit the figures).
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
 """
@@ -87,6 +88,23 @@ def render(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_training(sweep: dict) -> str:
+    """Training throughput of the bundled model's sweep: the solo runs (`speed-*`) of the chosen size."""
+    out = ["", "## Bundled-model training throughput (tokens/s, higher is better)", "",
+           "Date: 2026-11-28. Hardware and versions as recorded by each run. Command (device, repo root, `data/` "
+           "carried): `bash scripts/gpu_train_sweep.sh` (80 solo steps of the chosen size per architecture, the "
+           "first 10 left out; batch 32 × 512 tokens, bf16 autocast, AdamW, TNL attention on the Triton "
+           "kernels).", "", "| model | params | tokens/s | device | torch | attention |", "|---|---|---|---|---|---|"]
+    for name in ("speed-tnl", "speed-llama"):
+        run = sweep["runs"].get(name)
+        if run:
+            # The recorded attention_impl is TNL's kernel dispatch; the Llama runs transformers' own attention.
+            attention = run.get("attention_impl", "—") if name == "speed-tnl" else "transformers default"
+            out.append(f"| {name.removeprefix('speed-')} | {run['params']:,} | {run['train_tokens_per_s']:,.0f} | "
+                       f"{run['device']} | {run['torch']} | {attention} |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
@@ -97,7 +115,11 @@ def main():
     spec.loader.exec_module(bench_kernels)
     result = json.loads(Path(a.json).read_text())
     bench_kernels.derive(result)  # idempotent; partial (timed-out) JSON files are written before it runs
-    Path(a.out).write_text(render(result))
+    text = render(result)
+    training = ROOT / "bench/results/train-sweep-h200.json"
+    if training.is_file():
+        text += render_training(json.loads(training.read_text()))
+    Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":
