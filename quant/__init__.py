@@ -28,10 +28,11 @@ def choose_method(device: torch.device | str, dtype: torch.dtype | str) -> str:
     """The 8-bit method "auto" picks for a device and compute dtype.
 
     CPU: "int8" (pure-PyTorch weight-only). Whole-model batch-1 decode of the bundled model
-    (`python bench/quant_cpu.py --model assets/tnl`, 2-core AVX-512 Xeon, 2026-11-28): float 7.0-9.0,
-    int8 6.8-7.1, bnb_int8 12.2-13.0 ms/token (1 and 2 threads) - bnb's per-call activation
-    quantisation costs more than it saves at decode sizes, and without AVX-512 it falls back to a
-    naive matmul 2-4x slower than float (ecosystem.md §1). bnb LLM.int8 only won single Linears at
+    (`python bench/quant_cpu.py --model assets/tnl`, 2-core AVX-512 Xeon, bench/results/quant-model-cpu.json):
+    float 8.1 / 7.3, int8 8.4 / 6.5, bnb_int8 14.0 / 16.8 ms/token median at 1 / 2 threads - int8 is on par
+    with float at a quarter of the decoder weight bytes, while bnb's per-call activation quantisation costs
+    more than it saves at decode sizes, and without AVX-512 it falls back to a naive matmul 2-4x slower than
+    float (ecosystem.md §1). bnb LLM.int8 only won single Linears at
     batch 16 (2048x5632); use method="bnb_int8" for batched CPU work.
     CUDA: bitsandbytes, the documented GPU branch (Accelerate's quantised loading). To be measured on
     GPU (batch-1 decode may favour weight-only "int8" there too). `dtype` does not change the
