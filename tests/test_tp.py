@@ -7,6 +7,10 @@ rank's results; the tests compare them with the single-process model. Checkpoint
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -104,6 +108,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     from tnllm.tp import load_tp_model
     from tnllm.tp.serve import DrivenModel, Driver, follow
 
+    faulthandler.enable()  # a C++ abort in a rank prints its Python stack into the test's stderr
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo pairs on loopback, whatever the hostname resolves to
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     tp = TPGroup(rank, WORLD, torch.device("cpu"), dist.group.WORLD)
@@ -145,7 +151,14 @@ def _worker(rank: int, port: int, root: str) -> None:
         else:
             follow(model)
     torch.save(results, Path(root) / f"rank{rank}.pt")
+    # Both ranks leave together (rank 0 hosts the TCP store), then skip interpreter teardown: a
+    # store/gloo thread still joinable at static destruction aborts the process ("terminate called
+    # without an active exception"), which CI hit once after every result had been saved.
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 
