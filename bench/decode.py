@@ -5,15 +5,24 @@
 
 Both models run through `tnllm.bench.sweep` (same timer, same seeded ids). The baseline is transformers'
 `LlamaForCausalLM`, random and matched to the TNL config (`--baseline matched`) or read from a local
-directory. Prints a table, then one JSON line; the same JSON goes to `--out`.
+directory. `--quant none,int8` runs both models once per 8-bit method (`quant.quantize` on both, so
+they always share a precision), each method in a fresh child process so its memory column is its own.
+Prints a table, then one JSON line; the same JSON goes to `--out` (rows: `model`, `quant`, `context`,
+`ttft_ms`, `decode_ms_per_token`, `peak_mem_mb`, ...: `tnllm.bench.BenchRow`).
+
+    python bench/decode.py --tnl assets/tnl --baseline assets/llama --device cpu --quant none,int8 \
+        --contexts 128,1024,4096,16384 --out bench/results/decode-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,9 +31,10 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode.py` from anywhere
 
+import quant  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model  # noqa: E402
 from tnllm.baseline import build_llama, load_llama  # noqa: E402
-from tnllm.bench import adapter_for, format_table, print_progress, sweep  # noqa: E402
+from tnllm.bench import BenchRow, adapter_for, format_table, print_progress, sweep  # noqa: E402
 from tnllm.checkpoint import parse_dtype  # noqa: E402
 
 
@@ -50,24 +60,60 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU intra-op threads (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument("--quant", default="none",
+                        help="comma-separated 8-bit methods of quant.METHODS (none, int8, bnb_int8, auto)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/decode-<host>.json)")
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     contexts = [int(c) for c in args.contexts.split(",")]
+    methods = args.quant.split(",")
+    if len(methods) > 1:
+        result = run_each_method(argv if argv is not None else sys.argv[1:], methods)
+    else:
+        result = measure(args, dtype, contexts, methods[0])
+    result.update(date=datetime.date.today().isoformat(),
+                  command=" ".join(["python bench/decode.py", *(argv if argv is not None else sys.argv[1:])]))
+    rows = [BenchRow(**r) for r in result["rows"]]
+    print(format_table(rows))
+    print(json.dumps(result))
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode-{platform.node()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def run_each_method(argv: list[str], methods: list[str]) -> dict:
+    """One child process per 8-bit method (so RSS and peak memory are that method's alone); merged JSON."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in methods:
+            out = Path(tmp) / f"{method}.json"
+            child = [*argv, "--quant", method, "--out", str(out)]  # later flags win in argparse
+            subprocess.run([sys.executable, __file__, *child], check=True, stdout=subprocess.DEVNULL)
+            results.append(json.loads(out.read_text(encoding="utf-8")))
+    merged = {**results[0], "quant": methods}
+    merged["rows"] = [row for r in results for row in r["rows"]]
+    return merged
+
+
+def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: str) -> dict:
+    """Build (and quantise) both models, sweep them, return the JSON result."""
     if args.threads:
         torch.set_num_threads(args.threads)
-
     tnl = build_tnl(args.tnl, dtype, args.device)
     llama = (build_llama(tnl.config, dtype=dtype, device=args.device) if args.baseline == "matched"
              else load_llama(args.baseline, dtype=dtype, device=args.device))
+    if method != "none":
+        tnl, llama = quant.quantize(tnl, method), quant.quantize(llama, method)
     adapters = [adapter_for(tnl, "TNL"), adapter_for(llama, "Llama")]
     for a in adapters:
-        print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}", file=sys.stderr)
+        print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}, 8-bit: {a.quant}",
+              file=sys.stderr)
 
     rows = sweep(adapters, contexts, args.tokens, prefill_repeats=args.prefill_repeats, seed=args.seed,
                  progress=print_progress)
-    result = {
+    return {
         "bench": "decode",
         "host": platform.node(),
         "device": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
@@ -80,14 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": args.baseline,
         "parameters": {a.name: a.num_parameters() for a in adapters},
         "tokens": args.tokens,
+        "quant": [method],
         "rows": [asdict(r) for r in rows],
     }
-    print(format_table(rows))
-    print(json.dumps(result))
-    out = Path(args.out or Path(__file__).parent / "results" / f"decode-{platform.node()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    return result
 
 
 if __name__ == "__main__":

@@ -60,10 +60,11 @@ def quantize(model: TransNormerLLM, method: str = "auto", *, threshold: float = 
     weight = model.lm_head.weight
     method = _resolve_method(method, weight.device, weight.dtype)
     if method == "bnb_int8":
-        return bnb.quantize_model(model, threshold).eval()
-    if method == "int8":
-        return int8.quantize_model(model).eval()
-    return model
+        model = bnb.quantize_model(model, threshold)
+    elif method == "int8":
+        model = int8.quantize_model(model)
+    model.quant_method = method  # what tnllm.bench and the app's Model tab report
+    return model.eval()
 
 
 def load_quantized(
@@ -102,7 +103,9 @@ def load_quantized(
     if method == "none":
         if device_map is not None:
             raise ValueError("device_map is only supported for the 8-bit methods")
-        return load_model(path_or_repo_id, dtype=dtype, device=device, revision=revision)
+        model = load_model(path_or_repo_id, dtype=dtype, device=device, revision=revision)
+        model.quant_method = "none"
+        return model
     if method == "bnb_int8" and not bnb.available():
         raise ImportError("method='bnb_int8' needs bitsandbytes (pip install -r requirements.txt)")
     return loader.load(path_or_repo_id, method, dtype=dtype, device=device, device_map=device_map,

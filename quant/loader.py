@@ -138,4 +138,5 @@ def load(path_or_repo_id: str | Path, method: str, *, dtype: torch.dtype, device
         from accelerate import dispatch_model
 
         model = dispatch_model(model, device_map=device_map)
+    model.quant_method = method  # what tnllm.bench and the app's Model tab report
     return model.eval()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
-from conftest import assert_close, requires_cuda
+from conftest import ROOT, assert_close, requires_cuda
 
 from tnllm import TNLConfig, TransNormerLLM
 from tnllm.baseline import build_llama
@@ -68,13 +72,15 @@ def test_timing_rows_are_sane():
     calls = []
     rows = sweep(adapters, [16, 40], n_tokens=5, prefill_repeats=2,
                  progress=lambda fraction, desc: calls.append((fraction, desc)))
-    assert [(r.model, r.context_len) for r in rows] == [("TNL", 16), ("Llama", 16), ("TNL", 40), ("Llama", 40)]
+    assert [(r.model, r.context) for r in rows] == [("TNL", 16), ("Llama", 16), ("TNL", 40), ("Llama", 40)]
     for r in rows:
         assert isinstance(r, BenchRow)
-        assert r.ttft_ms > 0 and 0 < r.decode_p20_ms <= r.decode_ms <= r.decode_p80_ms
-        assert r.tokens_per_s == pytest.approx(1e3 / r.decode_ms)
+        assert r.ttft_ms > 0 and 0 < r.decode_p20_ms <= r.decode_ms_per_token <= r.decode_p80_ms
+        assert r.tokens_per_s == pytest.approx(1e3 / r.decode_ms_per_token)
         assert r.peak_bytes is None and r.prefill_peak_bytes is None  # CPU: cache_bytes and RSS instead
-        assert r.rss_bytes is None or r.rss_bytes > 0
+        rss = process_rss_bytes()
+        assert r.peak_mem_mb is None if rss is None else 0 < r.peak_mem_mb <= rss / 2**20
+        assert r.quant == "none"
     tnl_16, llama_16, tnl_40, llama_40 = rows
     assert tnl_16.cache_bytes == tnl_40.cache_bytes == adapters[0].model.allocate_state().nbytes
     kv_per_token = 2 * TINY.n_layers * TINY.hidden_dim * 4  # K and V, every layer, fp32
@@ -135,3 +141,20 @@ def test_cuda_rows_report_peak_memory():
     rows = sweep(_adapters(TINY, "cuda"), [64], n_tokens=4, prefill_repeats=2)
     assert all(r.peak_bytes is not None and r.peak_bytes >= r.cache_bytes > 0 for r in rows)
     assert all(r.prefill_peak_bytes is not None and r.prefill_peak_bytes > 0 for r in rows)
+
+
+def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
+    """bench/decode.py: both models per 8-bit method, the issue's JSON fields, one row per (model, quant, context)."""
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--contexts", "16,40", "--tokens", "3",
+                    "--prefill-repeats", "1", "--threads", "1", "--quant", "none,int8", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["quant"] == ["none", "int8"] and result["command"].startswith("python bench/decode.py")
+    rows = result["rows"]
+    assert [(r["model"], r["quant"], r["context"]) for r in rows] == [
+        (m, q, c) for q in ("none", "int8") for c in (16, 40) for m in ("TNL", "Llama")]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] > 0
+    tnl_cache = {r["cache_bytes"] for r in rows if r["model"] == "TNL"}
+    assert len(tnl_cache) == 1, "TNL's state is the same size at every context and precision"

@@ -19,6 +19,7 @@ from quant.int8 import Int8Linear
 from quant.loader import stream_weights
 from tests.conftest import ROOT, assert_close, requires_cuda
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, save_model
+from tnllm.bench import adapter_for
 from tnllm.checkpoint import MANIFEST_FILE, check_weights, open_checkpoint
 
 METHODS = ["int8", pytest.param("bnb_int8", marks=pytest.mark.skipif(not bnb.available(), reason="no bnb"))]
@@ -87,6 +88,10 @@ def test_quantize_loaded_model_equals_streaming_load(saved, method):
         assert torch.equal(q(IDS), quant.load_quantized(directory, method)(IDS))
     with pytest.raises(QuantOrderError, match="already quantised"):
         quant.quantize(q, method)
+    # the method travels with the model, so the latency tab and bench/decode.py can report it
+    assert [adapter_for(m).quant for m in (q, quant.load_quantized(directory, method),
+                                           quant.load_quantized(directory, "none"), load_model(directory))] == \
+        [method, method, "none", "none"]
 
 
 def test_bf16_int8(saved):

@@ -12,7 +12,8 @@ token at a time with the model's own cache). Protocol (style.md "Benchmarks"):
 * memory: `cache_bytes`, the bytes the decode cache holds (TNL: recurrent state, constant; Llama: KV
   cache, linear in context); on CUDA `peak_bytes`, the peak allocated during the timed decode steps
   above what was allocated before the prefill (weights excluded; cache and step activations
-  included, prefill activations not: those are `prefill_peak_bytes`); process RSS always.
+  included, prefill activations not: those are `prefill_peak_bytes`); `peak_mem_mb`, the whole
+  process's memory at its highest during the row (CUDA: peak allocated, weights included; CPU: RSS).
   On H200, TNL-1B bf16 measured 61 MiB -> 2.8 GiB from 512 to 32k context when the decode peak
   still included the prefill's activations: hence the separate reset.
 
@@ -56,6 +57,13 @@ class ModelAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def quant(self) -> str:
+        """The 8-bit method of the weights: what `quant` tagged the model with, else "none"."""
+        if getattr(self.model, "is_loaded_in_8bit", False):  # transformers' own bitsandbytes loading
+            return "bnb_int8"
+        return getattr(self.model, "quant_method", "none")
 
     @property
     def vocab_size(self) -> int:
@@ -118,6 +126,7 @@ class PrefillRow:
     ttft_ms: float
     prefill_tok_s: float
     peak_bytes: int | None  # CUDA only: peak allocated during the prefill above what was allocated before
+    total_bytes: int | None  # CUDA: peak allocated, weights included; CPU: process RSS after the prefills
 
 
 @dataclass
@@ -133,7 +142,7 @@ class DecodeRow:
     tokens_per_s: float
     cache_bytes: int  # after the timed steps: state (TNL) or KV cache (Llama)
     peak_bytes: int | None  # CUDA only: peak during the timed steps above the allocation before the prefill
-    rss_bytes: int | None  # process resident set after the run (None where /proc is missing)
+    total_bytes: int | None  # CUDA: peak allocated during the timed steps, weights included; CPU: RSS after
 
 
 @dataclass
@@ -141,22 +150,24 @@ class BenchRow:
     """One model at one context length, as the latency tab plots it and bench/decode.py prints it."""
 
     model: str
-    context_len: int
+    quant: str  # "none", "int8" or "bnb_int8": see ModelAdapter.quant
+    context: int
     ttft_ms: float
-    decode_ms: float
+    decode_ms_per_token: float  # median
     decode_p20_ms: float
     decode_p80_ms: float
     tokens_per_s: float
     cache_bytes: int
     peak_bytes: int | None  # decode peak (CUDA only), see DecodeRow
     prefill_peak_bytes: int | None  # prefill peak (CUDA only), see PrefillRow
-    rss_bytes: int | None
+    peak_mem_mb: float | None  # the larger total of prefill and decode (MiB), see PrefillRow.total_bytes
 
     @classmethod
-    def of(cls, prefill: PrefillRow, decode: DecodeRow) -> "BenchRow":
-        return cls(decode.model, decode.context_len, prefill.ttft_ms, decode.decode_ms, decode.decode_p20_ms,
-                   decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes, decode.peak_bytes,
-                   prefill.peak_bytes, decode.rss_bytes)
+    def of(cls, prefill: PrefillRow, decode: DecodeRow, quant: str = "none") -> "BenchRow":
+        totals = [b for b in (prefill.total_bytes, decode.total_bytes) if b is not None]
+        return cls(decode.model, quant, decode.context_len, prefill.ttft_ms, decode.decode_ms,
+                   decode.decode_p20_ms, decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes,
+                   decode.peak_bytes, prefill.peak_bytes, max(totals) / 2**20 if totals else None)
 
 
 # -- measurement -------------------------------------------------------------------------------------
@@ -208,6 +219,11 @@ def _peak_above(device: torch.device, baseline: int | None) -> int | None:
     return None if baseline is None else torch.cuda.max_memory_allocated(device) - baseline
 
 
+def _total(device: torch.device) -> int | None:
+    """CUDA: peak allocated since the last reset, weights included; CPU: process RSS now."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_rss_bytes()
+
+
 def _quantile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -227,7 +243,7 @@ def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, w
     seconds = [timed(first_token, device)[1] for _ in range(repeats)]
     median_s = statistics.median(seconds)
     return PrefillRow(adapter.name, context_len, median_s * 1e3, context_len / median_s,
-                      _peak_above(device, baseline))
+                      _peak_above(device, baseline), _total(device))
 
 
 @torch.inference_mode()
@@ -252,7 +268,7 @@ def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, 
     median_s = statistics.median(seconds)
     return DecodeRow(adapter.name, context_len, n_tokens, median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
                      _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache),
-                     _peak_above(device, baseline), process_rss_bytes())
+                     _peak_above(device, baseline), _total(device))
 
 
 def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
@@ -274,7 +290,7 @@ def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_to
             if progress:
                 progress((done + 1) / total, desc=f"{adapter.name}: decode at context {context_len}")
             decode = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
-            rows.append(BenchRow.of(prefill, decode))
+            rows.append(BenchRow.of(prefill, decode, adapter.quant))
             done += 2
     if progress:
         progress(1.0, desc="done")
@@ -287,13 +303,13 @@ def print_progress(fraction: float, desc: str = "") -> None:
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
-    """A fixed-width text table of sweep rows."""
-    header = f"{'model':<10} {'context':>8} {'TTFT ms':>10} {'decode ms/tok':>14} {'p20-p80 ms':>15} " \
-             f"{'tok/s':>8} {'cache MiB':>10} {'peak MiB':>9}"
+    """A fixed-width text table of sweep rows ("mem MiB" is `peak_mem_mb`: CUDA peak or CPU RSS)."""
+    header = f"{'model':<10} {'quant':<8} {'context':>8} {'TTFT ms':>10} {'decode ms/tok':>14} " \
+             f"{'p20-p80 ms':>15} {'tok/s':>8} {'cache MiB':>10} {'mem MiB':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.1f}"
-        lines.append(f"{r.model:<10} {r.context_len:>8} {r.ttft_ms:>10.1f} {r.decode_ms:>14.2f} "
+        mem = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
+        lines.append(f"{r.model:<10} {r.quant:<8} {r.context:>8} {r.ttft_ms:>10.1f} {r.decode_ms_per_token:>14.2f} "
                      f"{f'{r.decode_p20_ms:.2f}-{r.decode_p80_ms:.2f}':>15} {r.tokens_per_s:>8.1f} "
-                     f"{r.cache_bytes / 2**20:>10.2f} {peak:>9}")
+                     f"{r.cache_bytes / 2**20:>10.2f} {mem:>9}")
     return "\n".join(lines)

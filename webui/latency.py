@@ -21,7 +21,8 @@ from webui.runtime import Runtime
 
 CPU_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 GPU_CONTEXTS = CPU_CONTEXTS + [32768, 65536, 131072]
-COLUMNS = ["model", "context", "decode ms/token", "TTFT ms", "tokens/s", "cache MiB", "peak MiB", "RSS MiB"]
+COLUMNS = ["model", "context", "decode ms/token", "TTFT ms", "tokens/s", "cache MiB", "decode peak MiB",
+           "memory MiB", "8-bit"]
 
 
 def context_choices(runtime: Runtime) -> list[int]:
@@ -44,8 +45,9 @@ def rows_frame(rows) -> pd.DataFrame:
     """sweep rows -> one DataFrame (plots read columns of it, the table shows it)."""
     records = [asdict(r) for r in rows]
     return pd.DataFrame(
-        [[r["model"], r["context_len"], round(r["decode_ms"], 3), round(r["ttft_ms"], 2), round(r["tokens_per_s"], 1),
-          _mib(r["cache_bytes"]), _mib(r["peak_bytes"]), _mib(r["rss_bytes"])] for r in records],
+        [[r["model"], r["context"], round(r["decode_ms_per_token"], 3), round(r["ttft_ms"], 2),
+          round(r["tokens_per_s"], 1), _mib(r["cache_bytes"]), _mib(r["peak_bytes"]),
+          None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1), r["quant"]] for r in records],
         columns=COLUMNS)
 
 
