@@ -1,5 +1,6 @@
 """Write BENCHMARKS.md from bench/results/kernels-h200.json and, when present, the bundled-model training
-sweep bench/results/train-sweep-h200.json (never hand-edit the figures).
+sweep bench/results/train-sweep-h200.json and the bench/decode.py runs bench/results/decode-*.json (never
+hand-edit the figures).
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
 """
@@ -105,6 +106,37 @@ def render_training(sweep: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_decode(result: dict) -> str:
+    """One bench/decode.py run: the table, and the engine issue's goals computed from it."""
+    params = ", ".join(f"{name} {n:,}" for name, n in result["parameters"].items())
+    command = result.get("command", "python bench/decode.py")
+    out = ["", f"## Decode latency vs context: TNL vs Llama ({result['device']}, {result['dtype']}, "
+           f"{result['threads']} threads)", "",
+           f"Date: {result.get('date', '—')}. torch {result['torch']}, transformers {result['transformers']}. "
+           f"Models: `{result['tnl']}` vs `{result['baseline']}` ({params} parameters). Command: `{command}`"
+           f" (each 8-bit method in its own process; decode = median of {result['tokens']} teacher-forced steps; "
+           "memory = process RSS on CPU, peak allocated on CUDA).", "",
+           "| model | 8-bit | context | TTFT ms | decode ms/token | p20–p80 | tokens/s | cache MiB | memory MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    rows = result["rows"]
+    for x in rows:
+        out.append(f"| {x['model']} | {x['quant']} | {x['context']:,} | {x['ttft_ms']:.1f} | "
+                   f"{x['decode_ms_per_token']:.2f} | {x['decode_p20_ms']:.2f}–{x['decode_p80_ms']:.2f} | "
+                   f"{x['tokens_per_s']:.1f} | {x['cache_bytes'] / 2**20:.2f} | {fmt(x['peak_mem_mb'], '{:.0f}')} |")
+    out += ["", "| 8-bit | TNL decode at longest / shortest context | TNL vs Llama decode at longest | "
+            "TNL vs Llama TTFT at longest |", "|---|---|---|---|"]
+    for quant in dict.fromkeys(x["quant"] for x in rows):
+        by = {(x["model"], x["context"]): x for x in rows if x["quant"] == quant}
+        lo, hi = min(c for _, c in by), max(c for _, c in by)
+        tnl_lo, tnl_hi, llama_hi = by.get(("TNL", lo)), by.get(("TNL", hi)), by.get(("Llama", hi))
+        if not (tnl_lo and tnl_hi and llama_hi):
+            continue
+        out.append(f"| {quant} | {tnl_hi['decode_ms_per_token'] / tnl_lo['decode_ms_per_token']:.2f}× "
+                   f"({hi:,} vs {lo:,}) | {llama_hi['decode_ms_per_token'] / tnl_hi['decode_ms_per_token']:.2f}× "
+                   f"faster | {llama_hi['ttft_ms'] / tnl_hi['ttft_ms']:.2f}× faster |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
@@ -119,6 +151,8 @@ def main():
     training = ROOT / "bench/results/train-sweep-h200.json"
     if training.is_file():
         text += render_training(json.loads(training.read_text()))
+    for decode in sorted((ROOT / "bench/results").glob("decode-*.json")):
+        text += render_decode(json.loads(decode.read_text()))
     Path(a.out).write_text(text)
 
 

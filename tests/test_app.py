@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from tnllm.generation import generate  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
+from webui.validation import is_stats_message, message_text  # noqa: E402
 
 GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12, seed=0)
 SEEDED = dict(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=16, seed=123)
@@ -132,8 +133,13 @@ def test_http_chat_turn_streams(client):
     job = client.submit("hello there", *controls(SEEDED), api_name="/chat")
     updates = [u[0] for u in job]
     reply, stats, info = job.result()
-    assert len(updates) >= 5 and updates[-1] == reply and reply
+    text, stats_message = reply  # the finished reply comes with its own stats message
+    assert len(updates) >= 5 and updates[-1] == reply and text and all(isinstance(u, str) for u in updates[:-1])
     assert "tok/s" in stats and "TTFT" in stats and "recurrent state" in stats
+    assert is_stats_message(stats_message) and message_text(reply) == text
+    title = stats_message["metadata"]["title"]
+    assert f"{info['new_tokens']} tokens" in title and f"{info['tokens_per_s']:.1f} tok/s" in title
+    assert f"recurrent state {info['state_bytes'] / 1024:.1f} KiB" in title
     assert info["new_tokens"] == SEEDED["max_new_tokens"] or info["finish_reason"] == "eos"
 
 
@@ -168,3 +174,24 @@ def test_http_monitoring_endpoint_is_off(server):
     import httpx
 
     assert httpx.get(server.rstrip("/") + "/monitoring/summary").status_code != 200
+
+
+def test_each_finished_reply_keeps_its_stats_message_and_it_never_reaches_the_model(runtime, chat):
+    """The Chat tab's fn: a finished reply ends as [reply, stats message]; the next turn's history carries
+    that message back, and the session still continues its state (no re-read) with the same size."""
+    from webui.chat import with_stats_messages
+
+    tab_chat = with_stats_messages(chat)
+    *streamed, (final, _, info) = tab_chat("hi!", [], *controls(GREEDY))
+    reply, stats = final
+    assert all(isinstance(u[0], str) for u in streamed) and reply == streamed[-1][0]
+    assert is_stats_message(stats) and f"{info['tokens_per_s']:.1f} tok/s" in stats["metadata"]["title"]
+    history = [*messages(("hi!", reply)), stats]  # as the browser sends it back
+    *_, (final2, _, info2) = tab_chat("what now?", history, *controls(GREEDY))
+    assert info2["history_rereads"] == 0 and info2["prompt_tokens"] < before_reply(info2)
+    assert info2["state_bytes"] == info["state_bytes"]
+    assert final2[1]["metadata"]["title"].endswith(stats["metadata"]["title"].split("recurrent state ")[1])
+    # a stopped reply stays plain text: no stats message for it
+    gen = tab_chat("tell me a long story", [], *controls(SEEDED, max_new_tokens=500))
+    assert all(isinstance(next(gen)[0], str) for _ in range(4))
+    gen.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -158,3 +159,10 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
         assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] > 0
     tnl_cache = {r["cache_bytes"] for r in rows if r["model"] == "TNL"}
     assert len(tnl_cache) == 1, "TNL's state is the same size at every context and precision"
+    # BENCHMARKS.md's section is rendered from this JSON: every row, and one goals line per method
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = report.render_decode(result)
+    assert sum(line.startswith(("| TNL |", "| Llama |")) for line in text.splitlines()) == len(rows)
+    assert [line.split(" | ")[0] for line in text.splitlines() if "(40 vs 16)" in line] == ["| none", "| int8"]

@@ -88,6 +88,23 @@ def test_chat_streams_in_pieces_and_stops(page):
     page.screenshot(path=str(OUTPUT / "app-chat.png"), full_page=True)
 
 
+def test_every_finished_reply_keeps_its_stats_line(page):
+    max_tokens = page.get_by_label("number input for Max new tokens")
+    max_tokens.fill("8")
+    max_tokens.press("Enter")
+    box = page.locator("textarea").first
+    stats = page.locator(".message-wrap").get_by_text("tok/s")  # the collapsed stats message's title
+    for n, message in enumerate(("what do you like to do?", "and on weekends?"), start=1):
+        box.fill(message)
+        box.press("Enter")
+        page.wait_for_function(f"document.querySelector('.message-wrap').innerText.split('tok/s').length > {n}",
+                               timeout=30_000)
+    titles = [stats.nth(i).inner_text() for i in range(stats.count())]
+    assert len(titles) == 2 and all("recurrent state" in t and "TTFT" in t for t in titles), titles
+    assert len({t.split("recurrent state ")[1] for t in titles}) == 1, f"the state size stays constant: {titles}"
+    page.screenshot(path=str(OUTPUT / "app-chat-stats.png"), full_page=True)
+
+
 def test_latency_tab_runs_and_plots(page):
     page.get_by_role("tab", name="Latency vs Transformer").click()
     for context in ("256", "512"):  # keep only 128 (the default selection is 128, 256, 512)

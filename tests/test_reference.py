@@ -46,6 +46,18 @@ def test_chunked_and_step_match_naive(B, T, H, D, E, C, with_state):
     assert_close("state step", s_ref, s_rec, rel=1e-12)
 
 
+@pytest.mark.parametrize("block_chunks", [1, 3, 64])
+def test_chunk_blocks_match_naive(block_chunks, monkeypatch):
+    """Full chunks are batched BLOCK_CHUNKS at a time, the state carried between blocks, then a partial one."""
+    monkeypatch.setattr(ref, "BLOCK_CHUNKS", block_chunks)
+    q, k, v, a = _inputs(2, 100, 3, 8, 4)
+    s0 = torch.randn(2, 3, 8, 4, dtype=torch.float64)
+    o_ref, s_ref = ref.lightning_attn_naive(q, k, v, a, initial_state=s0, output_final_state=True)
+    o, s = ref.lightning_attn_chunked(q, k, v, a, initial_state=s0, output_final_state=True, chunk_size=7)
+    assert_close("o", o_ref, o, rel=1e-12)
+    assert_close("state", s_ref, s, rel=1e-12)
+
+
 def test_zero_rate_stays_causal():
     """Rate 0 must not disable the causal mask (upstream LA1 masks on rate*(i-j) >= 0)."""
     q, k, v, _ = _inputs(1, 20, 2, 4, 4)

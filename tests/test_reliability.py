@@ -34,6 +34,7 @@ from tnllm.checkpoint import CheckpointError, save_model, write_manifest  # noqa
 from tnllm.data import ASSISTANT_PREFIX, HUMAN_PREFIX  # noqa: E402
 from webui import validation as V  # noqa: E402
 from webui.http_client import ChatClient  # noqa: E402
+from webui.validation import message_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = (0.0, 1.0, 0, 1.0, 12, 0)        # temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
@@ -507,7 +508,7 @@ def test_http_gradio_client_sees_a_named_validation_error(server):
     with pytest.raises(ValidationError, match="top_p must be between 0.05 and 1.0, got 1.5"):
         c.predict("hi", 0.5, 1.5, 0, 1.0, 12, 0, api_name="/chat")
     reply, _, info = c.predict("hi", *GREEDY, api_name="/chat")
-    assert reply and info["finish_reason"] == "length"
+    assert message_text(reply) and info["finish_reason"] == "length"
 
 
 def test_http_full_queue_answers_busy(runtime):

@@ -13,6 +13,7 @@ partial reply as the turn's text, matching what the browser shows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from webui.runtime import Runtime
 from webui.validation import (
     FIELDS,
     MAX_MESSAGE_CHARS,
+    STATS_ID,
     InputError,
     Limits,
     check_request,
@@ -38,7 +40,7 @@ from webui.validation import (
 )
 
 __all__ = ["MAX_MESSAGE_CHARS", "ChatSession", "SessionStore", "history_turns", "make_chat_fn", "make_validator",
-           "message_text", "session_key"]
+           "message_text", "session_key", "with_stats_messages"]
 log = logging.getLogger("tnllm.app")
 
 MAX_SESSIONS = 32         # least recently used sessions beyond this are dropped (their next turn re-reads history)
@@ -155,6 +157,37 @@ def stats_line(stats: ReplyStats, context_tokens: int, live: bool = False) -> st
     return (f"<small>{head} · **{stats.tokens_per_s:.1f} tok/s** · TTFT {stats.ttft_s * 1e3:.0f} ms · "
             f"recurrent state {state} (constant) · {stats.prompt_tokens} new prompt tokens · "
             f"{context_tokens} tokens in context</small>")
+
+
+def stats_message(info: dict) -> dict:
+    """The finished reply's stats as a message of its own under the reply, so every reply keeps its line.
+
+    A collapsed Gradio "thought" (metadata title): it shows the speed, TTFT and state size in its title; the
+    chat's history parser skips it (webui.validation.is_stats_message), so it never reaches the model.
+    """
+    size = info["state_bytes"]
+    state = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
+    title = (f"{info['new_tokens']} tokens · {info['tokens_per_s']:.1f} tok/s · TTFT {info['ttft_ms']:.0f} ms · "
+             f"recurrent state {state}")
+    body = (f"finish: {info['finish_reason']} · {info['prompt_tokens']} new prompt tokens prefilled · "
+            f"{info['context_tokens']} tokens in context · the state has the same size at any context")
+    return {"role": "assistant", "content": body, "metadata": {"title": title, "status": "done", "id": STATS_ID}}
+
+
+def with_stats_messages(chat):
+    """The chat fn for the Chat tab: as `chat`, but a finished reply comes with its `stats_message`.
+
+    Only the final update of a completed reply changes (a list: the reply, then its stats message); the API's
+    streamed updates and a stopped or failed reply stay plain text.
+    """
+    @functools.wraps(chat)
+    def chat_with_stats(*args, **kwargs):
+        for reply, line, info in chat(*args, **kwargs):
+            if info and info.get("finish_reason") in ("eos", "length", "stop"):
+                reply = [reply, stats_message(info)]
+            yield reply, line, info
+
+    return chat_with_stats
 
 
 def stats_info(stats: ReplyStats, session: ChatSession) -> dict:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from webui.validation import message_text
+
 
 @dataclass
 class ChatResult:
@@ -85,7 +87,7 @@ class ChatClient:
                     output = msg.get("output") or {}
                     if msg.get("success") and output.get("data"):
                         data = output["data"]
-                        result.reply = _text(data[0])
+                        result.reply = message_text(data[0])
                         result.info = data[-1] if isinstance(data[-1], dict) else {}
                         result.outcome = result.outcome or "completed"
                     elif not result.outcome:
@@ -105,14 +107,9 @@ def _apply(current: str, value) -> str:
         for op, path, piece in value:
             if path:
                 continue
-            current = current + piece if op == "append" else _text(piece) if op in ("replace", "add") else current
+            if op == "append":
+                current += piece
+            elif op in ("replace", "add"):
+                current = message_text(piece)
         return current
-    return _text(value)
-
-
-def _text(value) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return str(value.get("text") or value.get("content") or "")
-    return "" if value is None else str(value)
+    return message_text(value)

@@ -11,7 +11,7 @@ from functools import partial
 
 import gradio as gr
 
-from webui.chat import SessionStore, make_chat_fn, make_validator, session_key
+from webui.chat import SessionStore, make_chat_fn, make_validator, session_key, with_stats_messages
 from webui.latency import COLUMNS, context_choices, race, run_benchmark
 from webui.runtime import Runtime
 from webui.validation import RANGES, InputError, Limits, check_text
@@ -95,7 +95,7 @@ def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int) -> 
     with gr.Accordion("Sampling", open=False):  # rendered here, above the chat, not in ChatInterface's accordion
         controls = [c.render() for c in _sampling_controls()]
     gr.ChatInterface(
-        make_chat_fn(runtime, store),
+        with_stats_messages(make_chat_fn(runtime, store)),
         validator=_text_validator(runtime, Limits.for_context(runtime.max_context)),
         additional_inputs=controls,
         additional_outputs=[stats, info],

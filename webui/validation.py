@@ -156,11 +156,22 @@ def check_sampling(temperature, top_p, top_k, repetition_penalty, max_new_tokens
     return SamplingParams(**values)
 
 
+STATS_ID = "tnllm-reply-stats"  # metadata id of the per-reply stats messages (webui.chat.stats_message)
+
+
+def is_stats_message(message) -> bool:
+    """True for the app's own per-reply stats message, which is display only, never conversation text."""
+    return isinstance(message, dict) and (message.get("metadata") or {}).get("id") == STATS_ID
+
+
 def message_text(content) -> str:
-    """Text of a message's content: a string, or (Gradio 6) a list of {"type": "text", "text": ...} parts."""
+    """Text of a message's content: a string, or (Gradio 6) a list of {"type": "text", "text": ...} parts;
+    also of a whole message dict or a list of messages (the /chat API's final value), stats messages skipped."""
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
+        if "content" in content:
+            return "" if is_stats_message(content) else message_text(content["content"])
         return str(content.get("text") or "")
     if isinstance(content, (list, tuple)):
         return "".join(message_text(part) for part in content)
@@ -171,7 +182,7 @@ def history_turns(history) -> list[tuple[str, str]]:
     """[(user, assistant)] from Gradio's messages list (an unanswered user message gets ""); junk is skipped."""
     turns: list[tuple[str, str]] = []
     for message in history if isinstance(history, list) else []:
-        if not isinstance(message, dict):
+        if not isinstance(message, dict) or is_stats_message(message):
             continue
         role, text = message.get("role"), message_text(message.get("content"))
         if role == "user":
