@@ -3,8 +3,9 @@
     W [out, in] float  ->  q = round(W / s) in int8,  s[o] = max_i |W[o, i]| / 127   (per output row)
     y = (x @ q^T) * s + b                                # activations stay float: weight-only
 
-On CPU the matmul runs as `aten._weight_int8pack_mm` (int8 weight read directly, no float copy of
-W; fp32 activations computed in bf16), on other devices as `F.linear(x, q.to(x.dtype)) * s`.
+On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm` (int8 weight read directly, no float
+copy of W; fp32 activations computed in bf16); larger inputs (prefill) and other devices use
+`F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the measured crossover).
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
     return q, scales.to(scale_dtype)
 
 
-def _use_packed_mm(x: torch.Tensor) -> bool:
-    """aten._weight_int8pack_mm on CPU: in bf16 measured 1.5-2x faster than a bf16 Linear
-    (bench/quant_cpu.py). On CUDA the dequantise form is what torch.compile fuses (gpt-fast);
-    to be measured on GPU."""
-    return x.device.type == "cpu"
+PACKED_MM_MAX_ROWS = 64
+
+
+def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
+    """aten._weight_int8pack_mm on CPU for decode-sized inputs (rows <= PACKED_MM_MAX_ROWS), else the
+    dequantised weight through F.linear.
+
+    Packed reads int8 directly (bf16 activations) but costs ~3x a float matmul per row; dequantising
+    costs a fixed weight copy. Measured (2-core AVX-512 Xeon, fp32 input, ms per call; packed / dequant /
+    float): 384x1536 rows 1: 0.06 / 0.15 / 0.06, rows 16: 0.31 / 0.67 / 0.55, rows 64: 1.07 / 0.60 / 0.44,
+    rows 1024: 16.0 / 6.3 / 5.6; 2048x5632 rows 1: 0.6 / 20.7 / 1.8, rows 64: 17.1 / 26.6 / 10.1,
+    rows 256: 67 / 52 / 31. So prefill chunks dequantise and decode steps stay packed. On CUDA the
+    dequantise form is what torch.compile fuses (gpt-fast); to be measured on GPU."""
+    return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
 class Int8Linear(nn.Module):
@@ -66,7 +76,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x.dtype."""
-        if _use_packed_mm(x):
+        if _use_packed_mm(x, x.numel() // self.in_features):
             # Its fp32 kernel is 5-40x slower than the bf16 one, so fp32 activations go through bf16
             # (output rel. error 0.4% -> 0.5%; bnb LLM.int8 casts to fp16 the same way).
             cdt = torch.bfloat16 if x.dtype == torch.float32 else x.dtype

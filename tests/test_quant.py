@@ -15,7 +15,7 @@ from torch import nn
 import quant
 from quant import bnb
 from quant.common import QuantOrderError, target_linears
-from quant.int8 import Int8Linear
+from quant.int8 import PACKED_MM_MAX_ROWS, Int8Linear
 from quant.loader import stream_weights
 from tests.conftest import ROOT, assert_close, requires_cuda
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, save_model
@@ -75,9 +75,10 @@ def test_recurrent_decoding_matches_own_forward(saved, method):
         full = q(IDS)
         state = q.allocate_state(batch_size=2)
         steps = [q(IDS[:, :17], state)] + [q(IDS[:, t:t + 1], state) for t in range(17, IDS.shape[1])]
-    # Not 1e-5 as in float: the fp32 chunked vs recurrent attention paths differ by ~1e-7, and the
-    # activation rounding inside the 8-bit matmuls (bf16 / int8) turns that into rare flips.
-    assert_close("prefill + decode vs full forward", full, torch.cat(steps, dim=1), rel=2e-3)
+    # Not 1e-5 as in float: the 8-bit matmuls round activations (bnb: int8; int8 on CPU: bf16 in the
+    # packed decode-sized matmul, fp32 in the dequantised one the 82-row full forward takes), measured
+    # 2.2e-3 for int8. A wrong state or position would be O(1).
+    assert_close("prefill + decode vs full forward", full, torch.cat(steps, dim=1), rel=5e-3)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -103,14 +104,17 @@ def test_bf16_int8(saved):
     assert rel <= 0.03 and top1 >= 0.95
 
 
-def test_int8_linear_matches_dequantised_weight():
+@pytest.mark.parametrize("rows", [15, PACKED_MM_MAX_ROWS + 1], ids=["packed-mm", "dequantised"])
+def test_int8_linear_matches_dequantised_weight(rows):
     lin = nn.Linear(192, 128)
     q = Int8Linear.from_float(lin)
-    x = torch.randn(3, 5, 192)
+    x = torch.randn(3, rows // 3 + 1, 192)
     w = q.weight.float() * q.scales[:, None]  # the dequantised weight
     assert (w - lin.weight).abs().max() <= q.scales.max() / 2 + 1e-7  # round-to-nearest
     with torch.no_grad():
-        assert_close("Int8Linear", nn.functional.linear(x, w, lin.bias), q(x), rel=5e-3)  # bf16 activations
+        # packed: bf16 activations (0.4-0.5% error); dequantised: fp32 throughout
+        assert_close("Int8Linear", nn.functional.linear(x, w, lin.bias), q(x),
+                     rel=5e-3 if x.numel() // 192 <= PACKED_MM_MAX_ROWS else 1e-5)
 
 
 # -- ordering guard: floats into already-quantised modules -------------------------------------------
