@@ -149,10 +149,13 @@ def session_key(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
 
 
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.2f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.1f} KiB"
+
+
 def stats_line(stats: ReplyStats, context_tokens: int, live: bool = False) -> str:
     """The small line under each reply: speed, TTFT and the (constant) recurrent-state size."""
-    size = stats.state_bytes
-    state = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
+    state = _size(stats.state_bytes)
     head = f"{stats.new_tokens} tokens" + ("" if live else f" ({stats.finish_reason})")
     return (f"<small>{head} · **{stats.tokens_per_s:.1f} tok/s** · TTFT {stats.ttft_s * 1e3:.0f} ms · "
             f"recurrent state {state} (constant) · {stats.prompt_tokens} new prompt tokens · "
@@ -165,8 +168,7 @@ def stats_message(info: dict) -> dict:
     A collapsed Gradio "thought" (metadata title): it shows the speed, TTFT and state size in its title; the
     chat's history parser skips it (webui.validation.is_stats_message), so it never reaches the model.
     """
-    size = info["state_bytes"]
-    state = f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 1024:.1f} KiB"
+    state = _size(info["state_bytes"])
     title = (f"{info['new_tokens']} tokens · {info['tokens_per_s']:.1f} tok/s · TTFT {info['ttft_ms']:.0f} ms · "
              f"recurrent state {state}")
     body = (f"finish: {info['finish_reason']} · {info['prompt_tokens']} new prompt tokens prefilled · "
