@@ -30,6 +30,7 @@ from webui.runtime import (  # noqa: E402 (no Gradio yet)
     load_runtime,
     load_tp_runtime,
 )
+from webui.validation import MAX_REPLY_SECONDS  # noqa: E402
 
 log = logging.getLogger("tnllm.app")
 EXIT_BAD_MODEL = 2
@@ -77,9 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="chat replies streamed at once (the benchmark runs one at a time)")
     p.add_argument("--queue-size", type=int, default=int(env("TNLLM_QUEUE_SIZE", "16")),
                    help="requests waiting beyond that; more get a 'Queue is full' (HTTP 503) answer")
+    p.add_argument("--max-reply-seconds", type=float,
+                   default=float(env("TNLLM_MAX_REPLY_SECONDS", str(MAX_REPLY_SECONDS))),
+                   help="a reply's wall-clock limit, prefill included; it then ends as if stopped (default 300)")
     p.add_argument("--tp", type=int, default=int(env("TNLLM_TP", "1")),
                    help="tensor-parallel ranks; launch with torchrun --nproc-per-node N (float weights)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.max_reply_seconds > 0:
+        p.error(f"--max-reply-seconds must be > 0, got {args.max_reply_seconds}")
+    return args
 
 
 def serve_tensor_parallel(args: argparse.Namespace) -> None:
@@ -95,7 +102,8 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
 
     def ui(model) -> None:
         runtime = load_tp_runtime(model, source, args.baseline, max_context=args.max_context)
-        demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size)
+        demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size,
+                          max_reply_s=args.max_reply_seconds)
         demo.launch(**launch_kwargs(args.host, args.port, runtime))
 
     try:
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     except StartupError as exc:
         print(f"error: cannot serve this model: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_MODEL) from None
-    demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size)
+    demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size,
+                      max_reply_s=args.max_reply_seconds)
     demo.launch(**launch_kwargs(args.host, args.port, runtime))
 
 

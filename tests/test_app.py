@@ -7,6 +7,7 @@ random Llama matched to it, float weights (the 8-bit path has its own tests in t
 from __future__ import annotations
 
 import os
+import time
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
@@ -108,7 +109,35 @@ def test_launch_settings_are_safe():
     assert kw["max_file_size"] == "1mb" and kw["allowed_paths"] == [] and kw["strict_cors"] is True
     assert not (kw["enable_monitoring"] or kw["mcp_server"] or kw["run_history"])
     args = app.parse_args(["--no-int8", "--port", "7000"])
-    assert args.int8 is False and args.port == 7000 and args.host is None
+    assert args.int8 is False and args.port == 7000 and args.host is None and args.max_reply_seconds == 300
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-reply-seconds", "-1"])
+
+
+@pytest.mark.parametrize("limit_s", [1e-9, 0.3], ids=["during-prefill", "during-decode"])
+def test_reply_time_limit_ends_the_reply_like_stop(runtime, limit_s):
+    """A reply over `max_reply_s` ends at the next yield (a prefill chunk or a token) with "time_limit"; the
+    session keeps exactly what its state saw, so the next turn continues without re-reading anything."""
+    from webui.chat import SessionStore, make_chat_fn, with_stats_messages
+    from webui.validation import Limits
+
+    store = SessionStore(runtime)
+    limited = make_chat_fn(runtime, store, Limits.for_context(runtime.max_context, max_reply_s=limit_s))
+    chat = with_stats_messages(limited)
+    long_message = "tell me a long story " * 200  # > 1 prefill chunk (512 tokens)
+    started = time.monotonic()
+    *_, (final, _, info) = chat(long_message, [], *controls(GREEDY, max_new_tokens=1000))
+    elapsed = time.monotonic() - started
+    reply, stats = final
+    assert info["finish_reason"] == "time_limit" and "finish: time_limit" in stats["content"]
+    assert elapsed < limit_s + 2.0
+    if limit_s < 1e-3:  # stopped after the first prefill chunk: nothing sampled, the prompt only partly read
+        assert reply == "" and info["new_tokens"] == 0 and info["context_tokens"] == 512
+    else:
+        assert 0 < info["new_tokens"] < 1000 and reply
+    unlimited = make_chat_fn(runtime, store)  # the same session, the default limit
+    *_, (_, _, info2) = unlimited("and then?", messages((long_message, reply)), *controls(GREEDY))
+    assert info2["history_rereads"] == 0 and info2["finish_reason"] == "length"
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------

@@ -185,7 +185,7 @@ def with_stats_messages(chat):
     @functools.wraps(chat)
     def chat_with_stats(*args, **kwargs):
         for reply, line, info in chat(*args, **kwargs):
-            if info and info.get("finish_reason") in ("eos", "length", "stop"):
+            if info and info.get("finish_reason") in ("eos", "length", "stop", "time_limit"):
                 reply = [reply, stats_message(info)]
             yield reply, line, info
 
@@ -256,10 +256,15 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
             session.sync(history_turns(history))
             session.begin()
             started = True
+            deadline = time.monotonic() + limits.max_reply_s
             with closing(session.conv.reply(req.text, req.params)) as pieces:
                 for piece in pieces:  # "" while prefilling: a chance to cancel
                     reply += piece
                     yield reply, stats_line(session.conv.last_stats, session.context_tokens, live=True), {}
+                    if time.monotonic() > deadline:  # ends like Stop: the state keeps what it saw
+                        break
+            if session.conv.last_stats.finish_reason == "cancelled":  # left the loop above, not Stop
+                session.conv.last_stats.finish_reason = "time_limit"
             outcome = session.conv.last_stats.finish_reason
         except NumericalError:
             outcome = "numerical_error"

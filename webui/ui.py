@@ -14,7 +14,7 @@ import gradio as gr
 from webui.chat import SessionStore, make_chat_fn, make_validator, session_key, with_stats_messages
 from webui.latency import COLUMNS, context_choices, race, run_benchmark
 from webui.runtime import Runtime
-from webui.validation import RANGES, InputError, Limits, check_text
+from webui.validation import MAX_REPLY_SECONDS, RANGES, InputError, Limits, check_text
 
 EXAMPLES = [
     "Hi! How was your weekend?",
@@ -89,14 +89,14 @@ def _text_validator(runtime: Runtime, limits: Limits):
     return validate
 
 
-def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int) -> None:
+def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limits: Limits) -> None:
     stats = gr.Markdown(elem_id="reply-stats", render=False)
     info = gr.JSON(visible=False, render=False)
     with gr.Accordion("Sampling", open=False):  # rendered here, above the chat, not in ChatInterface's accordion
         controls = [c.render() for c in _sampling_controls()]
     gr.ChatInterface(
-        with_stats_messages(make_chat_fn(runtime, store)),
-        validator=_text_validator(runtime, Limits.for_context(runtime.max_context)),
+        with_stats_messages(make_chat_fn(runtime, store, limits)),
+        validator=_text_validator(runtime, limits),
         additional_inputs=controls,
         additional_outputs=[stats, info],
         examples=[[e] for e in EXAMPLES],
@@ -144,14 +144,18 @@ def _latency_tab(runtime: Runtime) -> None:
     stop.click(None, None, None, cancels=[event])
 
 
-def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16) -> gr.Blocks:
-    """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`."""
+def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16,
+               max_reply_s: float = MAX_REPLY_SECONDS) -> gr.Blocks:
+    """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`.
+
+    `max_reply_s`: a reply's wall-clock limit (prefill included), after which it ends as if stopped."""
     store = SessionStore(runtime)
+    limits = Limits.for_context(runtime.max_context, max_reply_s)
     with gr.Blocks(title="TransNormerLLM chat", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(HEADER + ("\n\n" + UNTRAINED if runtime.untrained else ""))
         with gr.Tabs():
             with gr.Tab("Chat"):
-                _chat_tab(runtime, store, concurrency_limit)
+                _chat_tab(runtime, store, concurrency_limit, limits)
             with gr.Tab("Latency vs Transformer"):
                 _latency_tab(runtime)
             with gr.Tab("Model"):
@@ -163,7 +167,7 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
         demo.unload(forget)
     chat_api = [fn for fn in demo.fns.values() if fn.api_name == "chat"]
     assert len(chat_api) == 1, "the /chat endpoint"  # noqa: S101 (a Gradio upgrade renamed it: fail loudly)
-    chat_api[0].validator = make_validator(runtime)  # ChatInterface only validates the browser's textbox
+    chat_api[0].validator = make_validator(runtime, limits)  # ChatInterface only validates the browser's textbox
     demo.sessions = store  # for tests and debugging
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_size)
     _serialize_joins(demo._queue)

@@ -25,6 +25,7 @@ from tnllm.sampling import SamplingParams
 MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB body costs ~nothing)
 MAX_NEW_TOKENS_CAP = 1024    # server-side cap on a reply, for API callers too
 MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
+MAX_REPLY_SECONDS = 300.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
 
 # Server-side ranges = the UI controls' ranges (app.py builds its sliders from these).
 RANGES = {
@@ -53,13 +54,20 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
+    """What one chat turn may use: message size, context, and the reply's wall-clock time (prefill included;
+    the reply then ends as if Stop was clicked, with finish reason "time_limit")."""
+
     max_chars: int = MAX_MESSAGE_CHARS
     max_input_tokens: int = MAX_INPUT_TOKENS
     max_context: int = 16384
+    max_reply_s: float = MAX_REPLY_SECONDS
 
     @classmethod
-    def for_context(cls, max_context: int) -> "Limits":
-        return cls(max_input_tokens=min(MAX_INPUT_TOKENS, max_context // 2), max_context=max_context)
+    def for_context(cls, max_context: int, max_reply_s: float = MAX_REPLY_SECONDS) -> "Limits":
+        if not max_reply_s > 0:
+            raise ValueError(f"max_reply_s must be > 0, got {max_reply_s}")
+        return cls(max_input_tokens=min(MAX_INPUT_TOKENS, max_context // 2), max_context=max_context,
+                   max_reply_s=max_reply_s)
 
 
 @dataclass(frozen=True)
