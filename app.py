@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="requests waiting beyond that; more get a 'Queue is full' (HTTP 503) answer")
     p.add_argument("--max-reply-seconds", type=float,
                    default=float(env("TNLLM_MAX_REPLY_SECONDS", str(MAX_REPLY_SECONDS))),
-                   help="a reply's wall-clock limit, prefill included; it then ends as if stopped (default 300)")
+                   help=f"a reply's wall-clock limit, prefill included; it then ends as if stopped "
+                        f"(default {MAX_REPLY_SECONDS:g})")
     p.add_argument("--tp", type=int, default=int(env("TNLLM_TP", "1")),
                    help="tensor-parallel ranks; launch with torchrun --nproc-per-node N (float weights)")
     args = p.parse_args(argv)

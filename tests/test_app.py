@@ -109,7 +109,7 @@ def test_launch_settings_are_safe():
     assert kw["max_file_size"] == "1mb" and kw["allowed_paths"] == [] and kw["strict_cors"] is True
     assert not (kw["enable_monitoring"] or kw["mcp_server"] or kw["run_history"])
     args = app.parse_args(["--no-int8", "--port", "7000"])
-    assert args.int8 is False and args.port == 7000 and args.host is None and args.max_reply_seconds == 300
+    assert args.int8 is False and args.port == 7000 and args.host is None and args.max_reply_seconds == 120
     with pytest.raises(SystemExit):
         app.parse_args(["--max-reply-seconds", "-1"])
 

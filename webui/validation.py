@@ -25,7 +25,7 @@ from tnllm.sampling import SamplingParams
 MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB body costs ~nothing)
 MAX_NEW_TOKENS_CAP = 1024    # server-side cap on a reply, for API callers too
 MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
-MAX_REPLY_SECONDS = 300.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
+MAX_REPLY_SECONDS = 120.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
 
 # Server-side ranges = the UI controls' ranges (app.py builds its sliders from these).
 RANGES = {
