@@ -62,12 +62,13 @@ class Lrpe(nn.Module):
         freqs = 10000.0 ** (-2.0 / d * torch.arange(d, dtype=torch.float32))
         self.theta.copy_(freqs.view(n_heads, 1, head_dim))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [B, T, H, dh], positions [B, T] (absolute, int) -> [B, T, H, 2 * dh] in x.dtype."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [B, T, H, dh], positions [B, T] (absolute, int) -> both [B, T, H, 2 * dh] in their dtype
+        (one cos/sin evaluation serves both)."""
         theta = self.theta.float().squeeze(1)  # [H, dh]
         angles = positions.to(theta.device, torch.float32)[:, :, None, None] * theta  # [B, T, H, dh], fp32
-        xf = x.float()
-        return torch.cat([xf * torch.cos(angles), xf * torch.sin(angles)], dim=-1).to(x.dtype)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        return tuple(torch.cat([x.float() * cos, x.float() * sin], dim=-1).to(x.dtype) for x in (q, k))
 
 
 class NormLinearAttention(nn.Module):
@@ -101,7 +102,7 @@ class NormLinearAttention(nn.Module):
         k = self.act(k.view(B, T, self.n_heads, self.head_dim))
         v = v.view(B, T, self.n_heads, self.head_dim)
         if self.lrpe is not None:
-            q, k = self.lrpe(q, positions), self.lrpe(k, positions)  # [B, T, H, 2*dh]
+            q, k = self.lrpe(q, k, positions)  # [B, T, H, 2*dh]
         if kv is None:
             o, _ = kernels.lightning_attn(q, k, v, log_decay)
         elif T == 1:
