@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="CPU intra-op threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--quant", default="none",
                         help="comma-separated 8-bit methods of quant.METHODS (none, int8, bnb_int8, auto)")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode steps take turns across the contexts, cancelling a shared machine's drift "
+                             "(default on for CPU; off on CUDA, where it would lose the per-context decode peak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/decode-<host>.json)")
     args = parser.parse_args(argv)
@@ -111,8 +114,9 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
         print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}, 8-bit: {a.quant}",
               file=sys.stderr)
 
+    interleave = not args.device.startswith("cuda") if args.interleave is None else args.interleave
     rows = sweep(adapters, contexts, args.tokens, prefill_repeats=args.prefill_repeats, seed=args.seed,
-                 progress=print_progress)
+                 interleave=interleave, progress=print_progress)
     return {
         "bench": "decode",
         "host": platform.node(),
@@ -126,6 +130,7 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
         "baseline": args.baseline,
         "parameters": {a.name: a.num_parameters() for a in adapters},
         "tokens": args.tokens,
+        "interleave": interleave,
         "quant": [method],
         "rows": [asdict(r) for r in rows],
     }

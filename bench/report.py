@@ -114,7 +114,8 @@ def render_decode(result: dict) -> str:
            f"{result['threads']} threads)", "",
            f"Date: {result.get('date', '—')}. torch {result['torch']}, transformers {result['transformers']}. "
            f"Models: `{result['tnl']}` vs `{result['baseline']}` ({params} parameters). Command: `{command}`"
-           f" (each 8-bit method in its own process; decode = median of {result['tokens']} teacher-forced steps; "
+           f" (each 8-bit method in its own process; decode = median of {result['tokens']} teacher-forced steps"
+           f"{', taking turns across the contexts' if result.get('interleave') else ''}; "
            "memory = process RSS on CPU, peak allocated on CUDA).", "",
            "| model | 8-bit | context | TTFT ms | decode ms/token | p20–p80 | tokens/s | cache MiB | memory MiB |",
            "|---|---|---|---|---|---|---|---|---|"]

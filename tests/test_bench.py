@@ -22,6 +22,7 @@ from tnllm.bench import (
     prompt_ids,
     sweep,
     time_decode,
+    time_decode_interleaved,
     time_prefill,
 )
 
@@ -68,10 +69,11 @@ def test_prefill_then_greedy_steps_equal_full_forward(family):
     assert torch.equal(full[:, :-1].argmax(-1), ids[:, 13:])  # the full pass picks the same greedy tokens
 
 
-def test_timing_rows_are_sane():
+@pytest.mark.parametrize("interleave", [False, True], ids=["per-context", "interleaved"])
+def test_timing_rows_are_sane(interleave):
     adapters = _adapters(TINY)
     calls = []
-    rows = sweep(adapters, [16, 40], n_tokens=5, prefill_repeats=2,
+    rows = sweep(adapters, [16, 40], n_tokens=5, prefill_repeats=2, interleave=interleave,
                  progress=lambda fraction, desc: calls.append((fraction, desc)))
     assert [(r.model, r.context) for r in rows] == [("TNL", 16), ("Llama", 16), ("TNL", 40), ("Llama", 40)]
     for r in rows:
@@ -87,7 +89,8 @@ def test_timing_rows_are_sane():
     kv_per_token = 2 * TINY.n_layers * TINY.hidden_dim * 4  # K and V, every layer, fp32
     assert (llama_16.cache_bytes, llama_40.cache_bytes) == (kv_per_token * 21, kv_per_token * 45)
     fractions = [f for f, _ in calls]
-    assert len(calls) == 2 * 2 * 2 + 1 and fractions == sorted(fractions) and calls[-1] == (1.0, "done")
+    n_calls = 2 * 2 + 2 if interleave else 2 * 2 * 2  # prefills, then one decode phase per model or per row
+    assert len(calls) == n_calls + 1 and fractions == sorted(fractions) and calls[-1] == (1.0, "done")
 
 
 def test_single_measurements():
@@ -98,6 +101,16 @@ def test_single_measurements():
     assert (decode.context_len, decode.n_tokens) == (24, 3) and decode.decode_ms > 0
     with pytest.raises(ValueError, match="warmup"):
         time_decode(tnl, 2, 3, warmup=2)
+
+
+def test_interleaved_decode_steps_each_context_like_alone():
+    """Interleaving only changes when the steps run: each context's cache sees the same ids as alone."""
+    for adapter in _adapters(TINY):
+        rows = time_decode_interleaved(adapter, [9, 30], 4, warmup=1)
+        alone = [time_decode(adapter, c, 4, warmup=1) for c in (9, 30)]
+        assert [(r.context_len, r.n_tokens, r.cache_bytes) for r in rows] == \
+            [(r.context_len, r.n_tokens, r.cache_bytes) for r in alone]
+        assert all(r.decode_ms > 0 and r.peak_bytes is None for r in rows)
 
 
 @torch.inference_mode()
@@ -152,6 +165,7 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
                    check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["quant"] == ["none", "int8"] and result["command"].startswith("python bench/decode.py")
+    assert result["interleave"] is True, "CPU default: decode steps take turns across the contexts"
     rows = result["rows"]
     assert [(r["model"], r["quant"], r["context"]) for r in rows] == [
         (m, q, c) for q in ("none", "int8") for c in (16, 40) for m in ("TNL", "Llama")]

@@ -246,55 +246,96 @@ def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, w
                       _peak_above(device, baseline), _total(device))
 
 
+def _decode_ready(adapter: ModelAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
+    """(ids [1, T + n], cache holding the first T ids): prefill T - warmup ids (untimed), then `warmup` steps."""
+    if not 0 <= warmup < context_len:
+        raise ValueError(f"need 0 <= warmup < context_len, got warmup={warmup}, context_len={context_len}")
+    ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
+    _, cache = adapter.prefill(ids[:, : context_len - warmup])
+    for t in range(context_len - warmup, context_len):
+        _, cache = adapter.step(ids[:, t : t + 1], cache)
+    return ids, cache
+
+
+def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], cache,
+                peak_bytes: int | None) -> DecodeRow:
+    median_s = statistics.median(seconds)
+    return DecodeRow(adapter.name, context_len, len(seconds), median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
+                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache), peak_bytes,
+                     _total(adapter.device))
+
+
 @torch.inference_mode()
 def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, warmup: int = 2,
                 seed: int = 0) -> DecodeRow:
     """Per-token decode latency at `context_len`: prefill context_len - warmup tokens (untimed),
     `warmup` untimed steps, then `n_tokens` timed steps fed the next prompt ids (teacher-forced, so
     both models see identical inputs whatever their weights)."""
-    if not 0 <= warmup < context_len:
-        raise ValueError(f"need 0 <= warmup < context_len, got warmup={warmup}, context_len={context_len}")
     device = adapter.device
-    ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, device)  # [1, T + n]
-    baseline = _allocated(device)  # weights and ids
-    _, cache = adapter.prefill(ids[:, : context_len - warmup])
-    for t in range(context_len - warmup, context_len):
-        _, cache = adapter.step(ids[:, t : t + 1], cache)
+    baseline = _allocated(device)  # weights
+    ids, cache = _decode_ready(adapter, context_len, n_tokens, warmup, seed)
     _reset_peak(device)  # the prefill's activations are gone; the cache stays counted
     seconds = []
     for t in range(context_len, context_len + n_tokens):
         (_, cache), s = timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
         seconds.append(s)
-    median_s = statistics.median(seconds)
-    return DecodeRow(adapter.name, context_len, n_tokens, median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
-                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache),
-                     _peak_above(device, baseline), _total(device))
+    return _decode_row(adapter, context_len, seconds, cache, _peak_above(device, baseline))
+
+
+@torch.inference_mode()
+def time_decode_interleaved(adapter: ModelAdapter, context_lengths: Sequence[int], n_tokens: int = 32, *,
+                            warmup: int = 2, seed: int = 0) -> list[DecodeRow]:
+    """`time_decode` at every context length, the timed steps taking turns (one step at each context, then
+    the next round), so that a slow drift of a shared machine hits every context alike. Every cache is held
+    at once, so there is no per-context decode peak (`peak_bytes` None)."""
+    ready = {c: _decode_ready(adapter, c, n_tokens, warmup, seed) for c in context_lengths}
+    caches = {c: cache for c, (_, cache) in ready.items()}
+    seconds: dict[int, list[float]] = {c: [] for c in context_lengths}
+    for i in range(n_tokens):
+        for c in context_lengths:
+            token = ready[c][0][:, c + i : c + i + 1]
+            (_, caches[c]), s = timed(functools.partial(adapter.step, token, caches[c]), adapter.device)
+            seconds[c].append(s)
+    return [_decode_row(adapter, c, seconds[c], caches[c], None) for c in context_lengths]
 
 
 def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
-          prefill_repeats: int = 3, warmup: int = 2, seed: int = 0,
+          prefill_repeats: int = 3, warmup: int = 2, seed: int = 0, interleave: bool = False,
           progress: Progress | None = None) -> list[BenchRow]:
     """TTFT and decode latency of every model at every context length, one `BenchRow` each.
 
-    Context lengths run in the outer loop so that slow drifts of a shared machine hit all models alike.
-    `progress(fraction, desc=...)` is called before each measurement and once at the end.
+    Context lengths run in the outer loop so that slow drifts of a shared machine hit all models alike;
+    with `interleave`, each model's decode steps also take turns across the context lengths
+    (`time_decode_interleaved`). `progress(fraction, desc=...)` is called before each measurement and once
+    at the end.
     """
-    rows = []
-    total = 2 * len(adapters) * len(context_lengths)
-    done = 0
+    prefills, decodes = {}, {}
+    steps = len(adapters) * len(context_lengths)
+    total, done = steps + (len(adapters) if interleave else steps), 0
     for context_len in context_lengths:
-        for adapter in adapters:
+        for i, adapter in enumerate(adapters):
             if progress:
                 progress(done / total, desc=f"{adapter.name}: prefill {context_len} tokens")
-            prefill = time_prefill(adapter, context_len, repeats=prefill_repeats, seed=seed)
+            prefills[i, context_len] = time_prefill(adapter, context_len, repeats=prefill_repeats,
+                                                               seed=seed)
+            done += 1
+            if not interleave:
+                if progress:
+                    progress(done / total, desc=f"{adapter.name}: decode at context {context_len}")
+                decodes[i, context_len] = time_decode(adapter, context_len, n_tokens, warmup=warmup,
+                                                                 seed=seed)
+                done += 1
+    if interleave:
+        for i, adapter in enumerate(adapters):
             if progress:
-                progress((done + 1) / total, desc=f"{adapter.name}: decode at context {context_len}")
-            decode = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
-            rows.append(BenchRow.of(prefill, decode, adapter.quant))
-            done += 2
+                progress(done / total, desc=f"{adapter.name}: decode at every context, steps interleaved")
+            for row in time_decode_interleaved(adapter, context_lengths, n_tokens, warmup=warmup, seed=seed):
+                decodes[i, row.context_len] = row
+            done += 1
     if progress:
         progress(1.0, desc="done")
-    return rows
+    return [BenchRow.of(prefills[i, c], decodes[i, c], a.quant) for c in context_lengths
+            for i, a in enumerate(adapters)]
 
 
 def print_progress(fraction: float, desc: str = "") -> None:
