@@ -7,8 +7,6 @@ is ever materialised (recipe R4, ecosystem.md §2). The float layout is checked 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,25 +17,10 @@ from accelerate.utils import set_module_tensor_to_device
 from quant import bnb, int8
 from quant.common import target_linears
 from tnllm.checkpoint import TIED_KEYS, CheckpointError, _iter_file, check_weights, open_checkpoint
+from tnllm.memory import malloc_trim
 from tnllm.model import TransNormerLLM
 
 DeviceMap = dict[str, int | str | torch.device]
-
-
-def _libc_malloc_trim() -> Callable[[int], int]:
-    """glibc's malloc_trim, or a no-op elsewhere.
-
-    Without it, glibc keeps the freed float/fp16 temporaries of quantisation in fragmented heap
-    arenas: measured peak RSS of a bnb load then reached the float model's size (511 vs 264 MiB for
-    a 445 MB fp32 checkpoint); returning free pages after each quantised tensor avoids that.
-    """
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda pad: 0
-
-
-_malloc_trim = _libc_malloc_trim()
 
 
 def _device_for(name: str, device_map: DeviceMap) -> int | str | torch.device:
@@ -102,7 +85,7 @@ def stream_weights(model: TransNormerLLM, directory: Path, files: list[str], fou
                 if key in weights:
                     set_weight(key, weights[key], tensor, device)
                     del tensor
-                    _malloc_trim(0)
+                    malloc_trim()  # else the freed float copies stay in glibc's heaps (tnllm.memory)
                 else:
                     set_module_tensor_to_device(model, key, device, value=tensor, dtype=dtype, clear_cache=False)
     if tied:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 
 from tnllm.generation import Conversation, NumericalError, ReplyStats
+from tnllm.memory import malloc_trim
 from webui.runtime import Runtime
 from webui.validation import (
     FIELDS,
@@ -279,6 +280,7 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
                 session.turns.append((raw, reply))
             session.lock.release()
             store.count(outcome, -1)
+            malloc_trim()  # the reply's activations go back to the OS, not into a heap that only grows
         if outcome == "error":
             raise gr.Error(INTERNAL_NOTICE)
         stats = session.conv.last_stats

@@ -11,11 +11,13 @@ from functools import partial
 
 import gradio as gr
 
+from tnllm.memory import limit_malloc_arenas
 from webui.chat import SessionStore, make_chat_fn, make_validator, session_key, with_stats_messages
 from webui.latency import COLUMNS, context_choices, race, run_benchmark
 from webui.runtime import Runtime
 from webui.validation import MAX_REPLY_SECONDS, RANGES, InputError, Limits, check_text
 
+MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (measured in tnllm/memory.py)
 EXAMPLES = [
     "Hi! How was your weekend?",
     "What is your favourite book, and why?",
@@ -149,6 +151,7 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
     """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`.
 
     `max_reply_s`: a reply's wall-clock limit (prefill included), after which it ends as if stopped."""
+    limit_malloc_arenas(MALLOC_ARENAS)  # before Gradio's worker threads start (tnllm.memory)
     store = SessionStore(runtime)
     limits = Limits.for_context(runtime.max_context, max_reply_s)
     with gr.Blocks(title="TransNormerLLM chat", delete_cache=(3600, 3600)) as demo:
