@@ -228,8 +228,9 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
 
 def render(data: dict) -> str:
     env, lines = data["environment"], []
+    model = env["model"].removeprefix(str(ROOT) + os.sep)  # the bundled checkpoint as a repo path
     lines.append(f"Measured by `python bench/soak.py` on {env['cpu']} ({env['cores']} cores), model "
-                 f"`{env['model']}` ({env['precision']}, 8-bit: {env['int8']}), torch {env['torch']}, gradio "
+                 f"`{model}` ({env['precision']}, 8-bit: {env['int8']}), torch {env['torch']}, gradio "
                  f"{env['gradio']}.")
     if data.get("concurrency"):
         lines += ["", "Concurrency limit (8 clients at once, greedy 48-token replies, 3 rounds; first update = "
@@ -259,7 +260,9 @@ def render(data: dict) -> str:
                   f"{s['chat_sessions_end']} / {s['gradio_sessions_end']} |", "",
                   f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) up to "
                   f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py); "
-                  + _after_cap(s) + " The app's own session store keeps at most 32 recurrent states.", "",
+                  + _after_cap(s) + " The app's own session store keeps at most 32 recurrent states. The server shares "
+                  "two glibc heaps between its threads and returns freed pages after every reply (`tnllm.memory`, "
+                  "which records the drift measured without them).", "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
     return "\n".join(lines)

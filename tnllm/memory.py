@@ -4,9 +4,10 @@ glibc keeps freed blocks in its heaps and gives every new thread its own heap ("
 Two places in this project free large, oddly sized temporaries over and over: the streaming 8-bit loader
 (float copies of each tensor) and the chat server (activations of prompts of every length, freed by
 whichever of Gradio's worker threads ran the reply). Measured: peak RSS of a bnb load of a 445 MB fp32
-checkpoint 511 MiB without trimming, 264 MiB with a trim after each tensor; bench/soak.py (bundled model,
-4 clients, 2-core VM) with default glibc: RSS 834 MiB at start and 1,013 MiB after 1 minute; with 2 arenas
-648 and 778.
+checkpoint 511 MiB without trimming, 264 MiB with a trim after each tensor. `python bench/soak.py` (bundled
+model, 4 clients, 2-core VM), RSS at start → after 1 min → end: default glibc, 10 min: 834 → 1,013 → 1,203
+MiB (still +15 MiB/min after Gradio's session cap); 2 arenas, 5 min: 648 → 778 → 856; 2 arenas and a trim
+after each reply, 5 min: 642 → 708 → 728 (peak 786, falling after the cap).
 """
 
 from __future__ import annotations
