@@ -258,11 +258,11 @@ def _decode_ready(adapter: ModelAdapter, context_len: int, n_tokens: int, warmup
 
 
 def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], cache,
-                peak_bytes: int | None) -> DecodeRow:
+                peak_bytes: int | None, total_bytes: int | None) -> DecodeRow:
     median_s = statistics.median(seconds)
     return DecodeRow(adapter.name, context_len, len(seconds), median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
                      _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache), peak_bytes,
-                     _total(adapter.device))
+                     total_bytes)
 
 
 @torch.inference_mode()
@@ -279,7 +279,7 @@ def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, 
     for t in range(context_len, context_len + n_tokens):
         (_, cache), s = timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
         seconds.append(s)
-    return _decode_row(adapter, context_len, seconds, cache, _peak_above(device, baseline))
+    return _decode_row(adapter, context_len, seconds, cache, _peak_above(device, baseline), _total(device))
 
 
 @torch.inference_mode()
@@ -287,7 +287,8 @@ def time_decode_interleaved(adapter: ModelAdapter, context_lengths: Sequence[int
                             warmup: int = 2, seed: int = 0) -> list[DecodeRow]:
     """`time_decode` at every context length, the timed steps taking turns (one step at each context, then
     the next round), so that a slow drift of a shared machine hits every context alike. Every cache is held
-    at once, so there is no per-context decode peak (`peak_bytes` None)."""
+    at once, so there is no per-context decode memory (`peak_bytes` and `total_bytes` None: the rows'
+    `peak_mem_mb` is then the prefill's)."""
     ready = {c: _decode_ready(adapter, c, n_tokens, warmup, seed) for c in context_lengths}
     caches = {c: cache for c, (_, cache) in ready.items()}
     seconds: dict[int, list[float]] = {c: [] for c in context_lengths}
@@ -296,7 +297,7 @@ def time_decode_interleaved(adapter: ModelAdapter, context_lengths: Sequence[int
             token = ready[c][0][:, c + i : c + i + 1]
             (_, caches[c]), s = timed(functools.partial(adapter.step, token, caches[c]), adapter.device)
             seconds[c].append(s)
-    return [_decode_row(adapter, c, seconds[c], caches[c], None) for c in context_lengths]
+    return [_decode_row(adapter, c, seconds[c], caches[c], None, None) for c in context_lengths]
 
 
 def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
