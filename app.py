@@ -39,11 +39,12 @@ EXIT_BAD_MODEL = 2
 MAX_GRADIO_SESSIONS = 200
 
 
-def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16):
+def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16,
+               max_reply_s: float = MAX_REPLY_SECONDS):
     """The Gradio app (webui.ui.build_demo); Gradio is imported only once the model has loaded."""
     from webui.ui import build_demo as build
 
-    return build(runtime, concurrency_limit=concurrency_limit, max_size=max_size)
+    return build(runtime, concurrency_limit=concurrency_limit, max_size=max_size, max_reply_s=max_reply_s)
 
 
 def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = None) -> dict:

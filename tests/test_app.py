@@ -224,3 +224,36 @@ def test_each_finished_reply_keeps_its_stats_message_and_it_never_reaches_the_mo
     gen = tab_chat("tell me a long story", [], *controls(SEEDED, max_new_tokens=500))
     assert all(isinstance(next(gen)[0], str) for _ in range(4))
     gen.close()
+
+
+def test_python_app_py_serves_a_chat_end_to_end():
+    """The README's first command, as a process: `python app.py` with flags → a chat turn over HTTP."""
+    import signal
+    import subprocess
+    import sys
+
+    from gradio_client import Client
+
+    from tests.conftest import ROOT, free_port
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", "preset:tiny", "--no-int8", "--device", "cpu",
+                             "--port", str(port), "--max-reply-seconds", "30"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}", verbose=False)
+                break
+            except Exception:  # noqa: BLE001 (not up yet)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"python app.py did not start:\n{proc.stdout.read()[-3000:]}")
+                time.sleep(0.5)
+        reply, _, info = client.predict("hello there", *controls(GREEDY), api_name="/chat")
+        assert message_text(reply) and info["finish_reason"] in ("length", "eos")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
