@@ -4,13 +4,17 @@
     python bench/soak.py --minutes 1 --model preset:tiny --no-int8
     python bench/soak.py --report                          # README "Reliability" section from the JSON
 
-Two parts, one JSON (bench/results/soak-cpu.json by default):
+Three parts, one JSON (bench/results/soak-cpu.json by default; parts not re-run keep their last figures):
 * concurrency: for each `concurrency_limit` K in --concurrency-sweep, 8 clients send greedy 48-token replies
   at once, 3 rounds; aggregate tokens/s, time to first streamed update (client side, queue wait included) and
   reply time p50/p95. The app's default K is the one with the highest aggregate tokens/s.
 * soak: --clients threads loop for --minutes over mixed traffic (chat 60%, Stop mid-stream 15%, dropped
   connection 10%, invalid input 15%, a new session 20% of the time); counts requests by outcome, unexpected
   results as errors, samples RSS, open fds, and session counts; drift = RSS at the end - RSS after minute 1.
+* stop during prefill (--prefill-stop): the longest allowed prompt stopped right after its first prefill chunk;
+  time from the cancel request to the server's `finally`, against one chunk's prefill time.
+
+    python bench/soak.py --minutes 0 --concurrency-sweep ''   # only the stop-during-prefill part
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import threading
 import time
@@ -226,6 +231,41 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
             "gradio_sessions_end": end[4], "samples": samples}
 
 
+def stop_during_prefill(runtime, repeats: int = 5) -> dict:
+    """reliability.md item 19: the longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first
+    prefill chunk is reported; the time from the cancel request to the reply's `finally` on the server, against
+    one prefill chunk's time."""
+    from tnllm.bench import timed
+    from tnllm.generation import PREFILL_CHUNK
+    from webui.validation import MAX_MESSAGE_CHARS
+
+    tokenizer = runtime.tokenizer
+    sentence = "Tell me everything about the long history of the old harbour town and its people. "
+    text = sentence * (MAX_MESSAGE_CHARS // len(sentence))
+    n_tokens = len(tokenizer.encode(text))
+    ids = torch.tensor([tokenizer.encode(text)[:PREFILL_CHUNK]])
+    with torch.inference_mode():
+        chunk_s = statistics.median(timed(lambda: runtime.model(ids, runtime.model.allocate_state(1), logits_to_keep=1),
+                                          torch.device("cpu"))[1] for _ in range(5))
+    demo, url, fn = launch(runtime, 1, 4)
+    store, waits, fed = demo.sessions, [], []
+    try:
+        for _ in range(repeats):
+            client = ChatClient(url, fn)
+            result = client.chat(text, (0.0, 1.0, 0, 1.0, 16, 0), cancel_after=1)
+            if result.cancelled_at is None:
+                raise RuntimeError(f"no streamed update to cancel after: {result.outcome} {result.error}")
+            while store.active:
+                time.sleep(0.001)
+            waits.append(store.last_finished - result.cancelled_at)
+            fed.append(store._sessions[client.session_hash].context_tokens)
+            client.close()
+    finally:
+        demo.close()
+    return {"prompt_tokens": n_tokens, "chunk_tokens": PREFILL_CHUNK, "chunk_ms": chunk_s * 1e3,
+            "stop_to_finally_ms": [w * 1e3 for w in waits], "tokens_fed_when_stopped": fed}
+
+
 def render(data: dict) -> str:
     env, lines = data["environment"], []
     model = env["model"].removeprefix(str(ROOT) + os.sep)  # the bundled checkpoint as a repo path
@@ -265,6 +305,14 @@ def render(data: dict) -> str:
                   "which records the drift measured without them).", "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
+    if data.get("stop_during_prefill"):
+        x = data["stop_during_prefill"]
+        waits = x["stop_to_finally_ms"]
+        lines += ["", f"Stop during a long prefill ({x['prompt_tokens']:,}-token prompt, Stop sent as soon as the "
+                  f"first {x['chunk_tokens']}-token chunk is reported, {len(waits)} runs): the reply's `finally` ran "
+                  f"{statistics.median(waits):.0f} ms (median; max {max(waits):.0f} ms) after the cancel request; "
+                  f"one prefill chunk takes {x['chunk_ms']:.0f} ms. Tokens read when stopped: "
+                  + ", ".join(f"{n:,}" for n in x["tokens_fed_when_stopped"]) + "."]
     return "\n".join(lines)
 
 
@@ -297,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency-sweep", default="1,2,4", help="limits to measure ('' to skip)")
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--prefill-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="time Stop during the longest allowed prompt's prefill (reliability.md item 19)")
     p.add_argument("--report", action="store_true", help="only render the README section from --out")
     args = p.parse_args(argv)
     if args.report:
@@ -313,11 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "model": runtime.info["model"],
            "precision": runtime.info["precision"], "int8": runtime.info["8-bit"], "torch": torch.__version__,
            "gradio": gradio.__version__, "python": platform.python_version()}
-    data: dict = {"environment": env}
+    data: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}  # parts not re-measured stay
+    data["environment"] = env
     ks = [int(k) for k in args.concurrency_sweep.split(",") if k.strip()]
-    if not ks and args.out.is_file():  # keep the last sweep's figures
-        previous = json.loads(args.out.read_text())
-        data.update({k: previous[k] for k in ("concurrency", "chosen_concurrency") if k in previous})
     if ks:
         data["concurrency"] = measure_concurrency(runtime, ks)
         data["chosen_concurrency"] = max(data["concurrency"], key=lambda r: r["aggregate_tokens_per_s"])[
@@ -325,6 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     concurrency = args.concurrency or data.get("chosen_concurrency", 2)
     if args.minutes > 0:
         data["soak"] = soak(runtime, args.minutes, args.clients, concurrency, args.queue_size)
+    if args.prefill_stop:
+        data["stop_during_prefill"] = stop_during_prefill(runtime)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(render(data))

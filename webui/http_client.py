@@ -9,6 +9,7 @@ tests and bench/soak.py: one session per `ChatClient`, streaming, cancel and abr
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ class ChatResult:
     info: dict = field(default_factory=dict)
     error: str | None = None         # 422/503 detail, or the server's error message
     outcome: str = ""                # "completed", "cancelled", "disconnected", "rejected", "busy", "error"
+    cancelled_at: float | None = None  # time.perf_counter() when the cancel request was sent
 
 
 class ChatClient:
@@ -76,6 +78,7 @@ class ChatClient:
                     result.reply = _apply(result.reply, data[0]) if data else result.reply
                     result.updates += 1
                     if cancel_after is not None and result.updates >= cancel_after:
+                        result.cancelled_at = time.perf_counter()
                         self.http.post(self.url + "cancel", json={"session_hash": self.session_hash,
                                                                    "fn_index": self.fn_index, "event_id": event_id})
                         cancel_after = None
