@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> dict:
                              "(default on for CPU; off on CUDA, where it would lose the per-context decode peak)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/decode-<host>.json)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     contexts = [int(c) for c in args.contexts.split(",")]
     methods = args.quant.split(",")
     if len(methods) > 1:
-        result = run_each_method(argv if argv is not None else sys.argv[1:], methods)
+        result = run_each_method(argv, methods)
     else:
         result = measure(args, dtype, contexts, methods[0])
     result.update(date=datetime.date.today().isoformat(),
-                  command=" ".join(["python bench/decode.py", *(argv if argv is not None else sys.argv[1:])]))
+                  command=" ".join(["python bench/decode.py", *argv]))
     rows = [BenchRow(**r) for r in result["rows"]]
     print(format_table(rows))
     print(json.dumps(result))

@@ -242,8 +242,8 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
     tokenizer = runtime.tokenizer
     sentence = "Tell me everything about the long history of the old harbour town and its people. "
     text = sentence * (MAX_MESSAGE_CHARS // len(sentence))
-    n_tokens = len(tokenizer.encode(text))
-    ids = torch.tensor([tokenizer.encode(text)[:PREFILL_CHUNK]])
+    prompt_ids = tokenizer.encode(text)
+    ids = torch.tensor([prompt_ids[:PREFILL_CHUNK]])  # [1, one chunk]
     with torch.inference_mode():
         chunk_s = statistics.median(timed(lambda: runtime.model(ids, runtime.model.allocate_state(1), logits_to_keep=1),
                                           torch.device("cpu"))[1] for _ in range(5))
@@ -262,7 +262,7 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
             client.close()
     finally:
         demo.close()
-    return {"prompt_tokens": n_tokens, "chunk_tokens": PREFILL_CHUNK, "chunk_ms": chunk_s * 1e3,
+    return {"prompt_tokens": len(prompt_ids), "chunk_tokens": PREFILL_CHUNK, "chunk_ms": chunk_s * 1e3,
             "stop_to_finally_ms": [w * 1e3 for w in waits], "tokens_fed_when_stopped": fed}
 
 

@@ -317,14 +317,12 @@ def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_to
         for i, adapter in enumerate(adapters):
             if progress:
                 progress(done / total, desc=f"{adapter.name}: prefill {context_len} tokens")
-            prefills[i, context_len] = time_prefill(adapter, context_len, repeats=prefill_repeats,
-                                                               seed=seed)
+            prefills[i, context_len] = time_prefill(adapter, context_len, repeats=prefill_repeats, seed=seed)
             done += 1
             if not interleave:
                 if progress:
                     progress(done / total, desc=f"{adapter.name}: decode at context {context_len}")
-                decodes[i, context_len] = time_decode(adapter, context_len, n_tokens, warmup=warmup,
-                                                                 seed=seed)
+                decodes[i, context_len] = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
                 done += 1
     if interleave:
         for i, adapter in enumerate(adapters):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
 
@@ -40,8 +41,6 @@ def limit_malloc_arenas(n: int) -> bool:
     Threads then share heaps, so memory one worker frees is reused by the next instead of idling in a
     heap of its own. Call early, before worker threads start; MALLOC_ARENA_MAX in the environment wins.
     """
-    import os
-
     if _LIBC is None or "MALLOC_ARENA_MAX" in os.environ:
         return False
     return bool(_LIBC.mallopt(_M_ARENA_MAX, n))
