@@ -1,6 +1,6 @@
 """Write BENCHMARKS.md from bench/results/kernels-h200.json and, when present, the bundled-model training
-sweep bench/results/train-sweep-h200.json and the bench/decode.py runs bench/results/decode-*.json (never
-hand-edit the figures).
+sweep bench/results/train-sweep-h200.json, the bench/decode.py runs bench/results/decode-*.json and the
+bench/soak.py figures bench/results/soak-cpu.json (never hand-edit the figures).
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
 """
@@ -143,9 +143,7 @@ def main():
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench/kernels.py")
-    bench_kernels = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_kernels)
+    bench_kernels = _bench_module("kernels")
     result = json.loads(Path(a.json).read_text())
     bench_kernels.derive(result)  # idempotent; partial (timed-out) JSON files are written before it runs
     text = render(result)
@@ -154,7 +152,19 @@ def main():
         text += render_training(json.loads(training.read_text()))
     for decode in sorted((ROOT / "bench/results").glob("decode-*.json")):
         text += render_decode(json.loads(decode.read_text()))
+    soak = ROOT / "bench/results/soak-cpu.json"
+    if soak.is_file():  # the same text as README's reliability section
+        text += "\n## Chat server: concurrency, soak, Stop during prefill (CPU)\n\n" + \
+            _bench_module("soak").render(json.loads(soak.read_text())) + "\n"
     Path(a.out).write_text(text)
+
+
+def _bench_module(name: str):
+    """bench/<name>.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / f"bench/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":
