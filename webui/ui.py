@@ -13,9 +13,10 @@ import gradio as gr
 
 from tnllm.memory import limit_malloc_arenas
 from webui.chat import SessionStore, make_chat_fn, make_validator, session_key, with_stats_messages
-from webui.latency import COLUMNS, context_choices, race, run_benchmark
+from webui.latency_tab import latency_tab
+from webui.model_tab import model_tab
 from webui.runtime import Runtime
-from webui.validation import MAX_REPLY_SECONDS, RANGES, InputError, Limits, check_text
+from webui.validation import CHAT_DEFAULTS, MAX_REPLY_SECONDS, RANGES, InputError, Limits, check_text
 
 MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (measured in tnllm/memory.py)
 EXAMPLES = [
@@ -56,23 +57,14 @@ class _ServerCheckedNumber(gr.Number):
 def _sampling_controls() -> list[gr.components.Component]:
     slider = partial(_ServerCheckedSlider, render=False)
     return [
-        slider(*RANGES["temperature"], value=0.7, step=0.05, label="Temperature (0 = greedy)"),
-        slider(*RANGES["top_p"], value=0.9, step=0.05, label="Top-p"),
-        slider(*RANGES["top_k"], value=40, step=1, label="Top-k (0 = off)"),
-        slider(*RANGES["repetition_penalty"], value=1.1, step=0.05, label="Repetition penalty"),
-        slider(*RANGES["max_new_tokens"], value=128, step=1, label="Max new tokens"),
+        slider(*RANGES["temperature"], value=CHAT_DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)"),
+        slider(*RANGES["top_p"], value=CHAT_DEFAULTS["top_p"], step=0.05, label="Top-p"),
+        slider(*RANGES["top_k"], value=CHAT_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)"),
+        slider(*RANGES["repetition_penalty"], value=CHAT_DEFAULTS["repetition_penalty"], step=0.05,
+               label="Repetition penalty"),
+        slider(*RANGES["max_new_tokens"], value=CHAT_DEFAULTS["max_new_tokens"], step=1, label="Max new tokens"),
         _ServerCheckedNumber(value=-1, precision=0, label="Seed (-1 = random)", render=False),
     ]
-
-
-def _model_card(runtime: Runtime) -> str:
-    lines = ["### TransNormerLLM (chat model)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.info.items()]
-    lines += [f"| max context | {runtime.max_context:,} tokens |",
-              f"| recurrent state | {runtime.model.allocate_state(1).nbytes / 2**20:.2f} MiB, whatever the context |",
-              "", "### Transformer baseline (latency tab)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.baseline_info.items()]
-    return "\n".join(lines)
 
 
 def _text_validator(runtime: Runtime, limits: Limits):
@@ -111,41 +103,6 @@ def _chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, lim
     info.render()
 
 
-def _latency_tab(runtime: Runtime) -> None:
-    choices = context_choices(runtime)
-    gr.Markdown("Both models run through `tnllm.bench.sweep`, the code behind `bench/decode.py`: same seeded "
-                "prompts, warm-up excluded, medians. TNL's decode step and state stay flat; the Transformer's "
-                "KV cache and step time grow with the context.")
-    with gr.Row():
-        contexts = gr.CheckboxGroup(choices, value=choices[:3], label="Context lengths (tokens)", scale=3)
-        n_tokens = gr.Slider(4, 64, value=16, step=4, label="Timed decode steps per context", scale=1)
-    run = gr.Button("Run benchmark", variant="primary")
-    with gr.Row():
-        plots = [gr.LinePlot(x="context", y=y, color="model", title=title, height=260) for y, title in (
-            ("decode ms/token", "Per-token decode latency (ms)"), ("TTFT ms", "Time to first token (ms)"),
-            ("cache MiB", "Decode cache: state vs KV cache (MiB)"))]
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Measurements")
-    run.click(partial(run_benchmark, runtime), [contexts, n_tokens], [*plots, table], api_name="latency",
-              concurrency_id="bench", concurrency_limit=1)
-
-    gr.Markdown("### Live race\nBoth models answer the same prompt (greedy) after the same filler context; "
-                "whichever has spent less compute time takes the next step, so the faster one pulls ahead.")
-    with gr.Row():
-        prompt = gr.Textbox("Tell me about your favourite place.", label="Prompt", scale=3)
-        filler = gr.Slider(0, min(8192, runtime.max_context), value=min(2048, runtime.max_context), step=128,
-                           label="Context before the prompt (tokens)")
-        new_tokens = gr.Slider(8, 256, value=64, step=8, label="New tokens")
-    with gr.Row():
-        start, stop = gr.Button("Start race", variant="primary"), gr.Button("Stop race", variant="stop")
-    with gr.Row():
-        boxes = [gr.Textbox(label="TransNormerLLM (recurrent state)", lines=6),
-                 gr.Textbox(label="Llama (KV cache)", lines=6)]
-    counters = gr.Markdown(elem_id="race-counters")
-    event = start.click(partial(race, runtime), [prompt, filler, new_tokens], [*boxes, counters], api_name="race",
-                        concurrency_id="bench", concurrency_limit=1)
-    stop.click(None, None, None, cancels=[event])
-
-
 def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16,
                max_reply_s: float = MAX_REPLY_SECONDS) -> gr.Blocks:
     """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`.
@@ -160,9 +117,9 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
             with gr.Tab("Chat"):
                 _chat_tab(runtime, store, concurrency_limit, limits)
             with gr.Tab("Latency vs Transformer"):
-                _latency_tab(runtime)
+                latency_tab(runtime)
             with gr.Tab("Model"):
-                gr.Markdown(_model_card(runtime))
+                model_tab(runtime)
 
         def forget(request: gr.Request) -> None:  # the tab closed: free that session's state
             store.drop(session_key(request))
