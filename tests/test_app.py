@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 
 from tnllm.generation import generate  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
-from webui.validation import is_stats_message, message_text  # noqa: E402
+from webui.chat import chat_view  # noqa: E402
+from webui.validation import is_stats_message  # noqa: E402
 
 GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12, seed=0)
 SEEDED = dict(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=16, seed=123)
@@ -30,19 +31,11 @@ def controls(p: dict, **changes) -> tuple:
     return (p["temperature"], p["top_p"], p["top_k"], p["repetition_penalty"], p["max_new_tokens"], p["seed"])
 
 
-def messages(*turns: tuple[str, str]) -> list[dict]:
-    """Gradio 6 history: content as a list of text parts."""
-    out = []
-    for user, reply in turns:
-        out.append({"role": "user", "content": [{"type": "text", "text": user}], "metadata": None})
-        out.append({"role": "assistant", "content": [{"type": "text", "text": reply}], "metadata": None})
-    return out
-
-
-
-def before_reply(info: dict) -> int:
-    """Tokens in the state when the reply started (the reply's last sampled id is not fed yet)."""
-    return info["context_tokens"] - info["new_tokens"] + 1
+def only_new_message(runtime, text: str, info: dict, previous: dict) -> bool:
+    """The turn read only what the state had not seen: the previous reply's unfed ids (its last sampled id
+    unless that was eos, then the eos closing it) and the new message, never the history."""
+    unfed = 1 if previous["finish_reason"] == "eos" else 2
+    return info["prompt_tokens"] == unfed + len(runtime.tokenizer.chat_ids([("human", text)]))
 
 
 def engine_reply(runtime, text: str, p: dict) -> str:
@@ -53,51 +46,78 @@ def engine_reply(runtime, text: str, p: dict) -> str:
 # -- in-process ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [GREEDY, SEEDED], ids=["greedy", "seeded-sampling"])
 def test_chat_streams_the_engines_output(runtime, chat, p):
-    updates = [reply for reply, _, _ in chat("hello there, how are you?", [], *controls(p))]
+    updates = [reply for reply, _, _ in chat("hello there, how are you?", *controls(p))]
     assert len(updates) >= 5, "a reply streams as several cumulative updates"
     assert all(b.startswith(a) for a, b in zip(updates, updates[1:])), "updates are cumulative"
     assert updates[-1] == engine_reply(runtime, "hello there, how are you?", p)
 
 
-def test_stop_mid_stream_keeps_the_session_consistent(runtime, chat):
+@pytest.mark.parametrize("how", ["close", "stop-flag"], ids=["gradio-cancel", "stop-button"])
+def test_stop_mid_stream_keeps_the_session_consistent(runtime, chat, how):
+    """Gradio's cancel closes the generator; the Stop button sets the session's flag: either way the turn
+    records what the state read, marked stopped, and the next turn continues the state."""
     eos = runtime.model.config.eos_token_id
-    gen = chat("tell me a long story", [], *controls(SEEDED, max_new_tokens=500))
+    gen = chat("tell me a long story", *controls(SEEDED, max_new_tokens=500))
     shown = [next(gen)[0] for _ in range(6)][-1]
-    gen.close()  # what Gradio does on Stop
     session = chat.store.get("default")
+    if how == "close":
+        gen.close()
+    else:
+        session.stop.set()
+        *_, (final, _, info) = gen
+        assert final.startswith(shown) and info["finish_reason"] == "cancelled"
+        shown = final
     conv = session.conv
     assert not session.lock.locked(), "Stop released the session"
     assert conv.last_stats.finish_reason == "cancelled" and conv.last_stats.new_tokens < 500
-    assert session.context_tokens == len(conv.history), "state holds exactly the recorded ids"
+    assert int(conv.state.positions[0]) == len(conv.history), "state holds exactly the recorded ids"
     assert conv.pending[-1] == eos, "the cut reply is closed with eos before the next message"
-    assert session.turns == [("tell me a long story", shown)]
+    (turn,) = session.turns
+    assert (turn.user, turn.reply, turn.info["finish_reason"]) == ("tell me a long story", shown, "cancelled")
+    assert chat_view(session)[-1]["metadata"]["title"].startswith("⏹ stopped")
 
-    # The next turn continues the same state: only its new message is prefilled.
-    *_, (reply, _, info) = chat("and then?", messages(("tell me a long story", shown)), *controls(GREEDY))
-    assert info["history_rereads"] == 0
-    assert info["prompt_tokens"] < before_reply(info)
+    *_, (reply, _, info) = chat("and then?", *controls(GREEDY))
+    assert only_new_message(runtime, "and then?", info, turn.info)
     chat.store.drop("default")
     assert "default" not in chat.store and len(chat.store) == 0
 
 
 def test_retry_restores_the_snapshot_and_clear_starts_fresh(runtime, chat):
-    first = [u[0] for u in chat("hi!", [], *controls(GREEDY))][-1]
-    second = [u[0] for u in chat("what now?", messages(("hi!", first)), *controls(GREEDY))][-1]
-    # Retry: Gradio re-sends the last message with the history before it.
-    *_, (again, _, info) = chat("what now?", messages(("hi!", first)), *controls(GREEDY))
-    assert again == second and info["history_rereads"] == 0
-    # Clear: an empty history is a fresh conversation, identical to the very first reply.
-    *_, (fresh, _, info) = chat("hi!", [], *controls(GREEDY))
-    assert fresh == first and info["prompt_tokens"] == before_reply(info)
+    first = [u[0] for u in chat("hi!", *controls(GREEDY))][-1]
+    *_, (second, _, info2) = chat("what now?", *controls(GREEDY))
+    session = chat.store.get("default")
+    assert session.undo().user == "what now?" and len(session.turns) == 1  # Retry = undo, then send again
+    *_, (again, _, info) = chat("what now?", *controls(GREEDY))
+    assert again == second and info == {**info2, "ttft_ms": info["ttft_ms"], "tokens_per_s": info["tokens_per_s"]}
+    session.clear()
+    *_, (fresh, _, info) = chat("hi!", *controls(GREEDY))
+    assert fresh == first and info["prompt_tokens"] == len(runtime.tokenizer.chat_ids([("human", "hi!")]))
+
+
+def test_undo_past_the_kept_snapshots_reads_the_remaining_turns(runtime, chat):
+    replies = [[u[0] for u in chat(m, *controls(GREEDY))][-1] for m in ("one", "two", "three", "four")]
+    session = chat.store.get("default")
+    for _ in range(3):
+        session.undo()
+    assert [t.user for t in session.turns] == ["one"] and session.turns[0].reply == replies[0]
+    *_, (again, _, _) = chat("two", *controls(GREEDY))
+    assert again == replies[1], "the state after undo equals the state the turn first saw"
+
+
+def test_live_line_shows_prefill_progress_then_speed(runtime, chat):
+    lines = [line for _, line, info in chat("tell me a long story " * 150, *controls(GREEDY)) if not info]
+    assert lines[0].startswith("<small>Reading your message: 512 of ") and "tokens" in lines[0]
+    assert "1 token · TTFT" in next(line for line in lines if "TTFT" in line), "singular for one token"
+    assert "12 tokens · **" in lines[-1] and "tok/s" in lines[-1]
 
 
 def test_bad_input_is_a_readable_error(chat):
     with pytest.raises(gr.Error, match="Type a message"):
-        next(chat("  \n", [], *controls(GREEDY)))
+        next(chat("  \n", *controls(GREEDY)))
     with pytest.raises(gr.Error, match="top_p"):
-        next(chat("hi", [], *controls(GREEDY, top_p=0.0)))
+        next(chat("hi", *controls(GREEDY, top_p=0.0)))
     with pytest.raises(gr.Error, match="too long"):
-        next(chat("x" * 9000, [], *controls(GREEDY)))
+        next(chat("x" * 9000, *controls(GREEDY)))
 
 
 def test_launch_settings_are_safe():
@@ -118,26 +138,29 @@ def test_launch_settings_are_safe():
 def test_reply_time_limit_ends_the_reply_like_stop(runtime, limit_s):
     """A reply over `max_reply_s` ends at the next yield (a prefill chunk or a token) with "time_limit"; the
     session keeps exactly what its state saw, so the next turn continues without re-reading anything."""
-    from webui.chat import SessionStore, make_chat_fn, with_stats_messages
+    from webui.chat import SessionStore, chat_view, make_chat_fn
     from webui.validation import Limits
 
     store = SessionStore(runtime)
-    limited = make_chat_fn(runtime, store, Limits.for_context(runtime.max_context, max_reply_s=limit_s))
-    chat = with_stats_messages(limited)
+    chat = make_chat_fn(runtime, store, Limits.for_context(runtime.max_context, max_reply_s=limit_s))
     long_message = "tell me a long story " * 200  # > 1 prefill chunk (512 tokens)
     started = time.monotonic()
-    *_, (final, _, info) = chat(long_message, [], *controls(GREEDY, max_new_tokens=1000))
+    *_, (reply, _, info) = chat(long_message, *controls(GREEDY, max_new_tokens=1000))
     elapsed = time.monotonic() - started
-    reply, stats = final
-    assert info["finish_reason"] == "time_limit" and "finish: time_limit" in stats["content"]
+    assert info["finish_reason"] == "time_limit"
+    assert chat_view(store.get("default"))[-1]["metadata"]["title"].startswith("⏱ time limit")
     assert elapsed < limit_s + 2.0
     if limit_s < 1e-3:  # stopped after the first prefill chunk: nothing sampled, the prompt only partly read
         assert reply == "" and info["new_tokens"] == 0 and info["context_tokens"] == 512
     else:
         assert 0 < info["new_tokens"] < 1000 and reply
     unlimited = make_chat_fn(runtime, store)  # the same session, the default limit
-    *_, (_, _, info2) = unlimited("and then?", messages((long_message, reply)), *controls(GREEDY))
-    assert info2["history_rereads"] == 0 and info2["finish_reason"] == "length"
+    *_, (_, _, info2) = unlimited("and then?", *controls(GREEDY))
+    assert info2["finish_reason"] == "length"
+    if info["new_tokens"]:
+        assert only_new_message(runtime, "and then?", info2, info)
+    else:  # the unread rest of the long message is read first, then the new one
+        assert info2["prompt_tokens"] > len(runtime.tokenizer.chat_ids([("human", "and then?")]))
 
 
 # -- over HTTP ---------------------------------------------------------------------------------------
@@ -162,22 +185,17 @@ def test_http_chat_turn_streams(client):
     job = client.submit("hello there", *controls(SEEDED), api_name="/chat")
     updates = [u[0] for u in job]
     reply, stats, info = job.result()
-    text, stats_message = reply  # the finished reply comes with its own stats message
-    assert len(updates) >= 5 and updates[-1] == reply and text and all(isinstance(u, str) for u in updates[:-1])
-    assert "tok/s" in stats and "TTFT" in stats and "recurrent state" in stats
-    assert is_stats_message(stats_message) and message_text(reply) == text
-    title = stats_message["metadata"]["title"]
-    assert f"{info['new_tokens']} tokens" in title and f"{info['tokens_per_s']:.1f} tok/s" in title
-    assert f"recurrent state {info['state_bytes'] / 1024:.1f} KiB" in title
+    assert len(updates) >= 5 and updates[-1] == reply and reply and all(isinstance(u, str) for u in updates)
+    assert f"{info['new_tokens']} tokens" in stats and f"{info['tokens_per_s']:.1f} tok/s" in stats
+    assert f"recurrent state {info['state_bytes'] / 1024:.1f} KiB" in stats and "TTFT" in stats
     assert info["new_tokens"] == SEEDED["max_new_tokens"] or info["finish_reason"] == "eos"
 
 
-def test_http_two_turns_reuse_the_state(client):
+def test_http_two_turns_reuse_the_state(runtime, client):
     _, _, first = client.predict("hello there", *controls(GREEDY), api_name="/chat")
     _, _, second = client.predict("and how was your day?", *controls(GREEDY), api_name="/chat")
-    assert second["history_rereads"] == 0
-    assert before_reply(second) > first["context_tokens"]
-    assert second["prompt_tokens"] < before_reply(second), "turn 2 prefilled only its new message, not the history"
+    assert only_new_message(runtime, "and how was your day?", second, first), "not the history"
+    assert second["context_tokens"] == first["context_tokens"] + second["prompt_tokens"] + second["new_tokens"] - 1
     assert second["state_bytes"] == first["state_bytes"], "the recurrent state does not grow"
 
 
@@ -205,25 +223,19 @@ def test_http_monitoring_endpoint_is_off(server):
     assert httpx.get(server.rstrip("/") + "/monitoring/summary").status_code != 200
 
 
-def test_each_finished_reply_keeps_its_stats_message_and_it_never_reaches_the_model(runtime, chat):
-    """The Chat tab's fn: a finished reply ends as [reply, stats message]; the next turn's history carries
-    that message back, and the session still continues its state (no re-read) with the same size."""
-    from webui.chat import with_stats_messages
-
-    tab_chat = with_stats_messages(chat)
-    *streamed, (final, _, info) = tab_chat("hi!", [], *controls(GREEDY))
-    reply, stats = final
-    assert all(isinstance(u[0], str) for u in streamed) and reply == streamed[-1][0]
-    assert is_stats_message(stats) and f"{info['tokens_per_s']:.1f} tok/s" in stats["metadata"]["title"]
-    history = [*messages(("hi!", reply)), stats]  # as the browser sends it back
-    *_, (final2, _, info2) = tab_chat("what now?", history, *controls(GREEDY))
-    assert info2["history_rereads"] == 0 and info2["prompt_tokens"] < before_reply(info2)
-    assert info2["state_bytes"] == info["state_bytes"]
-    assert final2[1]["metadata"]["title"].endswith(stats["metadata"]["title"].split("recurrent state ")[1])
-    # a stopped reply stays plain text: no stats message for it
-    gen = tab_chat("tell me a long story", [], *controls(SEEDED, max_new_tokens=500))
-    assert all(isinstance(next(gen)[0], str) for _ in range(4))
-    gen.close()
+def test_the_window_is_rebuilt_from_the_session_with_a_stats_message_per_reply(runtime, chat):
+    """The browser's window is `chat_view` of the session: each reply followed by its stats message, which
+    is display only (the session's turns, not the window, are what the model continues)."""
+    *_, (first, _, info) = chat("hi!", *controls(GREEDY))
+    *_, (second, _, info2) = chat("what now?", *controls(GREEDY))
+    view = chat_view(chat.store.get("default"))
+    assert [m["role"] for m in view] == ["user", "assistant", "assistant"] * 2
+    assert [view[1]["content"], view[4]["content"]] == [first, second]
+    titles = [view[2]["metadata"]["title"], view[5]["metadata"]["title"]]
+    assert all(is_stats_message(view[i]) for i in (2, 5)) and f"{info['tokens_per_s']:.1f} tok/s" in titles[0]
+    assert titles[0].split("recurrent state ")[1] == titles[1].split("recurrent state ")[1]
+    assert chat_view(chat.store.get("default"), ("next", "partial"))[-2:] == [
+        {"role": "user", "content": "next"}, {"role": "assistant", "content": "partial"}]
 
 
 def test_python_app_py_serves_a_chat_end_to_end():
@@ -253,7 +265,7 @@ def test_python_app_py_serves_a_chat_end_to_end():
                     pytest.fail(f"python app.py did not start:\n{proc.stdout.read()[-3000:]}")
                 time.sleep(0.5)
         reply, _, info = client.predict("hello there", *controls(GREEDY), api_name="/chat")
-        assert message_text(reply) and info["finish_reason"] in ("length", "eos")
+        assert reply and info["finish_reason"] in ("length", "eos")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

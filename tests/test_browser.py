@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -27,82 +26,150 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 
 @pytest.fixture(scope="module")
-def url():
+def demo():
     import app
     from webui.runtime import load_runtime
 
     runtime = load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
     demo = app.build_demo(runtime)
-    _, local_url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
-    yield local_url
+    demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
+    yield demo
     demo.close()
 
 
 @pytest.fixture(scope="module")
-def page(url):
+def browser():
     OUTPUT.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        # Not "networkidle": Gradio keeps its queue connection open.
-        page.goto(url, wait_until="domcontentloaded")
-        page.wait_for_selector("textarea")
-        yield page
+        yield browser
         browser.close()
 
 
-def last_reply(page) -> str:
-    bots = page.locator("[data-testid=bot]")
-    return bots.last.inner_text() if bots.count() else ""
+@pytest.fixture
+def page(demo, browser):
+    """A fresh tab (its own chat session) on the app; Gradio keeps its queue connection open, so it waits for
+    the textbox, not for "networkidle"."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(demo.local_url, wait_until="domcontentloaded")
+    page.wait_for_selector("#chat-input textarea")
+    yield page
+    page.close()
 
 
-def test_chat_streams_in_pieces_and_stops(page):
-    page.get_by_text("Sampling", exact=True).click()
-    max_tokens = page.get_by_label("number input for Max new tokens")
-    max_tokens.wait_for(state="visible")
-    max_tokens.fill("1000")  # long enough to still be streaming when Stop is clicked
-    max_tokens.press("Enter")
-    box = page.locator("textarea").first
-    box.fill("hello there, how are you?")
+def session_of(demo):
+    """The server-side session used last: this test's tab (each test opens its own)."""
+    return list(demo.sessions._sessions.values())[-1]
+
+
+def set_sampling(page, **values) -> None:
+    """Fill Sampling panel fields by label: max_new_tokens, seed."""
+    if not page.get_by_label("Seed (-1 = random)").is_visible():
+        page.get_by_text("Sampling", exact=True).click()
+    for label, value in values.items():
+        field = (page.get_by_label("Seed (-1 = random)") if label == "seed"
+                 else page.get_by_label("number input for Max new tokens"))
+        field.fill(str(value))
+        field.press("Tab")
+
+
+def send(page, text: str) -> None:
+    box = page.locator("#chat-input textarea")
+    sync_api.expect(box).to_be_editable()
+    box.fill(text)
     box.press("Enter")
 
-    lengths = []
-    deadline = time.monotonic() + 20
-    while len(set(lengths) - {0}) < 3 and time.monotonic() < deadline:
-        lengths.append(len(last_reply(page)))
-        time.sleep(0.05)
-    assert len({n for n in lengths if n}) >= 3, f"reply did not arrive in pieces: lengths {lengths}"
-    # (No monotonic check: rendered Markdown of random text can shrink when a later token closes a "*" or "`".)
 
-    # dispatch the click on the button itself: Gradio's status-tracker overlay can sit on top of it
-    # while streaming, and a pointer click then waits until the reply has ended on its own.
-    page.locator("button.stop-button").dispatch_event("click")
-    page.locator("button.stop-button").wait_for(state="hidden", timeout=10_000)
-    stopped = last_reply(page)
-    time.sleep(1.0)
-    assert last_reply(page) == stopped, "no text arrives after Stop"
-    stats = page.locator("#reply-stats").inner_text()
-    assert "tok/s" in stats and "recurrent state" in stats
-    n_tokens = int(stats.split(" tokens")[0])
-    assert 0 < n_tokens < 1000, f"Stop ended the reply early: {stats}"
+STATS_TITLES = "#chat-window .thought-group .title"  # each finished reply's collapsed stats message
+
+
+def wait_replies(page, n: int) -> None:
+    """Wait on state, not time: `n` replies have ended (each has its stats message) and the box is usable."""
+    sync_api.expect(page.locator(STATS_TITLES)).to_have_count(n, timeout=60_000)
+    sync_api.expect(page.locator("#chat-input textarea")).to_be_editable()
+    sync_api.expect(page.locator("#chat-input button.submit-button")).to_be_visible()
+
+
+def stats_titles(page) -> list[str]:
+    return page.locator(STATS_TITLES).all_inner_texts()
+
+
+RECORD_LENGTHS = """() => {
+    // Every length the last bot message shows, recorded in the page: no round trips to miss or slow down.
+    window.__lengths = [];
+    const record = () => {
+        const bots = document.querySelectorAll('#chat-window [data-testid=bot]');
+        window.__lengths.push(bots.length ? bots[bots.length - 1].innerText.length : 0);
+    };
+    new MutationObserver(record).observe(document.querySelector('#chat-window'),
+                                         {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def test_chat_streams_in_pieces_and_stop_keeps_what_the_state_read(demo, page):
+    set_sampling(page, max_new_tokens=1024, seed=1)  # seed 1: 1,024 tokens without eos on this model
+    page.evaluate(RECORD_LENGTHS)
+    send(page, "hello there, how are you?")
+    page.wait_for_function("new Set(window.__lengths.filter(n => n > 0)).size >= 3", timeout=30_000)
+    page.locator("#chat-input button.stop-button").click()
+    wait_replies(page, 1)
+    titles = stats_titles(page)
+    assert len(titles) == 1 and titles[0].startswith("⏹ stopped"), f"the stopped reply is marked: {titles}"
+    turn = session_of(demo).turns[-1]
+    n_tokens = int(titles[0].split(" · ")[1].split()[0])
+    assert turn.info["finish_reason"] == "cancelled" and n_tokens == turn.info["new_tokens"] < 1024
+    shown = page.evaluate("window.__lengths.length")
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__lengths.length") == shown, "nothing arrives after Stop"
+    assert page.locator("#reply-stats").inner_text().strip() == "", "the live line is cleared"
+
+    send(page, "and then?")  # continues the state: only the new message is read
+    wait_replies(page, 2)
+    turn = session_of(demo).turns[-1]
+    assert turn.info["prompt_tokens"] < 20 and len(stats_titles(page)) == 2
     page.screenshot(path=str(OUTPUT / "app-chat.png"), full_page=True)
 
 
-def test_every_finished_reply_keeps_its_stats_line(page):
-    max_tokens = page.get_by_label("number input for Max new tokens")
-    max_tokens.fill("8")
-    max_tokens.press("Enter")
-    box = page.locator("textarea").first
-    stats = page.locator(".message-wrap").get_by_text("tok/s")  # the collapsed stats message's title
+def test_a_refused_seed_is_named_and_the_message_kept(demo, page):
+    set_sampling(page, max_new_tokens=8, seed="1.5")
+    started = demo.sessions.counts["started"]
+    send(page, "hello there")
+    sync_api.expect(page.get_by_text("seed must be a whole number")).to_be_visible()
+    box = page.locator("#chat-input textarea")
+    sync_api.expect(box).to_have_value("hello there")
+    sync_api.expect(box).to_be_editable()
+    assert demo.sessions.counts["started"] == started, "refused before the queue: no model work"
+    assert page.locator(".toast-body.error, .error-overlay").count() == 0
+    page.screenshot(path=str(OUTPUT / "app-chat-seed.png"), full_page=True)
+    set_sampling(page, seed=1)
+    box.press("Enter")
+    wait_replies(page, 1)
+    assert box.input_value() == ""
+
+
+def test_every_reply_keeps_its_stats_and_undo_clear_reset_the_view(demo, page):
+    set_sampling(page, max_new_tokens=8, seed=3)
     for n, message in enumerate(("what do you like to do?", "and on weekends?"), start=1):
-        box.fill(message)
-        box.press("Enter")
-        page.wait_for_function(f"document.querySelector('.message-wrap').innerText.split('tok/s').length > {n}",
-                               timeout=30_000)
-    titles = [stats.nth(i).inner_text() for i in range(stats.count())]
+        send(page, message)  # back to back: the second as soon as the box is usable again
+        wait_replies(page, n)
+    titles = stats_titles(page)
     assert len(titles) == 2 and all("recurrent state" in t and "TTFT" in t for t in titles), titles
     assert len({t.split("recurrent state ")[1] for t in titles}) == 1, f"the state size stays constant: {titles}"
+    users = page.locator("#chat-window [data-testid=user]").all_inner_texts()
+    assert [u.strip() for u in users] == ["what do you like to do?", "and on weekends?"]
+    order = page.locator("#chat-window [data-testid=user], #chat-window [data-testid=bot]").evaluate_all(
+        "nodes => nodes.map(n => n.dataset.testid)")
+    assert order == ["user", "bot", "bot"] * 2, f"each reply, then its stats message; nothing stray: {order}"
+    assert page.locator("#chat-window .dot-flashing").count() == 0, "no pending bubble left behind"
     page.screenshot(path=str(OUTPUT / "app-chat-stats.png"), full_page=True)
+
+    page.get_by_role("button", name="Undo").click()
+    sync_api.expect(page.locator("#chat-input textarea")).to_have_value("and on weekends?")
+    sync_api.expect(page.locator("#chat-window [data-testid=user]")).to_have_count(1)
+    assert len(session_of(demo).turns) == 1
+    page.get_by_role("button", name="Clear").click()
+    sync_api.expect(page.locator("#chat-window [data-testid=user]")).to_have_count(0)
+    assert session_of(demo).turns == [] and page.locator("#reply-stats").inner_text().strip() == ""
 
 
 def test_latency_tab_runs_and_plots(page):
@@ -114,5 +181,5 @@ def test_latency_tab_runs_and_plots(page):
     table = page.get_by_text("Llama", exact=True)
     table.first.wait_for(timeout=10_000)
     assert page.locator(".vega-embed").count() >= 3, "decode, TTFT and memory plots"
-    time.sleep(0.5)  # let the plots finish drawing before the screenshot
+    page.wait_for_timeout(500)  # let the plots finish drawing before the screenshot
     page.screenshot(path=str(OUTPUT / "app-latency.png"), full_page=True)

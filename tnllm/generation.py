@@ -113,6 +113,7 @@ class ReplyStats:
     """Live numbers of one reply (the app shows them under each message)."""
 
     prompt_tokens: int = 0
+    prefilled: int = 0          # prompt tokens read into the state so far (prefill progress)
     new_tokens: int = 0
     ttft_s: float = 0.0         # prompt submitted -> first token sampled
     decode_s: float = 0.0       # first token -> last token
@@ -149,6 +150,7 @@ def generate(model: TransNormerLLM, tokenizer: Tokenizer, prompt_ids: list[int],
     ids = torch.tensor([prompt_ids], device=state.positions.device)
     for chunk_start, logits in zip(range(0, len(prompt_ids), PREFILL_CHUNK), prefill_chunks(model, ids, state)):
         fed.extend(prompt_ids[chunk_start:chunk_start + PREFILL_CHUNK])
+        stats.prefilled = len(fed)
         if logits is None:
             yield ""
     streamer = TextStreamer(tokenizer, params.stop)

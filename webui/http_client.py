@@ -53,7 +53,7 @@ class ChatClient:
              disconnect_after: int | None = None) -> ChatResult:
         """Send one turn (history comes from the server-side session state) and stream it to the end, or
         cancel (Stop button: POST /cancel) / drop the connection after that many streamed updates."""
-        body = {"data": [message, None, *controls], "fn_index": self.fn_index, "session_hash": self.session_hash,
+        body = {"data": [message, *controls], "fn_index": self.fn_index, "session_hash": self.session_hash,
                 "event_data": None, "trigger_id": None}
         join = self.http.post(self.url + "queue/join", json=body)
         if join.status_code != 200:

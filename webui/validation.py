@@ -38,7 +38,7 @@ RANGES = {
 # The Sampling panel's starting values for the chat.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "max_new_tokens": 128}
 INTEGER = {"top_k", "max_new_tokens"}
-FIELDS = ("message", "history", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
+FIELDS = ("message", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
 _DROP = {c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F} | set(range(0x80, 0xA0)) \
     | set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A))
 _DROP_TABLE = dict.fromkeys(_DROP)
@@ -188,25 +188,11 @@ def message_text(content) -> str:
     return ""
 
 
-def history_turns(history) -> list[tuple[str, str]]:
-    """[(user, assistant)] from Gradio's messages list (an unanswered user message gets ""); junk is skipped."""
-    turns: list[tuple[str, str]] = []
-    for message in history if isinstance(history, list) else []:
-        if not isinstance(message, dict) or is_stats_message(message):
-            continue
-        role, text = message.get("role"), message_text(message.get("content"))
-        if role == "user":
-            turns.append((text, ""))
-        elif role == "assistant" and turns:
-            turns[-1] = (turns[-1][0], turns[-1][1] + text)
-    return turns
-
-
-def check_request(tokenizer, limits: Limits, message, history, temperature, top_p, top_k, repetition_penalty,
-                  max_new_tokens, seed, *, context_tokens: int | None = None) -> ChatRequest:
+def check_request(tokenizer, limits: Limits, message, temperature, top_p, top_k, repetition_penalty,
+                  max_new_tokens, seed, *, context_tokens: int) -> ChatRequest:
     """Every check of a chat turn; raises InputError with all problems found (text first).
 
-    `context_tokens`: tokens the session's state already holds; None = count the visible `history`.
+    `context_tokens`: tokens the session's state already holds (the budget counts them).
     """
     errors: dict[str, str] = {}
     text = ""
@@ -223,10 +209,6 @@ def check_request(tokenizer, limits: Limits, message, history, temperature, top_
     n_message = len(tokenizer.encode(text))
     if n_message > limits.max_input_tokens:
         raise InputError(f"Message too long: {n_message:,} tokens (limit {limits.max_input_tokens:,} per message).")
-    if context_tokens is None:
-        turns = [(role, t) for user, reply in history_turns(history)
-                 for role, t in (("human", clean_text(user)), ("assistant", clean_text(reply)))]
-        context_tokens = len(tokenizer.chat_ids(turns, add_generation_prompt=False)) if turns else 0
     prompt = len(tokenizer.chat_ids([("human", text)]))
     total = context_tokens + prompt + params.max_new_tokens
     if total > limits.max_context:

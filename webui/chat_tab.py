@@ -1,0 +1,186 @@
+"""The Chat tab: a chat window that shows what the server's session holds, and the /chat API endpoint.
+
+Browser events (all keyed by the session hash; none takes the chat history as input):
+    submit  -> `respond`: validated before it is queued (a refused value is named next to its control and
+               the message stays in the box), then streams the reply into the window;
+    stop    -> sets the session's Stop flag, waits until the reply has recorded its turn, shows it;
+    retry   -> drops the last turn (restoring the state snapshot before it) and streams a new reply;
+    undo    -> drops the last turn and puts its message back in the box;
+    clear   -> a fresh conversation.
+Each update rebuilds the window from the session (`webui.chat.chat_view`), so the window can never drift
+from what the recurrent state has read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import gradio as gr
+
+from webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
+from webui.runtime import Runtime
+from webui.validation import CHAT_DEFAULTS, RANGES, Limits, clean_text
+
+EXAMPLES = [
+    "Hi! How was your weekend?",
+    "What is your favourite book, and why?",
+    "Tell me something about the ocean.",
+    "Do you like cooking? What do you make?",
+]
+PLACEHOLDER = "Type a message and press Enter"
+
+
+class _ServerCheckedSlider(gr.Slider):
+    """A Slider whose value reaches the handler unchanged: Gradio's own bound check would answer API callers
+    with an unnamed "Value 5.0 is greater than maximum value 2.0." (HTTP 400); webui.validation names the
+    parameter and answers 422 through the validator instead."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload):
+        return payload
+
+
+class _ServerCheckedNumber(gr.Number):
+    """A Number passed through unrounded, so that a non-integer seed is refused (by name) rather than rounded."""
+
+    def get_block_name(self) -> str:
+        return "number"
+
+    def preprocess(self, payload):
+        return payload
+
+
+def sampling_controls() -> list[gr.components.Component]:
+    """The Sampling panel, in the order of the chat endpoint's inputs after the message."""
+    slider = partial(_ServerCheckedSlider, render=False)
+    return [
+        slider(*RANGES["temperature"], value=CHAT_DEFAULTS["temperature"], step=0.05,
+               label="Temperature (0 = greedy)"),
+        slider(*RANGES["top_p"], value=CHAT_DEFAULTS["top_p"], step=0.05, label="Top-p"),
+        slider(*RANGES["top_k"], value=CHAT_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)"),
+        slider(*RANGES["repetition_penalty"], value=CHAT_DEFAULTS["repetition_penalty"], step=0.05,
+               label="Repetition penalty"),
+        slider(*RANGES["max_new_tokens"], value=CHAT_DEFAULTS["max_new_tokens"], step=1, label="Max new tokens"),
+        _ServerCheckedNumber(value=-1, precision=0, step=1, label="Seed (-1 = random)", render=False),
+    ]
+
+
+def _box(value=None, busy: bool = False) -> dict:
+    """The textbox while a reply streams (locked, Stop shown) or idle (Send shown); value None keeps its text."""
+    update = gr.update(interactive=not busy, submit_btn=not busy, stop_btn=busy,
+                       placeholder="" if busy else PLACEHOLDER)
+    if value is not None:
+        update["value"] = value
+    return update
+
+
+def _streamed(chat, store: SessionStore, message: str, controls: tuple, request: gr.Request) -> Iterator[tuple]:
+    """(window, textbox, live line, info) updates of one reply to `message`; a refused or failed reply shows
+    a toast and puts the message back in the box."""
+    session = store.get(session_key(request))
+    shown = clean_text(message) if isinstance(message, str) else ""
+    yield chat_view(session, (shown, "")), _box("", busy=True), "", gr.skip()
+    try:
+        for reply, line, info in chat(message, *controls, request=request):
+            if info:  # finished: the recorded turn (with its stats message) replaces the streamed one
+                failed = info["finish_reason"] == "numerical_error"
+                if failed:
+                    gr.Warning(reply.rsplit("\n\n", 1)[-1])
+                yield chat_view(session), _box(message if failed else ""), "", info
+                return
+            yield chat_view(session, (shown, reply)), gr.skip(), line, gr.skip()
+    except gr.Error as exc:
+        gr.Warning(exc.message)
+        yield chat_view(store.get(session_key(request))), _box(message), "", gr.skip()
+
+
+def _model_line(runtime: Runtime) -> str:
+    """What is answering, in one line: users should know a 15 M-parameter demo model is not an assistant."""
+    if runtime.untrained:
+        return ("> ⚠️ **Untrained demo weights**: a tiny model with random weights (no bundled checkpoint found), "
+                "so replies are gibberish; streaming, state reuse and the latency comparison are real.")
+    params = int(runtime.info.get("parameters", "0").replace(",", "")) / 1e6
+    if runtime.info.get("licence / data", "").startswith("bundled model"):
+        return (f"> The bundled model is a small **{params:.1f} M-parameter chit-chat model** trained from scratch on "
+                "casual dialogues: expect short, casual replies, not facts. For a real assistant run "
+                "`python app.py --model OpenNLPLab/TransNormerLLM-1B` (or a local checkpoint directory).")
+    return f"> Model: **{runtime.info.get('model', '?')}** ({params:,.0f} M parameters)."
+
+
+def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limits: Limits) -> None:
+    """The Chat tab's layout and events (inside an open gr.Tab), plus the public /chat API endpoint."""
+    chat = make_chat_fn(runtime, store, limits)
+    validate = make_validator(runtime, store, limits)
+    gr.Markdown(_model_line(runtime), elem_id="model-line")
+    with gr.Accordion("Sampling", open=False):
+        controls = [c.render() for c in sampling_controls()]
+    window = gr.Chatbot(label="Chat", elem_id="chat-window", height=460, buttons=["copy"])
+    box = gr.Textbox(show_label=False, placeholder=PLACEHOLDER, submit_btn=True, stop_btn=False, lines=1,
+                     max_lines=8, elem_id="chat-input", autofocus=False)
+    live = gr.Markdown(elem_id="reply-stats")
+    info = gr.JSON(visible=False, label="reply stats")
+    gr.Examples([[e] for e in EXAMPLES], inputs=[box], label="Try")
+    outputs = [window, box, live, info]
+    stream_kwargs = dict(concurrency_id="chat", concurrency_limit=concurrency_limit, show_progress="hidden",
+                         api_visibility="private")
+
+    # Explicit parameters: Gradio injects `request` by its annotation, which it cannot see past *args.
+    def respond(message, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+                request: gr.Request):
+        values = (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        yield from _streamed(chat, store, message, values, request)
+
+    def retry(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, request: gr.Request):
+        session = store.get(session_key(request))
+        if session.lock.locked() or not session.turns:
+            yield chat_view(session), gr.skip(), gr.skip(), gr.skip()
+            return
+        values = (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        yield from _streamed(chat, store, session.undo().user, values, request)
+
+    def stop(request: gr.Request):
+        store.stop(session_key(request))  # returns once the reply has recorded its turn
+        return chat_view(store.peek(session_key(request))), _box(), ""
+
+    def undo(request: gr.Request):
+        session = store.get(session_key(request))
+        if session.lock.locked():
+            return chat_view(session), gr.skip(), gr.skip()
+        last = session.undo()
+        return chat_view(session), _box(last.user if last else None), ""
+
+    def clear(request: gr.Request):
+        session = store.get(session_key(request))
+        if not session.lock.locked():
+            session.clear()
+        return chat_view(session), "", None
+
+    submitted = box.submit(respond, [box, *controls], outputs, validator=validate, **stream_kwargs)
+    retried = window.retry(retry, controls, outputs, **stream_kwargs)
+    box.stop(stop, None, [window, box, live], cancels=[submitted, retried], queue=False, api_visibility="private")
+    window.undo(undo, None, [window, box, live], queue=False, api_visibility="private")
+    window.clear(clear, None, [window, live, info], queue=False, api_visibility="private")
+    _api_endpoint(chat, validate, controls, concurrency_limit)
+
+
+def _api_endpoint(chat, validate, controls, concurrency_limit: int) -> None:
+    """POST /chat: (message, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> streams
+    (reply so far, stats, info). The session hash keys the conversation, so a client's turns continue its own
+    recurrent state."""
+    message = gr.Textbox(visible=False, label="message")
+    reply, stats, info = (gr.Textbox(visible=False, label="reply"), gr.Textbox(visible=False, label="stats"),
+                          gr.JSON(visible=False, label="info"))
+
+    def api_chat(message, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+                 request: gr.Request):
+        """Send one chat message in this client's session and stream the reply; info holds the finished
+        reply's stats (tokens, tok/s, TTFT, state size, finish reason)."""
+        for text, line, details in chat(message, temperature, top_p, top_k, repetition_penalty, max_new_tokens,
+                                        seed, request=request):
+            yield text, stats_title(details) if details else line, details
+
+    gr.Button(visible=False).click(api_chat, [message, *controls], [reply, stats, info], api_name="chat",
+                                   validator=validate, concurrency_id="chat", concurrency_limit=concurrency_limit)
