@@ -28,7 +28,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -335,6 +335,28 @@ def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_to
         progress(1.0, desc="done")
     return [BenchRow.of(prefills[i, c], decodes[i, c], a.quant) for c in context_lengths
             for i, a in enumerate(adapters)]
+
+
+def sweep_rounds(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
+                 repeats: int = 3, warmup: int = 2, seed: int = 0) -> Iterator[tuple[int, int, BenchRow]]:
+    """`repeats` rounds over every (context, model) pair, one whole measurement each (TTFT of one prefill,
+    then `n_tokens` decode steps); yields (round, adapter index, that run's `BenchRow`) as each run ends.
+
+    For a live display on a shared machine: a burst of load lands on a few runs of different pairs instead
+    of every run of one pair, so the median over rounds drops it, and results exist from the first round
+    on. Rounds alternate the model order (A B, then B A) so neither model always runs just after the other.
+    Each run drops its own warm-up: one untimed prefill before the timed one (`time_prefill`), `warmup`
+    untimed steps before the timed ones (`time_decode`). `sweep(interleave=True)` interleaves at the step
+    level instead, holding every cache at once, and returns only at the end.
+    """
+    for round_ in range(repeats):
+        order = list(range(len(adapters)))[:: 1 if round_ % 2 == 0 else -1]
+        for context_len in context_lengths:
+            for i in order:
+                adapter = adapters[i]
+                prefill = time_prefill(adapter, context_len, repeats=1, seed=seed)
+                decode = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
+                yield round_, i, BenchRow.of(prefill, decode, adapter.quant)
 
 
 def print_progress(fraction: float, desc: str = "") -> None:

@@ -1,33 +1,70 @@
 """Latency tab: TNL vs the Transformer baseline, through the same timing code as bench/decode.py.
 
-`run_benchmark` is `tnllm.bench.sweep` (same adapters, seeded ids, warm-up and timer) turned into the
-tables the plots need. `race` streams both models' greedy replies to one prompt side by side, giving
-each model the turn whenever its own accumulated compute time is the smaller one, so at any moment both
-have spent about the same time and the faster one shows more text.
+`run_benchmark` streams `tnllm.bench.sweep_rounds` (same adapters, seeded ids, warm-up and timer as
+bench/decode.py) as tables: after every (model, context) run the medians so far, their spread over the
+rounds, and the recorded reference results of `bench/results/decode-*.json` beside them in the plots.
+
+`race` streams both models' greedy replies to one prompt side by side, giving each model the turn whenever
+its own accumulated compute time is the smaller one, so at any moment both have spent about the same time
+and the faster one shows more text. It ends naming the winner and why each side stopped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import asdict
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 import torch
 
-from tnllm.bench import ModelAdapter, adapter_for, prompt_ids, sweep, timed
+from tnllm.bench import BenchRow, ModelAdapter, adapter_for, prompt_ids, sweep_rounds, timed
 from tnllm.streaming import TextStreamer
 from webui.runtime import Runtime
+from webui.validation import MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text
 
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 CPU_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 GPU_CONTEXTS = CPU_CONTEXTS + [32768, 65536, 131072]
+DECODE_STEPS = (4, 64)  # timed decode steps per run (the slider's range; the server checks it too)
+REPEATS = (1, 5)  # rounds per (model, context): the medians are over these
+RACE_FILLER = 8192  # most filler tokens before the race's prompt (also capped by the server's max context)
+RACE_NEW_TOKENS = (1, 256)
+# The first six columns are the HTTP API's contract (tests/test_app.py reads them by position).
 COLUMNS = ["model", "context", "decode ms/token", "TTFT ms", "tokens/s", "cache MiB", "decode peak MiB",
-           "memory MiB", "8-bit"]
+           "memory MiB", "8-bit", "decode min–max ms", "TTFT min–max ms", "runs"]
+CUDA_ONLY = {"decode peak MiB"}  # measured by torch.cuda's allocator only: an always-empty column on the CPU
+PLOT_Y = {"decode ms/token": "Per-token decode latency (ms)", "TTFT ms": "Time to first token (ms)",
+          "cache MiB": "Decode cache: state vs KV cache (MiB)"}
+SPACER = "\u200b"  # an invisible series: one point at every power of two, so the category axis is log2-spaced
+MEMORY_NOTE = ("**cache MiB**: what the decode cache holds after the timed steps (TNL: the recurrent state, the "
+               "same at any context; Llama: the KV cache, growing with it). **memory MiB**: on the CPU the whole "
+               "server process's resident memory (RSS) after the run, both models' weights, Python and Gradio "
+               "included: it tracks growth, not one model's size; on CUDA the peak GPU memory allocated during "
+               "the run, weights included. **decode peak MiB** (CUDA only): the peak above the weights during "
+               "the timed steps. Each value is the median over the runs; **min–max** is the spread of the "
+               "runs' own medians.")
 
 
 def context_choices(runtime: Runtime) -> list[int]:
+    """The context lengths the tab offers: powers of two up to the server's limit."""
     choices = GPU_CONTEXTS if runtime.device.type == "cuda" else CPU_CONTEXTS
     return [c for c in choices if c <= runtime.max_context]
+
+
+def context_label(context: int) -> str:
+    """128 -> "128", 16384 -> "16k": the plots' x categories."""
+    return str(context) if context < 1024 else f"{context // 1024}k"
+
+
+def columns(runtime: Runtime) -> list[str]:
+    """The table's columns on this server's device (no CUDA-only column on the CPU)."""
+    return [c for c in COLUMNS if runtime.device.type == "cuda" or c not in CUDA_ONLY]
 
 
 def adapters(runtime: Runtime) -> list[ModelAdapter]:
@@ -41,28 +78,188 @@ def _mib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**20, 3)
 
 
-def rows_frame(rows) -> pd.DataFrame:
-    """sweep rows -> one DataFrame (plots read columns of it, the table shows it)."""
-    records = [asdict(r) for r in rows]
+def _spread(values: list[float], digits: int) -> str:
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+
+# -- recorded reference results ---------------------------------------------------------------------
+@dataclass
+class Recorded:
+    """One bench/decode.py result file: its rows and where and when they were measured."""
+
+    path: Path
+    meta: dict
+    rows: list[dict]
+
+    @property
+    def label(self) -> str:
+        return f"recorded ({self.meta.get('host', '?')}, {self.meta.get('date', '?')})"
+
+    @property
+    def on_cuda(self) -> bool:
+        return "cuda" in self.meta.get("command", "") or "nvidia" in str(self.meta.get("device", "")).lower()
+
+    def note(self) -> str:
+        """A Markdown line: machine, software, models and the command behind the rows."""
+        m = self.meta
+        params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in m.get("parameters", {}).items())
+        return (f"**Recorded reference**: `{self.path.relative_to(RESULTS.parents[1])}`, measured "
+                f"{m.get('date', '?')} on `{m.get('host', '?')}` ({m.get('device', '?')}, {m.get('threads', '?')} "
+                f"threads, torch {m.get('torch', '?')}, {m.get('dtype', '?')}) with models `{m.get('tnl', '?')}` "
+                f"and `{m.get('baseline', '?')}` ({params} parameters), {m.get('tokens', '?')} timed steps. "
+                f"Another machine and possibly other weights than this server's: compare shapes, not "
+                f"absolute numbers.")
+
+
+def load_recorded(device_type: str, results: Path = RESULTS) -> Recorded | None:
+    """The newest bench/results/decode-*.json measured on this kind of device (CPU or CUDA), or None."""
+    found = []
+    for path in sorted(results.glob("decode-*.json")):
+        try:
+            data = json.loads(path.read_text())
+            rec = Recorded(path, {k: v for k, v in data.items() if k != "rows"}, list(data["rows"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign file is no reason to break the tab
+        if rec.on_cuda == (device_type == "cuda"):
+            found.append(rec)
+    return max(found, key=lambda r: str(r.meta.get("date", ""))) if found else None
+
+
+def recorded_frame(recorded: Recorded | None) -> pd.DataFrame:
+    """The recorded rows as a table (every model, 8-bit method and context of the file)."""
+    cols = ["model", "8-bit", "context", "decode ms/token", "decode p20–p80 ms", "TTFT ms", "tokens/s",
+            "cache MiB", "memory MiB"]
+    rows = [] if recorded is None else recorded.rows
     return pd.DataFrame(
-        [[r["model"], r["context"], round(r["decode_ms_per_token"], 3), round(r["ttft_ms"], 2),
-          round(r["tokens_per_s"], 1), _mib(r["cache_bytes"]), _mib(r["peak_bytes"]),
-          None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1), r["quant"]] for r in records],
-        columns=COLUMNS)
+        [[r["model"], r["quant"], r["context"], round(r["decode_ms_per_token"], 3),
+          f"{r['decode_p20_ms']:.2f}–{r['decode_p80_ms']:.2f}", round(r["ttft_ms"], 2), round(r["tokens_per_s"], 1),
+          _mib(r["cache_bytes"]), None if r["peak_mem_mb"] is None else round(r["peak_mem_mb"], 1)] for r in rows],
+        columns=cols)
 
 
-def run_benchmark(runtime: Runtime, contexts: list, n_tokens: int, progress=gr.Progress()):  # noqa: B008 (Gradio's API)
-    """Sweep the chosen context lengths; returns (frame, frame, frame, frame): one per plot, and the table."""
-    chosen = sorted({int(c) for c in contexts or []})
+def recorded_series(recorded: Recorded | None, quant: str) -> list[dict]:
+    """Plot points of the recorded rows of one 8-bit method ("none": float weights), named by file."""
+    if recorded is None:
+        return []
+    return [{"series": f"{r['model']} {recorded.label}", "context": r["context"],
+             "decode ms/token": r["decode_ms_per_token"], "TTFT ms": r["ttft_ms"], "cache MiB": _mib(r["cache_bytes"])}
+            for r in recorded.rows if r["quant"] == quant]
+
+
+# -- the live sweep ---------------------------------------------------------------------------------
+def summary_row(runs: list[BenchRow]) -> dict:
+    """One (model, context)'s runs -> a table row: medians over the runs, min–max of the runs' medians."""
+    decode = [r.decode_ms_per_token for r in runs]
+    ttft = [r.ttft_ms for r in runs]
+    memory = [r.peak_mem_mb for r in runs if r.peak_mem_mb is not None]
+    peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+    decode_ms = statistics.median(decode)
+    return {"model": runs[0].model, "context": runs[0].context, "decode ms/token": round(decode_ms, 3),
+            "TTFT ms": round(statistics.median(ttft), 2), "tokens/s": round(1e3 / decode_ms, 1),
+            "cache MiB": _mib(runs[-1].cache_bytes), "decode peak MiB": _mib(max(peaks)) if peaks else None,
+            "memory MiB": round(max(memory), 1) if memory else None, "8-bit": runs[0].quant,
+            "decode min–max ms": _spread(decode, 2), "TTFT min–max ms": _spread(ttft, 1), "runs": len(runs)}
+
+
+def table_frame(runs: dict[tuple[int, int], list[BenchRow]], cols: list[str]) -> pd.DataFrame:
+    """Every measured (model, context) so far, by context then model."""
+    rows = [summary_row(runs[key]) for key in sorted(runs, key=lambda k: (k[1], k[0]))]
+    return pd.DataFrame([[row[c] for c in cols] for row in rows], columns=cols)
+
+
+def plot_frame(table: pd.DataFrame, reference: list[dict], all_contexts: list[int]) -> pd.DataFrame:
+    """The plots' data: live medians ("TNL (live)") and recorded points, x as context labels.
+
+    The x axis is categorical (Gradio's LinePlot has no log scale); a transparent spacer series puts a
+    point at every power of two between the smallest and largest context shown, so equal steps on the
+    axis are equal factors of two."""
+    live = [{"series": f"{r['model']} (live)", "context": r["context"], **{y: r[y] for y in PLOT_Y}}
+            for r in table.to_dict("records")]
+    points = live + reference
+    low, high = (min(p["context"] for p in points), max(p["context"] for p in points)) if points else (0, -1)
+    shown = [c for c in all_contexts if low <= c <= high and c & (c - 1) == 0]  # powers of two
+    spacer = [{"series": SPACER, "context": c, **dict.fromkeys(PLOT_Y, 0.0)} for c in shown]
+    frame = pd.DataFrame(points + spacer, columns=["series", "context", *PLOT_Y])
+    frame["context"] = frame["context"].map(context_label)
+    return frame
+
+
+def plot_series(runtime: Runtime, recorded: Recorded | None) -> list[str]:
+    """Every series name the plots can show (their colours are fixed up front, the spacer's transparent)."""
+    names = [f"{a.name} (live)" for a in adapters(runtime)]
+    names += sorted({p["series"] for p in recorded_series(recorded, adapters(runtime)[0].quant)})
+    return names
+
+
+def plot_contexts(runtime: Runtime, recorded: Recorded | None) -> list[int]:
+    """Every context a plot can show, in order: the tab's choices, the recorded rows' contexts and every power
+    of two between them (the spacer's points)."""
+    shown = set(context_choices(runtime)) | {r["context"] for r in (recorded.rows if recorded else [])}
+    powers = {2**k for k in range(min(shown).bit_length() - 1, max(shown).bit_length())}
+    return sorted(shown | {p for p in powers if min(shown) <= p <= max(shown)})
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in [low, high] (Gradio sliders send floats like 16.0), else a gr.Error naming it."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise gr.Error(f"{name} must be a number, got {value!r}.")
+    if value != int(value):
+        raise gr.Error(f"{name} must be a whole number, got {value!r}.")
+    if not low <= value <= high:
+        raise gr.Error(f"{name} must be between {low} and {high}, got {value!r}.")
+    return int(value)
+
+
+def check_contexts(runtime: Runtime, contexts) -> list[int]:
+    """The chosen context lengths, sorted, each one of the tab's choices (ints or their strings)."""
+    choices = context_choices(runtime)
+    chosen = set()
+    for c in contexts or []:
+        try:
+            value = int(str(c).strip())
+        except ValueError:
+            value = None
+        if value not in choices:
+            raise gr.Error(f"contexts: {c!r} is not one of {', '.join(map(str, choices))} "
+                           f"(this server's limit is {runtime.max_context:,} tokens).")
+        chosen.add(value)
     if not chosen:
         raise gr.Error("Pick at least one context length.")
-    if chosen[-1] > runtime.max_context:
-        raise gr.Error(f"Context {chosen[-1]} is above this server's limit of {runtime.max_context} tokens.")
-    rows = sweep(adapters(runtime), chosen, int(n_tokens), prefill_repeats=2, progress=progress)
-    frame = rows_frame(rows)
-    return frame, frame, frame, frame
+    return sorted(chosen)
 
 
+def run_benchmark(runtime: Runtime, contexts: list, n_tokens: int, repeats: int = 3,
+                  progress: Callable | None = gr.Progress(),  # noqa: B008 (Gradio's API)
+                  recorded: Recorded | None = None) -> Iterator[tuple[pd.DataFrame, ...]]:
+    """Measure both models at the chosen contexts, `repeats` rounds; yields (decode plot, TTFT plot,
+    cache plot, table) after every (model, context) run, medians so far. `progress((done, total), ...)`
+    counts runs, not seconds: a run's duration depends on the context and the machine's load."""
+    chosen = check_contexts(runtime, contexts)
+    n_tokens = _whole("n_tokens", n_tokens, *DECODE_STEPS)
+    repeats = _whole("repeats", repeats, *REPEATS)
+    pair, cols = adapters(runtime), columns(runtime)
+    reference = recorded_series(recorded, pair[0].quant)
+    all_contexts = plot_contexts(runtime, recorded)
+    total = repeats * len(chosen) * len(pair)
+    runs: dict[tuple[int, int], list[BenchRow]] = {}
+    if progress:
+        progress((0, total), desc=f"{pair[0].name} at {chosen[0]} tokens", unit="runs")
+    for done, (round_, i, row) in enumerate(sweep_rounds(pair, chosen, n_tokens, repeats=repeats), start=1):
+        runs.setdefault((i, row.context), []).append(row)
+        if progress:
+            progress((done, total), desc=f"round {round_ + 1}/{repeats}: {pair[i].name} at {row.context} tokens "
+                                         "done", unit="runs")
+        table = table_frame(runs, cols)
+        plot = plot_frame(table, reference, all_contexts)
+        yield plot, plot, plot, table
+
+
+# -- the race ---------------------------------------------------------------------------------------
 class _Runner:
     """One model's greedy stream: prefill, then one adapter.step per token, its own compute clock."""
 
@@ -70,7 +267,11 @@ class _Runner:
         self.adapter, self.runtime, self.ids, self.left = adapter, runtime, ids.to(adapter.device), max_new_tokens
         self.streamer = TextStreamer(runtime.tokenizer)
         self.cache, self.logits, self.text, self.clock, self.tokens, self.ttft = None, None, "", 0.0, 0, 0.0
-        self.done = False
+        self.finish: str | None = None  # "eos", "length", "time limit" (or "stopped", by stop_race)
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
 
     @torch.inference_mode()
     def advance(self) -> None:
@@ -80,35 +281,94 @@ class _Runner:
             self.ttft = self.clock
         token = int(self.logits[0, -1].argmax())
         self.tokens, self.left = self.tokens + 1, self.left - 1
-        if token == self.runtime.tokenizer.eos_id or self.left <= 0:
-            self.done = True
-            self.text += self.streamer.flush() if token == self.runtime.tokenizer.eos_id else self.streamer.push(token)
+        if token == self.runtime.tokenizer.eos_id:
+            self.finish, self.text = "eos", self.text + self.streamer.flush()
             return
         self.text += self.streamer.push(token)
+        if self.left <= 0:
+            self.finish, self.text = "length", self.text + self.streamer.flush()
+            return
         step = torch.tensor([[token]], device=self.adapter.device)
         (self.logits, self.cache), seconds = timed(lambda: self.adapter.step(step, self.cache),
                                                          self.adapter.device)
         self.clock += seconds
 
-    def line(self) -> str:
-        rate = (self.tokens - 1) / (self.clock - self.ttft) if self.tokens > 1 and self.clock > self.ttft else 0.0
-        cache = self.adapter.cache_bytes(self.cache) / 2**20 if self.cache is not None else 0.0
-        return (f"**{self.adapter.name}**: {self.tokens} tokens · **{rate:.1f} tok/s** · TTFT {self.ttft * 1e3:.0f} ms"
-                f" · cache {cache:.2f} MiB")
+    def summary(self) -> dict:
+        """What the counters show, as plain data (the Stop button's handler gets it back from a gr.State)."""
+        decode_s = self.clock - self.ttft
+        cache = self.adapter.cache_bytes(self.cache) if self.cache is not None else 0
+        return {"name": self.adapter.name, "tokens": self.tokens, "clock_s": self.clock, "ttft_s": self.ttft,
+                "decode_tok_s": (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0,
+                "cache_bytes": cache, "finish": self.finish}
 
 
-def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int) -> Iterator[tuple[str, str, str]]:
-    """Stream (TNL text, Llama text, counters) as both models answer `prompt` after `context_tokens` of filler."""
-    if not prompt or not prompt.strip():
-        raise gr.Error("Type a prompt first.")
+def _line(s: dict) -> str:
+    state = f"finished: **{s['finish']}**" if s["finish"] else "running"
+    return (f"**{s['name']}**: {s['tokens']} tokens · **{s['decode_tok_s']:.1f} tok/s** · TTFT "
+            f"{s['ttft_s'] * 1e3:.0f} ms · cache {s['cache_bytes'] / 2**20:.2f} MiB · {state}")
+
+
+def _overall(s: dict) -> float:
+    """Tokens per second of compute, prefill included: the pace at which the race shows a model's text."""
+    return s["tokens"] / s["clock_s"] if s["clock_s"] > 0 else 0.0
+
+
+def counters(summaries: list[dict]) -> str:
+    """The counters Markdown: one line per model; once every side has finished, the winner."""
+    lines = [_line(s) for s in summaries]
+    if summaries and all(s["finish"] for s in summaries):
+        ranked = sorted(summaries, key=_overall, reverse=True)
+        pace = " vs ".join(f"{s['name']} {_overall(s):.1f} tok/s ({s['finish']})" for s in ranked)
+        if len(ranked) > 1 and _overall(ranked[0]) == _overall(ranked[1]):
+            lines.append(f"🏁 **Tie**: {pace}")
+        else:
+            lines.append(f"🏁 **{ranked[0]['name']} wins**: {pace}, tokens per second of compute, prefill "
+                         "included")
+    return "  \n".join(lines)
+
+
+def stop_race(summaries: list[dict] | None) -> str:
+    """The Stop button: the counters of the race's last update, every unfinished side "stopped"."""
+    if not summaries:
+        return ""
+    return counters([{**s, "finish": s["finish"] or "stopped"} for s in summaries])
+
+
+def race_ids(runtime: Runtime, prompt, context_tokens, max_new_tokens) -> tuple[list[int], int]:
+    """Checked race inputs -> (filler + prompt ids, new tokens); gr.Error naming what is wrong.
+
+    The prompt is checked in characters before tokenising (like a chat message), then the whole request in
+    tokens: characters say little about tokens (an emoji is ~4 byte-fallback tokens)."""
+    try:
+        text = check_text(prompt, Limits(max_chars=MAX_MESSAGE_CHARS))
+    except InputError as exc:
+        raise gr.Error(str(exc)) from None
+    filler = _whole("context_tokens", context_tokens, 0, min(RACE_FILLER, runtime.max_context))
+    new = _whole("max_new_tokens", max_new_tokens, *RACE_NEW_TOKENS)
+    prompt_ids_ = runtime.tokenizer.chat_ids([("human", text)])
+    total = filler + len(prompt_ids_) + new
+    if total > runtime.max_context:
+        raise gr.Error(f"Too long: {filler:,} filler + {len(prompt_ids_):,} prompt + {new:,} new tokens = "
+                       f"{total:,} tokens, above this server's limit of {runtime.max_context:,}.")
+    ids = prompt_ids(runtime.model.config.vocab_size, filler)[0].tolist() if filler else []
+    return ids + prompt_ids_, new
+
+
+def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int, *,
+         time_limit_s: float = MAX_REPLY_SECONDS) -> Iterator[tuple[str, str, str, list[dict]]]:
+    """Stream (TNL text, Llama text, counters, summaries) as both models answer `prompt` after
+    `context_tokens` of filler; after `time_limit_s` of wall clock both stop ("time limit"), as with Stop."""
     if runtime.baseline is None:
         raise gr.Error("No Transformer baseline is loaded.")
-    if int(context_tokens) + len(prompt) // 2 > runtime.max_context:
-        raise gr.Error(f"Context is above this server's limit of {runtime.max_context} tokens.")
-    filler = prompt_ids(runtime.model.config.vocab_size, int(context_tokens))[0].tolist() if context_tokens else []
-    ids = torch.tensor([filler + runtime.tokenizer.chat_ids([("human", prompt)])])
-    runners = [_Runner(a, runtime, ids, int(max_new_tokens)) for a in adapters(runtime)]
+    ids, new = race_ids(runtime, prompt, context_tokens, max_new_tokens)
+    started = time.monotonic()
+    runners = [_Runner(a, runtime, torch.tensor([ids]), new) for a in adapters(runtime)]  # ids [1, T]
     while not all(r.done for r in runners):
         active = [r for r in runners if not r.done]
-        min(active, key=lambda r: r.clock).advance()  # whoever has spent less compute time moves next
-        yield runners[0].text, runners[1].text, "  \n".join(r.line() for r in runners)
+        if time.monotonic() - started >= time_limit_s:
+            for r in active:
+                r.finish, r.text = "time limit", r.text + r.streamer.flush()
+        else:
+            min(active, key=lambda r: r.clock).advance()  # whoever has spent less compute time moves next
+        summaries = [r.summary() for r in runners]
+        yield runners[0].text, runners[1].text, counters(summaries), summaries

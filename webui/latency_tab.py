@@ -1,4 +1,4 @@
-"""The Latency vs Transformer tab: a sweep of context lengths (plots + table) and a live race."""
+"""The Latency vs Transformer tab: a sweep of context lengths (plots + tables, live and recorded) and a live race."""
 
 from __future__ import annotations
 
@@ -6,41 +6,111 @@ from functools import partial
 
 import gradio as gr
 
-from webui.latency import COLUMNS, context_choices, race, run_benchmark
+from webui.latency import (
+    DECODE_STEPS,
+    MEMORY_NOTE,
+    PLOT_Y,
+    RACE_FILLER,
+    RACE_NEW_TOKENS,
+    REPEATS,
+    SPACER,
+    columns,
+    context_choices,
+    context_label,
+    load_recorded,
+    plot_contexts,
+    plot_series,
+    race,
+    recorded_frame,
+    run_benchmark,
+    stop_race,
+)
 from webui.runtime import Runtime
+from webui.validation import MAX_REPLY_SECONDS
+
+LATENCY_API = ("Measure TNL and the Llama baseline at the chosen context lengths (`contexts`: ints or their "
+               "strings, from the listed choices), `n_tokens` timed decode steps per run, `repeats` rounds. "
+               "Streams (decode plot data, TTFT plot data, cache plot data, table) after every (model, context) "
+               "run: medians over the runs so far and the min–max of the runs' medians. Plot data also holds the "
+               "recorded reference series.")
+RACE_API = ("Both models answer `prompt` greedily after `context_tokens` filler tokens, `max_new_tokens` at most "
+            "each; streams (TNL text, Llama text, counters Markdown). The last counters name the winner (tokens "
+            "per second of compute, prefill included) and each side's finish reason: eos, length or time limit "
+            f"(a race runs at most {MAX_REPLY_SECONDS:.0f} s).")
+
+
+class _ServerCheckedSlider(gr.Slider):
+    """A Slider whose value reaches the handler unchanged: Gradio's own bound check would answer API callers
+    with an unnamed "Value 5.0 is greater than maximum value 2.0."; the handlers name the parameter."""
+
+    def get_block_name(self) -> str:
+        return "slider"
+
+    def preprocess(self, payload):
+        return payload
+
+
+class _ContextChoices(gr.CheckboxGroup):
+    """Context lengths as ints, documented as ints. Gradio documents a CheckboxGroup's values as strings
+    whatever their type (its schema says "string", gradio_client quotes every enum value) and then refuses
+    the strings; here the handler (`check_contexts`) accepts both, and the schema says int, no enum."""
+
+    def get_block_name(self) -> str:
+        return "checkboxgroup"
+
+    def api_info(self) -> dict:
+        values = ", ".join(str(value) for _, value in self.choices)
+        return {"items": {"type": "integer"}, "title": "Context lengths", "type": "array",
+                "description": f"context lengths in tokens, each one of {values} (ints or their strings)"}
+
+    def preprocess(self, payload):
+        return payload
 
 
 def latency_tab(runtime: Runtime) -> None:
     """The Latency vs Transformer tab's layout and events (inside an open gr.Tab)."""
     choices = context_choices(runtime)
-    gr.Markdown("Both models run through `tnllm.bench.sweep`, the code behind `bench/decode.py`: same seeded "
-                "prompts, warm-up excluded, medians. TNL's decode step and state stay flat; the Transformer's "
-                "KV cache and step time grow with the context.")
+    recorded = load_recorded(runtime.device.type)
+    gr.Markdown("Both models run through `tnllm.bench`, the code behind `bench/decode.py`: same seeded prompts, "
+                "each run's warm-up dropped, medians over repeated rounds that visit every context and model in "
+                "turn (so a burst of load on a shared machine hits single runs, not one whole curve). TNL's "
+                "decode step and state stay flat; the Transformer's KV cache and step time grow with the context.")
     with gr.Row():
-        contexts = gr.CheckboxGroup(choices, value=choices[:3], label="Context lengths (tokens)", scale=3)
-        n_tokens = gr.Slider(4, 64, value=16, step=4, label="Timed decode steps per context", scale=1)
+        contexts = _ContextChoices(choices, value=choices[:3], label="Context lengths (tokens)", scale=3)
+        n_tokens = _ServerCheckedSlider(*DECODE_STEPS, value=16, step=4, label="Timed decode steps per run", scale=1)
+        repeats = _ServerCheckedSlider(*REPEATS, value=3, step=1, label="Rounds (medians over them)", scale=1)
     run = gr.Button("Run benchmark", variant="primary")
+    series = plot_series(runtime, recorded)
+    colours = dict(zip(series, ["#e8590c", "#1c7ed6", "#f4a261", "#74c0fc", "#2a9d8f", "#9775fa"], strict=False))
     with gr.Row():
-        plots = [gr.LinePlot(x="context", y=y, color="model", title=title, height=260) for y, title in (
-            ("decode ms/token", "Per-token decode latency (ms)"), ("TTFT ms", "Time to first token (ms)"),
-            ("cache MiB", "Decode cache: state vs KV cache (MiB)"))]
-    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Measurements")
-    run.click(partial(run_benchmark, runtime), [contexts, n_tokens], [*plots, table], api_name="latency",
-              concurrency_id="bench", concurrency_limit=1)
+        plots = [gr.LinePlot(x="context", y=y, color="series", title=title, label=title, height=280,
+                             x_title="context (tokens, log scale)", sort=[context_label(c) for c in
+                                                                          plot_contexts(runtime, recorded)],
+                             color_map={**colours, SPACER: "transparent"}, colors_in_legend=list(colours))
+                 for y, title in PLOT_Y.items()]
+    table = gr.Dataframe(headers=columns(runtime), interactive=False, label="Measurements (this server, live)")
+    gr.Markdown(MEMORY_NOTE)
+    if recorded is not None:
+        gr.Markdown(recorded.note())
+        gr.Dataframe(recorded_frame(recorded), interactive=False, label=f"Reference: {recorded.label}")
+    run.click(partial(run_benchmark, runtime, recorded=recorded), [contexts, n_tokens, repeats], [*plots, table],
+              api_name="latency", api_description=LATENCY_API, concurrency_id="bench", concurrency_limit=1)
 
     gr.Markdown("### Live race\nBoth models answer the same prompt (greedy) after the same filler context; "
                 "whichever has spent less compute time takes the next step, so the faster one pulls ahead.")
     with gr.Row():
         prompt = gr.Textbox("Tell me about your favourite place.", label="Prompt", scale=3)
-        filler = gr.Slider(0, min(8192, runtime.max_context), value=min(2048, runtime.max_context), step=128,
-                           label="Context before the prompt (tokens)")
-        new_tokens = gr.Slider(8, 256, value=64, step=8, label="New tokens")
+        filler = _ServerCheckedSlider(0, min(RACE_FILLER, runtime.max_context), value=min(2048, runtime.max_context),
+                                      step=128, label="Context before the prompt (tokens)")
+        new_tokens = _ServerCheckedSlider(*RACE_NEW_TOKENS, value=64, step=1, label="New tokens")
     with gr.Row():
         start, stop = gr.Button("Start race", variant="primary"), gr.Button("Stop race", variant="stop")
     with gr.Row():
         boxes = [gr.Textbox(label="TransNormerLLM (recurrent state)", lines=6),
                  gr.Textbox(label="Llama (KV cache)", lines=6)]
-    counters = gr.Markdown(elem_id="race-counters")
-    event = start.click(partial(race, runtime), [prompt, filler, new_tokens], [*boxes, counters], api_name="race",
-                        concurrency_id="bench", concurrency_limit=1)
-    stop.click(None, None, None, cancels=[event])
+    result = gr.Markdown(elem_id="race-counters", label="Race counters")
+    summaries = gr.State()  # the last update's numbers, for the Stop button's final line
+    event = start.click(partial(race, runtime), [prompt, filler, new_tokens], [*boxes, result, summaries],
+                        api_name="race", api_description=RACE_API, concurrency_id="bench", concurrency_limit=1)
+    stop.click(stop_race, summaries, result, cancels=[event], api_visibility="private")
+
