@@ -55,9 +55,9 @@ def req(session: str) -> SimpleNamespace:
     return SimpleNamespace(session_hash=session)
 
 
-def run(chat, message, controls=GREEDY, history=None, session="default"):
+def run(chat, message, controls=GREEDY, session="default"):
     """(all cumulative replies, last info dict) of one in-process turn."""
-    out = list(chat(message, history or [], *controls, request=req(session)))
+    out = list(chat(message, *controls, request=req(session)))
     return [o[0] for o in out], out[-1][2]
 
 
@@ -90,22 +90,21 @@ def test_length_limits_in_characters_then_tokens(runtime):
     limits = V.Limits.for_context(runtime.max_context)
     start = time.perf_counter()
     with pytest.raises(V.InputError, match="1,000,000 characters \\(limit 8,000\\)"):
-        V.check_request(tok, limits, "x" * 1_000_000, [], *GREEDY)
+        V.check_request(tok, limits, "x" * 1_000_000, *GREEDY, context_tokens=0)
     assert time.perf_counter() - start < 0.1, "a 1 MB body is refused before normalising or tokenising"
 
     text = "hello there, how are you doing today? " * 20
     n = len(tok.encode(text))
     exact = dataclasses.replace(limits, max_input_tokens=n)
-    assert V.check_request(tok, exact, text, [], *GREEDY).message_tokens == n
+    assert V.check_request(tok, exact, text, *GREEDY, context_tokens=0).message_tokens == n
     with pytest.raises(V.InputError, match=f"{n:,} tokens \\(limit {n - 1:,} per message\\)"):
-        V.check_request(tok, dataclasses.replace(limits, max_input_tokens=n - 1), text, [], *GREEDY)
+        V.check_request(tok, dataclasses.replace(limits, max_input_tokens=n - 1), text, *GREEDY, context_tokens=0)
 
-    # The whole conversation: history + message + max new tokens must fit the context, numbers in the message.
-    history = [{"role": "user", "content": text}, {"role": "assistant", "content": text}] * 4
+    # The whole conversation: what the state holds + message + max new tokens must fit the context.
     small = dataclasses.replace(limits, max_context=1000)
-    with pytest.raises(V.InputError, match=r"Context budget exceeded: [\d,]+ tokens of conversation \+ [\d,]+ for "
+    with pytest.raises(V.InputError, match=r"Context budget exceeded: 990 tokens of conversation \+ [\d,]+ for "
                                            r"this message \+ up to 12 new tokens = [\d,]+ > 1,000"):
-        V.check_request(tok, small, "and now?", history, *GREEDY)
+        V.check_request(tok, small, "and now?", *GREEDY, context_tokens=990)
 
 
 def test_text_policy_cleans_controls_and_surrogates():
@@ -167,11 +166,10 @@ def test_accepted_spellings_of_sampling_values():
 
 
 def test_validator_answers_per_input(runtime):
-    from webui.chat import make_validator
+    from webui.chat import SessionStore, make_validator
 
-    verdicts = make_validator(runtime)("hi", [], 5.0, 1.0, 0, 1.0, 12, 1.5)
+    verdicts = make_validator(runtime, SessionStore(runtime))("hi", 5.0, 1.0, 0, 1.0, 12, 1.5)
     by_name = dict(zip(V.FIELDS, verdicts))
-    assert by_name["history"] == {"__type__": "update"}, "the State input is left alone"
     assert not by_name["temperature"]["is_valid"] and "temperature" in by_name["temperature"]["message"]
     assert not by_name["seed"]["is_valid"] and by_name["message"]["is_valid"] and by_name["top_p"]["is_valid"]
 
@@ -207,7 +205,7 @@ def test_property_chat_handler_never_crashes(chat, text, temperature, top_p, top
         max_new_tokens = 10**9 if max_new_tokens > 1024 else 6  # keep valid replies short
     chat.store.drop("default")
     try:
-        updates = list(chat(text, [], temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+        updates = list(chat(text, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
                             request=req("default")))
     except gr.Error as exc:
         assert exc.message and "Traceback" not in exc.message
@@ -251,22 +249,19 @@ def test_nan_mid_reply_resets_only_that_session(runtime, chat):
     first_a, _ = run(chat, "hello", GREEDY, session="A")
     handle = runtime.model.lm_head.register_forward_hook(poison)
     try:
-        replies, info = run(chat, "tell me more", GREEDY, session="A", history=[
-            {"role": "user", "content": "hello"}, {"role": "assistant", "content": first_a[-1]}])
+        replies, info = run(chat, "tell me more", GREEDY, session="A")
     finally:
         handle.remove()
     assert replies[-1].endswith(NUMERICAL_NOTICE) and info["finish_reason"] == "numerical_error"
     assert not any("nan" in r.lower() for r in replies[:-1]), "nothing sampled from NaN was streamed"
     assert chat.store.get("A").turns == [] and chat.store.counts["numerical_error"] == 1
-    # Session A continues (its state re-read from the visible history); session B is untouched.
+    # Session A starts afresh; session B is untouched.
     _, info = run(chat, "are you there?", GREEDY, session="A")
-    assert info["finish_reason"] == "length" and info["history_rereads"] == 0
-    b_turns = [{"role": "user", "content": "my name is Bob"}, {"role": "assistant", "content": first_b[-1]}]
-    second_b, info_b = run(chat, "what is my name?", SEEDED, session="B", history=b_turns)
-    assert info_b["history_rereads"] == 0
+    assert info["finish_reason"] == "length" and info["prompt_tokens"] == info["context_tokens"] - 11
+    second_b, info_b = run(chat, "what is my name?", SEEDED, session="B")
     chat.store.drop("B")
     run(chat, "my name is Bob", SEEDED, session="B")
-    solo, _ = run(chat, "what is my name?", SEEDED, session="B", history=b_turns)
+    solo, _ = run(chat, "what is my name?", SEEDED, session="B")
     assert second_b[-1] == solo[-1]
 
 
@@ -568,7 +563,7 @@ def test_http_cancel_frees_the_worker_within_a_decode_step(server, fn_index):
     assert session.conv.last_stats.new_tokens < 1000
     assert session.context_tokens == len(session.conv.history), "the state holds exactly the recorded ids"
     after = c.chat("and then?", GREEDY)
-    assert after.outcome == "completed" and after.info["history_rereads"] == 0
+    assert after.outcome == "completed" and after.info["prompt_tokens"] < 20, "only the new message is read"
 
 
 def test_http_disconnect_runs_finally(server, fn_index):

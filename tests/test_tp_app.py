@@ -63,6 +63,6 @@ def test_tp_app_chat_equals_single_process(tp_server):
     params = SamplingParams(temperature=0, max_new_tokens=12)
     assert message_text(reply) == "".join(conversation.reply("hello there", params))
     assert message_text(second) == "".join(conversation.reply("and how are you?", params))
-    assert info2["history_rereads"] == 0 and info2["state_bytes"] == info["state_bytes"]
+    assert info2["prompt_tokens"] < 20 and info2["state_bytes"] == info["state_bytes"]
     # each rank holds half of the heads: half of the single-process state (plus the positions)
     assert info["state_bytes"] < conversation.state.nbytes

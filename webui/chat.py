@@ -253,13 +253,14 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
 
     def chat(message: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
              max_new_tokens: int, seed: int, request: gr.Request = None) -> Iterator[tuple[str, str, dict]]:
-        session = store.get(session_key(request))
+        held = store.peek(session_key(request))  # a refused request creates no session
         try:
-            req = check_request(runtime.tokenizer, limits, message, temperature, top_p, top_k,
-                                repetition_penalty, max_new_tokens, seed, context_tokens=session.budget_tokens)
+            req = check_request(runtime.tokenizer, limits, message, temperature, top_p, top_k, repetition_penalty,
+                                max_new_tokens, seed, context_tokens=held.budget_tokens if held else 0)
         except InputError as exc:
             store.count("rejected")
             raise gr.Error(str(exc)) from None
+        session = store.get(session_key(request))
         if not session.lock.acquire(blocking=False):
             store.count("busy")
             raise gr.Error("A reply is still streaming in this session: stop it first.")
