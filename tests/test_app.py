@@ -269,3 +269,17 @@ def test_python_app_py_serves_a_chat_end_to_end():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_http_api_documents_every_endpoint_by_name(client):
+    """view_api: each public endpoint has its own description and named parameters and outputs, under the
+    components' public names."""
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    chat = api["/chat"]
+    assert [p["parameter_name"] for p in chat["parameters"]] == [
+        "message", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed"]
+    assert [r["label"] for r in chat["returns"]] == ["reply", "stats", "info"]
+    for name, endpoint in api.items():
+        assert endpoint.get("description") and "partial" not in endpoint["description"], name
+        assert all(not p["component"].startswith("_") for p in endpoint["parameters"]), name
+        assert all(r["label"] and not r["label"].startswith("value_") for r in endpoint["returns"]), name

@@ -36,7 +36,10 @@ class _ServerCheckedSlider(gr.Slider):
     with an unnamed "Value 5.0 is greater than maximum value 2.0." (HTTP 400); webui.validation names the
     parameter and answers 422 through the validator instead."""
 
-    def get_block_name(self) -> str:
+    def get_block_name(self) -> str:  # the frontend's Slider
+        return "slider"
+
+    def get_block_class(self) -> str:  # what the API docs call it
         return "slider"
 
     def preprocess(self, payload):
@@ -47,6 +50,9 @@ class _ServerCheckedNumber(gr.Number):
     """A Number passed through unrounded, so that a non-integer seed is refused (by name) rather than rounded."""
 
     def get_block_name(self) -> str:
+        return "number"
+
+    def get_block_class(self) -> str:
         return "number"
 
     def preprocess(self, payload):
