@@ -1,16 +1,18 @@
 """TransNormerLLM chat demo: streaming chat with constant-memory decoding, a latency race against a
 Transformer, and what is loaded.
 
+Examples:
     python app.py                                   # bundled model (or tiny demo weights), CPU or GPU, 127.0.0.1
     python app.py --model OpenNLPLab/TransNormerLLM-385M --no-int8 --device cuda
     torchrun --standalone --nproc-per-node 2 app.py --tp 2 --model DIR   # tensor parallel; rank 0 serves the UI
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
-TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_TP). Without --host, Gradio's own
-GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings follow reliability.md §3: share off,
-no SSR, no monitoring/MCP/run-history endpoints, 1 MB uploads, model directories blocked from file serving.
-A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and one line naming the
-file and the mismatch, before Gradio is even imported (so within seconds, and nothing is ever served).
+TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_MAX_REPLY_SECONDS, TNLLM_TP).
+Without --host, Gradio's own GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings follow
+reliability.md §3: share off, no SSR, no monitoring/MCP/run-history endpoints, 1 MB uploads, model directories
+blocked from file serving. A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and
+one line naming the file and the mismatch, before Gradio is even imported (so within seconds, and nothing is ever
+served).
 """
 
 from __future__ import annotations
@@ -50,17 +52,32 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
 def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = None) -> dict:
     """Safe launch settings (reliability.md §3.3); host/port None leave Gradio's env vars in charge."""
     blocked = [str(BUNDLED_TNL), str(BUNDLED_LLAMA)]
-    if runtime and os.path.isdir(runtime.info.get("model", "")):
-        blocked.append(os.path.abspath(runtime.info["model"]))
+    if runtime and os.path.isdir(runtime.model_path):
+        blocked.append(os.path.abspath(runtime.model_path))
     return dict(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
                 max_file_size="1mb", enable_monitoring=False, mcp_server=False, run_history=False,
                 strict_cors=True, allowed_paths=[], blocked_paths=blocked,
                 state_session_capacity=MAX_GRADIO_SESSIONS)
 
 
+def launch(demo, host: str | None, port: int | None, runtime: Runtime) -> None:
+    """Serve `demo` until interrupted, printing the URL it serves on.
+
+    quiet=True is Gradio's only switch for its "To create a public link, set `share=True`" hint, which would
+    invite the one setting this app keeps off; quiet also hides Gradio's "Running on local URL" line, so the
+    URL is printed here.
+    """
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_kwargs(host, port, runtime))
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    demo.block_thread()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; every flag defaults to its TNLLM_* environment variable (see the module docstring)."""
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python app.py", description=__doc__.splitlines()[0])
+    description, _, epilog = __doc__.partition("\n\n")  # the first paragraph, then the examples and settings
+    p = argparse.ArgumentParser(prog="python app.py", description=description, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=env("TNLLM_MODEL"),
                    help="local checkpoint dir or Hub repo id (default: assets/tnl/, else tiny demo weights)")
     p.add_argument("--baseline", default=env("TNLLM_BASELINE"),
@@ -106,7 +123,7 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
         runtime = load_tp_runtime(model, source, args.baseline, max_context=args.max_context)
         demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size,
                           max_reply_s=args.max_reply_seconds)
-        demo.launch(**launch_kwargs(args.host, args.port, runtime))
+        launch(demo, args.host, args.port, runtime)
 
     try:
         serve(source, ui, dtype=dtype, tp=tp)
@@ -132,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_BAD_MODEL) from None
     demo = build_demo(runtime, concurrency_limit=args.concurrency, max_size=args.queue_size,
                       max_reply_s=args.max_reply_seconds)
-    demo.launch(**launch_kwargs(args.host, args.port, runtime))
+    launch(demo, args.host, args.port, runtime)
 
 
 if __name__ == "__main__":

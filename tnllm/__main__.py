@@ -1,64 +1,107 @@
-"""`python -m tnllm`: load a model and check it end to end (what runs before the chat app lands).
+"""`python -m tnllm`: load a model and check that recurrent decoding reproduces a full forward pass.
 
-Prints the configuration, parameter count and recurrent-state size, then verifies that recurrent
-decoding reproduces a full forward pass on a prompt and shows the greedy continuation ids
-(and text, when the checkpoint has a tokenizer).
+Prints the configuration, parameter count and recurrent-state size, greedy-decodes a reply to a chat prompt token
+by token through the recurrent state (until eos or --new-tokens) and prints it, then runs one full forward pass over
+prompt + reply and compares its last logits with the recurrent ones: PASS when their max relative difference is
+within the tolerance of the dtype, else FAIL and exit code 1.
+
+Examples:
+    python -m tnllm --model assets/tnl                # the bundled model and tokenizer
+    python -m tnllm --model preset:tiny --dtype bf16  # random weights over assets/tokenizer.model
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
-from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer
+from tnllm import TNLConfig, TransNormerLLM, load_model
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# max |recurrent - full| / max |full| over the last logits. Both paths compute the same function and differ only
+# in summation order (token-by-token state updates vs chunked parallel attention), i.e. by rounding: a few units of
+# the dtype's precision, grown through the layers. A decoding bug (wrong decay, a stale state, an off-by-one
+# position) gives differences of order 0.1-1 instead. fp32 (eps 1.2e-7): 1e-4 is ~1000 eps, far above rounding
+# (<1e-6 measured on assets/tnl, 200-token replies) and far below a bug. bf16 (eps 7.8e-3) and fp16 (eps 9.8e-4)
+# round every activation: 2e-2 is ~2.5 bf16 eps (up to 6e-3 measured), the bound tests/test_cuda.py uses for
+# bf16 logits too. NaN/inf (fp16 overflow) never passes.
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+EXIT_FAIL = 1
 
 
-def _build(args: argparse.Namespace) -> TransNormerLLM:
-    if args.model.startswith("preset:"):
-        torch.manual_seed(0)
-        return TransNormerLLM(TNLConfig.from_name(args.model.removeprefix("preset:"))).to(args.dtype).eval()
-    return load_model(args.model, dtype=args.dtype)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    description, _, epilog = __doc__.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m tnllm", description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="preset:tiny",
+                        help="checkpoint directory, Hub repo id, or preset:NAME for random weights")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    parser.add_argument("--prompt", default="Hello!", help="the human turn of the chat prompt")
+    parser.add_argument("--new-tokens", type=int, default=16, help="at most this many reply tokens")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max relative difference that passes (default: "
+                             + ", ".join(f"{tol:g} {dtype}" for dtype, tol in TOLERANCE.items()) + ")")
+    args = parser.parse_args(argv)
+    if args.tolerance is None:
+        args.tolerance = TOLERANCE[args.dtype]
+    return args
+
+
+def build(source: str, dtype: torch.dtype) -> tuple[TransNormerLLM, Tokenizer]:
+    """(model, tokenizer) for a checkpoint (tokenizer found as the app finds it) or `preset:NAME`: random weights
+    (seed 0) sized to the bundled tokenizer, as the app's demo weights."""
+    if not source.startswith("preset:"):
+        return load_model(source, dtype=dtype), tokenizer_for(source)
+    tokenizer = Tokenizer(BUNDLED_TOKENIZER)
+    config = TNLConfig.from_name(source.removeprefix("preset:"), vocab_size=tokenizer.vocab_size,
+                                 eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id)
+    torch.manual_seed(0)
+    return TransNormerLLM(config).to(dtype).eval(), tokenizer
+
+
+@torch.inference_mode()
+def greedy_check(model: TransNormerLLM, prompt: list[int], new_tokens: int) -> tuple[list[int], float, int]:
+    """(reply ids, max relative difference of the last logits between recurrent decoding and one full forward
+    pass, state bytes). The reply stops before eos, so both paths end on the same last token."""
+    state = model.allocate_state(1)
+    logits = model(torch.tensor([prompt]), state, logits_to_keep=1)
+    reply: list[int] = []
+    for _ in range(new_tokens):
+        token = int(logits[0, -1].argmax())
+        if token == model.config.eos_token_id:
+            break
+        reply.append(token)
+        logits = model(torch.tensor([[token]]), state)
+    full = model(torch.tensor([prompt + reply]), logits_to_keep=1).float()
+    err = (full - logits.float()).abs().max().item() / full.abs().max().item()
+    return reply, err, state.nbytes
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tnllm", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="preset:tiny",
-                        help="checkpoint directory, Hub repo id, or preset:NAME for random weights")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--prompt", default="Human:\nHello!\nAssistant:\n")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
-    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-
+    """Run the check; exits with EXIT_FAIL when the recurrent path disagrees with the full forward pass."""
+    args = parse_args(argv)
     start = time.perf_counter()
-    model = _build(args)
+    model, tokenizer = build(args.model, DTYPES[args.dtype])
     c = model.config
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f}s: {model.num_parameters():,} parameters, "
           f"d={c.dim} L={c.n_layers} H={c.n_heads} glu={c.glu_dim} vocab={c.vocab_size}")
-    tokenizer = None
-    if not args.model.startswith("preset:"):
-        try:
-            tokenizer = load_tokenizer(args.model)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"no tokenizer: {exc}")
-    ids = tokenizer.encode(args.prompt) if tokenizer else torch.randint(0, c.vocab_size, (12,)).tolist()
+    print(f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces, eos {c.eos_token_id})")
 
-    with torch.inference_mode():
-        state = model.allocate_state(1)
-        logits = model(torch.tensor([ids]), state, logits_to_keep=1)
-        out = []
-        for _ in range(args.new_tokens):
-            out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]]), state)
-        full = model(torch.tensor([ids + out]), logits_to_keep=1)
-        err = (full.float() - logits.float()).abs().max().item() / full.float().abs().max().item()
-    print(f"recurrent state: {state.nbytes / 2**20:.2f} MiB for any context length")
-    print(f"recurrent decode vs full forward, last logits: max rel. diff {err:.2e}")
-    print(f"greedy ids: {out}")
-    if tokenizer:
-        print(f"greedy text: {tokenizer.decode(out)!r}")
+    reply, err, state_bytes = greedy_check(model, tokenizer.chat_ids([("human", args.prompt)]), args.new_tokens)
+    stop = "eos" if len(reply) < args.new_tokens else f"--new-tokens {args.new_tokens}"
+    print(f"recurrent state: {state_bytes / 2**20:.2f} MiB for any context length")
+    print(f"greedy reply ({len(reply)} tokens, stopped at {stop}): {tokenizer.decode(reply)!r}")
+    print(f"greedy ids: {reply}")
+    passed = err <= args.tolerance  # False for NaN too: NaN logits must never pass
+    print(f"recurrent decode vs full forward, last logits: max rel. diff {err:.2e} "
+          f"(tolerance {args.tolerance:g} for {args.dtype}): {'PASS' if passed else 'FAIL'}")
+    if not passed:
+        sys.exit(EXIT_FAIL)
 
 
 if __name__ == "__main__":

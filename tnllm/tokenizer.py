@@ -11,6 +11,7 @@ Chat format: `tnllm.data` (official fine-tune/train.py; multi-turn repeats the b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from tnllm.checkpoint import resolve
 from tnllm.data import HUMAN, encode_dialogue
 
 TOKENIZER_FILE = "tokenizer.model"
+# The bundled checkpoints (assets/tnl, assets/llama) share one tokenizer, kept next to them in assets/.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_TOKENIZER = ASSETS / TOKENIZER_FILE
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -91,3 +97,22 @@ def load_tokenizer(path_or_repo_id: str | Path, *, revision: str | None = None) 
     if not (directory / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"{directory / TOKENIZER_FILE} not found")
     return Tokenizer(directory / TOKENIZER_FILE)
+
+
+def tokenizer_for(checkpoint: str | Path) -> Tokenizer:
+    """The tokenizer of `checkpoint` (a directory or Hub repo id), as the app and `python -m tnllm` pick it.
+
+    The checkpoint's own tokenizer.model; assets/tokenizer.model when it has none (silently for the bundled
+    checkpoints in assets/, with a warning otherwise: the caller's vocabulary check then decides whether it
+    fits). A tokenizer file that is there but unreadable is an error, never replaced.
+    """
+    path = Path(checkpoint).expanduser()
+    if (path / TOKENIZER_FILE).is_file():
+        return Tokenizer(path / TOKENIZER_FILE)
+    if path.is_dir() and path.resolve().parent == ASSETS:
+        return Tokenizer(BUNDLED_TOKENIZER)
+    try:
+        return load_tokenizer(checkpoint)
+    except FileNotFoundError as exc:
+        log.warning("no tokenizer with %s (%s): using %s", checkpoint, exc, BUNDLED_TOKENIZER)
+        return Tokenizer(BUNDLED_TOKENIZER)

@@ -7,15 +7,18 @@ import gradio as gr
 from webui.runtime import Runtime
 
 
+def _table(rows: dict[str, str]) -> list[str]:
+    """A two-column Markdown table with a real header row (an empty one renders as a blank bar)."""
+    return ["| Setting | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows.items())]
+
+
 def model_card(runtime: Runtime) -> str:
     """Markdown tables of what is loaded: the chat model and the Transformer baseline."""
-    lines = ["### TransNormerLLM (chat model)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.info.items()]
-    lines += [f"| max context | {runtime.max_context:,} tokens |",
-              f"| recurrent state | {runtime.model.allocate_state(1).nbytes / 2**20:.2f} MiB, whatever the context |",
-              "", "### Transformer baseline (latency tab)", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in runtime.baseline_info.items()]
-    return "\n".join(lines)
+    state_mib = runtime.model.allocate_state(1).nbytes / 2**20
+    chat = {**runtime.info, "max context": f"{runtime.max_context:,} tokens",
+            "recurrent state": f"{state_mib:.2f} MiB, whatever the context"}
+    return "\n".join(["### TransNormerLLM (chat model)", *_table(chat),
+                      "", "### Transformer baseline (latency tab)", *_table(runtime.baseline_info)])
 
 
 def model_tab(runtime: Runtime) -> None:

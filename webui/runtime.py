@@ -22,19 +22,18 @@ from pathlib import Path
 import torch
 
 import kernels
-from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer
+from tnllm import TNLConfig, TransNormerLLM, load_model
 from tnllm.checkpoint import CONFIG_FILE, CheckpointError, parse_dtype
 from tnllm.generation import NumericalError, generate
 from tnllm.sampling import SamplingParams
-from tnllm.tokenizer import Tokenizer
+from tnllm.tokenizer import ASSETS, BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
 
 log = logging.getLogger("tnllm.app")
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "assets"
+ROOT = ASSETS.parent
 BUNDLED_TNL = ASSETS / "tnl"
 BUNDLED_LLAMA = ASSETS / "llama"
-TOKENIZER_FILE = ASSETS / "tokenizer.model"
+TOKENIZER_FILE = BUNDLED_TOKENIZER  # (its name here for the tests and scripts that import it)
 MODEL_CARD = ASSETS / "model_card.json"
 RANDOM_LABEL = "untrained demo weights"
 VOCAB_PADDING = 128  # embedding rows may exceed the tokenizer's pieces by less than this (padded vocabularies)
@@ -60,9 +59,21 @@ def check_tokenizer(config: TNLConfig, tokenizer: Tokenizer, model_where: str) -
                               + "; ".join(problems))
 
 
+def shown_path(path: str | Path) -> str:
+    """How the UI names a file or directory: repo-relative inside this repository (`assets/tnl`), else only its
+    name; a Hub repo id (nothing local) as given. The Model tab's text is public (Gradio's /config), so an
+    absolute server path must never reach it."""
+    local = Path(path).expanduser()
+    if not local.exists():
+        return str(path)
+    local = local.resolve()
+    return local.relative_to(ROOT).as_posix() if local.is_relative_to(ROOT) else local.name
+
+
 @dataclass
 class Runtime:
-    """Everything the handlers need; `info` feeds the Model tab."""
+    """Everything the handlers need; `info` and `baseline_info` feed the Model tab (public text, see
+    `shown_path`); `model_path` is the chat model's source as given (a path or Hub repo id), for the server."""
 
     model: TransNormerLLM
     tokenizer: Tokenizer
@@ -71,6 +82,7 @@ class Runtime:
     max_context: int
     info: dict[str, str] = field(default_factory=dict)
     baseline_info: dict[str, str] = field(default_factory=dict)
+    model_path: str = ""
 
     @property
     def untrained(self) -> bool:
@@ -110,23 +122,27 @@ def _random_model(preset: str, tokenizer: Tokenizer, device: torch.device, dtype
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: torch.dtype
+def default_source() -> str:
+    """The bundled checkpoint, else `preset:tiny` (one log line: its weights are random)."""
+    if _is_checkpoint(BUNDLED_TNL):
+        return str(BUNDLED_TNL)
+    log.warning("no bundled checkpoint in %s: serving a tiny model with %s", shown_path(BUNDLED_TNL), RANDOM_LABEL)
+    return "preset:tiny"
+
+
+def load_tnl(source: str, *, int8: bool, device: torch.device, dtype: torch.dtype
              ) -> tuple[TransNormerLLM, Tokenizer, dict[str, str]]:
-    """(model, tokenizer, info) for `source`: a directory, a Hub repo id, `preset:NAME` (random weights over
-    assets/tokenizer.model) or None (the bundled checkpoint, else `preset:tiny`)."""
-    if source is None:
-        source = str(BUNDLED_TNL) if _is_checkpoint(BUNDLED_TNL) else "preset:tiny"
-        if source == "preset:tiny":
-            log.warning("no bundled checkpoint in %s: serving a tiny model with %s", BUNDLED_TNL, RANDOM_LABEL)
-    info = {"model": source, "weights": "trained checkpoint"}
+    """(model, tokenizer, info) for `source`: a directory, a Hub repo id or `preset:NAME` (random weights over
+    assets/tokenizer.model)."""
+    info = {"model": shown_path(source), "weights": "trained checkpoint"}
     start = time.perf_counter()
     if source.startswith("preset:"):
-        tokenizer = load_tokenizer(TOKENIZER_FILE)
+        tokenizer = Tokenizer(BUNDLED_TOKENIZER)
         model = _random_model(source.removeprefix("preset:"), tokenizer, device, dtype)
         info.update(model=f"{source} ({RANDOM_LABEL})", weights=RANDOM_LABEL)
     else:
         log.info("loading %s (a Hub repo id downloads with progress bars) ...", source)
-        tokenizer = _tokenizer_for(source)
+        tokenizer = tokenizer_for(source)
         model = None
     quant = _quant() if int8 else None
     method = quant.choose_method(device, dtype) if quant else "none"
@@ -137,23 +153,13 @@ def load_tnl(source: str | None, *, int8: bool, device: torch.device, dtype: tor
         model = quant.quantize(model, method)
     check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
     log.info("model ready in %.1fs (%s, 8-bit: %s)", time.perf_counter() - start, source, method)
-    info.update(_describe(model, device, dtype, method), tokenizer=f"{tokenizer.path} ({tokenizer.vocab_size} pieces)")
+    info.update(_describe(model, device, dtype, method), tokenizer=_tokenizer_row(tokenizer))
     info["_method"] = method
     return model, tokenizer, info
 
 
-def _tokenizer_for(source: str) -> Tokenizer:
-    """The checkpoint's own tokenizer; assets/tokenizer.model only when it has none (then `check_tokenizer`
-    decides whether it fits). A tokenizer file that is there but unreadable is an error, never replaced."""
-    if Path(source).resolve() == BUNDLED_TNL.resolve() and not (BUNDLED_TNL / "tokenizer.model").is_file():
-        return load_tokenizer(TOKENIZER_FILE)  # the bundled model's tokenizer lives in assets/
-    if (Path(source) / "tokenizer.model").is_file():
-        return load_tokenizer(Path(source) / "tokenizer.model")
-    try:
-        return load_tokenizer(source)
-    except FileNotFoundError as exc:
-        log.warning("no tokenizer with %s (%s): using %s", source, exc, TOKENIZER_FILE)
-        return load_tokenizer(TOKENIZER_FILE)
+def _tokenizer_row(tokenizer: Tokenizer) -> str:
+    return f"{shown_path(tokenizer.path)} ({tokenizer.vocab_size} pieces)"
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -189,7 +195,7 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
     except (ImportError, OSError, ValueError) as exc:
         log.warning("Transformer baseline unavailable (%s): the latency tab shows TNL only", exc)
         return None, {"model": "none"}
-    name = source or f"LlamaForCausalLM matched to the TNL config ({RANDOM_LABEL})"
+    name = shown_path(source) if source else f"LlamaForCausalLM matched to the TNL config ({RANDOM_LABEL})"
     params = count_parameters(llama)
     if method != "none":
         try:
@@ -210,12 +216,12 @@ def warm_up(model: TransNormerLLM, tokenizer: Tokenizer) -> None:
         pass
 
 
-def _notes(info: dict[str, str]) -> str:
+def _notes(source: str, info: dict[str, str]) -> str:
     """Licence and data notes: the checkpoint's model card when it has one, else what is known here."""
-    card = Path(info["model"]) / "README.md"
+    card = Path(source) / "README.md"
     if card.is_file():
-        return f"see the model card {card}"
-    if Path(info["model"]).resolve() == BUNDLED_TNL.resolve() and MODEL_CARD.is_file():
+        return f"see the model card {shown_path(card)}"
+    if Path(source).resolve() == BUNDLED_TNL.resolve() and MODEL_CARD.is_file():
         tnl = json.loads(MODEL_CARD.read_text(encoding="utf-8"))["models"]["tnl"]
         return (f"bundled model trained from scratch on {tnl['tokens_seen'] / 1e6:.0f}M tokens of chitchat-dataset "
                 f"(MIT licence, casual human chat), validation perplexity {tnl['val_ppl']:.1f}; a small demo model, "
@@ -232,17 +238,18 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     `dtype` None: bf16 on CUDA, fp32 on the CPU)."""
     dev = pick_device(device)
     torch_dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    source = model or default_source()
     try:
-        tnl, tokenizer, info = load_tnl(model, int8=int8, device=dev, dtype=torch_dtype)
+        tnl, tokenizer, info = load_tnl(source, int8=int8, device=dev, dtype=torch_dtype)
         warm_up(tnl, tokenizer)  # before anything is served: NaN/inf weights fail here
     except NumericalError as exc:
-        raise StartupError(f"{model or BUNDLED_TNL}: warm-up generation failed: {exc}") from exc
+        raise StartupError(f"{source}: warm-up generation failed: {exc}") from exc
     except (ValueError, OSError) as exc:  # CheckpointError, tokenizer and config errors, missing files
         raise StartupError(str(exc)) from exc
     llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype, method=info.pop("_method"))
-    info["licence / data"] = _notes(info)
+    info["licence / data"] = _notes(source, info)
     limit = max_context or (131072 if dev.type == "cuda" else 16384)
-    return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info)
+    return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info, model_path=source)
 
 
 def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: int | None = None) -> Runtime:
@@ -252,19 +259,19 @@ def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: in
     """
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     try:
-        tokenizer = _tokenizer_for(source)
+        tokenizer = tokenizer_for(source)
         check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
         warm_up(model, tokenizer)
     except NumericalError as exc:
         raise StartupError(f"{source}: warm-up generation failed: {exc}") from exc
     except (ValueError, OSError) as exc:
         raise StartupError(str(exc)) from exc
-    info = {"model": source, "weights": "trained checkpoint", "parameters": f"{model.num_parameters():,}",
+    info = {"model": shown_path(source), "weights": "trained checkpoint", "parameters": f"{model.num_parameters():,}",
             "precision": str(dtype).removeprefix("torch."), "8-bit": "off (tensor-parallel shards are float)",
             "device": f"{model.tp.size} x {device.type} (tensor parallel, this rank holds 1/{model.tp.size})",
             "kernel path": f"{kernels.backend_for(device)} (kernels.backend_for)",
-            "tokenizer": f"{tokenizer.path} ({tokenizer.vocab_size} pieces)"}
+            "tokenizer": _tokenizer_row(tokenizer)}
     llama, baseline_info = load_baseline(baseline, model, device=device, dtype=dtype)
-    info["licence / data"] = _notes(info)
+    info["licence / data"] = _notes(source, info)
     limit = max_context or (131072 if device.type == "cuda" else 16384)
-    return Runtime(model, tokenizer, llama, device, limit, info, baseline_info)
+    return Runtime(model, tokenizer, llama, device, limit, info, baseline_info, model_path=source)
