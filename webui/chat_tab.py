@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 
 import gradio as gr
 
 from webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
-from webui.runtime import Runtime
+from webui.runtime import BUNDLED_TNL, Runtime
 from webui.validation import CHAT_DEFAULTS, RANGES, Limits, clean_text
 
 EXAMPLES = [
@@ -109,7 +110,7 @@ def _model_line(runtime: Runtime) -> str:
         return ("> ⚠️ **Untrained demo weights**: a tiny model with random weights (no bundled checkpoint found), "
                 "so replies are gibberish; streaming, state reuse and the latency comparison are real.")
     params = int(runtime.info.get("parameters", "0").replace(",", "")) / 1e6
-    if runtime.info.get("licence / data", "").startswith("bundled model"):
+    if runtime.model_path and Path(runtime.model_path).resolve() == BUNDLED_TNL.resolve():
         return (f"> The bundled model is a small **{params:.1f} M-parameter chit-chat model** trained from scratch on "
                 "casual dialogues: expect short, casual replies, not facts. For a real assistant run "
                 "`python app.py --model OpenNLPLab/TransNormerLLM-1B` (or a local checkpoint directory).")
