@@ -1,6 +1,7 @@
 """Write BENCHMARKS.md from bench/results/kernels-h200.json and, when present, the bundled-model training
-sweep bench/results/train-sweep-h200.json, the bench/decode.py runs bench/results/decode-*.json and the
-bench/soak.py figures bench/results/soak-cpu.json (never hand-edit the figures).
+sweep bench/results/train-sweep-h200.json, the bench/decode.py runs bench/results/decode-*.json, the
+bench/soak.py figures bench/results/soak-cpu.json and the chat's sampling grid bench/results/sampling-cpu.json
+(never hand-edit the figures).
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
 """
@@ -138,6 +139,45 @@ def render_decode(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_sampling(result: dict) -> str:
+    """bench/sampling_defaults.py: every setting of the grid against the human references, and the choice."""
+    m = result["machine"]
+    out = ["", "## Chat sampling defaults (CPU)", "",
+           f"Date: {result['date']}. {m['processor']} ({m['cpu_count']} cores, {m['torch_threads']} torch thread), "
+           f"torch {m['torch']}. Model `{result['model']}`. Command: `{result['command']}`. {result['prompts']} "
+           f"held-out prompts ({result['prompt_source']}), at most {result['new_tokens']} new tokens, each reply "
+           "through the chat's `Conversation.reply`.", "",
+           "rep-3 / rep-4: share of a reply's token 3-/4-grams repeating an earlier one (mean over replies); "
+           "distinct-2: unique / all bigrams over the replies; eos: share of replies ending by themselves; gen LL: "
+           "mean log-likelihood per generated token under the plain model; ref NLL: mean NLL per token of the "
+           "human replies under the setting's sampling distribution (teacher-forced; a token the setting never "
+           f"samples counts as p = {result['floor']:g}). The references row gives the human replies' own figures "
+           "(ref NLL there: the plain model's).", "",
+           "| temperature | top-p | top-k | rep. penalty | rep-3 | rep-4 | distinct-2 | length | eos | gen LL | "
+           "ref NLL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    h = result["human"]
+    out.append(f"| references | | | | {h['rep3']:.3f} | {h['rep4']:.3f} | {h['distinct2']:.3f} | {h['length']:.1f} | "
+               f"{h['eos']:.2f} | {h['gen_ll']:.2f} | {h['ref_nll']:.2f} |")
+    for i, x in enumerate(result["rows"]):
+        cells = [f"{x['temperature']:g}", f"{x['top_p']:g}", str(x["top_k"]), f"{x['repetition_penalty']:g}",
+                 f"{x['rep3']:.3f}", f"{x['rep4']:.3f}", f"{x['distinct2']:.3f}", f"{x['length']:.1f}",
+                 f"{x['eos']:.2f}", f"{x['gen_ll']:.2f}", f"{x['ref_nll']:.2f}"]
+        if i == result["chosen_row"]:
+            cells = [f"**{c}**" for c in cells]
+        out.append("| " + " | ".join(cells) + " |")
+    chosen = ", ".join(f"{name} {value:g}" for name, value in result["chosen"].items())
+    out += ["", f"Rule: {result['rule']} Chosen (bold row, now `CHAT_DEFAULTS` in webui/validation.py): {chosen}.",
+            "", "| prompt | reference | greedy (penalty 1) | chosen |", "|---|---|---|---|"]
+    for e in result["examples"]:
+        out.append("| " + " | ".join(_cell(e[k]) for k in ("prompt", "reference", "greedy", "chosen")) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell (newlines and pipes would break the row)."""
+    return text.replace("|", "\\|").replace("\n", " / ")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
@@ -156,6 +196,9 @@ def main():
     if soak.is_file():  # the same text as README's reliability section
         text += "\n## Chat server: concurrency, soak, Stop during prefill (CPU)\n\n" + \
             _bench_module("soak").render(json.loads(soak.read_text())) + "\n"
+    sampling = ROOT / "bench/results/sampling-cpu.json"
+    if sampling.is_file():
+        text += render_sampling(json.loads(sampling.read_text()))
     Path(a.out).write_text(text)
 
 

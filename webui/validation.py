@@ -36,7 +36,7 @@ RANGES = {
     "max_new_tokens": (1, MAX_NEW_TOKENS_CAP),
 }
 # The Sampling panel's starting values for the chat.
-CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.1, "max_new_tokens": 128}
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 40, "repetition_penalty": 1.1, "max_new_tokens": 128}
 INTEGER = {"top_k", "max_new_tokens"}
 FIELDS = ("message", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
 _DROP = {c for c in range(0x20) if chr(c) not in "\n\t"} | {0x7F} | set(range(0x80, 0xA0)) \
