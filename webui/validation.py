@@ -35,7 +35,8 @@ RANGES = {
     "repetition_penalty": (1.0, 2.0),
     "max_new_tokens": (1, MAX_NEW_TOKENS_CAP),
 }
-# The Sampling panel's starting values for the chat.
+# The Sampling panel's starting values: chosen on held-out prompts by bench/sampling_defaults.py (repetition,
+# end-of-reply rate, fit to human replies; table in BENCHMARKS.md). tests/test_sampling_defaults.py keeps them equal.
 CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 40, "repetition_penalty": 1.1, "max_new_tokens": 128}
 INTEGER = {"top_k", "max_new_tokens"}
 FIELDS = ("message", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
