@@ -3,7 +3,8 @@
 Public functions (same signatures as their PyTorch twins in `kernels.reference`):
     lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None)
         q, k [B, T, H, D], v [B, T, H, E], log_decay [H] fp32 (<= 0) -> (o [B, T, H, E], state [B, H, D, E] | None)
-    lightning_attn_step(q, k, v, log_decay, state)   q, k [B, H, D], v [B, H, E]; state updated in place
+    lightning_attn_step(q, k, v, log_decay, state, slots=None)   q, k [B, H, D], v [B, H, E]; state updated in
+        place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates state[slots[b]])
     srmsnorm(x, eps=1e-6)
 
 This module is the ONLY place that decides between Triton (CUDA tensors, Triton importable) and the
@@ -70,11 +71,11 @@ def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state
     return reference.lightning_attn_chunked(q, k, v, log_decay, **kwargs)
 
 
-def lightning_attn_step(q, k, v, log_decay, state):
+def lightning_attn_step(q, k, v, log_decay, state, slots=None):
     """One recurrent decode step, state updated in place. See `kernels.reference.lightning_attn_step_ref`."""
     if backend_for(q.device) == "triton":
-        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state)
-    return reference.lightning_attn_step_ref(q, k, v, log_decay, state)
+        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots)
+    return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots)
 
 
 def srmsnorm(x, eps: float = 1e-6):

@@ -195,14 +195,17 @@ def _full_chunks(q, k, v, a, state, C: int):
     return o.reshape(B, H, T, E), state
 
 
-def check_step_shapes(q, k, v, log_decay, state) -> None:
+def check_step_shapes(q, k, v, log_decay, state, slots=None) -> None:
     """Validate the inputs of a decode step (shared by every implementation); ValueError names them."""
     B, H, D = q.shape
-    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (B, H, D, v.shape[-1]):
+    rows = B if slots is None else state.shape[0]
+    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (rows, H, D, v.shape[-1]):
         raise ValueError(
-            f"step expects q, k [B, H, D], v [B, H, E], state [B, H, D, E]; got q {tuple(q.shape)}, "
-            f"k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
+            f"step expects q, k [B, H, D], v [B, H, E], state [B (or pool size with slots), H, D, E]; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
         )
+    if slots is not None and (slots.shape != (B,) or slots.dtype != torch.long):
+        raise ValueError(f"slots must be int64 [B]=[{B}], got {slots.dtype} {tuple(slots.shape)}")
     if log_decay.shape != (H,):
         raise ValueError(f"log_decay must be [H]=[{H}], got {tuple(log_decay.shape)}")
 
@@ -213,6 +216,7 @@ def lightning_attn_step_ref(
     v: torch.Tensor,
     log_decay: torch.Tensor,
     state: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step for one token per sequence; updates `state` in place.
 
@@ -220,14 +224,19 @@ def lightning_attn_step_ref(
 
     Args:
         q, k: [B, H, D]; v: [B, H, E]; log_decay: [H]; state: [B, H, D, E] fp32 (or fp64), modified in place.
+        slots: None, or int64 [B]: then `state` is a pool [S, H, D, E] and row b reads and writes
+            state[slots[b]] (rows may share a slot only if its content does not matter, e.g. a padding sink).
     Returns:
         o: [B, H, E] in q.dtype.
     """
-    check_step_shapes(q, k, v, log_decay, state)
+    check_step_shapes(q, k, v, log_decay, state, slots)
     dt = state.dtype
+    rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
     decay = torch.exp(log_decay.to(dt))[:, None, None]  # [H, 1, 1]
-    state.mul_(decay).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
-    o = (q.to(dt)[..., None, :] @ state).squeeze(-2)  # [B, H, E]
+    rows.mul_(decay).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
+    o = (q.to(dt)[..., None, :] @ rows).squeeze(-2)  # [B, H, E]
+    if slots is not None:
+        state.index_copy_(0, slots, rows)
     return o.to(q.dtype)
 
 

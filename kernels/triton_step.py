@@ -21,11 +21,15 @@ __all__ = ["lightning_attn_step_triton"]
 
 
 @triton.jit
-def _step_kernel(q, k, v, s, o, ld, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk, s_sv,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk, s_sv,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_SLOTS: tl.constexpr):
     # S <- λ S + kᵀ v ;  o = q S      for one (sequence, head) and a BV-wide slice of E
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
+    i_s = i_b
+    if HAS_SLOTS:  # the row's state lives in a pool slot
+        i_s = tl.load(slots + i_b).to(tl.int64)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -34,7 +38,7 @@ def _step_kernel(q, k, v, s, o, ld, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_
     b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32)
     b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
-    p_s = s + i_b * s_sb + i_h * s_sh + o_k[:, None] * s_sk + o_v[None, :] * s_sv
+    p_s = s + i_s * s_sb + i_h * s_sh + o_k[:, None] * s_sk + o_v[None, :] * s_sv
     b_s = tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
     b_s = b_s * b_lam + b_k[:, None] * b_v[None, :]
     tl.store(p_s, b_s.to(p_s.dtype.element_ty), mask=m_s)
@@ -42,7 +46,7 @@ def _step_kernel(q, k, v, s, o, ld, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_
     tl.store(o + (i_b * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def lightning_attn_step_triton(q, k, v, log_decay, state):
+def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None):
     """One Lightning Attention decode step for one token per sequence; `state` is updated in place.
 
         S <- λ_h S + k_tᵀ v_t ,   o_t = q_t S ,   λ_h = exp(log_decay[h])
@@ -51,10 +55,11 @@ def lightning_attn_step_triton(q, k, v, log_decay, state):
         q, k: [B, H, D]; v: [B, H, E] (any float dtype; any strides, last dim contiguous).
         log_decay: [H] fp32 (<= 0), on the inputs' device.
         state: [B, H, D, E] fp32, modified in place (any strides).
+        slots: None, or int64 [B]: `state` is then a pool [S, H, D, E] and row b updates state[slots[b]].
     Returns:
         o: [B, H, E] in q.dtype (the only allocation; no host sync: CUDA-graph capturable).
     """
-    check_step_shapes(q, k, v, log_decay, state)
+    check_step_shapes(q, k, v, log_decay, state, slots)
     B, H, D = q.shape
     E = v.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -64,6 +69,7 @@ def lightning_attn_step_triton(q, k, v, log_decay, state):
     BK = triton.next_power_of_2(D)
     BV = min(triton.next_power_of_2(E), 64 if interp else max(16, 4096 // BK))
     _step_kernel[(triton.cdiv(E, BV), B * H)](
-        q, k, v, state, o, log_decay, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, num_warps=4)
+        q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, num_warps=4)
     return o

@@ -91,10 +91,12 @@ class NormLinearAttention(nn.Module):
         log_decay: torch.Tensor,
         positions: torch.Tensor,
         kv: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, d]; log_decay [H] fp32; positions [B, T]; kv [B, H, dk, dh] fp32 or None.
 
-        With `kv`, attention continues from it and writes the new state back into it in place.
+        With `kv`, attention continues from it and writes the new state back into it in place. With `slots`
+        (int64 [B]), `kv` is a pool [S, H, dk, dh] and row b continues slot slots[b].
         """
         B, T, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]
@@ -106,10 +108,14 @@ class NormLinearAttention(nn.Module):
         if kv is None:
             o, _ = kernels.lightning_attn(q, k, v, log_decay)
         elif T == 1:
-            o = kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv)[:, None]  # [B, 1, H, dh]
+            o = kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots)[:, None]  # [B, 1, H, dh]
         else:
-            o, final = kernels.lightning_attn(q, k, v, log_decay, initial_state=kv, output_final_state=True)
-            kv.copy_(final)
+            initial = kv if slots is None else kv.index_select(0, slots)  # [B, H, dk, dh]
+            o, final = kernels.lightning_attn(q, k, v, log_decay, initial_state=initial, output_final_state=True)
+            if slots is None:
+                kv.copy_(final)
+            else:
+                kv.index_copy_(0, slots, final)
         o = self.norm(o.reshape(B, T, -1))  # [B, T, hd]: one norm over all heads
         return self.out_proj(u * o)
 
@@ -124,6 +130,6 @@ class DecoderLayer(nn.Module):
         self.channel_norm = SimpleRMSNorm(config.norm_eps)
         self.channel_mixer = GLU(config.dim, config.glu_dim, config.bias)
 
-    def forward(self, x, log_decay, positions, kv=None):
-        x = x + self.token_mixer(self.token_norm(x), log_decay, positions, kv)
+    def forward(self, x, log_decay, positions, kv=None, slots=None):
+        x = x + self.token_mixer(self.token_norm(x), log_decay, positions, kv, slots)
         return x + self.channel_mixer(self.channel_norm(x))

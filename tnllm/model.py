@@ -17,7 +17,7 @@ from torch import nn
 
 from tnllm.config import TNLConfig
 from tnllm.layers import DecoderLayer, Lrpe, SimpleRMSNorm
-from tnllm.state import RecurrentState
+from tnllm.state import RecurrentState, SlotState
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -59,7 +59,8 @@ class TransNormerLLM(nn.Module):
     """Causal LM. `forward(input_ids [B, T], state=None, logits_to_keep=0) -> logits [B, T', V]`.
 
     With a `RecurrentState`, the call continues each sequence from it (any number of new tokens;
-    one token takes the recurrent step) and advances the state in place.
+    one token takes the recurrent step) and advances the state in place. A `SlotState` does the same for
+    the pool slots it names (row b continues slot `slots[b]`).
     """
 
     def __init__(self, config: TNLConfig):
@@ -115,7 +116,7 @@ class TransNormerLLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        state: RecurrentState | None = None,
+        state: RecurrentState | SlotState | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V] (only the last `logits_to_keep` positions if > 0)."""
@@ -124,14 +125,20 @@ class TransNormerLLM(nn.Module):
         B, T = input_ids.shape
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} sequences but input_ids has batch {B}")
+        slots = getattr(state, "slots", None)
         steps = torch.arange(T, device=input_ids.device)
-        start = torch.zeros(B, dtype=torch.long, device=input_ids.device) if state is None else state.positions
+        if state is None:
+            start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+        else:
+            start = state.positions if slots is None else state.positions[slots]
         positions = start[:, None] + steps  # [B, T], absolute per sequence (LRPE)
 
         x = self.model.embed_tokens(input_ids) * self.config.embed_scale  # [B, T, d]
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self.log_decay[i], positions, None if state is None else state.kv[i])
-        if state is not None:
+            x = layer(x, self.log_decay[i], positions, None if state is None else state.kv[i], slots)
+        if slots is not None:
+            state.positions.index_copy_(0, slots, start + T)
+        elif state is not None:
             state.positions += T
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]

@@ -63,14 +63,43 @@ class SamplingParams:
         return generator
 
 
+def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """Repetition penalty for a batch: logits [B, V] fp32, seen [B, V] bool, penalty [B] (1 = off).
+
+    Seen tokens' positive logits are divided by the row's penalty, negative ones multiplied (CTRL / HF).
+    """
+    penalty = penalty[:, None]  # [B, 1]
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [V] fp32; seen: 1-D ids. Returns a penalised copy."""
     if penalty == 1.0 or seen.numel() == 0:
         return logits
-    logits = logits.clone()
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+    mask = torch.zeros_like(logits, dtype=torch.bool).index_fill_(0, seen, True)
+    return penalise_seen(logits[None], mask[None], logits.new_tensor([penalty]))[0]
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """Tempered logits [B, V] with the tokens outside each row's top-k and top-p set to -inf.
+
+    logits [B, V] fp32; per row: temperature [B] (> 0), top_k [B] int64 (0 = off), top_p [B] (1 = off).
+    Top-k keeps every token tied with the k-th; top-p keeps the smallest head of the distribution whose
+    probability reaches p (the token crossing p included). No host sync: usable inside a CUDA graph.
+    """
+    logits = logits / temperature[:, None]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+    vocab = logits.shape[-1]
+    k = top_k.clamp(0, vocab)
+    kth = sorted_logits.gather(1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
+    outside_k = (k[:, None] > 0) & (sorted_logits < kth)  # [B, V], in sorted order
+    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    outside_p = (top_p[:, None] < 1.0) & (probs.cumsum(-1) - probs >= top_p[:, None])
+    drop = torch.zeros_like(outside_k).scatter(1, order, outside_k | outside_p)  # back to vocab order
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
@@ -81,14 +110,7 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.temperature == 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the token crossing p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    row = lambda value, dtype=torch.float32: torch.tensor([value], dtype=dtype, device=logits.device)  # noqa: E731
+    logits = filter_logits(logits[None], row(params.temperature), row(params.top_k, torch.long), row(params.top_p))
+    probs = torch.softmax(logits[0], dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

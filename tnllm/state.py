@@ -116,3 +116,21 @@ class RecurrentState:
         if f"kv.{len(kv)}" in tensors or "positions" not in tensors:
             raise ValueError(f"state file {where} does not match a {config.n_layers}-layer model")
         return cls(kv, tensors["positions"])
+
+
+@dataclass
+class SlotState:
+    """Rows of a state pool addressed by slot ids: what the model reads and updates for a batch of sessions.
+
+    `kv` holds per-layer fp32 pools [S, H, dk, dh] and `positions` a pool [S]; row b of the batch is slot
+    `slots[b]`. The model updates the addressed slots in place (no per-session copies), so sessions can join
+    and leave a batch between steps by changing `slots` only.
+    """
+
+    kv: list[torch.Tensor]
+    positions: torch.Tensor
+    slots: torch.Tensor  # int64 [B], on the pool's device
+
+    @property
+    def batch_size(self) -> int:
+        return self.slots.shape[0]

@@ -1,0 +1,322 @@
+"""The engine: slot-pool forward == RecurrentState forward, greedy == full-forward argmax (alone and batched),
+isolation of concurrent sessions, multi-turn, cancel, time limit, stop strings, NaN isolation, fork/save/load,
+chunked prefill interleaved with decoding, and the GPU benchmark script's CPU smoke mode."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import kernels
+from tests.conftest import ROOT, assert_close, requires_triton_interpret
+from tnllm import TNLConfig, Tokenizer, TransNormerLLM
+from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
+from tnllm.generation import Conversation
+from tnllm.sampling import SamplingParams
+from tnllm.state import SlotState
+
+GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
+SAMPLED = SamplingParams(temperature=1.2, top_k=50, top_p=0.95, repetition_penalty=1.3, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Untied: a random tied model just predicts its last input token again (tied embedding dominates).
+    torch.manual_seed(0)
+    return TransNormerLLM(TNLConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tok_file):
+    return Tokenizer(tok_file)
+
+
+def make_engine(model, tok, **config):
+    """A threadless engine (tests step it by hand), eos never ending a reply unless given."""
+    eos_ids = config.pop("eos_ids", set())
+    return Engine(model, tok, EngineConfig(**{"max_sessions": 6, "prefill_budget": 16, "threaded": False, **config}),
+                  eos_ids=eos_ids)
+
+
+def argmax_loop(model, ids, n):
+    """The obvious reference: re-run the full sequence every step and take the argmax."""
+    out = []
+    for _ in range(n):
+        out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
+    return out
+
+
+def prompt(n, seed):
+    return torch.randint(3, 400, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+
+def solo_ids(model, tok, ids, params):
+    """Ids a reply samples when it is the engine's only session."""
+    reply = make_engine(model, tok).open().feed_ids(ids, params).wait()
+    return reply.sampled
+
+
+# -- the model on pool slots --------------------------------------------------------------------------
+@torch.inference_mode()
+def test_slot_forward_equals_recurrent_state(model):
+    """Prefill chunks and decode steps through pool slots (out of order, a gap) == RecurrentState rows."""
+    ids = torch.randint(3, 400, (2, 30))
+    state = model.allocate_state(2)
+    ref = [model(ids[:, :20], state), model(ids[:, 20:21], state), model(ids[:, 21:22], state)]
+    pool = model.allocate_state(5)  # slots 0..4
+    slots = torch.tensor([4, 2])
+    rows = SlotState(pool.kv, pool.positions, slots)
+    out = [model(ids[:, :20], rows), model(ids[:, 20:21], rows), model(ids[:, 21:22], rows)]
+    for a, b in zip(ref, out):
+        assert_close("logits", a, b, rel=1e-5)
+    for layer_ref, layer_pool in zip(state.kv, pool.kv):
+        assert_close("state", layer_ref, layer_pool[slots], rel=1e-5)
+        assert not layer_pool[[0, 1, 3]].any()  # untouched slots stay zero
+    assert pool.positions.tolist() == [0, 0, 22, 0, 22]
+
+
+@requires_triton_interpret
+def test_triton_step_through_slots_equals_reference():
+    B, H, D, E, S = 3, 2, 16, 16, 6
+    q, k = torch.randn(B, H, D), torch.randn(B, H, D)
+    v, a = torch.randn(B, H, E), -torch.rand(H)
+    pool = torch.randn(S, H, D, E)
+    slots = torch.tensor([5, 1, 3])
+    expected_pool = pool.clone()
+    o_ref = kernels.reference.lightning_attn_step_ref(q, k, v, a, expected_pool, slots)
+    with kernels.use_impl("triton"):
+        o = kernels.lightning_attn_step(q, k, v, a, pool, slots)
+    assert_close("o", o_ref, o, rel=1e-5)
+    assert_close("pool", expected_pool, pool, rel=1e-5)
+
+
+# -- greedy correctness and isolation -------------------------------------------------------------------
+def test_greedy_equals_full_forward_argmax(model, tok):
+    ids = prompt(37, 1)  # 3 prefill chunks of 16
+    assert solo_ids(model, tok, ids, GREEDY) == argmax_loop(model, ids, 12)
+
+
+def test_concurrent_greedy_sessions_joining_at_different_steps(model, tok):
+    engine = make_engine(model, tok)
+    prompts = [prompt(n, seed) for seed, n in enumerate((5, 40, 17, 1))]
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 9, 14, 6)]
+    replies = []
+    for ids, p in zip(prompts, params):  # a new session joins every two steps
+        replies.append(engine.open().feed_ids(ids, p))
+        engine.step()
+        engine.step()
+    engine.run_until_idle()
+    for reply, ids, p in zip(replies, prompts, params):
+        assert reply.finish_reason == "length"
+        assert reply.sampled == argmax_loop(model, ids, p.max_new_tokens)
+
+
+def test_concurrent_seeded_sampling_equals_solo_runs(model, tok):
+    prompts = [prompt(n, 10 + n) for n in (3, 25, 11)]
+    params = [SamplingParams(**{**SAMPLED.__dict__, "seed": s}) for s in (1, 2, 3)]
+    expected = [solo_ids(model, tok, ids, p) for ids, p in zip(prompts, params)]
+    engine = make_engine(model, tok)
+    replies = [engine.open().feed_ids(ids, p) for ids, p in zip(prompts, params)]
+    engine.run_until_idle()
+    assert [r.sampled for r in replies] == expected
+    other_seed = solo_ids(model, tok, prompts[0], SamplingParams(**{**SAMPLED.__dict__, "seed": 99}))
+    assert other_seed != expected[0]
+
+
+def test_threaded_engine_serves_concurrent_consumers(model, tok):
+    engine = Engine(model, tok, EngineConfig(max_sessions=4, prefill_budget=16), eos_ids=set())
+    prompts = [prompt(n, n) for n in (4, 33, 9)]
+    results = {}
+
+    def consume(i):
+        reply = engine.open().feed_ids(prompts[i], GREEDY)
+        text = "".join(event.text for event in reply)
+        results[i] = (reply.sampled, text, reply.finish_reason)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    engine.shutdown()
+    for i, ids in enumerate(prompts):
+        sampled, text, finish = results[i]
+        assert sampled == argmax_loop(model, ids, 12) and finish == "length"
+        assert text == tok.decode(sampled)
+
+
+# -- sampler --------------------------------------------------------------------------------------------
+def test_sampler_draws_follow_the_distribution():
+    """argmax(probs / Exp noise) with hashed noise: frequencies over many seeds match softmax."""
+    vocab, n = 8, 4000
+    sampler = BatchSampler(n + 1, vocab, "cpu")
+    params = SamplingParams(temperature=1.0, top_p=1.0)
+    for slot in range(1, n + 1):
+        sampler.configure(slot, params, seed=slot, prompt_ids=[])
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3, 1.5])
+    ids = sampler.sample(logits.expand(n, vocab), torch.arange(1, n + 1))
+    freq = torch.bincount(ids, minlength=vocab).float() / n
+    assert (freq - torch.softmax(logits, -1)).abs().max() < 0.03
+
+
+def test_sampler_top_k_1_is_greedy_and_nan_rows_are_flagged():
+    sampler = BatchSampler(4, 10, "cpu")
+    sampler.configure(1, SamplingParams(temperature=2.0, top_k=1, seed=0), 0, [])
+    sampler.configure(2, SamplingParams(temperature=2.0, top_p=1e-6, seed=0), 0, [])
+    sampler.configure(3, SamplingParams(temperature=1.0, seed=0), 0, [])
+    logits = torch.randn(3, 10)
+    logits[2, 4] = float("nan")
+    ids = sampler.sample(logits, torch.tensor([1, 2, 3]))
+    assert ids.tolist() == [int(logits[0].argmax()), int(logits[1].argmax()), -1]
+
+
+# -- conversations --------------------------------------------------------------------------------------
+def test_multi_turn_equals_conversation_and_reads_only_new_message(model, tok):
+    engine = make_engine(model, tok, eos_ids={tok.eos_id})
+    session = engine.open()
+    conv = Conversation(model, tok)
+    params = SamplingParams(temperature=0, max_new_tokens=8)
+    for message in ("hello there", "how are you?", "the dog"):
+        reply = session.send(message, params).wait()
+        assert reply.text == "".join(conv.reply(message, params))
+        assert reply.finish_reason == conv.last_stats.finish_reason
+    assert reply.stats.prompt_tokens < len(session.history)  # turn 3 read only its new message
+    assert session.history == conv.history and session.pending == conv.pending
+    for layer_conv, layer_pool in zip(conv.state.kv, engine.pool.kv):
+        assert_close("state", layer_conv[0], layer_pool[session.slot], rel=1e-5)
+
+
+def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok):
+    engine = make_engine(model, tok)
+    session = engine.open()
+    reply = session.feed_ids(prompt(40, 3), SamplingParams(temperature=0, max_new_tokens=50))
+    for _ in range(6):  # 3 prefill chunks, then decoding
+        engine.step()
+    reply.cancel()
+    engine.step()
+    assert reply.finish_reason == "cancelled" and session.reply is None
+    assert len(reply.sampled) == 4 and session.pending == [reply.sampled[-1], tok.eos_id]
+    reread = model.allocate_state(1)
+    model(torch.tensor([session.history]), reread)
+    assert_close("state", reread.kv[0][0], engine.pool.kv[0][session.slot], rel=1e-5)
+
+    during_prefill = session.feed_ids(prompt(40, 4), GREEDY)
+    engine.step()  # one chunk read
+    during_prefill.cancel()
+    engine.step()
+    assert during_prefill.finish_reason == "cancelled" and during_prefill.fed == 16
+    assert session.pending[-1] == tok.eos_id and len(session.pending) == 2 + 40 - 16 + 1  # unread rest + eos
+
+
+def test_time_limit(model, tok):
+    engine = make_engine(model, tok)
+    reply = engine.open().feed_ids(prompt(8, 5), SamplingParams(temperature=0, max_new_tokens=50),
+                                   time_limit_s=0.0)
+    events = list(reply)
+    assert events[-1].finish == "time_limit" and reply.sampled == []
+
+
+def test_stop_string_ends_the_reply_before_it_is_shown(model, tok):
+    ids = prompt(9, 6)
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    full = make_engine(model, tok).open().feed_ids(ids, params).wait().text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: {full!r}"
+    reply = make_engine(model, tok).open().feed_ids(ids, SamplingParams(**{**params.__dict__, "stop": (stop,)}))
+    text = "".join(event.text for event in reply)
+    assert reply.finish_reason == "stop" and text == full[:full.index(stop)]
+
+
+def test_nan_in_one_session_leaves_the_others_unchanged(model, tok):
+    prompts = [prompt(n, 20 + n) for n in (6, 19, 8)]
+    params = [GREEDY, SamplingParams(**{**SAMPLED.__dict__, "seed": 7}), GREEDY]
+    expected = [solo_ids(model, tok, ids, p) for ids, p in zip(prompts, params)]
+    engine = make_engine(model, tok)
+    sessions = [engine.open() for _ in prompts]
+    replies = [s.feed_ids(ids, p) for s, ids, p in zip(sessions, prompts, params)]
+    for _ in range(4):
+        engine.step()
+    engine.pool.kv[1][sessions[1].slot, 0, 0, 0] = float("nan")  # as an fp16 overflow would leave it
+    engine.run_until_idle()
+    assert replies[1].finish_reason == "numerical_error"
+    assert sessions[1].history == [] and not engine.pool.kv[1][sessions[1].slot].any()  # reset
+    assert [replies[0].sampled, replies[2].sampled] == [expected[0], expected[2]]
+    again = sessions[1].feed_ids(prompts[1], params[1]).wait()  # the session is usable again
+    assert again.sampled == expected[1]
+
+
+def test_fork_save_load_continue_identically(model, tok, tmp_path):
+    engine = make_engine(model, tok, eos_ids={tok.eos_id})
+    session = engine.open()
+    params = SamplingParams(temperature=0.8, max_new_tokens=10, seed=5)
+    session.send("tell me about the fox", params).wait()
+    session.save(tmp_path / "s.safetensors")
+    fork = session.fork()
+    loaded = engine.load(tmp_path / "s.safetensors")
+    replies = [s.send("and then?", params) for s in (session, fork, loaded)]
+    engine.run_until_idle()
+    assert replies[0].text == replies[1].text == replies[2].text and replies[0].sampled
+    assert session.history == fork.history == loaded.history
+    # The file is a Conversation file: today's chat reads it as well (greedy: the samplers' noise differs).
+    conv = Conversation.load(tmp_path / "s.safetensors", model, tok)
+    greedy = SamplingParams(temperature=0, max_new_tokens=10)
+    assert "".join(conv.reply("and then?", greedy)) == engine.load(tmp_path / "s.safetensors").send(
+        "and then?", greedy).wait().text
+
+
+def test_pool_full_and_close_frees_the_slot(model, tok):
+    engine = make_engine(model, tok, max_sessions=2)
+    a, b = engine.open(), engine.open()
+    with pytest.raises(PoolFullError):
+        engine.open()
+    reply = b.feed_ids([5, 6, 7], GREEDY)
+    b.close()  # cancels its reply and gives the slot back
+    assert reply.finish_reason == "cancelled"
+    c = engine.open()
+    assert c.slot == b.slot and not engine.pool.kv[0][c.slot].any()
+    with pytest.raises(RuntimeError, match="closed"):
+        b.feed_ids([1], GREEDY)
+    a.feed_ids([1, 2], GREEDY)
+    with pytest.raises(RuntimeError, match="still streaming"):
+        a.fork()
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok):
+    engine = make_engine(model, tok, prefill_budget=32)
+    decoding = [engine.open().feed_ids(prompt(4, s), SamplingParams(temperature=0, max_new_tokens=100))
+                for s in (1, 2)]
+    engine.step()  # both prompts read (8 tokens < budget), first tokens sampled
+    long = engine.open().feed_ids(prompt(300, 9), GREEDY)
+    for step in range(1, 11):
+        engine.step()
+        assert [len(r.sampled) for r in decoding] == [1 + step] * 2  # one token per step each
+        assert long.fed == min(300, 32 * step)
+    assert long.sampled  # 300 tokens = 10 chunks: its first token came with the 10th step
+
+
+# -- the bundled model and the GPU benchmark script -------------------------------------------------------
+def test_bundled_model_chat_equals_conversation():
+    from tnllm import load_model
+
+    model = load_model(ROOT / "assets" / "tnl")
+    tok = Tokenizer(ROOT / "assets" / "tokenizer.model")
+    engine = Engine(model, tok, EngineConfig(max_sessions=2, threaded=False))
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    conv = Conversation(model, tok)
+    session = engine.open()
+    for message in ("Hi! How are you?", "Tell me about your day."):
+        assert session.send(message, params).wait().text == "".join(conv.reply(message, params))
+
+
+def test_engine_gpu_benchmark_smoke_on_cpu(tmp_path):
+    out = subprocess.run([sys.executable, "bench/engine_gpu.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    rows = json.loads((tmp_path / "engine-h200.json").read_text())["rows"]
+    keys = {"preset", "quant", "batch", "context", "decode_ms_per_token", "hbm_floor_ms", "aggregate_tok_s", "path"}
+    assert rows and all(keys <= set(row) for row in rows)

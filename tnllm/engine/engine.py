@@ -1,0 +1,187 @@
+"""The engine: one model, one state pool, one scheduler, one thread stepping every active session.
+
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=16))
+    session = engine.open()                  # or engine.load(path)
+    for event in session.send("hi", params): ...
+
+Everything that touches the pool or the scheduler runs on the engine thread between two steps (callers'
+requests go through an inbox and wait for their result), so a request waits at most one step and no state
+is read or written mid-step. Without a thread (`threaded=False`: tests, single-user scripts), requests run
+at once and iterating a reply drives the steps.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tnllm.engine.graphs import DecodeGraphs
+from tnllm.engine.pool import StatePool
+from tnllm.engine.sampler import BatchSampler
+from tnllm.engine.scheduler import Scheduler
+from tnllm.engine.session import Reply, Session, read_session_file, write_session_file
+from tnllm.model import TransNormerLLM
+from tnllm.sampling import SamplingParams
+from tnllm.streaming import TextStreamer
+from tnllm.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """max_sessions: pool slots (sessions open at once); prefill_budget: prompt tokens read per step (the
+    chunk a long prompt advances by between two decode steps of the others); cuda_graphs: captured decode
+    per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the sampler inside
+    the captured step; threaded: run steps on an engine thread."""
+
+    max_sessions: int = 16
+    prefill_budget: int = 512
+    cuda_graphs: bool | None = None
+    sample_in_graph: bool = True
+    threaded: bool = True
+
+
+class Engine:
+    """Owns generation for one model: open/load sessions, submit replies, step them all together."""
+
+    def __init__(self, model: TransNormerLLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 eos_ids: set[int] | None = None):
+        if config.prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {config.prefill_budget}")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.pool = StatePool(model, config.max_sessions)
+        self.sampler = BatchSampler(config.max_sessions + 1, model.config.vocab_size, self.pool.device)
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else self.pool.device.type == "cuda"
+        decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
+                   if graphs else None)
+        eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
+        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, config.prefill_budget, decoder)
+        self.threaded = config.threaded
+        self._cond = threading.Condition()
+        self._inbox: list[tuple[Callable[[], Any], Future]] = []
+        self._stopping = False
+        self._thread = None
+        if self.threaded:
+            self._thread = threading.Thread(target=self._serve, name="tnllm-engine", daemon=True)
+            self._thread.start()
+
+    # -- public requests ---------------------------------------------------------------------------
+    def open(self) -> Session:
+        """A new session in a fresh (zeroed) slot; raises `PoolFullError` when every slot is taken."""
+        return self._call(lambda: Session(self, self.pool.acquire()))
+
+    def load(self, path: str | Path) -> Session:
+        """A session saved by `Session.save` (or `Conversation.save`), in a new slot."""
+        state, history, pending = read_session_file(path, self.model.config)
+
+        def load_into_slot() -> Session:
+            slot = self.pool.acquire()
+            self.pool.write(slot, state)
+            return Session(self, slot, history, pending)
+
+        return self._call(load_into_slot)
+
+    def submit(self, session: Session, prompt: list[int], params: SamplingParams,
+               time_limit_s: float | None = None) -> Reply:
+        """Start a reply reading `prompt` into the session's state (use `Session.send` / `feed_ids`)."""
+        if not prompt:
+            raise ValueError("a reply needs at least one prompt token")
+        deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+        seed = secrets.randbits(62) if params.seed is None else params.seed
+
+        def admit() -> Reply:
+            self._check_idle(session)
+            reply = Reply(session, prompt, params, deadline, TextStreamer(self.tokenizer, params.stop))
+            self.sampler.configure(session.slot, params, seed, prompt)
+            session.reply = reply
+            self.scheduler.add(reply)
+            return reply
+
+        return self._call(admit)
+
+    def fork(self, session: Session) -> Session:
+        """A copy of an idle session in a new slot."""
+        def fork_slot() -> Session:
+            self._check_idle(session)
+            slot = self.pool.acquire()
+            self.pool.copy(session.slot, slot)
+            return Session(self, slot, list(session.history), list(session.pending))
+
+        return self._call(fork_slot)
+
+    def save(self, session: Session, path: str | Path) -> None:
+        """Write an idle session's state and ids to one safetensors file."""
+        def save_slot() -> None:
+            self._check_idle(session)
+            write_session_file(path, self.pool.read(session.slot), session.history, session.pending)
+
+        self._call(save_slot)
+
+    def close(self, session: Session) -> None:
+        """Cancel the session's reply (if any) and free its slot; closing twice is a no-op."""
+        def close_slot() -> None:
+            if session.closed:
+                return
+            if session.reply is not None:
+                self.scheduler.finish(session.reply, "cancelled")
+            self.pool.release(session.slot)
+            session.closed = True
+
+        self._call(close_slot)
+
+    def step(self) -> None:
+        """One scheduler step (threadless engines; the engine thread calls it by itself)."""
+        if self.threaded:
+            raise RuntimeError("this engine steps on its own thread")
+        self.scheduler.step()
+
+    def run_until_idle(self) -> None:
+        """Step until no reply is active (threadless engines)."""
+        while self.scheduler.active:
+            self.step()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread (active replies stay unfinished)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- engine thread -----------------------------------------------------------------------------
+    def _check_idle(self, session: Session) -> None:
+        if session.closed:
+            raise RuntimeError("session is closed")
+        if session.reply is not None:
+            raise RuntimeError("a reply is still streaming in this session: cancel it first")
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` between two steps (on the engine thread when there is one) and return its result."""
+        if not self.threaded or threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("engine is shut down")
+            self._inbox.append((fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self.scheduler.active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                calls, self._inbox = self._inbox, []
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # noqa: BLE001 (handed to the caller)
+                    future.set_exception(exc)
+            self.scheduler.step()

@@ -1,0 +1,78 @@
+"""CUDA: the decode step captured once per batch-size bucket and replayed.
+
+A step with n decoding rows replays the smallest bucket >= n; rows n.. of the bucket point at the pool's
+sink slot 0, and the whole slot buffer is rewritten every replay (a static buffer would otherwise keep the
+slots of an earlier, larger batch). Each graph holds embedding -> layers -> head, and (by default) the
+sampler, so a step is one replay; with `sample_in_graph=False` the graph ends at the logits and the
+sampler runs eagerly after it (measured by bench/engine_gpu.py). Batches above the largest bucket run eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tnllm.engine.pool import SINK_SLOT, StatePool
+from tnllm.engine.sampler import BatchSampler
+from tnllm.engine.scheduler import decode_step
+from tnllm.model import TransNormerLLM
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 (16, 24, ...) up to `max_batch`, which is always the last bucket."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 8))
+    return sizes + [max_batch]
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    slots: torch.Tensor    # static int64 [b] input
+    staging: torch.Tensor  # pinned host copy of the slots, for a non-blocking upload
+    out: torch.Tensor      # static output: ids [b], or logits [b, V] without the sampler
+
+
+class DecodeGraphs:
+    """`step(slots) -> ids [n]` by graph replay, for any n <= the largest bucket (`covers`)."""
+
+    def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, max_batch: int,
+                 sample_in_graph: bool = True, warmup: int = 2):
+        if pool.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
+        self.model, self.pool, self.sampler = model, pool, sampler
+        self.sample_in_graph, self.warmup = sample_in_graph, warmup
+        self.sizes = bucket_sizes(max_batch)
+        self.graphs = {size: self._capture(size) for size in reversed(self.sizes)}  # largest first
+
+    def _capture(self, size: int) -> _Captured:
+        # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
+        slots = torch.full((size,), SINK_SLOT, dtype=torch.long, device=self.pool.device)
+        run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph)  # noqa: E731
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(self.warmup):  # compile Triton kernels and settle allocations outside the capture
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            out = run()
+        return _Captured(graph, slots, torch.zeros(size, dtype=torch.long, pin_memory=True), out)
+
+    def covers(self, n: int) -> bool:
+        return n <= self.sizes[-1]
+
+    def step(self, slots: list[int]) -> torch.Tensor:
+        """Next ids [n] (on the device) for the rows of `slots`: one replay (plus the sampler if outside)."""
+        n = len(slots)
+        captured = self.graphs[next(size for size in self.sizes if size >= n)]
+        # The previous step's host transfer has synchronised, so the staging buffer is free to reuse.
+        captured.staging.fill_(SINK_SLOT)
+        captured.staging[:n] = torch.tensor(slots, dtype=torch.long)
+        captured.slots.copy_(captured.staging, non_blocking=True)
+        captured.graph.replay()
+        if self.sample_in_graph:
+            return captured.out[:n]
+        with torch.inference_mode():
+            return self.sampler.sample(captured.out[:n], captured.slots[:n])

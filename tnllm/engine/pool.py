@@ -1,0 +1,89 @@
+"""State slot pool: every session's recurrent state lives in one slot of per-layer fp32 tensors.
+
+    kv[l]      [S + 1, H, dk_l, dh]   (per layer: an LRPE layer has dk = 2 * dh)
+    positions  [S + 1]                tokens each slot has read
+
+Slot 0 is a sink that padded batch rows (CUDA-graph buckets) read and write; sessions get slots 1..S from a
+host free list and never see slot 0. A decode step reads and updates the slots of its rows in place
+(`SlotState`), so joining or leaving a batch moves no state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tnllm.model import TransNormerLLM
+from tnllm.state import RecurrentState, SlotState
+
+SINK_SLOT = 0
+
+
+class PoolFullError(RuntimeError):
+    """Every slot holds a session: close one (or make the pool larger) before opening another."""
+
+
+class StatePool:
+    """`size` session slots (plus the sink) of `model`'s recurrent state, on the model's devices."""
+
+    def __init__(self, model: TransNormerLLM, size: int):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = size
+        template = model.allocate_state(size + 1)  # one zero state per slot, each layer on its layer's device
+        self.kv, self.positions = template.kv, template.positions
+        self.device = self.positions.device
+        self._free = list(range(size, 0, -1))  # pop() hands out slot 1 first
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one session's state (the same at any context length)."""
+        return sum(t[0].numel() * t.element_size() for t in self.kv) + 8
+
+    def acquire(self) -> int:
+        """A free slot, zeroed (a fresh state)."""
+        if not self._free:
+            raise PoolFullError(f"all {self.size} session slots are taken")
+        slot = self._free.pop()
+        self.clear(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give a slot back (its content is zeroed when it is handed out again)."""
+        if not 1 <= slot <= self.size or slot in self._free:
+            raise ValueError(f"slot {slot} is not held")
+        self._free.append(slot)
+
+    def clear(self, slot: int) -> None:
+        for t in self.kv:
+            t[slot].zero_()
+        self.positions[slot] = 0
+
+    def copy(self, src: int, dst: int) -> None:
+        """Overwrite slot `dst` with slot `src` (fork)."""
+        for t in self.kv:
+            t[dst].copy_(t[src])
+        self.positions[dst] = self.positions[src]
+
+    def rows(self, slots: torch.Tensor) -> SlotState:
+        """The model's view of the given slots (int64 [B] on the pool's device) as batch rows."""
+        return SlotState(self.kv, self.positions, slots)
+
+    def read(self, slot: int) -> RecurrentState:
+        """A copy of one slot as a batch-1 `RecurrentState`."""
+        return RecurrentState([t[slot:slot + 1].clone() for t in self.kv], self.positions[slot:slot + 1].clone())
+
+    def write(self, slot: int, state: RecurrentState) -> None:
+        """Overwrite one slot with a batch-1 `RecurrentState` (shapes checked by the copy)."""
+        if state.batch_size != 1:
+            raise ValueError(f"a slot holds one sequence, got a state of batch {state.batch_size}")
+        for dst, src in zip(self.kv, state.kv, strict=True):
+            dst[slot].copy_(src[0])
+        self.positions[slot] = state.positions[0]
+
+    def position(self, slot: int) -> int:
+        """Tokens the slot has read (a host sync: for bookkeeping between steps, not inside one)."""
+        return int(self.positions[slot])

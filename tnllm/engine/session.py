@@ -1,0 +1,156 @@
+"""What a caller holds: a `Session` (one conversation, one pool slot) and the `Reply` streaming in it.
+
+    session = engine.open()
+    reply = session.send("hello", SamplingParams(...), time_limit_s=60)
+    for event in reply:             # Event(text, stats, finish): text pieces, live stats, then the finish
+        ...
+    reply.cancel()                  # from any thread: the reply ends within one engine step
+    session.fork() / session.save(path) / engine.load(path) / session.close()
+
+Bookkeeping follows `tnllm.generation.Conversation`: `history` holds every id written into the slot,
+`pending` the ids still to write (the reply's last sampled id and the eos closing the assistant turn, or the
+unread rest of a message stopped during its prefill); they are fed with the next message.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tnllm.config import TNLConfig
+from tnllm.generation import ReplyStats
+from tnllm.sampling import SamplingParams
+from tnllm.state import RecurrentState
+from tnllm.streaming import TextStreamer
+
+if TYPE_CHECKING:
+    from tnllm.engine.engine import Engine
+
+# How a reply ended. "numerical_error" (NaN/inf logits) and "error" (an exception in its step) also reset the
+# session's state; the others keep what the state read.
+FINISH_REASONS = ("eos", "length", "stop", "cancelled", "time_limit", "error", "numerical_error")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One update of a reply: new text (may be ""), a snapshot of its stats, and `finish` on the last one."""
+
+    text: str
+    stats: ReplyStats
+    finish: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish is not None
+
+
+class Reply:
+    """One reply streaming from the engine. Iterate it for `Event`s (ends after the finish); `cancel()`.
+
+    The engine thread fills its event queue; without an engine thread, iterating drives the engine itself.
+    """
+
+    def __init__(self, session: "Session", prompt: list[int], params: SamplingParams, deadline: float | None,
+                 streamer: TextStreamer):
+        self.session, self.prompt, self.params, self.deadline = session, prompt, params, deadline
+        self.streamer = streamer
+        self.fed = 0                      # prompt ids read into the state so far
+        self.sampled: list[int] = []      # ids sampled so far (the last one not yet fed)
+        self.stats = ReplyStats(prompt_tokens=len(prompt), state_bytes=session.engine.pool.slot_bytes)
+        self.submitted = time.perf_counter()
+        self.text = ""                    # the reply as streamed
+        self.finish_reason: str | None = None
+        self.cancel_requested = False
+        self._events: queue.Queue[Event] = queue.Queue()
+
+    @property
+    def prefilling(self) -> bool:
+        return not self.sampled
+
+    def cancel(self) -> None:
+        """Ask the reply to stop; it finishes with "cancelled" at the next engine step (thread-safe)."""
+        self.cancel_requested = True
+
+    def emit(self, text: str = "", finish: str | None = None) -> None:
+        """Engine side: queue an event carrying the reply's stats as they are now."""
+        self.text += text
+        self._events.put(Event(text, replace(self.stats), finish))
+
+    def __iter__(self) -> Iterator[Event]:
+        engine = self.session.engine
+        while True:
+            try:
+                event = self._events.get(timeout=None if engine.threaded else 0)
+            except queue.Empty:
+                engine.step()  # no engine thread: the consumer drives the engine
+                continue
+            yield event
+            if event.finished:
+                return
+
+    def wait(self) -> "Reply":
+        """Consume every event (the reply's text then sits in `text`)."""
+        for _ in self:
+            pass
+        return self
+
+
+class Session:
+    """One conversation whose recurrent state lives in a pool slot. Create with `Engine.open` / `Engine.load`."""
+
+    def __init__(self, engine: "Engine", slot: int, history: list[int] | None = None,
+                 pending: list[int] | None = None):
+        self.engine, self.slot = engine, slot
+        self.history: list[int] = history or []
+        self.pending: list[int] = pending or []
+        self.reply: Reply | None = None   # the reply streaming now, if any
+        self.closed = False
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens the state has read."""
+        return len(self.history)
+
+    def send(self, user_text: str, params: SamplingParams, time_limit_s: float | None = None) -> Reply:
+        """Start the assistant's reply to a user turn (chat format); it reads `pending` + the new message."""
+        return self.feed_ids(self.engine.tokenizer.chat_ids([("human", user_text)]), params, time_limit_s)
+
+    def feed_ids(self, ids: list[int], params: SamplingParams, time_limit_s: float | None = None) -> Reply:
+        """Start a reply continuing from raw ids (after `pending`)."""
+        return self.engine.submit(self, self.pending + list(ids), params, time_limit_s)
+
+    def fork(self) -> "Session":
+        """An independent copy in a new slot (same state, history and pending)."""
+        return self.engine.fork(self)
+
+    def save(self, path: str | Path) -> None:
+        """State + ids in one safetensors file (the layout of `Conversation.save`)."""
+        self.engine.save(self, path)
+
+    def close(self) -> None:
+        """Cancel any reply and give the slot back."""
+        self.engine.close(self)
+
+
+def write_session_file(path: str | Path, state: RecurrentState, history: list[int], pending: list[int]) -> None:
+    """One safetensors file: the state's tensors plus `history` and `pending` ids."""
+    tensors = state.tensors()
+    tensors["history"] = torch.tensor(history, dtype=torch.long)
+    tensors["pending"] = torch.tensor(pending, dtype=torch.long)
+    save_file(tensors, str(path), metadata={"format": "pt", "kind": "tnllm-conversation"})
+
+
+def read_session_file(path: str | Path, config: TNLConfig) -> tuple[RecurrentState, list[int], list[int]]:
+    """(state, history, pending) from a file of `write_session_file`, the state checked against `config`."""
+    tensors = load_file(str(path))
+    state = RecurrentState.from_tensors(tensors, config, path)
+    if state.batch_size != 1:
+        raise ValueError(f"session file {path} holds {state.batch_size} sequences, expected 1")
+    return state, tensors["history"].tolist(), tensors["pending"].tolist()
