@@ -61,12 +61,13 @@ def test_one_slow_run_is_dropped_by_the_median_and_shows_in_the_spread():
     assert row["decode min–max ms"] == "6.90–20.40" and row["TTFT min–max ms"] == "30.0–95.0"
 
 
-def test_sweep_streams_a_table_after_every_run_and_counts_progress_in_runs(runtime):
+def test_sweep_streams_a_table_after_every_context_and_counts_progress_in_runs(runtime):
     progress = _Progress()
     updates = list(run_benchmark(runtime, [128, 256], 4, 2, progress=progress))
-    assert len(updates) == 2 * 2 * 2, "one update per (round, context, model) run"
+    assert len(updates) == 2 * 2, "one update per (round, context)"
     tables = [u[-1] for u in updates]
-    assert [len(t) for t in tables] == [1, 2, 3, 4, 4, 4, 4, 4], "rows appear as their first run ends"
+    assert [len(t) for t in tables] == [2, 4, 4, 4], "a context's rows appear as its first round ends"
+    assert all(set(u[0]["series"]) == set(updates[0][0]["series"]) for u in updates), "same series throughout"
     final = tables[-1]
     assert list(final["runs"]) == [2, 2, 2, 2] and set(zip(final["model"], final["context"], strict=True)) == {
         (m, c) for m in ("TNL", "Llama") for c in (128, 256)}
@@ -74,6 +75,16 @@ def test_sweep_streams_a_table_after_every_run_and_counts_progress_in_runs(runti
     assert "decode peak MiB" not in final.columns, "CUDA-only column hidden on the CPU"
     # progress in units of runs, never fractions of a predicted time, ending at total/total
     assert [p for p, _ in progress.calls] == [(k, 8) for k in range(9)] and {u for _, u in progress.calls} == {"runs"}
+
+
+def test_the_tabs_status_line_counts_runs_not_seconds(runtime):
+    updates = list(latency.run_benchmark_in_tab(runtime, [128, 256], 4, 2))
+    statuses = [u[-1] for u in updates]
+    assert len(updates) == 2 * 2 * 2 + 1, "a status after every run, and one at the start"
+    assert statuses[0].startswith("⏳ 0 of 8 runs") and statuses[-1] == "✅ Done: 8 of 8 runs measured."
+    assert [int(s.split(" of ")[0].split()[-1]) for s in statuses[:-1]] == list(range(8))
+    frames = [u[:4] for u in updates if not isinstance(u[0], type(gr.skip()))]
+    assert len(frames) == 4 and len(frames[-1][3]) == 4, "plots and table after every context of every round"
 
 
 def test_sweep_rejects_bad_requests_by_name(runtime):
@@ -101,7 +112,8 @@ def test_recorded_results_are_labelled_and_plotted_beside_the_live_run(runtime):
     assert {"TNL (live)", f"TNL {recorded.label}", f"Llama {recorded.label}"} <= series
     recorded_contexts = {r["context"] for r in meta["rows"]}
     assert set(plots[0]["context"]) >= {latency.context_label(c) for c in recorded_contexts}
-    assert len(table) == 1, "the live table holds live rows only"
+    assert list(zip(table["model"], table["context"], strict=True)) == [("TNL", 128), ("Llama", 128)], \
+        "the live table holds live rows only"
 
 
 def test_recorded_results_follow_the_device(tmp_path):
@@ -195,8 +207,10 @@ def test_http_api_documents_each_endpoint(client):
     for name in ("/latency", "/race"):
         assert not api[name]["description"].startswith("partial("), "its own description"
         assert all(not r["label"].startswith("value_") for r in api[name]["returns"]), "named outputs"
+        assert all(not p["component"].startswith("_") for p in api[name]["parameters"]), "public component names"
     assert "winner" in api["/race"]["description"] and "time limit" in api["/race"]["description"]
     assert api["/latency"]["parameters"][0]["python_type"]["type"] == "list[int]"
+    assert set(api) == {"/chat", "/latency", "/race"}, "the tab's own button and Stop stay private"
 
 
 @pytest.mark.parametrize("contexts", [[128], ["128"]], ids=["ints", "strings"])
@@ -209,7 +223,7 @@ def test_http_latency_streams_partial_tables(client):
     job = client.submit([128, 256], 4, 1, api_name="/latency")
     job.result()
     sizes = [len(out[-1]["data"]) for out in job.outputs()]
-    assert sizes == [1, 2, 3, 4], f"a table after every run: {sizes}"
+    assert sizes == [2, 4], f"a table after every context: {sizes}"
 
 
 def test_http_errors_name_the_parameter(client):

@@ -58,8 +58,10 @@ def context_choices(runtime: Runtime) -> list[int]:
 
 
 def context_label(context: int) -> str:
-    """128 -> "128", 16384 -> "16k": the plots' x categories."""
-    return str(context) if context < 1024 else f"{context // 1024}k"
+    """128 -> "   128": the plots' x categories. Right-aligned to one width, so that the plot's default
+    (lexicographic) order of categories is the numeric one: Gradio 6.26's LinePlot fails to draw at all
+    when given an explicit `sort` list (a structuredClone error in the browser)."""
+    return f"{context:>6}"
 
 
 def columns(runtime: Runtime) -> list[str]:
@@ -186,9 +188,10 @@ def plot_frame(table: pd.DataFrame, reference: list[dict], all_contexts: list[in
 
 def plot_series(runtime: Runtime, recorded: Recorded | None) -> list[str]:
     """Every series name the plots can show (their colours are fixed up front, the spacer's transparent)."""
-    names = [f"{a.name} (live)" for a in adapters(runtime)]
-    names += sorted({p["series"] for p in recorded_series(recorded, adapters(runtime)[0].quant)})
-    return names
+    pair = adapters(runtime)
+    recorded_names = {p["series"] for p in recorded_series(recorded, pair[0].quant)}
+    return [f"{a.name} (live)" for a in pair] + [n for a in pair for n in sorted(recorded_names)
+                                                  if n.startswith(f"{a.name} ")]
 
 
 def plot_contexts(runtime: Runtime, recorded: Recorded | None) -> list[int]:
@@ -233,12 +236,12 @@ def check_contexts(runtime: Runtime, contexts) -> list[int]:
     return sorted(chosen)
 
 
-def run_benchmark(runtime: Runtime, contexts: list, n_tokens: int, repeats: int = 3,
-                  progress: Callable | None = gr.Progress(),  # noqa: B008 (Gradio's API)
-                  recorded: Recorded | None = None) -> Iterator[tuple[pd.DataFrame, ...]]:
-    """Measure both models at the chosen contexts, `repeats` rounds; yields (decode plot, TTFT plot,
-    cache plot, table) after every (model, context) run, medians so far. `progress((done, total), ...)`
-    counts runs, not seconds: a run's duration depends on the context and the machine's load."""
+def sweep_updates(runtime: Runtime, contexts, n_tokens, repeats, recorded: Recorded | None = None
+                  ) -> Iterator[tuple[int, int, str, tuple[pd.DataFrame, ...] | None]]:
+    """Checked inputs -> (runs done, runs in all, what just ended, frames) after every run, starting at 0 done;
+    frames (decode plot, TTFT plot, cache plot, table: medians so far) when a context's round has ended, else
+    None. Progress is counted in runs, never predicted in seconds: a run's time depends on the context and on
+    the machine's load."""
     chosen = check_contexts(runtime, contexts)
     n_tokens = _whole("n_tokens", n_tokens, *DECODE_STEPS)
     repeats = _whole("repeats", repeats, *REPEATS)
@@ -247,16 +250,43 @@ def run_benchmark(runtime: Runtime, contexts: list, n_tokens: int, repeats: int 
     all_contexts = plot_contexts(runtime, recorded)
     total = repeats * len(chosen) * len(pair)
     runs: dict[tuple[int, int], list[BenchRow]] = {}
-    if progress:
-        progress((0, total), desc=f"{pair[0].name} at {chosen[0]} tokens", unit="runs")
+    yield 0, total, "starting", None
     for done, (round_, i, row) in enumerate(sweep_rounds(pair, chosen, n_tokens, repeats=repeats), start=1):
         runs.setdefault((i, row.context), []).append(row)
-        if progress:
-            progress((done, total), desc=f"round {round_ + 1}/{repeats}: {pair[i].name} at {row.context} tokens "
-                                         "done", unit="runs")
+        what = f"round {round_ + 1}/{repeats}: {pair[i].name} at {row.context} tokens"
+        if done % len(pair):  # `sweep_rounds` runs every model at a context in a row: frames once all have run,
+            yield done, total, what, None  # so every update holds every series (a plot keeps its first colours)
+            continue
         table = table_frame(runs, cols)
         plot = plot_frame(table, reference, all_contexts)
-        yield plot, plot, plot, table
+        yield done, total, what, (plot, plot, plot, table)
+
+
+def run_benchmark(runtime: Runtime, contexts: list, n_tokens: int, repeats: int = 3,
+                  progress: Callable | None = gr.Progress(),  # noqa: B008 (Gradio's API)
+                  recorded: Recorded | None = None) -> Iterator[tuple[pd.DataFrame, ...]]:
+    """The /latency endpoint: yields (decode plot, TTFT plot, cache plot, table) after every context of every
+    round; `progress((done, total), unit="runs")` after every run (API clients read it from the job status)."""
+    for done, total, what, frames in sweep_updates(runtime, contexts, n_tokens, repeats, recorded):
+        if progress:
+            progress((done, total), desc=what, unit="runs")
+        if frames:
+            yield frames
+
+
+def status_line(done: int, total: int, what: str) -> str:
+    """The tab's progress line: runs measured, and the last one."""
+    if done == total:
+        return f"✅ Done: {total} of {total} runs measured."
+    return f"⏳ {done} of {total} runs measured ({what}{' done' if done else ''})."
+
+
+def run_benchmark_in_tab(runtime: Runtime, contexts: list, n_tokens: int, repeats: int = 3,
+                         recorded: Recorded | None = None) -> Iterator[tuple]:
+    """The tab's button: as /latency, plus a status line after every run (Gradio's own progress display shows
+    elapsed time over the previous run's duration, a guess that a different choice of contexts makes wrong)."""
+    for done, total, what, frames in sweep_updates(runtime, contexts, n_tokens, repeats, recorded):
+        yield *(frames or (gr.skip(),) * 4), status_line(done, total, what)
 
 
 # -- the race ---------------------------------------------------------------------------------------

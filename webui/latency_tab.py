@@ -16,13 +16,12 @@ from webui.latency import (
     SPACER,
     columns,
     context_choices,
-    context_label,
     load_recorded,
-    plot_contexts,
     plot_series,
     race,
     recorded_frame,
     run_benchmark,
+    run_benchmark_in_tab,
     stop_race,
 )
 from webui.runtime import Runtime
@@ -30,8 +29,8 @@ from webui.validation import MAX_REPLY_SECONDS
 
 LATENCY_API = ("Measure TNL and the Llama baseline at the chosen context lengths (`contexts`: ints or their "
                "strings, from the listed choices), `n_tokens` timed decode steps per run, `repeats` rounds. "
-               "Streams (decode plot data, TTFT plot data, cache plot data, table) after every (model, context) "
-               "run: medians over the runs so far and the min–max of the runs' medians. Plot data also holds the "
+               "Streams (decode plot data, TTFT plot data, cache plot data, table) after every context of every "
+               "round: medians over the runs so far and the min–max of the runs' medians. Plot data also holds the "
                "recorded reference series.")
 RACE_API = ("Both models answer `prompt` greedily after `context_tokens` filler tokens, `max_new_tokens` at most "
             "each; streams (TNL text, Llama text, counters Markdown). The last counters name the winner (tokens "
@@ -43,7 +42,10 @@ class _ServerCheckedSlider(gr.Slider):
     """A Slider whose value reaches the handler unchanged: Gradio's own bound check would answer API callers
     with an unnamed "Value 5.0 is greater than maximum value 2.0."; the handlers name the parameter."""
 
-    def get_block_name(self) -> str:
+    def get_block_name(self) -> str:  # the frontend's Slider
+        return "slider"
+
+    def get_block_class(self) -> str:  # what the API docs call it
         return "slider"
 
     def preprocess(self, payload):
@@ -56,6 +58,9 @@ class _ContextChoices(gr.CheckboxGroup):
     the strings; here the handler (`check_contexts`) accepts both, and the schema says int, no enum."""
 
     def get_block_name(self) -> str:
+        return "checkboxgroup"
+
+    def get_block_class(self) -> str:
         return "checkboxgroup"
 
     def api_info(self) -> dict:
@@ -80,12 +85,15 @@ def latency_tab(runtime: Runtime) -> None:
         n_tokens = _ServerCheckedSlider(*DECODE_STEPS, value=16, step=4, label="Timed decode steps per run", scale=1)
         repeats = _ServerCheckedSlider(*REPEATS, value=3, step=1, label="Rounds (medians over them)", scale=1)
     run = gr.Button("Run benchmark", variant="primary")
+    status = gr.Markdown(elem_id="latency-status", label="Benchmark progress")
     series = plot_series(runtime, recorded)
-    colours = dict(zip(series, ["#e8590c", "#1c7ed6", "#f4a261", "#74c0fc", "#2a9d8f", "#9775fa"], strict=False))
+    # live: strong orange (TNL) and blue (Llama); recorded: the same hues, lighter
+    colours = dict(zip(series, ["#e8590c", "#1c7ed6", "#ffa94d", "#74c0fc", "#2a9d8f", "#9775fa"], strict=False))
+    # Two plots a row at most (min_width): the legend sits under each plot and is cut off when narrower.
+    # No chart title and no fixed height: both push the legend (under the plot) out of view.
     with gr.Row():
-        plots = [gr.LinePlot(x="context", y=y, color="series", title=title, label=title, height=280,
-                             x_title="context (tokens, log scale)", sort=[context_label(c) for c in
-                                                                          plot_contexts(runtime, recorded)],
+        plots = [gr.LinePlot(x="context", y=y, color="series", label=title, min_width=560,
+                             color_title="", x_title="context (tokens, log scale)",
                              color_map={**colours, SPACER: "transparent"}, colors_in_legend=list(colours))
                  for y, title in PLOT_Y.items()]
     table = gr.Dataframe(headers=columns(runtime), interactive=False, label="Measurements (this server, live)")
@@ -93,8 +101,14 @@ def latency_tab(runtime: Runtime) -> None:
     if recorded is not None:
         gr.Markdown(recorded.note())
         gr.Dataframe(recorded_frame(recorded), interactive=False, label=f"Reference: {recorded.label}")
-    run.click(partial(run_benchmark, runtime, recorded=recorded), [contexts, n_tokens, repeats], [*plots, table],
-              api_name="latency", api_description=LATENCY_API, concurrency_id="bench", concurrency_limit=1)
+    inputs, outputs = [contexts, n_tokens, repeats], [*plots, table]
+    # The browser's button also streams a status line (not part of the API: /latency's outputs stay the plots
+    # and the table) and hides Gradio's progress overlay, whose "elapsed/expected s" guesses from the last run.
+    run.click(partial(run_benchmark_in_tab, runtime, recorded=recorded), inputs, [*outputs, status],
+              show_progress="hidden", api_visibility="private", concurrency_id="bench", concurrency_limit=1)
+    api_trigger = gr.Button(visible=False)  # /latency: the same sweep for API clients (progress as job status)
+    api_trigger.click(partial(run_benchmark, runtime, recorded=recorded), inputs, outputs, api_name="latency",
+                      api_description=LATENCY_API, concurrency_id="bench", concurrency_limit=1)
 
     gr.Markdown("### Live race\nBoth models answer the same prompt (greedy) after the same filler context; "
                 "whichever has spent less compute time takes the next step, so the faster one pulls ahead.")
