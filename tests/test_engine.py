@@ -14,7 +14,7 @@ from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm import TNLConfig, Tokenizer, TransNormerLLM
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.generation import Conversation
-from tnllm.sampling import SamplingParams
+from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
@@ -149,17 +149,29 @@ def test_threaded_engine_serves_concurrent_consumers(model, tok):
 
 
 # -- sampler --------------------------------------------------------------------------------------------
-def test_sampler_draws_follow_the_distribution():
-    """argmax(probs / Exp noise) with hashed noise: frequencies over many seeds match softmax."""
-    vocab, n = 8, 4000
-    sampler = BatchSampler(n + 1, vocab, "cpu")
-    params = SamplingParams(temperature=1.0, top_p=1.0)
-    for slot in range(1, n + 1):
-        sampler.configure(slot, params, seed=slot, prompt_ids=[])
-    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -2.0, 0.3, 1.5])
-    ids = sampler.sample(logits.expand(n, vocab), torch.arange(1, n + 1))
-    freq = torch.bincount(ids, minlength=vocab).float() / n
-    assert (freq - torch.softmax(logits, -1)).abs().max() < 0.03
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0),
+                                    SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
+                                    SamplingParams(temperature=1.3, top_p=0.5)], ids=str)
+def test_sampler_is_exact_and_its_cpu_head_path_draws_the_same_ids(params):
+    """argmax(logit - log E) with hashed noise: frequencies over many seeds match the filtered softmax
+    (sample_token's filters), and the CPU shortcut (sorting only each row's head) picks the same ids."""
+    vocab, n = 400, 3000
+    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
+
+    def draw(host_slots):
+        sampler = BatchSampler(n + 1, vocab, "cpu")
+        for slot in range(1, n + 1):
+            sampler.configure(slot, params, seed=slot, prompt_ids=[])
+        slots = list(range(1, n + 1))
+        return sampler.sample(logits.expand(n, vocab), torch.tensor(slots), host_slots and slots)
+
+    general, head = draw(None), draw(True)
+    assert torch.equal(general, head)
+    temperature = torch.tensor([params.temperature])
+    expected = torch.softmax(filter_logits(logits[None], temperature, torch.tensor([params.top_k]),
+                                           torch.tensor([params.top_p]))[0], -1)
+    freq = torch.bincount(general, minlength=vocab).float() / n
+    assert (freq - expected).abs().max() < 0.03 and not freq[expected == 0].any()
 
 
 def test_sampler_top_k_1_is_greedy_and_nan_rows_are_flagged():

@@ -81,25 +81,35 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return penalise_seen(logits[None], mask[None], logits.new_tensor([penalty]))[0]
 
 
+def drop_outside_nucleus(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                         row_logsumexp: torch.Tensor) -> torch.Tensor:
+    """Which candidates top-k / top-p remove: bool [B, N] over candidates sorted by descending logit.
+
+    The candidates are a whole row (N = V) or, when the caller knows the kept tokens lie within it, the head
+    of one; `row_logsumexp` [B, 1] normalises probabilities over the whole row (used when top-k is off).
+    Top-k keeps every token tied with the k-th; top-p, applied after top-k, keeps the smallest head whose
+    probability reaches p (the token crossing p included). No host sync: usable inside a CUDA graph.
+    """
+    k = top_k[:, None]  # [B, 1]
+    kth = sorted_logits.gather(1, (k - 1).clamp(0, sorted_logits.shape[1] - 1))  # [B, 1]
+    outside_k = (k > 0) & (sorted_logits < kth)
+    kept = sorted_logits.masked_fill(outside_k, float("-inf"))
+    log_norm = torch.where(k > 0, torch.logsumexp(kept, dim=-1, keepdim=True), row_logsumexp)
+    probs = torch.exp(kept - log_norm)
+    outside_p = (top_p[:, None] < 1.0) & (probs.cumsum(-1) - probs >= top_p[:, None])
+    return outside_k | outside_p
+
+
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor) -> torch.Tensor:
     """Tempered logits [B, V] with the tokens outside each row's top-k and top-p set to -inf.
 
     logits [B, V] fp32; per row: temperature [B] (> 0), top_k [B] int64 (0 = off), top_p [B] (1 = off).
-    Top-k keeps every token tied with the k-th; top-p keeps the smallest head of the distribution whose
-    probability reaches p (the token crossing p included). No host sync: usable inside a CUDA graph.
     """
     logits = logits / temperature[:, None]
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
-    vocab = logits.shape[-1]
-    k = top_k.clamp(0, vocab)
-    kth = sorted_logits.gather(1, (k - 1).clamp(min=0)[:, None])  # [B, 1]
-    outside_k = (k[:, None] > 0) & (sorted_logits < kth)  # [B, V], in sorted order
-    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    outside_p = (top_p[:, None] < 1.0) & (probs.cumsum(-1) - probs >= top_p[:, None])
-    drop = torch.zeros_like(outside_k).scatter(1, order, outside_k | outside_p)  # back to vocab order
-    return logits.masked_fill(drop, float("-inf"))
+    drop = drop_outside_nucleus(sorted_logits, top_k, top_p, torch.logsumexp(logits, dim=-1, keepdim=True))
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # vocab order
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,

@@ -63,10 +63,14 @@ class DecodeGraphs:
     def covers(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
+    def bucket(self, n: int) -> int:
+        """The captured batch size that serves n rows."""
+        return next(size for size in self.sizes if size >= n)
+
     def step(self, slots: list[int]) -> torch.Tensor:
         """Next ids [n] (on the device) for the rows of `slots`: one replay (plus the sampler if outside)."""
         n = len(slots)
-        captured = self.graphs[next(size for size in self.sizes if size >= n)]
+        captured = self.graphs[self.bucket(n)]
         # The previous step's host transfer has synchronised, so the staging buffer is free to reuse.
         captured.staging.fill_(SINK_SLOT)
         captured.staging[:n] = torch.tensor(slots, dtype=torch.long)

@@ -1,7 +1,7 @@
 """Batched on-device sampling: per-slot settings in device tables, exact draws with no host sync.
 
-A draw is argmax(probs / E) with E ~ Exponential(1) per token, an exact sample of `probs` (the
-exponential-race form of Gumbel-max) that needs no `torch.multinomial` (which syncs). The noise comes from
+A draw is argmax(probs / E) = argmax(logit - log E) with E ~ Exponential(1) per token, an exact sample of
+`probs` (the exponential-race form of Gumbel-max) that needs no `torch.multinomial` (which syncs). The noise comes from
 a counter-based hash of (the reply's seed, how many tokens it has drawn, token id), so a seeded reply gets
 the same tokens whichever sessions share its batch, and the whole sampler can be captured in a CUDA graph.
 Greedy rows (temperature 0) take the argmax. Temperature, top-k, top-p and the repetition penalty are the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tnllm.sampling import SamplingParams, filter_logits, penalise_seen
+from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits, penalise_seen
 
 MASK32 = 0xFFFFFFFF
 NOT_FINITE = -1  # the id reported for a row whose logits hold NaN/inf
@@ -34,17 +34,22 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+HEAD = 256  # CPU: candidates sorted per row when the kept tokens fit in them (a full sort costs ~0.6 ms a row)
+
+
 class BatchSampler:
     """Per-slot sampling tables (slot 0 = padding sink) and `sample(logits, slots)` for a whole batch."""
 
     def __init__(self, n_slots: int, vocab_size: int, device: torch.device | str):
         self.device = torch.device(device)
         zeros = lambda dtype: torch.zeros(n_slots, dtype=dtype, device=device)  # noqa: E731
-        self.temperature, self.top_p, self.penalty = zeros(torch.float32), zeros(torch.float32), zeros(torch.float32)
+        ones = lambda: torch.ones(n_slots, device=device)  # noqa: E731
+        # Until a reply configures its slot: greedy, filters and penalty off (what padded rows run).
+        self.temperature, self.top_p, self.penalty = zeros(torch.float32), ones(), ones()
         self.top_k, self.seed, self.drawn, self.last_token = (zeros(torch.long) for _ in range(4))
         self.seen = torch.zeros(n_slots, vocab_size, dtype=torch.bool, device=device)  # ids under the penalty
         self.vocab_hash = mix32(torch.arange(vocab_size, device=device))  # [V], fixed part of the noise
-        self.greedy = [True] * n_slots  # host mirror: lets an all-greedy eager step skip the filters
+        self.settings = [SamplingParams(temperature=0)] * n_slots  # host mirror of the tables
 
     def configure(self, slot: int, params: SamplingParams, seed: int, prompt_ids: list[int]) -> None:
         """Set a slot's settings for a new reply; `prompt_ids` start its repetition-penalty set."""
@@ -56,38 +61,53 @@ class BatchSampler:
         self.drawn[slot] = 0
         self.seen[slot] = False
         self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
-        self.greedy[slot] = params.temperature == 0
+        self.settings[slot] = params
 
-    def exponential_noise(self, slots: torch.Tensor) -> torch.Tensor:
-        """Exp(1) noise [B, V] determined by each slot's (seed, drawn count) and the token id."""
+    def log_exponential_noise(self, slots: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """log E, E ~ Exp(1) [B, V] (or [B, N] for the given token ids [B, N]): determined by each slot's seed,
+        its drawn count and the token id, so any subset of a row's tokens sees the noise of the whole row."""
         seed, drawn = self.seed[slots], self.drawn[slots]  # [B]
-        row_key = mix32(mix32(mix32(seed & MASK32) ^ (seed >> 32)) ^ (drawn & MASK32))  # [B]
-        bits = mix32(self.vocab_hash[None, :] ^ row_key[:, None])  # [B, V], uniform 32-bit
+        row_key = mix32(mix32(mix32(seed & MASK32) ^ (seed >> 32)) ^ (drawn & MASK32))[:, None]  # [B, 1]
+        token_hash = self.vocab_hash[None, :] if token_ids is None else self.vocab_hash[token_ids]
+        bits = mix32(token_hash ^ row_key)  # uniform 32-bit
         uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # (0, 1), 24 bits: exact in fp32
-        return -torch.log(uniform)
+        return torch.log(-torch.log(uniform))
 
-    def sample(self, logits: torch.Tensor, slots: torch.Tensor, greedy_only: bool = False) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, host_slots: list[int] | None = None) -> torch.Tensor:
         """One id per row of logits [B, V] (int64 [B], on the device; NOT_FINITE where a row has NaN/inf).
 
         `slots` int64 [B] names each row's settings; each slot's drawn count, last token and penalty set are
-        updated in place. `greedy_only` (every row greedy, known on the host) skips the filters.
+        updated in place. `host_slots` (the same slots, on the host) lets an eager step skip what no row needs
+        (penalty, sampling) and, on the CPU, sort only each row's head; None (a CUDA graph): the general path.
         """
+        settings = None if host_slots is None else [self.settings[s] for s in host_slots]
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
-        logits = penalise_seen(logits, self.seen[slots], self.penalty[slots])
+        if settings is None or any(p.repetition_penalty != 1.0 for p in settings):
+            logits = penalise_seen(logits, self.seen[slots], self.penalty[slots])
         ids = logits.argmax(dim=-1)
-        if not greedy_only:
+        if settings is None or any(p.temperature > 0 for p in settings):
             temperature = self.temperature[slots]
             sampling = temperature > 0
-            filtered = filter_logits(logits, torch.where(sampling, temperature, 1.0), self.top_k[slots],
-                                     self.top_p[slots])
-            drawn = (torch.softmax(filtered, dim=-1) / self.exponential_noise(slots)).argmax(dim=-1)
-            ids = torch.where(sampling, drawn, ids)
+            tempered = logits / torch.where(sampling, temperature, 1.0)[:, None]
+            head = settings is not None and self.device.type == "cpu"  # the head check below syncs
+            ids = torch.where(sampling, self._draw(tempered, slots, head), ids)
         ids = torch.where(finite, ids, 0)  # a valid id for the table updates; reported as NOT_FINITE below
         self.last_token.index_copy_(0, slots, ids)
         self.drawn.index_add_(0, slots, torch.ones_like(ids))
         self.seen.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.bool))
         return torch.where(finite, ids, NOT_FINITE)
 
-    def all_greedy(self, slots: list[int]) -> bool:
-        return all(self.greedy[s] for s in slots)
+    def _draw(self, tempered: torch.Tensor, slots: torch.Tensor, try_head: bool) -> torch.Tensor:
+        """argmax over the kept tokens of (logit - log E): an exact sample of the filtered distribution."""
+        top_k, top_p = self.top_k[slots], self.top_p[slots]
+        if try_head and tempered.shape[1] > HEAD:
+            values, candidates = torch.topk(tempered, HEAD)  # [B, HEAD], sorted
+            drop = drop_outside_nucleus(values, top_k, top_p, torch.logsumexp(tempered, dim=-1, keepdim=True))
+            # When the head's last candidate is dropped, so is every token after it (top-k and top-p cut a
+            # sorted row at one point): the head holds every kept token.
+            if bool((drop[:, -1] & (top_k <= HEAD)).all()):
+                scores = values.masked_fill(drop, float("-inf")) - self.log_exponential_noise(slots, candidates)
+                return candidates.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+        filtered = filter_logits(tempered, torch.ones_like(top_p), top_k, top_p)
+        return (filtered - self.log_exponential_noise(slots)).argmax(dim=-1)

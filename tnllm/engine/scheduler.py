@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def decode_step(model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, slots: torch.Tensor,
-                sample: bool = True, greedy_only: bool = False) -> torch.Tensor:
+                sample: bool = True, host_slots: list[int] | None = None) -> torch.Tensor:
     """Feed each row's last sampled token (the sampler's table) into its slot; return the next ids [B], or the
     logits [B, V] with `sample=False` (a CUDA graph that samples outside). No host sync: capturable."""
     tokens = sampler.last_token[slots][:, None]  # [B, 1]
     logits = model(tokens, pool.rows(slots))[:, -1]  # [B, V]
-    return sampler.sample(logits, slots, greedy_only) if sample else logits
+    return sampler.sample(logits, slots, host_slots) if sample else logits
 
 
 class Scheduler:
@@ -86,14 +86,12 @@ class Scheduler:
             if self.decoder is not None and self.decoder.covers(len(slots)):
                 parts.append(self.decoder.step(slots))
             else:
-                parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots),
-                                         greedy_only=self.sampler.all_greedy(slots)))
+                parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots), host_slots=slots))
             rows += decoding
         ready, ready_logits = self._prefill()
         if ready:
             slots = [r.session.slot for r in ready]
-            parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots),
-                                             self.sampler.all_greedy(slots)))
+            parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots), slots))
             rows += ready
         return rows, (torch.cat(parts).tolist() if parts else [])  # the step's one device -> host transfer
 

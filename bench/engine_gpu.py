@@ -1,0 +1,294 @@
+"""GPU figures of the engine (issue 13): decode through the engine as chat uses it, graph vs eager.
+
+    python bench/engine_gpu.py --device cuda --out bench/results            # H200, under 10 minutes
+    python bench/engine_gpu.py --device cpu --smoke --out /tmp/engine-smoke  # seconds; what the tests run
+
+Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
+* hbm_floor_ms: the step's bytes (weights + every session's fp32 state read and written) / the copy bandwidth
+  measured in the same run (a device-to-device copy of --copy-gib, read + write counted);
+* decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled (not timed),
+  then replies of --tokens tokens (eos ignored) read by one consumer thread each, as chat reads them
+  (sampling, detokenising, events included). decode_ms_per_token = median gap between two tokens of a
+  session; aggregate_tok_s = tokens of all sessions / wall time of the decode. Batch 1 at each --contexts,
+  and --sessions concurrent sessions at the first context;
+* paths: "engine-graph" (captured decode per batch bucket, sampler inside), "engine-graph-sampler-outside",
+  "engine-eager", and "graph-replay" (the captured step and the id transfer alone: no scheduler, no events);
+* interleave: --interleave-sessions decode while a --interleave-prompt-token prompt arrives; their gaps during
+  its prefill against before, per prefill budget (chunk) in --budgets;
+* check: graph vs eager logits and states of one step (fp32 copy of the 1B preset; tiny in --smoke), rel-L2.
+
+Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
+the H200 layout), so a timeout loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.serve import stream_in_threads, time_sessions, token_gaps_ms  # noqa: E402
+from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
+from tnllm.engine import Engine, EngineConfig, Session  # noqa: E402
+from tnllm.engine.graphs import DecodeGraphs  # noqa: E402
+from tnllm.engine.scheduler import decode_step  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
+
+PARAMS = dict(temperature=0.7, top_p=0.9, seed=0)  # chat's default sampling
+
+
+class ModuloTokenizer:
+    """The bundled tokenizer for a larger random-weight vocabulary: ids are folded into its range, so
+    detokenising costs what it costs in chat."""
+
+    def __init__(self, base: Tokenizer):
+        self.base = base
+
+    def decode(self, ids) -> str:
+        return self.base.decode([i % self.base.vocab_size for i in ids])
+
+
+class Results:
+    """Rows and notes, rewritten to one JSON file after every addition."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.data = path, {**meta, "rows": [], "checks": [], "interleave": [], "notes": []}
+        self.save()
+
+    def add(self, key: str, item) -> None:
+        self.data[key].append(item)
+        print(json.dumps(item), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, gib: float) -> float:
+    """Bytes/s of a device-to-device copy (read + write), best of 5 after a warm-up."""
+    n = int(gib * 2**30)
+    src, dst = torch.empty(n, dtype=torch.uint8, device=device), torch.empty(n, dtype=torch.uint8, device=device)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n / best
+
+
+def build(preset: str, dtype: torch.dtype, device: torch.device) -> TransNormerLLM:
+    """Random weights, initialised on the device (a 7B model never passes through host memory)."""
+    torch.manual_seed(0)
+    with device:
+        model = TransNormerLLM(TNLConfig.from_name(preset))
+    return model.to(dtype).eval()
+
+
+def weight_bytes(model: TransNormerLLM) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prefilled_sessions(engine: Engine, contexts: list[int]) -> list[Session]:
+    """One session per context, holding that many random ids (read through a 1-token reply, untimed)."""
+    vocab = engine.model.config.vocab_size
+    sessions = []
+    for i, context in enumerate(contexts):
+        session = engine.open()
+        ids = torch.randint(3, vocab, (context - 1,), generator=torch.Generator().manual_seed(i)).tolist()
+        session.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)).wait()
+        sessions.append(session)
+    return sessions
+
+
+def decode_row(engine: Engine, contexts: list[int], tokens: int) -> tuple[float, float]:
+    """(median ms between two tokens of a session, aggregate tok/s) of one `tokens`-long reply per session,
+    all at once, in sessions already holding `contexts` tokens (each reads only its 2 pending ids first)."""
+    sessions = prefilled_sessions(engine, contexts)
+    params = SamplingParams(max_new_tokens=tokens, **PARAMS)
+    tok_s, gaps, total = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
+    for s in sessions:
+        s.close()
+    assert total == tokens * len(sessions), f"{total} tokens from {len(sessions)} sessions"
+    return statistics.median(gaps), tok_s
+
+
+def graph_replay_ms(engine: Engine, batch: int, tokens: int) -> float:
+    """The captured step and the id transfer back to back, no scheduler: the floor the engine adds host work to.
+    Needs a threadless graph engine (nothing else steps it)."""
+    slots = list(range(1, batch + 1))
+    for _ in range(3):
+        engine.scheduler.decoder.step(slots).tolist()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        engine.scheduler.decoder.step(slots).tolist()
+    return (time.perf_counter() - start) / tokens * 1e3
+
+
+def graph_vs_eager(preset: str, device: torch.device, batch: int = 3) -> dict:
+    """One decode step of `batch` rows, captured vs eager, from the same fp32 states: rel-L2 of logits/states."""
+    model = build(preset, torch.float32, device)
+    with torch.inference_mode():
+        return _graph_vs_eager(model, preset, device, batch)
+
+
+def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, batch: int) -> dict:
+    engine = Engine(model, None, EngineConfig(max_sessions=4, cuda_graphs=False, threaded=False))
+    graphs = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=4, sample_in_graph=False)
+    slots = list(range(1, batch + 1))
+    slot_ids = torch.tensor(slots, device=device)
+    ids = torch.randint(3, model.config.vocab_size, (batch, 300), generator=torch.Generator().manual_seed(0))
+    model(ids.to(device), engine.pool.rows(slot_ids))
+    engine.sampler.last_token[slot_ids] = ids[:, -1].to(device)
+    before = [t.clone() for t in engine.pool.kv], engine.pool.positions.clone()
+    eager_logits = decode_step(model, engine.pool, engine.sampler, slot_ids, sample=False).clone()
+    eager_state = [t[slot_ids].clone() for t in engine.pool.kv]
+    for t, saved in zip(engine.pool.kv, before[0]):
+        t.copy_(saved)
+    engine.pool.positions.copy_(before[1])
+    graphs.step(slots)
+    graph_logits = graphs.graphs[graphs.bucket(batch)].out[:batch]
+
+    def rel(a, b):
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    state_err = max(rel(t[slot_ids], e) for t, e in zip(engine.pool.kv, eager_state))
+    result = {"preset": preset, "dtype": "fp32", "batch": batch, "logits_rel_l2": rel(graph_logits, eager_logits),
+              "state_rel_l2": state_err}
+    result["pass_1e-5"] = result["logits_rel_l2"] <= 1e-5 and state_err <= 1e-5
+    return result
+
+
+def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int) -> dict:
+    """Gaps of `n_decoding` decoding sessions before and while a long prompt is prefilled in chunks."""
+    decoding = [engine.open() for _ in range(n_decoding)]
+    params = SamplingParams(max_new_tokens=tokens, **PARAMS)
+    threads, stamps = stream_in_threads([functools.partial(s.feed_ids, [5 + i], params)
+                                         for i, s in enumerate(decoding)])
+    while min(map(len, stamps)) < tokens // 4:  # decoding at full pace first
+        time.sleep(0.001)
+    newcomer = engine.open()
+    ids = torch.randint(3, engine.model.config.vocab_size, (prompt_tokens,),
+                        generator=torch.Generator().manual_seed(9)).tolist()
+    start = time.perf_counter()
+    for event in newcomer.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)):
+        if event.stats.new_tokens:
+            end = time.perf_counter()  # its first token: the prefill is over
+    for t in threads:
+        t.join()
+    before, during = [], []
+    for times in stamps:
+        for t1, gap in zip(sorted(set(times))[1:], token_gaps_ms(sorted(set(times)))):
+            (during if start <= t1 <= end else before if t1 < start else []).append(gap)
+    for s in decoding + [newcomer]:
+        s.close()
+    return {"decoding_sessions": n_decoding, "prompt_tokens": prompt_tokens,
+            "prefill_budget": engine.config.prefill_budget, "prefill_s": end - start,
+            "ms_per_token_before": statistics.median(before),
+            "ms_per_token_during": statistics.median(during) if during else None,
+            "ratio": statistics.median(during) / statistics.median(before) if during else None}
+
+
+def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -> None:
+    """Every decode row and the interleave figures of one preset."""
+    device, contexts = torch.device(args.device), [int(c) for c in args.contexts.split(",")]
+    cuda = device.type == "cuda"
+    model = build(preset, torch.bfloat16 if cuda else torch.float32, device)
+    weights = weight_bytes(model)
+
+    def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int) -> dict:
+        floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
+        return {"preset": preset, "quant": "none", "batch": batch, "context": context, "decode_ms_per_token": ms,
+                "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path}
+
+    if cuda:
+        engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, cuda_graphs=True, threaded=False))
+        for batch in (1, args.sessions):
+            ms = graph_replay_ms(engine, batch, args.tokens)
+            results.add("rows", row("graph-replay", batch, 0, ms, batch * 1e3 / ms, engine.pool.slot_bytes))
+        del engine
+    paths = {"engine-eager": dict(cuda_graphs=False)}
+    if cuda:
+        paths = {"engine-graph": dict(cuda_graphs=True),
+                 "engine-graph-sampler-outside": dict(cuda_graphs=True, sample_in_graph=False), **paths}
+    for path, options in paths.items():
+        engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, prefill_budget=16384, **options),
+                        eos_ids=set())
+        for batch, row_contexts in [(1, [c]) for c in contexts] + [(args.sessions, [contexts[0]] * args.sessions)]:
+            ms, tok_s = decode_row(engine, row_contexts, args.tokens)
+            results.add("rows", row(path, batch, row_contexts[0], ms, tok_s, engine.pool.slot_bytes))
+        engine.shutdown()
+        del engine
+    for budget in (int(b) for b in args.budgets.split(",")):
+        engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1, prefill_budget=budget),
+                        eos_ids=set())
+        figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
+        results.add("interleave", {"preset": preset, **figures})
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, small sizes: seconds on a CPU")
+    parser.add_argument("--presets", default="tnl-7b,tnl-1b")
+    parser.add_argument("--contexts", default="1024,32768,131072")
+    parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--budgets", default="2048,8192", help="prefill budgets (tokens per step) to interleave")
+    parser.add_argument("--interleave-sessions", type=int, default=8)
+    parser.add_argument("--interleave-prompt", type=int, default=32768)
+    parser.add_argument("--check-preset", default="tnl-1b")
+    parser.add_argument("--copy-gib", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if args.smoke:
+        args.presets, args.contexts, args.sessions, args.tokens = "tiny", "64,256", 4, 12
+        args.budgets, args.interleave_sessions, args.interleave_prompt = "64", 2, 512
+        args.check_preset, args.copy_gib = "tiny", 0.0625
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    cuda = device.type == "cuda"
+    dtype = "bf16" if cuda else "fp32"
+    bandwidth = copy_bandwidth(device, args.copy_gib)
+    results = Results(args.out / "engine-h200.json", {
+        "bench": "engine", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "dtype": dtype, "command": "python " + " ".join(sys.argv),
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "tokens": args.tokens})
+    tok = ModuloTokenizer(Tokenizer(BUNDLED_TOKENIZER))
+    if not cuda:
+        results.add("notes", "CUDA graphs need a CUDA device: graph paths and the graph-vs-eager check skipped")
+    for preset in args.presets.split(","):
+        bench_preset(preset, args, results, tok, bandwidth)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    if cuda:
+        results.add("checks", graph_vs_eager(args.check_preset, device))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Serving throughput on the CPU: N concurrent chat sessions through the engine, against today's one-reply loop.
+
+    python bench/serve.py --device cpu --model assets/tnl --sessions 1,4 --tokens 64 --out bench/results/serve-cpu.json
+
+Each round: the anchor (`tnllm.generation.generate`: one reply, the loop chat runs today) and, for every N in
+--sessions, N chat sessions sending a user turn at once to one threaded engine, each read by its own consumer
+thread as chat reads it (sampling, detokenising and events included). Replies are exactly --tokens long (eos
+ignored, as `vllm bench latency` does). Per setting: `aggregate_tok_s` = tokens of all sessions / wall time
+from the submissions to the last token (prefill included), `ms_per_token_p50` = median gap between two tokens
+of a session as its consumer sees them. Rounds alternate the settings so that a shared machine's load drifts
+hit them alike; each figure is the median over --rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tnllm import TransNormerLLM, load_model  # noqa: E402
+from tnllm.engine import Engine, EngineConfig, Reply  # noqa: E402
+from tnllm.generation import ReplyStats, generate  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
+from tnllm.tokenizer import tokenizer_for  # noqa: E402
+
+MESSAGES = ["Hi! How was your weekend?", "What is your favourite book, and why?", "Tell me something about the ocean.",
+            "Do you like cooking? What do you make?", "Any plans for the summer?", "What did you do today?"]
+
+
+@contextlib.contextmanager
+def eos_ignored(model: TransNormerLLM):
+    """`generate` stops at the config's eos: make it unreachable for a fixed-length reply."""
+    eos, model.config.eos_token_id = model.config.eos_token_id, -1
+    try:
+        yield
+    finally:
+        model.config.eos_token_id = eos
+
+
+def anchor_round(model, tok, params) -> tuple[float, list[float]]:
+    """Today's loop: (tok/s over the reply, gaps between tokens in ms). Text pieces arrive per token or
+    later (UTF-8 completion), so the gap is taken from the stats' token count."""
+    stamps = []
+    stats = ReplyStats()
+    start = time.perf_counter()
+    with eos_ignored(model):
+        for _ in generate(model, tok, tok.chat_ids([("human", MESSAGES[0])]), params, stats=stats):
+            stamps.append((stats.new_tokens, time.perf_counter()))
+    end = time.perf_counter()
+    gaps = [(t1 - t0) * 1e3 / (n1 - n0) for (n0, t0), (n1, t1) in zip(stamps, stamps[1:]) if n1 > n0]
+    return stats.new_tokens / (end - start), gaps
+
+
+def stream_in_threads(starts: list[Callable[[], Reply]]) -> tuple[list[threading.Thread], list[list[float]]]:
+    """Start every reply at once, each read by its own consumer thread as chat reads it; returns the threads
+    (join them) and, per reply, the perf_counter() time each of its tokens reached the consumer."""
+    stamps: list[list[float]] = [[] for _ in starts]
+    barrier = threading.Barrier(len(starts) + 1)
+
+    def consume(i: int) -> None:
+        barrier.wait()
+        for event in starts[i]():
+            now = time.perf_counter()
+            stamps[i] += [now] * (event.stats.new_tokens - len(stamps[i]))
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(starts))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    return threads, stamps
+
+
+def token_gaps_ms(stamps: list[float]) -> list[float]:
+    """Gaps between consecutive tokens of one reply; tokens that arrived together share their gap."""
+    gaps, last = [], None
+    for t in sorted(set(stamps)):
+        if last is not None:
+            gaps += [(t - last) * 1e3 / stamps.count(t)] * stamps.count(t)
+        last = t
+    return gaps
+
+
+def time_sessions(starts: list[Callable[[], Reply]]) -> tuple[float, list[float], int]:
+    """(aggregate tok/s from the submissions to the last token, every reply's gaps between tokens in ms,
+    tokens in all) of replies started at once."""
+    start = time.perf_counter()
+    threads, stamps = stream_in_threads(starts)
+    for t in threads:
+        t.join()
+    wall = max(s[-1] for s in stamps if s) - start
+    return sum(map(len, stamps)) / wall, [g for s in stamps for g in token_gaps_ms(s)], sum(map(len, stamps))
+
+
+def engine_round(engine: Engine, params: SamplingParams, n_sessions: int) -> tuple[float, list[float], int]:
+    """N chat sessions at once, each sending a user turn."""
+    sessions = [engine.open() for _ in range(n_sessions)]
+    messages = [MESSAGES[i % len(MESSAGES)] for i in range(n_sessions)]
+    try:
+        return time_sessions([functools.partial(s.send, m, params) for s, m in zip(sessions, messages)])
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="assets/tnl", help="checkpoint directory")
+    parser.add_argument("--sessions", default="1,4", help="comma-separated concurrent session counts")
+    parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--temperature", type=float, default=0.7, help="chat's default sampling (top_p 0.9)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    counts = [int(n) for n in args.sessions.split(",")]
+    model, tok = load_model(args.model, device=args.device).eval(), tokenizer_for(args.model)
+    params = SamplingParams(temperature=args.temperature, top_p=0.9, max_new_tokens=args.tokens, seed=0)
+    engine = Engine(model, tok, EngineConfig(max_sessions=max(counts)), eos_ids=set())
+    anchor_round(model, tok, params)  # warm-up (allocator, first-call costs) for both paths
+    engine_round(engine, params, max(counts))
+
+    anchor = {"tok_s": [], "gaps": []}
+    runs = {n: {"tok_s": [], "gaps": []} for n in counts}
+    for round_ in range(args.rounds):
+        order = counts if round_ % 2 == 0 else counts[::-1]
+        tok_s, gaps = anchor_round(model, tok, params)
+        anchor["tok_s"].append(tok_s)
+        anchor["gaps"] += gaps
+        for n in order:
+            tok_s, gaps, total = engine_round(engine, params, n)
+            assert total == n * args.tokens, f"{n} sessions produced {total} tokens"
+            runs[n]["tok_s"].append(tok_s)
+            runs[n]["gaps"] += gaps
+        print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+    engine.shutdown()
+
+    def row(path: str, sessions: int, data: dict) -> dict:
+        return {"path": path, "sessions": sessions, "aggregate_tok_s": statistics.median(data["tok_s"]),
+                "ms_per_token_p50": statistics.median(data["gaps"]),
+                "ms_per_token_p90": statistics.quantiles(data["gaps"], n=10)[-1]}
+
+    rows = [row("generation.generate (today, anchor)", 1, anchor)] + [row("engine", n, runs[n]) for n in counts]
+    one = next((r for r in rows[1:] if r["sessions"] == 1), None)
+    result = {
+        "bench": "serve",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": args.device,
+        "model": args.model,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "sampling": {"temperature": args.temperature, "top_p": 0.9},
+        "command": "python " + shlex.join(sys.argv),
+        "rows": rows,
+        "speedup_vs_one_session": {r["sessions"]: r["aggregate_tok_s"] / one["aggregate_tok_s"]
+                                   for r in rows[1:]} if one else {},
+    }
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
