@@ -177,9 +177,17 @@ def test_latency_tab_runs_and_plots(page):
     for context in ("256", "512"):  # keep only 128 (the default selection is 128, 256, 512)
         page.get_by_label(context, exact=True).uncheck()
     page.get_by_role("button", name="Run benchmark").click()
-    page.locator(".vega-embed canvas, .vega-embed svg").first.wait_for(state="visible", timeout=60_000)
-    table = page.get_by_text("Llama", exact=True)
-    table.first.wait_for(timeout=10_000)
+    page.locator("#latency-status").get_by_text("Done").wait_for(timeout=60_000)
+    page.locator(".vega-embed canvas, .vega-embed svg").first.wait_for(state="visible", timeout=10_000)
     assert page.locator(".vega-embed").count() >= 3, "decode, TTFT and memory plots"
     page.wait_for_timeout(500)  # let the plots finish drawing before the screenshot
     page.screenshot(path=str(OUTPUT / "app-latency.png"), full_page=True)
+
+
+def test_race_stop_button_ends_the_race_as_stopped(page):
+    page.get_by_role("tab", name="Latency vs Transformer").click()
+    page.get_by_role("button", name="Start race").click()
+    page.get_by_role("button", name="Stop race").click()  # at once: the race is queued or just started
+    counters = page.locator("#race-counters")
+    sync_api.expect(counters).to_contain_text("🏁", timeout=60_000)
+    assert "finished: stopped" in counters.inner_text(), counters.inner_text()

@@ -22,10 +22,10 @@ from tnllm.bench import BenchRow, adapter_for, sweep_rounds  # noqa: E402
 from webui import latency  # noqa: E402
 from webui.latency import (  # noqa: E402
     RESULTS,
+    RaceStops,
     load_recorded,
     race,
     run_benchmark,
-    stop_race,
     summary_row,
 )
 from webui.validation import MAX_MESSAGE_CHARS  # noqa: E402
@@ -148,13 +148,28 @@ def test_race_ends_naming_the_winner_and_finish_reasons(runtime):
 
 
 def test_stop_marks_unfinished_sides_stopped_and_names_the_winner(runtime):
-    gen = race(runtime, "Tell me a long story", 0, 200)
-    updates = [next(gen) for _ in range(5)]
-    gen.close()  # what Gradio does on Stop
-    summaries = updates[-1][3]
-    assert "🏁" not in updates[-1][2], "no winner while running"
-    final = stop_race(summaries)
+    stops = RaceStops()
+    with stops.running("me") as flag:
+        gen = race(runtime, "Tell me a long story", 0, 200, stop=flag)
+        updates = [next(gen) for _ in range(5)]
+        assert "🏁" not in updates[-1][2], "no winner while running"
+        stops.stop("someone else")  # another session's Stop leaves this race alone
+        assert not flag.is_set()
+        stops.stop("me")
+        *_, (_, _, final, summaries) = gen
+    assert [s["finish"] for s in summaries] == ["stopped", "stopped"] and all(s["tokens"] < 200 for s in summaries)
     assert "stopped" in final and "🏁" in final and "tok/s" in final
+
+
+def test_stop_sent_before_the_race_starts_ends_it_at_once(runtime):
+    stops = RaceStops()
+    stops.arm("me")  # Start clicked: the race waits in the queue
+    stops.stop("me")
+    with stops.running("me") as flag:
+        *_, (_, _, _, summaries) = race(runtime, "Tell me a long story", 0, 200, stop=flag)
+    assert [(s["finish"], s["tokens"]) for s in summaries] == [("stopped", 0), ("stopped", 0)]
+    with stops.running("me") as flag:
+        assert not flag.is_set(), "the next race starts with a fresh flag"
 
 
 def test_race_time_limit_stops_both_sides(runtime):

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,7 +299,7 @@ class _Runner:
         self.adapter, self.runtime, self.ids, self.left = adapter, runtime, ids.to(adapter.device), max_new_tokens
         self.streamer = TextStreamer(runtime.tokenizer)
         self.cache, self.logits, self.text, self.clock, self.tokens, self.ttft = None, None, "", 0.0, 0, 0.0
-        self.finish: str | None = None  # "eos", "length", "time limit" (or "stopped", by stop_race)
+        self.finish: str | None = None  # "eos", "length", "time limit" or "stopped"
 
     @property
     def done(self) -> bool:
@@ -324,7 +326,7 @@ class _Runner:
         self.clock += seconds
 
     def summary(self) -> dict:
-        """What the counters show, as plain data (the Stop button's handler gets it back from a gr.State)."""
+        """What the counters show, as plain data."""
         decode_s = self.clock - self.ttft
         cache = self.adapter.cache_bytes(self.cache) if self.cache is not None else 0
         return {"name": self.adapter.name, "tokens": self.tokens, "clock_s": self.clock, "ttft_s": self.ttft,
@@ -357,11 +359,39 @@ def counters(summaries: list[dict]) -> str:
     return "  \n".join(lines)
 
 
-def stop_race(summaries: list[dict] | None) -> str:
-    """The Stop button: the counters of the race's last update, every unfinished side "stopped"."""
-    if not summaries:
-        return ""
-    return counters([{**s, "finish": s["finish"] or "stopped"} for s in summaries])
+class RaceStops:
+    """The Stop race button's flags, one per browser session: the race loop checks its flag after every step,
+    so Stop never depends on Gradio cancelling the event (its `cancels=` did not reach a running race).
+
+    The Start button arms a fresh flag at once (before the race waits in the queue), so a Stop sent while the
+    race is still queued ends it as soon as it starts."""
+
+    def __init__(self):
+        self._flags: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def arm(self, key: str) -> None:
+        """A fresh flag for the race about to start in session `key`."""
+        with self._lock:
+            self._flags[key] = threading.Event()
+
+    @contextmanager
+    def running(self, key: str) -> Iterator[threading.Event]:
+        """The flag of the race running in session `key` (armed now if Start did not), dropped when it ends."""
+        with self._lock:
+            flag = self._flags.setdefault(key, threading.Event())
+        try:
+            yield flag
+        finally:
+            with self._lock:
+                if self._flags.get(key) is flag:
+                    del self._flags[key]
+
+    def stop(self, key: str) -> None:
+        with self._lock:
+            flag = self._flags.get(key)
+        if flag is not None:
+            flag.set()
 
 
 def race_ids(runtime: Runtime, prompt, context_tokens, max_new_tokens) -> tuple[list[int], int]:
@@ -385,9 +415,10 @@ def race_ids(runtime: Runtime, prompt, context_tokens, max_new_tokens) -> tuple[
 
 
 def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int, *,
-         time_limit_s: float = MAX_REPLY_SECONDS) -> Iterator[tuple[str, str, str, list[dict]]]:
+         time_limit_s: float = MAX_REPLY_SECONDS, stop: threading.Event | None = None
+         ) -> Iterator[tuple[str, str, str, list[dict]]]:
     """Stream (TNL text, Llama text, counters, summaries) as both models answer `prompt` after
-    `context_tokens` of filler; after `time_limit_s` of wall clock both stop ("time limit"), as with Stop."""
+    `context_tokens` of filler; `stop` set ends both ("stopped"), and so does `time_limit_s` ("time limit")."""
     if runtime.baseline is None:
         raise gr.Error("No Transformer baseline is loaded.")
     ids, new = race_ids(runtime, prompt, context_tokens, max_new_tokens)
@@ -395,9 +426,11 @@ def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int
     runners = [_Runner(a, runtime, torch.tensor([ids]), new) for a in adapters(runtime)]  # ids [1, T]
     while not all(r.done for r in runners):
         active = [r for r in runners if not r.done]
-        if time.monotonic() - started >= time_limit_s:
+        ended = ("stopped" if stop is not None and stop.is_set()
+                 else "time limit" if time.monotonic() - started >= time_limit_s else None)
+        if ended:
             for r in active:
-                r.finish, r.text = "time limit", r.text + r.streamer.flush()
+                r.finish, r.text = ended, r.text + r.streamer.flush()
         else:
             min(active, key=lambda r: r.clock).advance()  # whoever has spent less compute time moves next
         summaries = [r.summary() for r in runners]

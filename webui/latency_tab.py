@@ -6,6 +6,7 @@ from functools import partial
 
 import gradio as gr
 
+from webui.chat import session_key
 from webui.latency import (
     DECODE_STEPS,
     MEMORY_NOTE,
@@ -14,6 +15,7 @@ from webui.latency import (
     RACE_NEW_TOKENS,
     REPEATS,
     SPACER,
+    RaceStops,
     columns,
     context_choices,
     load_recorded,
@@ -22,7 +24,6 @@ from webui.latency import (
     recorded_frame,
     run_benchmark,
     run_benchmark_in_tab,
-    stop_race,
 )
 from webui.runtime import Runtime
 from webui.validation import MAX_REPLY_SECONDS
@@ -123,8 +124,21 @@ def latency_tab(runtime: Runtime) -> None:
         boxes = [gr.Textbox(label="TransNormerLLM (recurrent state)", lines=6),
                  gr.Textbox(label="Llama (KV cache)", lines=6)]
     result = gr.Markdown(elem_id="race-counters", label="Race counters")
-    summaries = gr.State()  # the last update's numbers, for the Stop button's final line
-    event = start.click(partial(race, runtime), [prompt, filler, new_tokens], [*boxes, result, summaries],
-                        api_name="race", api_description=RACE_API, concurrency_id="bench", concurrency_limit=1)
-    stop.click(stop_race, summaries, result, cancels=[event], api_visibility="private")
+    stops = RaceStops()
+
+    def run_race(prompt: str, context_tokens: int, max_new_tokens: int, request: gr.Request):
+        with stops.running(session_key(request)) as flag:
+            for tnl, llama, lines, _ in race(runtime, prompt, context_tokens, max_new_tokens, stop=flag):
+                yield tnl, llama, lines
+
+    def arm_stop(request: gr.Request) -> None:
+        stops.arm(session_key(request))
+
+    start.click(arm_stop, None, None, queue=False, api_visibility="private")
+    start.click(run_race, [prompt, filler, new_tokens], [*boxes, result], api_name="race", api_description=RACE_API,
+                concurrency_id="bench", concurrency_limit=1)
+    def stop_race(request: gr.Request) -> None:
+        stops.stop(session_key(request))
+
+    stop.click(stop_race, None, None, queue=False, api_visibility="private")
 
