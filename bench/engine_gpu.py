@@ -24,6 +24,7 @@ the H200 layout), so a timeout loses nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -32,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,15 +188,17 @@ def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int)
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
     threads, stamps = stream_in_threads([functools.partial(s.feed_ids, [5 + i], params)
                                          for i, s in enumerate(decoding)])
+    deadline = time.monotonic() + 120
     while min(map(len, stamps)) < tokens // 4:  # decoding at full pace first
+        if time.monotonic() > deadline:
+            raise TimeoutError("the decoding sessions did not get going")
         time.sleep(0.001)
     newcomer = engine.open()
     ids = torch.randint(3, engine.model.config.vocab_size, (prompt_tokens,),
                         generator=torch.Generator().manual_seed(9)).tolist()
     start = time.perf_counter()
-    for event in newcomer.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)):
-        if event.stats.new_tokens:
-            end = time.perf_counter()  # its first token: the prefill is over
+    newcomer.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)).wait()
+    end = time.perf_counter()  # its first (and only) token: the prefill is over
     for t in threads:
         t.join()
     before, during = [], []
@@ -223,29 +227,46 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
                 "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path}
 
     if cuda:
-        engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, cuda_graphs=True, threaded=False))
-        for batch in (1, args.sessions):
-            ms = graph_replay_ms(engine, batch, args.tokens)
-            results.add("rows", row("graph-replay", batch, 0, ms, batch * 1e3 / ms, engine.pool.slot_bytes))
-        del engine
+        with section(results, f"{preset} graph-replay"):
+            engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, cuda_graphs=True, threaded=False))
+            for batch in (1, args.sessions):
+                ms = graph_replay_ms(engine, batch, args.tokens)
+                results.add("rows", row("graph-replay", batch, 0, ms, batch * 1e3 / ms, engine.pool.slot_bytes))
+            del engine
     paths = {"engine-eager": dict(cuda_graphs=False)}
     if cuda:
         paths = {"engine-graph": dict(cuda_graphs=True),
                  "engine-graph-sampler-outside": dict(cuda_graphs=True, sample_in_graph=False), **paths}
     for path, options in paths.items():
-        engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, prefill_budget=16384, **options),
-                        eos_ids=set())
-        for batch, row_contexts in [(1, [c]) for c in contexts] + [(args.sessions, [contexts[0]] * args.sessions)]:
-            ms, tok_s = decode_row(engine, row_contexts, args.tokens)
-            results.add("rows", row(path, batch, row_contexts[0], ms, tok_s, engine.pool.slot_bytes))
-        engine.shutdown()
-        del engine
+        with section(results, f"{preset} {path}"):
+            engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, prefill_budget=16384, **options),
+                            eos_ids=set())
+            try:
+                rows = [(1, [c]) for c in contexts] + [(args.sessions, [contexts[0]] * args.sessions)]
+                for batch, row_contexts in rows:
+                    ms, tok_s = decode_row(engine, row_contexts, args.tokens)
+                    results.add("rows", row(path, batch, row_contexts[0], ms, tok_s, engine.pool.slot_bytes))
+            finally:
+                engine.shutdown()
     for budget in (int(b) for b in args.budgets.split(",")):
-        engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1, prefill_budget=budget),
-                        eos_ids=set())
-        figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
-        results.add("interleave", {"preset": preset, **figures})
-        engine.shutdown()
+        with section(results, f"{preset} interleave budget {budget}"):
+            engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1,
+                                                     prefill_budget=budget), eos_ids=set())
+            try:
+                figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
+                results.add("interleave", {"preset": preset, **figures})
+            finally:
+                engine.shutdown()
+
+
+@contextlib.contextmanager
+def section(results: Results, name: str):
+    """Run one section; a failure is recorded in the notes (with its traceback on stderr) and the run goes on."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 (one failed section must not lose the others' figures)
+        traceback.print_exc()
+        results.add("notes", f"{name} failed: {type(exc).__name__}: {exc}")
 
 
 def main() -> None:
@@ -282,12 +303,14 @@ def main() -> None:
     if not cuda:
         results.add("notes", "CUDA graphs need a CUDA device: graph paths and the graph-vs-eager check skipped")
     for preset in args.presets.split(","):
-        bench_preset(preset, args, results, tok, bandwidth)
+        with section(results, preset):
+            bench_preset(preset, args, results, tok, bandwidth)
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
     if cuda:
-        results.add("checks", graph_vs_eager(args.check_preset, device))
+        with section(results, "graph vs eager"):
+            results.add("checks", graph_vs_eager(args.check_preset, device))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm import TNLConfig, Tokenizer, TransNormerLLM
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
+from tnllm.engine.graphs import DecodeGraphs
 from tnllm.generation import Conversation
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
@@ -148,10 +149,35 @@ def test_threaded_engine_serves_concurrent_consumers(model, tok):
         assert text == tok.decode(sampled)
 
 
+def replay_eagerly(run, warmup):
+    """A CPU stand-in for a CUDA graph: replay = run again into the static output."""
+    out = run()
+    return (lambda: out.copy_(run())), out
+
+
+@pytest.mark.parametrize("sample_in_graph", [True, False])
+def test_graph_buckets_pad_to_the_sink_and_equal_eager(model, tok, sample_in_graph):
+    """The bucketed decode (3 and 5 rows replay buckets 4 and 6 with pad rows on slot 0) leaves every session as
+    the eager engine does: greedy == argmax loop, seeded sampling == solo runs."""
+    engine = make_engine(model, tok)
+    engine.scheduler.decoder = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=6,
+                                            sample_in_graph=sample_in_graph, capture=replay_eagerly)
+    assert engine.scheduler.decoder.sizes == [1, 2, 4, 6]
+    prompts = [prompt(n, 30 + n) for n in (3, 18, 7, 25, 2)]
+    params = [GREEDY, SamplingParams(**{**SAMPLED.__dict__, "seed": 4}), GREEDY, GREEDY, GREEDY]
+    replies = [engine.open().feed_ids(ids, p) for ids, p in zip(prompts[:3], params[:3])]
+    engine.step()
+    replies += [engine.open().feed_ids(ids, p) for ids, p in zip(prompts[3:], params[3:])]
+    engine.run_until_idle()
+    assert replies[1].sampled == solo_ids(model, tok, prompts[1], params[1])
+    for i in (0, 2, 3, 4):
+        assert replies[i].sampled == argmax_loop(model, prompts[i], 12)
+
+
 # -- sampler --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0),
                                     SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
-                                    SamplingParams(temperature=1.3, top_p=0.5)], ids=str)
+                                    SamplingParams(temperature=1.3, top_p=0.5)], ids=["plain", "top-k+top-p", "top-p"])
 def test_sampler_is_exact_and_its_cpu_head_path_draws_the_same_ids(params):
     """argmax(logit - log E) with hashed noise: frequencies over many seeds match the filtered softmax
     (sample_token's filters), and the CPU shortcut (sorting only each row's head) picks the same ids."""
@@ -324,11 +350,12 @@ def test_bundled_model_chat_equals_conversation():
 
 
 def test_engine_gpu_benchmark_smoke_on_cpu(tmp_path):
+    import json
+
     out = subprocess.run([sys.executable, "bench/engine_gpu.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    rows = json.loads((tmp_path / "engine-h200.json").read_text())["rows"]
+    data = json.loads((tmp_path / "engine-h200.json").read_text())
     keys = {"preset", "quant", "batch", "context", "decode_ms_per_token", "hbm_floor_ms", "aggregate_tok_s", "path"}
-    assert rows and all(keys <= set(row) for row in rows)
+    assert data["rows"] and all(keys <= set(row) for row in data["rows"])
+    assert data["interleave"] and not [note for note in data["notes"] if "failed" in note]

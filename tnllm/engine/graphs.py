@@ -9,6 +9,7 @@ sampler runs eagerly after it (measured by bench/engine_gpu.py). Batches above t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,40 +26,52 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def capture_cuda_graph(run: Callable[[], torch.Tensor], warmup: int) -> tuple[Callable[[], None], torch.Tensor]:
+    """(replay, static output) of `run` captured in a CUDA graph after `warmup` eager calls on a side stream
+    (Triton compilation and allocator growth stay outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(warmup):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        out = run()
+    return graph.replay, out
+
+
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]
     slots: torch.Tensor    # static int64 [b] input
-    staging: torch.Tensor  # pinned host copy of the slots, for a non-blocking upload
+    staging: torch.Tensor  # host copy of the slots (pinned on CUDA, for a non-blocking upload)
     out: torch.Tensor      # static output: ids [b], or logits [b, V] without the sampler
 
 
 class DecodeGraphs:
-    """`step(slots) -> ids [n]` by graph replay, for any n <= the largest bucket (`covers`)."""
+    """`step(slots) -> ids [n]` by graph replay, for any n <= the largest bucket (`covers`).
+
+    `capture(run, warmup) -> (replay, static output)` is `capture_cuda_graph`; tests pass an eager stand-in
+    to check the bucket logic on the CPU.
+    """
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, max_batch: int,
-                 sample_in_graph: bool = True, warmup: int = 2):
-        if pool.device.type != "cuda":
+                 sample_in_graph: bool = True, warmup: int = 2, capture=capture_cuda_graph):
+        if pool.device.type != "cuda" and capture is capture_cuda_graph:
             raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
         self.model, self.pool, self.sampler = model, pool, sampler
-        self.sample_in_graph, self.warmup = sample_in_graph, warmup
+        self.sample_in_graph = sample_in_graph
         self.sizes = bucket_sizes(max_batch)
-        self.graphs = {size: self._capture(size) for size in reversed(self.sizes)}  # largest first
+        self.graphs = {size: self._capture(size, capture, warmup) for size in reversed(self.sizes)}  # largest first
 
-    def _capture(self, size: int) -> _Captured:
+    def _capture(self, size: int, capture, warmup: int) -> _Captured:
         # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
         slots = torch.full((size,), SINK_SLOT, dtype=torch.long, device=self.pool.device)
-        run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph)  # noqa: E731
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(self.warmup):  # compile Triton kernels and settle allocations outside the capture
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            out = run()
-        return _Captured(graph, slots, torch.zeros(size, dtype=torch.long, pin_memory=True), out)
+        replay, out = capture(lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph),
+                              warmup)
+        staging = torch.zeros(size, dtype=torch.long, pin_memory=self.pool.device.type == "cuda")
+        return _Captured(replay, slots, staging, out)
 
     def covers(self, n: int) -> bool:
         return n <= self.sizes[-1]
@@ -75,7 +88,7 @@ class DecodeGraphs:
         captured.staging.fill_(SINK_SLOT)
         captured.staging[:n] = torch.tensor(slots, dtype=torch.long)
         captured.slots.copy_(captured.staging, non_blocking=True)
-        captured.graph.replay()
+        captured.replay()
         if self.sample_in_graph:
             return captured.out[:n]
         with torch.inference_mode():
