@@ -24,6 +24,7 @@ import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from webui.guard import middleware as guard_middleware  # noqa: E402 (Starlette only)
 from webui.runtime import (  # noqa: E402 (no Gradio yet)
     BUNDLED_LLAMA,
     BUNDLED_TNL,
@@ -50,14 +51,15 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
 
 
 def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = None) -> dict:
-    """Safe launch settings (reliability.md §3.3); host/port None leave Gradio's env vars in charge."""
+    """Safe launch settings (reliability.md §3.3) and the protocol guard (webui.guard); host/port None leave
+    Gradio's env vars in charge."""
     blocked = [str(BUNDLED_TNL), str(BUNDLED_LLAMA)]
     if runtime and os.path.isdir(runtime.model_path):
         blocked.append(os.path.abspath(runtime.model_path))
     return dict(server_name=host, server_port=port, share=False, ssr_mode=False, show_error=False,
                 max_file_size="1mb", enable_monitoring=False, mcp_server=False, run_history=False,
                 strict_cors=True, allowed_paths=[], blocked_paths=blocked,
-                state_session_capacity=MAX_GRADIO_SESSIONS)
+                state_session_capacity=MAX_GRADIO_SESSIONS, app_kwargs={"middleware": guard_middleware()})
 
 
 def launch(demo, host: str | None, port: int | None, runtime: Runtime) -> None:

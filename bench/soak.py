@@ -8,9 +8,14 @@ Three parts, one JSON (bench/results/soak-cpu.json by default; parts not re-run 
 * concurrency: for each `concurrency_limit` K in --concurrency-sweep, 8 clients send greedy 48-token replies
   at once, 3 rounds; aggregate tokens/s, time to first streamed update (client side, queue wait included) and
   reply time p50/p95. The app's default K is the one with the highest aggregate tokens/s.
-* soak: --clients threads loop for --minutes over mixed traffic (chat 60%, Stop mid-stream 15%, dropped
-  connection 10%, invalid input 15%, a new session 20% of the time); counts requests by outcome, unexpected
-  results as errors, samples RSS, open fds, and session counts; drift = RSS at the end - RSS after minute 1.
+* soak: --clients threads loop for --minutes over mixed traffic (chat 45%, Stop mid-stream 15%, dropped
+  connection 10%, invalid input 15%, abuse 15%, a new session 20% of the time); counts requests by outcome,
+  unexpected results of well-behaved requests as errors, samples RSS, open fds, and session counts; drift =
+  RSS at the end - RSS after minute 1. Abuse (issue 12) is one of: a direct-route call with an event id, a join
+  whose result stream is never opened, a cancel of another session's event, an upload, a malformed protocol
+  request; each has one right answer (404, queued then abandoned, 404, 404, a 4xx), any other is counted.
+  Then a burst of probes (`PROBES` of each abuse kind) measures server RSS before and after them, and the reply
+  generators left running (`store.active`) and Gradio iterators left open once idle: both must be 0.
 * stop during prefill (--prefill-stop): the longest allowed prompt stopped right after its first prefill chunk;
   time from the cancel request to the server's `finally`, against one chunk's prefill time.
 
@@ -29,6 +34,7 @@ import statistics
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +43,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from webui.http_client import ChatClient  # noqa: E402
@@ -48,6 +55,11 @@ PROMPTS = ["Hi! How was your weekend?", "What is your favourite book, and why?",
            "Do you like cooking? What do you make?", "ok", "Any plans for the summer? 🌞", "¿Hablas español?"]
 BAD = [("   ", None), ("\u200b\u200b", None), ("x" * 9000, None), ("hi", {0: -1.0}), ("hi", {1: 1.5}),
        ("hi", {2: -5}), ("hi", {4: 10**9}), ("hi", {5: 1.5}), ("hi", {0: "hot"}), ("\x00\x01", None)]
+ABUSE = ("direct_route", "unlistened_join", "foreign_cancel", "upload", "malformed")
+PROBES = {"direct_route": 100, "unlistened_join": 20, "foreign_cancel": 20, "upload": 20, "malformed": 100}
+MALFORMED = [{"session_hash": ""}, {"session_hash": "\ud800"}, {"session_hash": "x" * 100}, {"fn_index": 999},
+             {"fn_index": "1"}, {"data": "not a list"}, b"{not json", b"[]"]
+LONG = (0.0, 1.0, 0, 1.0, 1024, 0)
 
 
 def rss_mib() -> float:
@@ -144,11 +156,75 @@ def measure_concurrency(runtime, ks: list[int], clients: int = 8, rounds: int = 
     return rows
 
 
+class Abuser:
+    """Abusive requests against a launched app, each checked against the one answer it should get."""
+
+    def __init__(self, url: str, fn: int):
+        self.api, self.fn = url.rstrip("/") + "/gradio_api/", fn
+        self.http = httpx.Client(timeout=60)
+        self.event_ids: list[str] = []  # of unlistened joins: what a foreign cancel aims at
+
+    def close(self) -> None:
+        self.http.close()
+
+    def body(self, message: str = "hi", controls: tuple = (0.0, 1.0, 0, 1.0, 16, 0)) -> dict:
+        return {"data": [message, *controls], "fn_index": self.fn, "session_hash": uuid.uuid4().hex[:12]}
+
+    def send(self, kind: str, rng: random.Random) -> str | None:
+        """One request of that kind; None when answered as it should be, else what came back."""
+        if kind == "direct_route":
+            route = rng.choice(["run/chat", "api/chat", "run/predict"])
+            r = self.http.post(self.api + route, json={**self.body(), "event_id": uuid.uuid4().hex})
+            ok = r.status_code == 404
+        elif kind == "unlistened_join":
+            r = self.http.post(self.api + "queue/join", json=self.body(rng.choice(PROMPTS), LONG))
+            ok = r.status_code in (200, 503)  # queued (then abandoned), or the queue is full
+            if r.status_code == 200:
+                self.event_ids = [*self.event_ids[-50:], r.json()["event_id"]]
+        elif kind == "foreign_cancel":
+            target = rng.choice(self.event_ids) if self.event_ids else uuid.uuid4().hex
+            r = self.http.post(self.api + "cancel", json={**self.body(), "event_id": target})
+            ok = r.status_code == 404
+        elif kind == "upload":
+            r = self.http.post(self.api + "upload", files={"files": ("x.bin", os.urandom(100 << 10))})
+            ok = r.status_code == 404
+        else:
+            bad = rng.choice(MALFORMED)
+            content = bad if isinstance(bad, bytes) else json.dumps({**self.body(), **bad}).encode()
+            r = self.http.post(self.api + "queue/join", content=content, headers={"content-type": "application/json"})
+            ok = 400 <= r.status_code < 500
+        return None if ok else f"{kind}: HTTP {r.status_code} {r.text[:100]}"
+
+
+def probe_burst(demo, url: str, fn: int, seed: int = 0) -> dict:
+    """`PROBES` abusive requests of each kind, 8 at a time; server RSS before and after (idle, collected)."""
+    store, rng = demo.sessions, random.Random(seed)
+    abuser = Abuser(url, fn)
+    gc.collect()
+    before = rss_mib()
+    kinds = [k for k, n in PROBES.items() for _ in range(n)]
+    rng.shuffle(kinds)
+    with ThreadPoolExecutor(8) as pool:
+        problems = [p for p in pool.map(lambda k: abuser.send(k, random.Random(rng.random())), kinds) if p]
+    abuser.close()
+    settle = time.perf_counter()
+    while (store.active or len(demo._queue)) and time.perf_counter() - settle < 120:
+        time.sleep(0.1)
+    settled_s = time.perf_counter() - settle
+    check = ChatClient(url, fn).chat("hello again", (0.0, 1.0, 0, 1.0, 16, 0))  # a well-behaved client after it
+    gc.collect()
+    return {"requests": dict(Counter(kinds)), "unexpected": len(problems), "unexpected_samples": problems[:5],
+            "rss_before_mib": before, "rss_after_mib": rss_mib(), "idle_after_s": settled_s,
+            "generators_left": store.active, "iterators_left": len(demo.server_app.iterators),
+            "client_after": check.outcome}
+
+
 def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: int, seed: int = 0) -> dict:
     demo, url, fn = launch(runtime, concurrency, queue_size)
     store = demo.sessions
     counts: Counter[str] = Counter()
     errors: list[str] = []
+    abuse_problems: list[str] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + minutes * 60
     samples: list[tuple[float, float, int, int, int]] = []
@@ -161,9 +237,17 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
                 counts["errors"] += 1
                 errors.append(problem[:200])
 
+    def note_abuse(problem: str | None):  # kept apart: `errors` counts well-behaved requests only
+        with lock:
+            counts["abuse"] += 1
+            if problem:
+                counts["abuse_unexpected"] += 1
+                abuse_problems.append(problem[:200])
+
     def worker(index: int):
         rng = random.Random(seed * 1000 + index)
         client = ChatClient(url, fn)
+        abuser = Abuser(url, fn)
         while time.perf_counter() < deadline:
             if rng.random() < 0.2:
                 client.close()
@@ -180,11 +264,13 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
                     r = client.chat(text, tuple(bad))
                     note("invalid", None if r.status == 422 else f"invalid input answered {r.status} {r.outcome}")
                 elif action < 0.30:
+                    note_abuse(abuser.send(rng.choice(ABUSE), rng))
+                elif action < 0.45:
                     r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
                                     cancel_after=rng.randint(1, 6))
                     note("busy" if r.status == 503 else "cancelled",
                          None if r.outcome in ("cancelled", "completed", "busy") else f"cancel: {r.outcome} {r.error}")
-                elif action < 0.40:
+                elif action < 0.55:
                     r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
                                     disconnect_after=rng.randint(1, 6))
                     client.close()
@@ -200,6 +286,7 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
                 client.close()
                 client = ChatClient(url, fn)
         client.close()
+        abuser.close()
 
     def sampler():
         while time.perf_counter() < deadline:
@@ -214,16 +301,20 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
     while store.active and time.perf_counter() - idle_wait < 10:
         time.sleep(0.05)
     gc.collect()
+    active_at_end = store.active
     end = (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), len(demo.state_holder.session_data))
     samples.append(end)
     after_warmup = next((s for s in samples if s[0] >= 60), samples[0])
     server_counts = dict(store.counts)
+    probes = probe_burst(demo, url, fn, seed)
     demo.close()
     served = sum(counts[k] for k in ("chat", "cancelled", "disconnected"))
+    by_kind = {k: v for k, v in counts.items() if k not in ("errors", "abuse_unexpected")}
     return {"minutes": minutes, "clients": n_clients, "concurrency_limit": concurrency, "queue_size": queue_size,
-            "requests": sum(v for k, v in counts.items() if k != "errors"), "served": served,
-            "by_kind": {k: v for k, v in counts.items() if k != "errors"}, "errors": counts["errors"],
-            "error_samples": errors[:10], "server_outcomes": server_counts, "active_at_end": store.active,
+            "requests": sum(by_kind.values()), "served": served, "by_kind": by_kind, "errors": counts["errors"],
+            "error_samples": errors[:10], "abuse_unexpected": counts["abuse_unexpected"],
+            "abuse_samples": abuse_problems[:10], "server_outcomes": server_counts, "active_at_end": active_at_end,
+            "probes": probes,
             "rss_start_mib": samples[0][1], "rss_after_1min_mib": after_warmup[1], "rss_end_mib": end[1],
             "rss_drift_after_1min_mib": end[1] - after_warmup[1], "rss_max_mib": max(s[1] for s in samples),
             "fds_start": samples[0][2], "fds_end": end[2], "chat_sessions_end": end[3],
@@ -305,6 +396,8 @@ def render(data: dict) -> str:
                   "which records the drift measured without them).", "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
+        if s.get("probes"):
+            lines += ["", _abuse(s)]
     if data.get("stop_during_prefill"):
         x = data["stop_during_prefill"]
         waits = x["stop_to_finally_ms"]
@@ -314,6 +407,20 @@ def render(data: dict) -> str:
                   f"one prefill chunk takes {x['chunk_ms']:.0f} ms. Tokens read when stopped: "
                   + ", ".join(f"{n:,}" for n in x["tokens_fed_when_stopped"]) + "."]
     return "\n".join(lines)
+
+
+def _abuse(s: dict) -> str:
+    """The issue-12 part of the soak: abuse mixed into the traffic, then the burst of probes."""
+    p = s["probes"]
+    burst = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in p["requests"].items())
+    return (f"Abuse (issue 12): {s['by_kind'].get('abuse', 0):,} abusive requests mixed into the traffic (direct-route "
+            f"calls, joins never listened to, cross-session cancels, uploads, malformed requests), "
+            f"{s['abuse_unexpected']} answered otherwise than intended; errors for well-behaved clients: "
+            f"{s['errors']}. Then a burst of probes, 8 at a time ({burst}): {p['unexpected']} unexpected answers; "
+            f"server RSS {p['rss_before_mib']:.0f} MiB before, {p['rss_after_mib']:.0f} MiB after "
+            f"({p['rss_after_mib'] - p['rss_before_mib']:+.1f} MiB), idle again {p['idle_after_s']:.1f} s after the "
+            f"burst; reply generators left running: {p['generators_left']}, Gradio iterators left open: "
+            f"{p['iterators_left']}; a well-behaved client right after: {p['client_after']}.")
 
 
 def _after_cap(s: dict) -> str:

@@ -8,7 +8,8 @@ Stop, a time limit or an error the browser shows exactly what the state saw.
 
 Stop is a flag the reply loop checks after every prefill chunk and every token (`SessionStore.stop`), so it
 does not depend on Gradio's event cancellation reaching the worker; Gradio's cancel and a client disconnect
-close the generator at its next yield, which records the turn the same way.
+close the generator at its next yield, which records the turn the same way. A reply nobody reads (no result
+stream open: `SessionStore.listening`, told by webui.guard) ends the same way, as "abandoned".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 
@@ -39,7 +40,7 @@ NUMERICAL_NOTICE = ("⚠️ Generation stopped: the model produced invalid numbe
                     "was sampled, and this conversation's model state was reset; send your message again.")
 INTERNAL_NOTICE = "Internal error while generating; this conversation's model state was reset. Please try again."
 ENDED = {"eos": "", "length": "length limit", "stop": "stop string", "cancelled": "⏹ stopped",
-         "time_limit": "⏱ time limit"}
+         "time_limit": "⏱ time limit", "abandoned": "⏹ abandoned (no client listening)"}
 
 
 @dataclass
@@ -111,7 +112,9 @@ class SessionStore:
     """Session hash -> ChatSession, least recently used first out; thread-safe.
 
     Also the server's counters: `active` replies streaming now, and `counts` of finished replies by outcome
-    ("eos", "length", "stop", "cancelled", "time_limit", "numerical_error", "error", "rejected", "busy").
+    ("eos", "length", "stop", "cancelled", "time_limit", "abandoned", "numerical_error", "error", "rejected",
+    "busy"). `listening(session key)` says whether a client reads that session's replies (webui.guard sets it;
+    alone, everyone is).
     """
 
     def __init__(self, runtime: Runtime, max_sessions: int = MAX_SESSIONS):
@@ -121,6 +124,7 @@ class SessionStore:
         self.active = 0
         self.counts: Counter[str] = Counter()
         self.last_finished = 0.0  # perf_counter() when the last reply's generator finished (tests: cancel latency)
+        self.listening: Callable[[str], bool] = lambda key: True
 
     def count(self, outcome: str, delta_active: int = 0) -> None:
         with self._lock:
@@ -278,6 +282,9 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
                         break
                     if time.monotonic() > deadline:  # ends like Stop: the state keeps what it saw
                         session.conv.last_stats.finish_reason = "time_limit"
+                        break
+                    if not store.listening(session_key(request)):  # the client never connected, or left
+                        session.conv.last_stats.finish_reason = "abandoned"
                         break
                     yield reply, live_line(session.conv.last_stats), {}
             outcome = session.conv.last_stats.finish_reason

@@ -6,13 +6,12 @@ browser's sliders and textbox limits, so every value is checked on the server be
 
 from __future__ import annotations
 
-import asyncio
-
 import gradio as gr
 
 from tnllm.memory import limit_malloc_arenas
 from webui.chat import SessionStore, session_key
 from webui.chat_tab import chat_tab
+from webui.guard import install as install_guard
 from webui.latency_tab import latency_tab
 from webui.model_tab import model_tab
 from webui.runtime import Runtime
@@ -46,19 +45,8 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
 
         demo.unload(forget)
     demo.sessions = store  # for tests and debugging
-    demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_size)
-    _serialize_joins(demo._queue)
+    # api_open=False: the /run/<api> and /api/<api> routes refuse queued functions (HTTP 404), so model work
+    # only runs through the queue, behind the validator and within the concurrency limit.
+    demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_size, api_open=False)
+    install_guard(demo, store)
     return demo
-
-
-def _serialize_joins(queue) -> None:
-    """Gradio 6.26 checks `max_size` before awaiting the validator and enqueues after it, so a burst of
-    simultaneous requests all pass the check and the bound is exceeded. Admitting one request at a time
-    (validation takes milliseconds) makes the bound exact: the rest get HTTP 503 "Queue is full"."""
-    push, lock = queue.push, asyncio.Lock()
-
-    async def serialized_push(*args, **kwargs):
-        async with lock:
-            return await push(*args, **kwargs)
-
-    queue.push = serialized_push

@@ -26,6 +26,7 @@ MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB
 MAX_NEW_TOKENS_CAP = 1024    # server-side cap on a reply, for API callers too
 MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
 MAX_REPLY_SECONDS = 120.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
+SHOWN_CHARS = 40             # a refused value is quoted in its error message up to this many characters
 
 # Server-side ranges = the UI controls' ranges (app.py builds its sliders from these).
 RANGES = {
@@ -116,24 +117,31 @@ def check_text(text, limits: Limits) -> str:
     return text
 
 
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """`repr(value)` for an error message, cut to `limit` characters: a message never echoes unbounded input
+    (a 2 MB value would otherwise come back in a 2 MB answer)."""
+    text = repr(value) if not isinstance(value, str) or len(value) <= limit else repr(value[:limit])
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _number(name: str, value, errors: dict[str, str]):
     low, high = RANGES[name]
     if isinstance(value, str):
         try:
             value = float(value.strip())
         except ValueError:
-            errors[name] = f"{name} must be a number, got {value!r}."
+            errors[name] = f"{name} must be a number, got {shown(value)}."
             return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        errors[name] = f"{name} must be a finite number, got {value!r}."
+        errors[name] = f"{name} must be a finite number, got {shown(value)}."
         return None
     if name in INTEGER:
         if value != int(value):
-            errors[name] = f"{name} must be a whole number, got {value!r}."
+            errors[name] = f"{name} must be a whole number, got {shown(value)}."
             return None
         value = int(value)
     if not low <= value <= high:
-        errors[name] = f"{name} must be between {low} and {high}, got {value!r}."
+        errors[name] = f"{name} must be between {low} and {high}, got {shown(value)}."
         return None
     return value
 
@@ -150,7 +158,7 @@ def parse_seed(seed, errors: dict[str, str]) -> int | None:
             value = None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or value != int(value) or abs(value) >= 2**63:
-        errors["seed"] = f"seed must be a whole number (-1 = random), got {seed!r}."
+        errors["seed"] = f"seed must be a whole number (-1 = random), got {shown(seed)}."
         return None
     return None if value < 0 else int(value)
 
