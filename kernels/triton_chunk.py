@@ -287,9 +287,15 @@ class _Plan:
             self.T, self.NS, self.L, *strides, H=self.H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
             BV=BV, BT=self.BT, REVERSE=reverse, USE_H=h is not None, H_PER_SEG=h_per_seg,
             STORE_FINAL=store_final, IS_VARLEN=self.varlen, BF16_STATE=a.dtype == torch.bfloat16, F32=self.f32(a),
-            num_warps=self.cfg["WARPS" if K <= 128 else "WARPS_WIDE"],
-            num_stages=self.cfg["STAGES" if K <= 128 else "STAGES_WIDE"])
+            num_warps=self.cfg["WARPS" if K <= 128 else "WARPS_WIDE"], num_stages=self.stages(K, a))
         return out, hf
+
+    def stages(self, K: int, a: torch.Tensor) -> int:
+        """Pipeline stages of the chunk kernel: the wide (K > 128) setting double-buffers 16-bit tiles; fp32
+        tiles are twice the bytes and two stages of them exceed the H200's 227 KiB of shared memory."""
+        if K <= 128:
+            return self.cfg["STAGES"]
+        return self.cfg["STAGES_WIDE"] if a.element_size() <= 2 else 1
 
 
 class _LightningAttnFunction(torch.autograd.Function):

@@ -58,3 +58,19 @@ def test_generate_with_graph_equals_eager(model):
     graphed = list(decode_tokens(model, logits, state, params, set(), prompt, graph=decoder))
     assert graphed == eager
     assert state.positions.item() == len(prompt) + 29  # the last sampled token is not fed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_lrpe_heads_prefill_in_every_dtype(dtype):
+    """dk = 256 (an LRPE layer of 128-wide heads): the fp32 chunk kernel must fit the GPU's shared memory."""
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 333, 4, 256, device="cuda", dtype=dtype) * 0.1 for _ in range(2))
+    v = torch.randn(2, 333, 4, 128, device="cuda", dtype=dtype)
+    log_decay = -torch.rand(4, device="cuda") * 0.1
+    o_ref, s_ref = kernels.reference.lightning_attn_naive(q.double(), k.double(), v.double(), log_decay.double(),
+                                                          output_final_state=True)
+    with kernels.use_impl("triton"):
+        o, s = kernels.lightning_attn(q, k, v, log_decay, output_final_state=True)
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    assert_close("o", o_ref, o, rel=rel)
+    assert_close("state", s_ref, s, rel=rel)

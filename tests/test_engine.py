@@ -82,10 +82,11 @@ def test_slot_forward_equals_recurrent_state(model):
 @requires_triton_interpret
 def test_triton_step_through_slots_equals_reference():
     B, H, D, E, S = 3, 2, 16, 16, 6
-    q, k = torch.randn(B, H, D), torch.randn(B, H, D)
-    v, a = torch.randn(B, H, E), -torch.rand(H)
-    pool = torch.randn(S, H, D, E)
-    slots = torch.tensor([5, 1, 3])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs it on the CPU
+    q, k = torch.randn(B, H, D, device=device), torch.randn(B, H, D, device=device)
+    v, a = torch.randn(B, H, E, device=device), -torch.rand(H, device=device)
+    pool = torch.randn(S, H, D, E, device=device)
+    slots = torch.tensor([5, 1, 3], device=device)
     expected_pool = pool.clone()
     o_ref = kernels.reference.lightning_attn_step_ref(q, k, v, a, expected_pool, slots)
     with kernels.use_impl("triton"):
