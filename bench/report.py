@@ -1,6 +1,7 @@
 """Write BENCHMARKS.md from bench/results/kernels-h200.json and, when present, the bundled-model training
 sweep bench/results/train-sweep-h200.json, the bench/decode.py runs bench/results/decode-*.json, the
-bench/soak.py figures bench/results/soak-cpu.json and the chat's sampling grid bench/results/sampling-cpu.json
+bench/soak.py figures bench/results/soak-cpu.json, the chat's sampling grid bench/results/sampling-cpu.json,
+the engine runs bench/results/engine-h200.json and bench/results/serve-cpu.json
 (never hand-edit the figures).
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
@@ -173,6 +174,49 @@ def render_sampling(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_engine(result: dict) -> str:
+    """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
+    out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
+           f"Date: {result['date']}. torch {result['torch']}. Command: `{result['command']}`. Floor: the step's "
+           f"weight and state bytes at the copy bandwidth measured in the same run "
+           f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
+           "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
+           "them (sampling, detokenising and events included). `graph-replay` = the captured step alone.", "",
+           "| preset | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        out.append(f"| {x['preset']} | {x['path']} | {x['batch']} | {x['context']:,} | "
+                   f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "
+                   f"{x['aggregate_tok_s']:,.0f} |")
+    if result.get("interleave"):
+        out += ["", "A long prompt arriving while sessions decode (their ms/token during its prefill vs before):", "",
+                "| preset | decoding sessions | prompt tokens | prefill chunk | prefill s | ms/token before → during | "
+                "ratio |", "|---|---|---|---|---|---|---|"]
+        for x in result["interleave"]:
+            out.append(f"| {x['preset']} | {x['decoding_sessions']} | {x['prompt_tokens']:,} | {x['prefill_budget']:,}"
+                       f" | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → {x['ms_per_token_during']:.1f} | "
+                       f"{x['ratio']:.1f}× |")
+    for check in result.get("checks") or []:
+        out.append(f"\nGraph vs eager: {check}")
+    for note in result.get("notes") or []:
+        out.append(f"\nNote: {note}")
+    return "\n".join(out) + "\n"
+
+
+def render_serve(result: dict) -> str:
+    """bench/serve.py: concurrent chat sessions through the engine on the CPU, today's loop as the anchor."""
+    out = ["", "## Concurrent sessions through the engine (CPU)", "",
+           f"Date: {result['date']}. {result['machine']} ({result['cpu_count']} cores, {result['threads']} torch "
+           f"thread(s)), torch {result['torch']}. Model `{result['model']}`. Command: `{result['command']}`. "
+           f"{result['tokens']} tokens per reply, medians of {result['rounds']} rounds.", "",
+           "| path | sessions | aggregate tok/s | ms/token p50 | p90 |", "|---|---|---|---|---|"]
+    for x in result["rows"]:
+        out.append(f"| {x['path']} | {x['sessions']} | {x['aggregate_tok_s']:.1f} | {x['ms_per_token_p50']:.2f} | "
+                   f"{x['ms_per_token_p90']:.2f} |")
+    ratios = ", ".join(f"{n} sessions {r:.2f}×" for n, r in result["speedup_vs_one_session"].items() if n != "1")
+    return "\n".join(out + ["", f"Aggregate tok/s against one session: {ratios}."]) + "\n"
+
+
 def _cell(text: str) -> str:
     """Text as one Markdown table cell (newlines and pipes would break the row)."""
     return text.replace("|", "\\|").replace("\n", " / ")
@@ -199,6 +243,10 @@ def main():
     sampling = ROOT / "bench/results/sampling-cpu.json"
     if sampling.is_file():
         text += render_sampling(json.loads(sampling.read_text()))
+    for name, renderer in (("engine-h200", render_engine), ("serve-cpu", render_serve)):
+        path = ROOT / f"bench/results/{name}.json"
+        if path.is_file():
+            text += renderer(json.loads(path.read_text()))
     Path(a.out).write_text(text)
 
 
