@@ -71,6 +71,6 @@ def test_wide_lrpe_heads_prefill_in_every_dtype(dtype):
                                                           output_final_state=True)
     with kernels.use_impl("triton"):
         o, s = kernels.lightning_attn(q, k, v, log_decay, output_final_state=True)
-    rel = 5e-3 if dtype == torch.float32 else 1e-2  # fp32 inputs: the kernel multiplies in tf32, as tests/test_kernels.py allows
+    rel = 5e-3 if dtype == torch.float32 else 1e-2  # fp32: the kernel multiplies in tf32 (as in test_kernels.py)
     assert_close("o", o_ref, o, rel=rel)
     assert_close("state", s_ref, s, rel=rel)
