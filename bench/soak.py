@@ -13,7 +13,7 @@ Three parts, one JSON (bench/results/soak-cpu.json by default; parts not re-run 
   unexpected results of well-behaved requests as errors, samples RSS, open fds, and session counts; drift =
   RSS at the end - RSS after minute 1. Abuse (issue 12) is one of: a direct-route call with an event id, a join
   whose result stream is never opened, a cancel of another session's event, an upload, a malformed protocol
-  request; each has one right answer (404, queued then abandoned, 404, 404, a 4xx), any other is counted.
+  request; each has one right answer (404, queued then abandoned, 404, 413, a 4xx), any other is counted.
   Then a burst of probes (`PROBES` of each abuse kind) measures server RSS before and after them, and the reply
   generators left running (`store.active`) and Gradio iterators left open once idle: both must be 0.
 * stop during prefill (--prefill-stop): the longest allowed prompt stopped right after its first prefill chunk;
@@ -187,7 +187,7 @@ class Abuser:
             ok = r.status_code == 404
         elif kind == "upload":
             r = self.http.post(self.api + "upload", files={"files": ("x.bin", os.urandom(100 << 10))})
-            ok = r.status_code == 404
+            ok = r.status_code == 413
         else:
             bad = rng.choice(MALFORMED)
             content = bad if isinstance(bad, bytes) else json.dumps({**self.body(), **bad}).encode()

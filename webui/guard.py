@@ -35,7 +35,7 @@ from starlette.middleware import Middleware
 
 __all__ = ["LISTEN_GRACE_S", "Guard", "StreamTracker", "install", "middleware", "serialize_joins"]
 
-LISTEN_GRACE_S = 5.0          # a join's result stream must be open within this long (a browser needs ~10 ms)
+LISTEN_GRACE_S = 5.0          # a join's result stream must open within this long (clients open it right after)
 FORGET_AFTER_S = 600.0        # a session's stream record is dropped this long after its last stream closed
 MAX_BODY_BYTES = 4 << 20      # protocol JSON bodies: a maximal chat message is < 0.1 MB even fully escaped
 SESSION_HASH = re.compile(r"[A-Za-z0-9_-]{1,64}")  # browsers send 11 base-36 characters, gradio_client a UUID
