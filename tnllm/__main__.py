@@ -1,9 +1,10 @@
 """`python -m tnllm`: load a model and check that recurrent decoding reproduces a full forward pass.
 
-Prints the configuration, parameter count and recurrent-state size, greedy-decodes a reply to a chat prompt token
-by token through the recurrent state (until eos or --new-tokens) and prints it, then runs one full forward pass over
-prompt + reply and compares its last logits with the recurrent ones: PASS when their max relative difference is
-within the tolerance of the dtype, else FAIL and exit code 1.
+Prints the configuration, parameter count and recurrent-state size, greedy-decodes a reply to a chat prompt through
+a threadless `tnllm.engine` session (the path chat uses: prefill into a state slot, decode steps, the engine's
+sampler and detokeniser; until eos or --new-tokens) and prints it, then compares the logits of one more recurrent
+step on the session's state with one full forward pass over prompt + reply: PASS when their max relative difference
+is within the tolerance of the dtype, else FAIL and exit code 1.
 
 Examples:
     python -m tnllm --model assets/tnl                # the bundled model and tokenizer
@@ -19,6 +20,8 @@ import time
 import torch
 
 from tnllm import TNLConfig, TransNormerLLM, load_model
+from tnllm.engine import Engine, EngineConfig, Reply
+from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,21 +68,31 @@ def build(source: str, dtype: torch.dtype) -> tuple[TransNormerLLM, Tokenizer]:
 
 
 @torch.inference_mode()
-def greedy_check(model: TransNormerLLM, prompt: list[int], new_tokens: int) -> tuple[list[int], float, int]:
-    """(reply ids, max relative difference of the last logits between recurrent decoding and one full forward
-    pass, state bytes). The reply stops before eos, so both paths end on the same last token."""
-    state = model.allocate_state(1)
-    logits = model(torch.tensor([prompt]), state, logits_to_keep=1)
-    reply: list[int] = []
-    for _ in range(new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token == model.config.eos_token_id:
-            break
-        reply.append(token)
-        logits = model(torch.tensor([[token]]), state)
-    full = model(torch.tensor([prompt + reply]), logits_to_keep=1).float()
-    err = (full - logits.float()).abs().max().item() / full.abs().max().item()
-    return reply, err, state.nbytes
+def greedy_check(model: TransNormerLLM, tokenizer: Tokenizer, prompt: list[int],
+                 new_tokens: int) -> tuple[Reply, float, int]:
+    """(the engine's greedy reply, max relative difference of the last logits between recurrent decoding and one
+    full forward pass, state bytes).
+
+    The session's state has read prompt + every sampled id but the last (the engine feeds a sampled id with the
+    next step); one recurrent step on a copy of it with that id gives the logits after prompt + reply, and so
+    does the full forward pass. NaN/inf logits end the reply with "numerical_error" (the engine resets the
+    state): the difference is then NaN.
+    """
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=1, threaded=False))
+    session = engine.open()
+    reply = session.feed_ids(prompt, SamplingParams(temperature=0, max_new_tokens=new_tokens)).wait()
+    if reply.finish_reason == "numerical_error":
+        return reply, float("nan"), engine.pool.slot_bytes
+    device = engine.pool.device
+    recurrent = model(torch.tensor([reply.sampled[-1:]], device=device), engine.pool.read(session.slot))
+    full = model(torch.tensor([prompt + reply.sampled], device=device), logits_to_keep=1).float()
+    err = (full - recurrent.float()).abs().max().item() / full.abs().max().item()
+    return reply, err, engine.pool.slot_bytes
+
+
+def reply_ids(reply: Reply) -> list[int]:
+    """The reply's ids without the eos that ended it."""
+    return reply.sampled[:-1] if reply.finish_reason == "eos" else reply.sampled
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,11 +105,13 @@ def main(argv: list[str] | None = None) -> None:
           f"d={c.dim} L={c.n_layers} H={c.n_heads} glu={c.glu_dim} vocab={c.vocab_size}")
     print(f"tokenizer: {tokenizer.path} ({tokenizer.vocab_size} pieces, eos {c.eos_token_id})")
 
-    reply, err, state_bytes = greedy_check(model, tokenizer.chat_ids([("human", args.prompt)]), args.new_tokens)
-    stop = "eos" if len(reply) < args.new_tokens else f"--new-tokens {args.new_tokens}"
+    prompt = tokenizer.chat_ids([("human", args.prompt)])
+    reply, err, state_bytes = greedy_check(model, tokenizer, prompt, args.new_tokens)
+    ids = reply_ids(reply)
+    stop = f"--new-tokens {args.new_tokens}" if reply.finish_reason == "length" else reply.finish_reason
     print(f"recurrent state: {state_bytes / 2**20:.2f} MiB for any context length")
-    print(f"greedy reply ({len(reply)} tokens, stopped at {stop}): {tokenizer.decode(reply)!r}")
-    print(f"greedy ids: {reply}")
+    print(f"greedy reply ({len(ids)} tokens, stopped at {stop}): {reply.text!r}")
+    print(f"greedy ids: {ids}")
     passed = err <= args.tolerance  # False for NaN too: NaN logits must never pass
     print(f"recurrent decode vs full forward, last logits: max rel. diff {err:.2e} "
           f"(tolerance {args.tolerance:g} for {args.dtype}): {'PASS' if passed else 'FAIL'}")
