@@ -1,4 +1,4 @@
-"""Generation engine: greedy == argmax loop, seeds, streaming text, stop strings, conversations, batching."""
+"""Generation: greedy == argmax loop, seeds, streaming text, stop strings, conversations; batching (the engine's)."""
 
 import pytest
 import torch
@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 from tests.conftest import assert_close
 from tnllm import TNLConfig, Tokenizer, TransNormerLLM
+from tnllm.engine import Engine, EngineConfig
 from tnllm.generation import (
     Conversation,
     NumericalError,
     ReplyStats,
     generate,
-    generate_batch,
     generate_tokens,
 )
 from tnllm.sampling import SamplingParams
@@ -183,18 +183,23 @@ def test_cancel_mid_stream_keeps_state_consistent(model, tok):
     "".join(conv.reply("again", SamplingParams(temperature=0, max_new_tokens=4)))  # still usable
 
 
-def test_batched_decode_equals_per_sequence(model):
+def test_batched_decode_equals_per_sequence(model, tok):
+    """Sequences of different prompt lengths, settings and reply lengths decoded together by the engine (each
+    leaving the batch when its reply is done) equal their solo runs."""
     prompts = [torch.randint(3, 400, (n,)).tolist() for n in (5, 31, 12)]
     params = [SamplingParams(temperature=0, max_new_tokens=9),
               SamplingParams(temperature=0.9, top_k=40, max_new_tokens=6, seed=3),
-              SamplingParams(temperature=0, max_new_tokens=14)]
-    per_seq = [list(generate_tokens(model, p, s, eos_ids=set())) for p, s in zip(prompts, params)]
-    batched = [[] for _ in prompts]
-    for step in generate_batch(model, prompts, params, eos_ids=set()):
-        for out, token in zip(batched, step):
-            if token is not None:
-                out.append(token)
-    assert batched == per_seq
+              SamplingParams(temperature=0, repetition_penalty=1.3, max_new_tokens=14)]
+
+    def engine():
+        return Engine(model, tok, EngineConfig(max_sessions=3, threaded=False), eos_ids=set())
+
+    solo = [engine().open().feed_ids(ids, p).wait().sampled for ids, p in zip(prompts, params)]
+    batch = engine()
+    replies = [batch.open().feed_ids(ids, p) for ids, p in zip(prompts, params)]
+    batch.run_until_idle()
+    assert [r.sampled for r in replies] == solo
+    assert [len(ids) for ids in solo] == [9, 6, 14] and solo[0] == argmax_loop(model, prompts[0], 9)
 
 
 def test_nan_logits_are_reported(tok):

@@ -6,7 +6,6 @@ Small functions in the spirit of gpt-fast:
     generate_tokens(...)                -> ids, one at a time
     generate(...)                       -> text pieces, never broken UTF-8, stop strings held back
     Conversation                        -> a chat that keeps its state between turns
-    generate_batch(...)                 -> several independent sequences decoded together
 
 Cost per decoded token is constant: the state never grows with the context (the point of the model).
 Convention: a token is yielded before it is fed back, so after the consumer stops, the last yielded
@@ -23,7 +22,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tnllm.cuda_graph import GraphedDecoder
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams, sample_token
 from tnllm.state import RecurrentState
@@ -71,31 +69,18 @@ def decode_one_token(model: TransNormerLLM, token: torch.Tensor, state: Recurren
 
 
 def decode_tokens(model: TransNormerLLM, logits: torch.Tensor, state: RecurrentState, params: SamplingParams,
-                  eos_ids: set[int], seen: list[int], graph: GraphedDecoder | None = None) -> Iterator[int]:
-    """Sample up to max_new_tokens ids for one sequence starting from `logits` [1, V].
-
-    With `graph` (CUDA), steps replay a captured CUDA graph on its static state, which is copied from
-    `state` before the loop and back into it afterwards (also when the consumer stops early).
-    """
-    if graph is not None:
-        graph.load(state)
-        step = lambda token_ids: _check_finite(graph.step(token_ids))  # noqa: E731
-    else:
-        step = lambda token_ids: decode_one_token(model, token_ids, state)  # noqa: E731
+                  eos_ids: set[int], seen: list[int]) -> Iterator[int]:
+    """Sample up to max_new_tokens ids for one sequence starting from `logits` [1, V]."""
     generator = params.make_generator(logits.device)
     seen_ids = torch.tensor(seen, dtype=torch.long, device=logits.device)
-    try:
-        for i in range(params.max_new_tokens):
-            token = sample_token(logits[0], params, generator, seen_ids)
-            yield token
-            if token in eos_ids or i + 1 == params.max_new_tokens:
-                return
-            if params.repetition_penalty != 1.0:
-                seen_ids = torch.cat([seen_ids, seen_ids.new_tensor([token])])
-            logits = step(torch.tensor([[token]], device=logits.device))
-    finally:
-        if graph is not None:
-            graph.store(state)
+    for i in range(params.max_new_tokens):
+        token = sample_token(logits[0], params, generator, seen_ids)
+        yield token
+        if token in eos_ids or i + 1 == params.max_new_tokens:
+            return
+        if params.repetition_penalty != 1.0:
+            seen_ids = torch.cat([seen_ids, seen_ids.new_tensor([token])])
+        logits = decode_one_token(model, torch.tensor([[token]], device=logits.device), state)
 
 
 def generate_tokens(model: TransNormerLLM, prompt_ids: list[int], params: SamplingParams,
@@ -135,7 +120,7 @@ class TokenLog:
 
 def generate(model: TransNormerLLM, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,
              state: RecurrentState | None = None, stats: ReplyStats | None = None,
-             log: TokenLog | None = None, graph: GraphedDecoder | None = None) -> Iterator[str]:
+             log: TokenLog | None = None) -> Iterator[str]:
     """Stream the reply's text pieces. Yields "" while prefilling so a consumer can cancel.
 
     `stats` (if given) is filled in live; `log` (if given) records the ids fed and sampled. The last
@@ -155,7 +140,7 @@ def generate(model: TransNormerLLM, tokenizer: Tokenizer, prompt_ids: list[int],
             yield ""
     streamer = TextStreamer(tokenizer, params.stop)
     eos = {model.config.eos_token_id}
-    for token in decode_tokens(model, logits, state, params, eos, prompt_ids, graph):
+    for token in decode_tokens(model, logits, state, params, eos, prompt_ids):
         if log.sampled:
             fed.append(log.sampled[-1])  # decode_tokens fed it before sampling this one
         log.sampled.append(token)
@@ -194,7 +179,6 @@ class Conversation:
     history: list[int] = field(default_factory=list)
     pending: list[int] = field(default_factory=list)
     last_stats: ReplyStats = field(default_factory=ReplyStats)
-    graph: GraphedDecoder | None = None  # CUDA: decode by graph replay (shared; callers serialise its use)
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -207,8 +191,7 @@ class Conversation:
         self.last_stats = ReplyStats()
         log = TokenLog()
         try:
-            yield from generate(self.model, self.tokenizer, prompt, params, self.state, self.last_stats, log,
-                                self.graph)
+            yield from generate(self.model, self.tokenizer, prompt, params, self.state, self.last_stats, log)
         finally:
             # Done, stop string or cancelled mid-stream: record exactly what the state saw; what it has
             # not seen yet (rest of the prompt, the last sampled id) plus an eos closing the assistant
@@ -219,8 +202,7 @@ class Conversation:
 
     def fork(self) -> "Conversation":
         """An independent copy (same history, cloned state)."""
-        return Conversation(self.model, self.tokenizer, self.state.clone(), list(self.history), list(self.pending),
-                            graph=self.graph)
+        return Conversation(self.model, self.tokenizer, self.state.clone(), list(self.history), list(self.pending))
 
     def save(self, path: str | Path) -> None:
         """State + ids in one safetensors file (a few MB whatever the conversation length)."""
@@ -235,47 +217,3 @@ class Conversation:
         tensors = load_file(str(path), device=str(model.lm_head.weight.device))
         state = RecurrentState.from_tensors(tensors, model.config, path)
         return cls(model, tokenizer, state, tensors["history"].tolist(), tensors["pending"].tolist())
-
-
-@torch.inference_mode()
-def generate_batch(model: TransNormerLLM, prompts: list[list[int]], params: list[SamplingParams],
-                   eos_ids: set[int] | None = None) -> Iterator[list[int | None]]:
-    """Decode several independent sequences together, one recurrent step for all per iteration.
-
-    Prompts may differ in length (each is prefilled into its own state, then the states are stacked)
-    and each has its own sampling settings. Yields, per step, one new id per sequence (None once that
-    sequence has finished); finished sequences leave the batch.
-    """
-    if len(prompts) != len(params) or not prompts:
-        raise ValueError(f"need one SamplingParams per prompt, got {len(prompts)} prompts, {len(params)} params")
-    eos = {model.config.eos_token_id} if eos_ids is None else eos_ids
-    device = model.lm_head.weight.device
-    states, first_logits = [], []
-    for ids in prompts:
-        state = model.allocate_state(1)
-        first_logits.append(prefill(model, torch.tensor([ids], device=device), state))
-        states.append(state)
-    state = RecurrentState.cat(states)
-    logits = torch.cat(first_logits)  # [B, V]
-    generators = [p.make_generator(device) for p in params]
-    seen = [torch.tensor(ids, dtype=torch.long, device=device) for ids in prompts]
-    active = list(range(len(prompts)))  # original index of each row still in the batch
-    counts = [0] * len(prompts)
-    while active:
-        step: list[int | None] = [None] * len(prompts)
-        keep_rows = []
-        for row, seq in enumerate(active):
-            token = sample_token(logits[row], params[seq], generators[seq], seen[seq])
-            step[seq] = token
-            counts[seq] += 1
-            seen[seq] = torch.cat([seen[seq], seen[seq].new_tensor([token])])
-            if token not in eos and counts[seq] < params[seq].max_new_tokens:
-                keep_rows.append(row)
-        yield step
-        if not keep_rows:
-            return
-        if len(keep_rows) < len(active):
-            state = state.select(keep_rows)
-        tokens = torch.tensor([[step[active[r]]] for r in keep_rows], device=device)  # [B', 1]
-        active = [active[r] for r in keep_rows]
-        logits = decode_one_token(model, tokens, state)
