@@ -262,3 +262,12 @@ def test_the_tab_explains_memory_and_hides_the_cuda_column(server):
     assert "**memory MiB**" in notes and "RSS" in notes
     recorded = load_recorded("cpu")
     assert any(f.label == f"Reference: {recorded.label}" for f in frames), "recorded table beside the live one"
+
+
+def test_errors_quote_at_most_a_short_piece_of_a_bad_value(runtime):
+    with pytest.raises(gr.Error) as err:
+        next(race(runtime, "hi", "9" * 2_000_000 + "x", 8))
+    assert len(err.value.message) < 200
+    with pytest.raises(gr.Error) as err:
+        latency.check_contexts(runtime, ["1" * 2_000_000])
+    assert len(err.value.message) < 300

@@ -28,7 +28,7 @@ import torch
 from tnllm.bench import BenchRow, ModelAdapter, adapter_for, prompt_ids, sweep_rounds, timed
 from tnllm.streaming import TextStreamer
 from webui.runtime import Runtime
-from webui.validation import MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text
+from webui.validation import MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text, shown
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 CPU_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -181,8 +181,8 @@ def plot_frame(table: pd.DataFrame, reference: list[dict], all_contexts: list[in
             for r in table.to_dict("records")]
     points = live + reference
     low, high = (min(p["context"] for p in points), max(p["context"] for p in points)) if points else (0, -1)
-    shown = [c for c in all_contexts if low <= c <= high and c & (c - 1) == 0]  # powers of two
-    spacer = [{"series": SPACER, "context": c, **dict.fromkeys(PLOT_Y, 0.0)} for c in shown]
+    powers = [c for c in all_contexts if low <= c <= high and c & (c - 1) == 0]
+    spacer = [{"series": SPACER, "context": c, **dict.fromkeys(PLOT_Y, 0.0)} for c in powers]
     frame = pd.DataFrame(points + spacer, columns=["series", "context", *PLOT_Y])
     frame["context"] = frame["context"].map(context_label)
     return frame
@@ -199,9 +199,9 @@ def plot_series(runtime: Runtime, recorded: Recorded | None) -> list[str]:
 def plot_contexts(runtime: Runtime, recorded: Recorded | None) -> list[int]:
     """Every context a plot can show, in order: the tab's choices, the recorded rows' contexts and every power
     of two between them (the spacer's points)."""
-    shown = set(context_choices(runtime)) | {r["context"] for r in (recorded.rows if recorded else [])}
-    powers = {2**k for k in range(min(shown).bit_length() - 1, max(shown).bit_length())}
-    return sorted(shown | {p for p in powers if min(shown) <= p <= max(shown)})
+    contexts = set(context_choices(runtime)) | {r["context"] for r in (recorded.rows if recorded else [])}
+    powers = {2**k for k in range(min(contexts).bit_length() - 1, max(contexts).bit_length())}
+    return sorted(contexts | {p for p in powers if min(contexts) <= p <= max(contexts)})
 
 
 def _whole(name: str, value, low: int, high: int) -> int:
@@ -210,13 +210,13 @@ def _whole(name: str, value, low: int, high: int) -> int:
         try:
             value = float(value.strip())
         except ValueError:
-            raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+            raise gr.Error(f"{name} must be a number, got {shown(value)}.") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise gr.Error(f"{name} must be a number, got {value!r}.")
+        raise gr.Error(f"{name} must be a number, got {shown(value)}.")
     if value != int(value):
-        raise gr.Error(f"{name} must be a whole number, got {value!r}.")
+        raise gr.Error(f"{name} must be a whole number, got {shown(value)}.")
     if not low <= value <= high:
-        raise gr.Error(f"{name} must be between {low} and {high}, got {value!r}.")
+        raise gr.Error(f"{name} must be between {low} and {high}, got {shown(value)}.")
     return int(value)
 
 
@@ -230,7 +230,7 @@ def check_contexts(runtime: Runtime, contexts) -> list[int]:
         except ValueError:
             value = None
         if value not in choices:
-            raise gr.Error(f"contexts: {c!r} is not one of {', '.join(map(str, choices))} "
+            raise gr.Error(f"contexts: {shown(c)} is not one of {', '.join(map(str, choices))} "
                            f"(this server's limit is {runtime.max_context:,} tokens).")
         chosen.add(value)
     if not chosen:
