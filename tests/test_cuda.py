@@ -1,4 +1,5 @@
-"""GPU-only checks (skipped without CUDA): Triton model path vs PyTorch, CUDA-graph decode vs eager."""
+"""GPU-only checks (skipped without CUDA): Triton model path vs PyTorch, the engine's CUDA-graph decode vs its eager
+decode, the TP path's `GraphedDecoder` vs eager, the chunk kernel on wide LRPE heads."""
 
 import pytest
 import torch
@@ -6,17 +7,47 @@ import torch
 import kernels
 from tests.conftest import assert_close, requires_cuda
 from tnllm import TNLConfig, TransNormerLLM
-from tnllm.cuda_graph import GraphedDecoder
+from tnllm.engine import Engine, EngineConfig
+from tnllm.engine.scheduler import decode_step
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
 pytestmark = requires_cuda
+
+# Three sessions of different prompt and reply lengths, greedy and sampled: the batch shrinks 3 -> 2 -> 1, so
+# the graphs of buckets 4 (one pad row on the sink slot), 2 and 1 all replay.
+PROMPTS = [torch.randint(3, 1024, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (60, 7, 33)]
+PARAMS = [SamplingParams(temperature=0, max_new_tokens=30),
+          SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.2, max_new_tokens=20, seed=1),
+          SamplingParams(temperature=0, max_new_tokens=10)]
+
+
+def build(dtype: torch.dtype) -> TransNormerLLM:
+    torch.manual_seed(0)
+    cfg = TNLConfig(vocab_size=1024, dim=512, n_layers=4, n_heads=4, hidden_dim=512, glu_dim=1024,
+                    lrpe_layers=[1, 0, 1, 0], tie_word_embeddings=False)
+    return TransNormerLLM(cfg).cuda().to(dtype).eval()
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    cfg = TNLConfig(vocab_size=1024, dim=512, n_layers=4, n_heads=4, hidden_dim=512, glu_dim=1024,
-                    lrpe_layers=[1, 0, 1, 0], tie_word_embeddings=False)
-    return TransNormerLLM(cfg).cuda().to(torch.bfloat16).eval()
+    return build(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp32_model():
+    """Graph and eager run the same kernels on the same inputs: in fp32 they agree to rounding (1e-5)."""
+    return build(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(BUNDLED_TOKENIZER)  # 8192 pieces: detokenises every id of the 1024-token vocabulary
+
+
+def make_engine(model, tok, **config) -> Engine:
+    """A threadless engine of 4 slots (graph buckets 1, 2, 4), eos never ending a reply."""
+    return Engine(model, tok, EngineConfig(max_sessions=4, threaded=False, **config), eos_ids=set())
 
 
 def test_triton_model_matches_torch_model(model):
@@ -29,7 +60,51 @@ def test_triton_model_matches_torch_model(model):
     assert_close("logits", ref, out, rel=2e-2)
 
 
-def test_graphed_decode_equals_eager(model):
+@pytest.mark.parametrize("sample_in_graph", [True, False])
+def test_engine_graph_decode_equals_eager(fp32_model, tok, sample_in_graph):
+    """The same replies through the captured decode and the eager one: the same ids, states within 1e-5."""
+    engines, replies = [], []
+    for graphs in (False, True):
+        engine = make_engine(fp32_model, tok, cuda_graphs=graphs, sample_in_graph=sample_in_graph)
+        replies.append([engine.open().feed_ids(ids, p) for ids, p in zip(PROMPTS, PARAMS)])
+        engine.run_until_idle()
+        engines.append(engine)
+    eager, graphed = engines
+    assert eager.scheduler.decoder is None and graphed.scheduler.decoder.sizes == [1, 2, 4]
+    assert [r.sampled for r in replies[1]] == [r.sampled for r in replies[0]]
+    assert [len(r.sampled) for r in replies[1]] == [p.max_new_tokens for p in PARAMS]
+    slots = [r.session.slot for r in replies[0]]
+    for eager_kv, graph_kv in zip(eager.pool.kv, graphed.pool.kv):
+        assert_close("state", eager_kv[slots], graph_kv[slots], rel=1e-5)
+    assert torch.equal(eager.pool.positions[slots], graphed.pool.positions[slots])
+
+
+@torch.inference_mode()
+def test_graph_step_logits_equal_eager_step(fp32_model, tok):
+    """One decode step of three sessions holding the same prompts: the captured logits (bucket 4, sampler
+    outside the graph) equal the eager step's to 1e-5."""
+    logits = []
+    for graphs in (False, True):
+        engine = make_engine(fp32_model, tok, cuda_graphs=graphs, sample_in_graph=False)
+        sessions = [engine.open() for _ in PROMPTS]
+        for session, ids in zip(sessions, PROMPTS):  # the state reads the prompt; its first reply id is the input
+            session.feed_ids(ids, SamplingParams(temperature=0, max_new_tokens=1)).wait()
+        slots = [s.slot for s in sessions]
+        if graphs:
+            decoder = engine.scheduler.decoder
+            decoder.step(slots)
+            logits.append(decoder.graphs[decoder.bucket(len(slots))].out[:len(slots)].clone())
+        else:
+            slot_ids = torch.tensor(slots, device=engine.pool.device)
+            logits.append(decode_step(fp32_model, engine.pool, engine.sampler, slot_ids, sample=False))
+    assert_close("logits", logits[0], logits[1], rel=1e-5)
+
+
+def test_graphed_decoder_equals_eager(model):
+    """`tnllm.cuda_graph.GraphedDecoder`, kept while the TP path (tnllm/tp/serve.py, bench/tp.py) still replays
+    it; this test goes with that module once TP decodes through the engine."""
+    from tnllm.cuda_graph import GraphedDecoder
+
     ids = torch.randint(0, 1024, (2, 100), device="cuda")
     with torch.inference_mode():
         eager_state = model.allocate_state(2)
@@ -43,21 +118,6 @@ def test_graphed_decode_equals_eager(model):
         decoder.store(session)
     assert_close("graphed logits", torch.stack(eager), torch.stack(graphed), rel=1e-5)
     assert torch.equal(session.positions, eager_state.positions)
-
-
-def test_generate_with_graph_equals_eager(model):
-    from tnllm.generation import decode_tokens, generate_tokens, prefill
-    from tnllm.sampling import SamplingParams
-
-    prompt = torch.randint(3, 1024, (50,)).tolist()
-    params = SamplingParams(temperature=0, max_new_tokens=30)
-    eager = list(generate_tokens(model, prompt, params, eos_ids=set()))
-    decoder = GraphedDecoder(model, batch_size=1)
-    state = model.allocate_state(1)
-    logits = prefill(model, torch.tensor([prompt], device="cuda"), state)
-    graphed = list(decode_tokens(model, logits, state, params, set(), prompt, graph=decoder))
-    assert graphed == eager
-    assert state.positions.item() == len(prompt) + 29  # the last sampled token is not fed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

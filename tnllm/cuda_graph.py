@@ -3,6 +3,10 @@
 The step touches only static buffers: the token input, the recurrent state (updated in place by the
 decode kernel; positions advanced in place) and the logits output, so one capture per batch size
 serves a whole generation. Sessions copy their state in and out (a few MB, constant size).
+
+Superseded by `tnllm.engine.graphs.DecodeGraphs` (graphs over the engine's state slots, per batch bucket). Only the
+tensor-parallel path still replays this one (`tnllm.tp.serve.new_graph`, bench/tp.py); delete it once TP decodes
+through the engine.
 """
 
 from __future__ import annotations
