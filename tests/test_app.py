@@ -283,3 +283,16 @@ def test_http_api_documents_every_endpoint_by_name(client):
         assert endpoint.get("description") and "partial" not in endpoint["description"], name
         assert all(not p["component"].startswith("_") for p in endpoint["parameters"]), name
         assert all(r["label"] and not r["label"].startswith("value_") for r in endpoint["returns"]), name
+
+
+def test_stop_sent_while_the_reply_waits_in_the_queue_ends_it_at_once(runtime, chat):
+    """The browser arms the flag when the message is sent; a Stop before the reply starts ends it at its first
+    step, and the next message is served normally (the flag is spent by the reply it stopped)."""
+    store = chat.store
+    store.arm_stop("default")
+    store.stop("default")  # Stop while queued: no reply holds the session yet
+    *_, (reply, _, info) = chat("hello there", *controls(GREEDY), stop_armed=True)
+    assert info["finish_reason"] == "cancelled" and info["new_tokens"] <= 1
+    store.arm_stop("default")
+    *_, (reply, _, info) = chat("hello there", *controls(GREEDY), stop_armed=True)
+    assert info["finish_reason"] == "length" and reply

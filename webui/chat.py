@@ -146,6 +146,11 @@ class SessionStore:
         with self._lock:
             return self._sessions.get(key)
 
+    def arm_stop(self, key: str) -> None:
+        """A message was just sent in session `key`: clear its Stop flag, so that a Stop from now on (while the
+        reply still waits in the queue, too) ends that reply."""
+        self.get(key).stop.clear()
+
     def stop(self, key: str) -> ChatSession | None:
         """Stop the reply streaming in that session (if any) and wait until it has recorded its turn."""
         session = self.peek(key)
@@ -256,7 +261,8 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
     limits = limits or Limits.for_context(runtime.max_context)
 
     def chat(message: str, temperature: float, top_p: float, top_k: int, repetition_penalty: float,
-             max_new_tokens: int, seed: int, request: gr.Request = None) -> Iterator[tuple[str, str, dict]]:
+             max_new_tokens: int, seed: int, request: gr.Request = None, *,
+             stop_armed: bool = False) -> Iterator[tuple[str, str, dict]]:
         held = store.peek(session_key(request))  # a refused request creates no session
         try:
             req = check_request(runtime.tokenizer, limits, message, temperature, top_p, top_k, repetition_penalty,
@@ -268,7 +274,8 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
         if not session.lock.acquire(blocking=False):
             store.count("busy")
             raise gr.Error("A reply is still streaming in this session: stop it first.")
-        session.stop.clear()
+        if not stop_armed:  # the browser clears the flag when the message is sent, so a Stop while queued counts
+            session.stop.clear()
         store.count("started", +1)
         reply, started, outcome = "", False, "cancelled"
         try:
@@ -300,6 +307,7 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
             elif started:
                 session.conv.last_stats.finish_reason = outcome
                 session.turns.append(Turn(req.text, reply, stats_info(session.conv.last_stats, session)))
+            session.stop.clear()  # this reply has taken any Stop meant for it
             session.lock.release()
             store.count(outcome, -1)
             malloc_trim()  # the reply's activations go back to the OS, not into a heap that only grows

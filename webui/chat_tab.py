@@ -21,7 +21,7 @@ import gradio as gr
 
 from webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
 from webui.runtime import BUNDLED_TNL, Runtime
-from webui.validation import CHAT_DEFAULTS, RANGES, Limits, clean_text
+from webui.validation import CHAT_DEFAULTS, RANGES, InputError, Limits, check_sampling, clean_text
 
 EXAMPLES = [
     "Hi! How was your weekend?",
@@ -91,7 +91,7 @@ def _streamed(chat, store: SessionStore, message: str, controls: tuple, request:
     shown = clean_text(message) if isinstance(message, str) else ""
     yield chat_view(session, (shown, "")), _box("", busy=True), "", gr.skip()
     try:
-        for reply, line, info in chat(message, *controls, request=request):
+        for reply, line, info in chat(message, *controls, request=request, stop_armed=True):
             if info:  # finished: the recorded turn (with its stats message) replaces the streamed one
                 failed = info["finish_reason"] == "numerical_error"
                 if failed:
@@ -142,10 +142,15 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
 
     def retry(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, request: gr.Request):
         session = store.get(session_key(request))
-        if session.lock.locked() or not session.turns:
-            yield chat_view(session), gr.skip(), gr.skip(), gr.skip()
-            return
         values = (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        try:
+            check_sampling(*values)  # before the last turn is dropped: a refused retry keeps it
+        except InputError as exc:
+            gr.Warning(str(exc))
+            session = None
+        if session is None or session.lock.locked() or not session.turns:
+            yield chat_view(store.peek(session_key(request))), gr.skip(), gr.skip(), gr.skip()
+            return
         yield from _streamed(chat, store, session.undo().user, values, request)
 
     def stop(request: gr.Request):
@@ -165,6 +170,11 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
             session.clear()
         return chat_view(session), "", None
 
+    def arm_stop(request: gr.Request) -> None:
+        store.arm_stop(session_key(request))
+
+    box.submit(arm_stop, None, None, queue=False, api_visibility="private")
+    window.retry(arm_stop, None, None, queue=False, api_visibility="private")
     submitted = box.submit(respond, [box, *controls], outputs, validator=validate, **stream_kwargs)
     retried = window.retry(retry, controls, outputs, **stream_kwargs)
     box.stop(stop, None, [window, box, live], cancels=[submitted, retried], queue=False, api_visibility="private")
