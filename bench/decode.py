@@ -3,12 +3,17 @@
     python bench/decode.py                                   # tiny preset vs matched Llama, CPU, < 1 min
     python bench/decode.py --tnl preset:tnl-1b --device cuda --dtype bf16 --contexts 512,2048,8192,32768
 
-Both models run through `tnllm.bench.sweep` (same timer, same seeded ids). The baseline is transformers'
+Both models run through `tnllm.bench.sweep` (same timer, same seeded prompt ids). TNL's decode is the path
+users get: a chat reply through a threadless `tnllm.engine` session (chat's sampling defaults, seeded; the
+on-device sampler, host transfer, detokenising and events included; a CUDA graph on CUDA), eos ignored so the
+reply has a fixed length (rows' `path`: "engine-graph" or "engine-eager"). The baseline is transformers'
 `LlamaForCausalLM`, random and matched to the TNL config (`--baseline matched`) or read from a local
-directory. `--quant none,int8` runs both models once per 8-bit method (`quant.quantize` on both, so
-they always share a precision), each method in a fresh child process so its memory column is its own.
-Prints a table, then one JSON line; the same JSON goes to `--out` (rows: `model`, `quant`, `context`,
-`ttft_ms`, `decode_ms_per_token`, `peak_mem_mb`, ...: `tnllm.bench.BenchRow`).
+directory, timed by its own KV-cache step fed the next prompt id (`path` "model-step") until it runs
+through the engine too. TTFT is each model's own prefill. `--quant none,int8` runs both models once per
+8-bit method (`quant.quantize` on both, so they always share a precision), each method in a fresh child
+process so its memory column is its own. Prints a table, then one JSON line; the same JSON goes to `--out`
+(rows: `model`, `quant`, `context`, `ttft_ms`, `decode_ms_per_token`, `peak_mem_mb`, `path`, ...:
+`tnllm.bench.BenchRow`).
 
     python bench/decode.py --tnl assets/tnl --baseline assets/llama --device cpu --quant none,int8 \
         --contexts 128,1024,4096,16384 --out bench/results/decode-cpu.json
@@ -32,10 +37,14 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode.py` from anywhere
 
 import quant  # noqa: E402
+from bench.engine_gpu import ModuloTokenizer  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model  # noqa: E402
 from tnllm.baseline import build_llama, load_llama  # noqa: E402
-from tnllm.bench import BenchRow, adapter_for, format_table, print_progress, sweep  # noqa: E402
+from tnllm.bench import BenchRow, EngineAdapter, adapter_for, format_table, print_progress, sweep  # noqa: E402
 from tnllm.checkpoint import parse_dtype  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for  # noqa: E402
+from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 
 def build_tnl(spec: str, dtype: str, device: str) -> TransNormerLLM:
@@ -46,6 +55,12 @@ def build_tnl(spec: str, dtype: str, device: str) -> TransNormerLLM:
             model = TransNormerLLM(TNLConfig.from_name(spec.removeprefix("preset:")))
         return model.to(device=device, dtype=parse_dtype(dtype)).eval()
     return load_model(spec, dtype=dtype, device=device)
+
+
+def tnl_tokenizer(spec: str) -> ModuloTokenizer:
+    """What the engine detokenises TNL's reply with: the checkpoint's tokenizer as the app finds it, the bundled
+    one for a preset, ids beyond it (a random preset's larger vocabulary) folded into its range."""
+    return ModuloTokenizer(Tokenizer(BUNDLED_TOKENIZER) if spec.startswith("preset:") else tokenizer_for(spec))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,7 +125,8 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
              else load_llama(args.baseline, dtype=dtype, device=args.device))
     if method != "none":
         tnl, llama = quant.quantize(tnl, method), quant.quantize(llama, method)
-    adapters = [adapter_for(tnl, "TNL"), adapter_for(llama, "Llama")]
+    params = SamplingParams(**{**CHAT_DEFAULTS, "seed": args.seed})
+    adapters = [EngineAdapter(tnl, tnl_tokenizer(args.tnl), params, "TNL"), adapter_for(llama, "Llama")]
     for a in adapters:
         print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}, 8-bit: {a.quant}",
               file=sys.stderr)
@@ -129,6 +145,7 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
         "threads": torch.get_num_threads(),
         "tnl": args.tnl,
         "baseline": args.baseline,
+        "tnl_sampling": {k: v for k, v in asdict(params).items() if k != "max_new_tokens"},  # the runs set the length
         "parameters": {a.name: a.num_parameters() for a in adapters},
         "tokens": args.tokens,
         "interleave": interleave,

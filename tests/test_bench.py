@@ -1,4 +1,5 @@
-"""The shared timing helper: adapters are exact, rows are sane, and TNL decode memory is constant."""
+"""The shared timing helper: adapters are exact, rows are sane, the engine path steps a real reply, and TNL decode
+memory is constant."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tnllm import TNLConfig, TransNormerLLM
 from tnllm.baseline import build_llama
 from tnllm.bench import (
     BenchRow,
+    EngineAdapter,
     LlamaAdapter,
     TNLAdapter,
     adapter_for,
@@ -25,6 +27,8 @@ from tnllm.bench import (
     time_decode_interleaved,
     time_prefill,
 )
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
 TINY = TNLConfig.from_name("tiny")
 
@@ -103,6 +107,21 @@ def test_single_measurements():
         time_decode(tnl, 2, 3, warmup=2)
 
 
+def test_engine_decode_steps_a_chat_reply_at_the_requested_context():
+    """`EngineAdapter`: set-up reads the context into the session's slot, each timed step is one engine step (one
+    token fed), and the row says it timed the engine."""
+    tnl = EngineAdapter(_adapters(TINY)[0].model, Tokenizer(BUNDLED_TOKENIZER),
+                        SamplingParams(temperature=0.7, top_k=40, repetition_penalty=1.1, seed=0))
+    run = tnl.decode_run(24, 3, warmup=2, seed=0)
+    pool, slot = run.session.engine.pool, run.session.slot
+    assert run.path == "engine-eager" and pool.position(slot) == 24
+    for _ in range(3):
+        run.step()
+    assert pool.position(slot) == run.session.context_tokens == 27  # the reply ended: 6 tokens, the last unfed
+    row = time_decode(tnl, 24, 3, warmup=1)
+    assert (row.n_tokens, row.path, row.cache_bytes) == (3, "engine-eager", tnl.model.allocate_state().nbytes)
+
+
 def test_interleaved_decode_steps_each_context_like_alone():
     """Interleaving only changes when the steps run: each context's cache sees the same ids as alone."""
     for adapter in _adapters(TINY):
@@ -171,6 +190,7 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
         (m, q, c) for q in ("none", "int8") for c in (16, 40) for m in ("TNL", "Llama")]
     for r in rows:
         assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] > 0
+        assert r["path"] == {"TNL": "engine-eager", "Llama": "model-step"}[r["model"]]  # the path users get (CPU)
     tnl_cache = {r["cache_bytes"] for r in rows if r["model"] == "TNL"}
     assert len(tnl_cache) == 1, "TNL's state is the same size at every context and precision"
     # BENCHMARKS.md's section is rendered from this JSON: every row, and one goals line per method

@@ -2,7 +2,10 @@
 
 TNL and the Transformer baseline are driven through the same functions, the same seeded token ids and
 the same timer; a small adapter per model family is all that differs (prefill a prompt, then step one
-token at a time with the model's own cache). Protocol (style.md "Benchmarks"):
+token at a time with the model's own cache). A decode row names what its steps timed (`path`):
+"model-step", the model's own step fed the next prompt id (both families; the app's latency tab), or
+"engine-eager" / "engine-graph", TNL's reply through `tnllm.engine` as chat runs it (`EngineAdapter`:
+sampling, detokenising and events included; bench/decode.py). Protocol (style.md "Benchmarks"):
 
 * inputs: seeded random ids [1, T], identical for every model (latency does not depend on the text);
 * warm-up excluded: one untimed prefill before the timed ones, and untimed decode steps before the
@@ -23,18 +26,19 @@ previous tokens. TNL's step cost is constant in T, a Transformer's grows with it
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from tnllm.engine import Engine, EngineConfig
 from tnllm.model import TransNormerLLM
+from tnllm.sampling import SamplingParams
 
 Progress = Callable[..., Any]  # progress(fraction, desc=...): gr.Progress() fits, and so does print_progress
 
@@ -73,6 +77,10 @@ class ModelAdapter:
         """Parameters with tied weights counted once."""
         return sum(p.numel() for p in self.model.parameters())
 
+    def decode_run(self, context_len: int, n_tokens: int, warmup: int, seed: int) -> StepRun | EngineRun:
+        """A decode ready for `n_tokens` timed `step()`s at `context_len` (its set-up runs here, untimed)."""
+        return StepRun(self, context_len, n_tokens, warmup, seed)
+
 
 class TNLAdapter(ModelAdapter):
     """TransNormerLLM: the cache is a `RecurrentState`, updated in place, the same size at any context."""
@@ -109,6 +117,19 @@ class LlamaAdapter(ModelAdapter):
         return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
+class EngineAdapter(TNLAdapter):
+    """TNL whose decode runs through the engine as chat runs it (`EngineRun`); its prefill (TTFT) is the model's,
+    as `TNLAdapter`'s. `tokenizer` detokenises the reply (only its `decode` is used); `params` are the sampling
+    settings (chat's, say; their `max_new_tokens` is set by each run)."""
+
+    def __init__(self, model: TransNormerLLM, tokenizer, params: SamplingParams, name: str = "TNL"):
+        super().__init__(model, name)
+        self.tokenizer, self.params = tokenizer, params
+
+    def decode_run(self, context_len: int, n_tokens: int, warmup: int, seed: int) -> EngineRun:
+        return EngineRun(self, context_len, n_tokens, warmup, seed)
+
+
 def adapter_for(model: torch.nn.Module, name: str | None = None) -> ModelAdapter:
     """The adapter of `model`'s family: TNL for `TransNormerLLM`, else the transformers one."""
     if isinstance(model, TransNormerLLM):
@@ -143,6 +164,7 @@ class DecodeRow:
     cache_bytes: int  # after the timed steps: state (TNL) or KV cache (Llama)
     peak_bytes: int | None  # CUDA only: peak during the timed steps above the allocation before the prefill
     total_bytes: int | None  # CUDA: peak allocated during the timed steps, weights included; CPU: RSS after
+    path: str  # what a step timed: "model-step" (`StepRun`), "engine-eager" or "engine-graph" (`EngineRun`)
 
 
 @dataclass
@@ -161,13 +183,14 @@ class BenchRow:
     peak_bytes: int | None  # decode peak (CUDA only), see DecodeRow
     prefill_peak_bytes: int | None  # prefill peak (CUDA only), see PrefillRow
     peak_mem_mb: float | None  # the larger total of prefill and decode (MiB), see PrefillRow.total_bytes
+    path: str = "model-step"  # what the decode columns timed, see DecodeRow.path (rows recorded before: model-step)
 
     @classmethod
     def of(cls, prefill: PrefillRow, decode: DecodeRow, quant: str = "none") -> "BenchRow":
         totals = [b for b in (prefill.total_bytes, decode.total_bytes) if b is not None]
         return cls(decode.model, quant, decode.context_len, prefill.ttft_ms, decode.decode_ms,
                    decode.decode_p20_ms, decode.decode_p80_ms, decode.tokens_per_s, decode.cache_bytes,
-                   decode.peak_bytes, prefill.peak_bytes, max(totals) / 2**20 if totals else None)
+                   decode.peak_bytes, prefill.peak_bytes, max(totals) / 2**20 if totals else None, decode.path)
 
 
 # -- measurement -------------------------------------------------------------------------------------
@@ -246,58 +269,100 @@ def time_prefill(adapter: ModelAdapter, context_len: int, *, repeats: int = 3, w
                       _peak_above(device, baseline), _total(device))
 
 
-def _decode_ready(adapter: ModelAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
-    """(ids [1, T + n], cache holding the first T ids): prefill T - warmup ids (untimed), then `warmup` steps."""
+def _check_warmup(context_len: int, warmup: int) -> None:
     if not 0 <= warmup < context_len:
         raise ValueError(f"need 0 <= warmup < context_len, got warmup={warmup}, context_len={context_len}")
-    ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
-    _, cache = adapter.prefill(ids[:, : context_len - warmup])
-    for t in range(context_len - warmup, context_len):
-        _, cache = adapter.step(ids[:, t : t + 1], cache)
-    return ids, cache
 
 
-def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], cache,
+class StepRun:
+    """The model's own step: `adapter.step` fed the next prompt id (teacher-forced, so both models see identical
+    inputs whatever their weights) on a cache that read context_len - warmup ids in one prefill and `warmup`
+    more in untimed steps."""
+
+    path = "model-step"
+
+    def __init__(self, adapter: ModelAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
+        _check_warmup(context_len, warmup)
+        self.adapter, self.position = adapter, context_len - warmup
+        self.ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
+        _, self.cache = adapter.prefill(self.ids[:, :self.position])
+        for _ in range(warmup):
+            self.step()
+
+    def step(self) -> None:
+        """One decode step: the next prompt id into the cache."""
+        _, self.cache = self.adapter.step(self.ids[:, self.position:self.position + 1], self.cache)
+        self.position += 1
+
+    def cache_bytes(self) -> int:
+        return self.adapter.cache_bytes(self.cache)
+
+
+class EngineRun:
+    """TNL as chat runs it: one reply streamed from a threadless `tnllm.engine` session (prefill into a state
+    slot; the decode step, a CUDA graph on CUDA; the on-device sampler with the adapter's settings; the host
+    transfer, detokenising and the event), eos ignored so that the reply has a fixed length.
+
+    The prompt is context_len - warmup seeded ids and `warmup` untimed steps follow it, so the timed steps see
+    the contexts a `StepRun`'s see. Not included: the hand-off from an engine thread to a consumer thread
+    (bench/serve.py and bench/engine_gpu.py time threaded sessions).
+    """
+
+    def __init__(self, adapter: EngineAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
+        _check_warmup(context_len, warmup)
+        engine = Engine(adapter.model, adapter.tokenizer, EngineConfig(max_sessions=1, threaded=False), eos_ids=set())
+        self.path = "engine-eager" if engine.scheduler.decoder is None else "engine-graph"
+        self.slot_bytes = engine.pool.slot_bytes
+        prompt = prompt_ids(adapter.vocab_size, context_len - warmup, seed)[0].tolist()
+        params = replace(adapter.params, max_new_tokens=1 + warmup + n_tokens)
+        self.session = engine.open()
+        self.events = iter(self.session.feed_ids(prompt, params))  # a threadless reply steps when iterated
+        while next(self.events).stats.new_tokens <= warmup:  # prefill events, the first token, `warmup` steps
+            pass
+
+    def step(self) -> None:
+        """One engine step: the next token sampled, brought to the host, detokenised and emitted."""
+        next(self.events)
+
+    def cache_bytes(self) -> int:
+        return self.slot_bytes
+
+
+def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], run: StepRun | EngineRun,
                 peak_bytes: int | None, total_bytes: int | None) -> DecodeRow:
     median_s = statistics.median(seconds)
     return DecodeRow(adapter.name, context_len, len(seconds), median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
-                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, adapter.cache_bytes(cache), peak_bytes,
-                     total_bytes)
+                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, run.cache_bytes(), peak_bytes, total_bytes,
+                     run.path)
 
 
 @torch.inference_mode()
 def time_decode(adapter: ModelAdapter, context_len: int, n_tokens: int = 32, *, warmup: int = 2,
                 seed: int = 0) -> DecodeRow:
-    """Per-token decode latency at `context_len`: prefill context_len - warmup tokens (untimed),
-    `warmup` untimed steps, then `n_tokens` timed steps fed the next prompt ids (teacher-forced, so
-    both models see identical inputs whatever their weights)."""
+    """Per-token decode latency at `context_len`: the adapter's decode run (`StepRun`: the model's step fed
+    the next prompt ids; `EngineRun`: a chat reply through the engine), set up with `warmup` untimed steps,
+    then `n_tokens` timed steps."""
     device = adapter.device
     baseline = _allocated(device)  # weights
-    ids, cache = _decode_ready(adapter, context_len, n_tokens, warmup, seed)
+    run = adapter.decode_run(context_len, n_tokens, warmup, seed)
     _reset_peak(device)  # the prefill's activations are gone; the cache stays counted
-    seconds = []
-    for t in range(context_len, context_len + n_tokens):
-        (_, cache), s = timed(functools.partial(adapter.step, ids[:, t : t + 1], cache), device)
-        seconds.append(s)
-    return _decode_row(adapter, context_len, seconds, cache, _peak_above(device, baseline), _total(device))
+    seconds = [timed(run.step, device)[1] for _ in range(n_tokens)]
+    return _decode_row(adapter, context_len, seconds, run, _peak_above(device, baseline), _total(device))
 
 
 @torch.inference_mode()
 def time_decode_interleaved(adapter: ModelAdapter, context_lengths: Sequence[int], n_tokens: int = 32, *,
                             warmup: int = 2, seed: int = 0) -> list[DecodeRow]:
     """`time_decode` at every context length, the timed steps taking turns (one step at each context, then
-    the next round), so that a slow drift of a shared machine hits every context alike. Every cache is held
+    the next round), so that a slow drift of a shared machine hits every context alike. Every run is held
     at once, so there is no per-context decode memory (`peak_bytes` and `total_bytes` None: the rows'
     `peak_mem_mb` is then the prefill's)."""
-    ready = {c: _decode_ready(adapter, c, n_tokens, warmup, seed) for c in context_lengths}
-    caches = {c: cache for c, (_, cache) in ready.items()}
+    runs = {c: adapter.decode_run(c, n_tokens, warmup, seed) for c in context_lengths}
     seconds: dict[int, list[float]] = {c: [] for c in context_lengths}
-    for i in range(n_tokens):
-        for c in context_lengths:
-            token = ready[c][0][:, c + i : c + i + 1]
-            (_, caches[c]), s = timed(functools.partial(adapter.step, token, caches[c]), adapter.device)
-            seconds[c].append(s)
-    return [_decode_row(adapter, c, seconds[c], caches[c], None, None) for c in context_lengths]
+    for _ in range(n_tokens):
+        for c, run in runs.items():
+            seconds[c].append(timed(run.step, adapter.device)[1])
+    return [_decode_row(adapter, c, seconds[c], runs[c], None, None) for c in context_lengths]
 
 
 def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
@@ -365,13 +430,14 @@ def print_progress(fraction: float, desc: str = "") -> None:
 
 
 def format_table(rows: Sequence[BenchRow]) -> str:
-    """A fixed-width text table of sweep rows ("mem MiB" is `peak_mem_mb`: CUDA peak or CPU RSS)."""
+    """A fixed-width text table of sweep rows ("mem MiB" is `peak_mem_mb`: CUDA peak or CPU RSS; "decode path" is
+    `path`)."""
     header = f"{'model':<10} {'quant':<8} {'context':>8} {'TTFT ms':>10} {'decode ms/tok':>14} " \
-             f"{'p20-p80 ms':>15} {'tok/s':>8} {'cache MiB':>10} {'mem MiB':>9}"
+             f"{'p20-p80 ms':>15} {'tok/s':>8} {'cache MiB':>10} {'mem MiB':>9}  decode path"
     lines = [header, "-" * len(header)]
     for r in rows:
         mem = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
         lines.append(f"{r.model:<10} {r.quant:<8} {r.context:>8} {r.ttft_ms:>10.1f} {r.decode_ms_per_token:>14.2f} "
                      f"{f'{r.decode_p20_ms:.2f}-{r.decode_p80_ms:.2f}':>15} {r.tokens_per_s:>8.1f} "
-                     f"{r.cache_bytes / 2**20:>10.2f} {mem:>9}")
+                     f"{r.cache_bytes / 2**20:>10.2f} {mem:>9}  {r.path}")
     return "\n".join(lines)
