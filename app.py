@@ -8,11 +8,11 @@ Examples:
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
 TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_MAX_REPLY_SECONDS, TNLLM_TP).
-Without --host, Gradio's own GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings follow
-reliability.md §3: share off, no SSR, no monitoring/MCP/run-history endpoints, 1 MB uploads, model directories
-blocked from file serving. A checkpoint or tokenizer that fails its checks stops the start-up with exit code 2 and
-one line naming the file and the mismatch, before Gradio is even imported (so within seconds, and nothing is ever
-served).
+Without --host, Gradio's own GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings
+(docs/reliability.md#safe-launch-settings): share off, no SSR, no monitoring/MCP/run-history endpoints, 1 MB
+uploads, model directories blocked from file serving. A checkpoint or tokenizer that fails its checks stops the
+start-up with exit code 2 and one line naming the file and the mismatch, before Gradio is even imported (so
+within seconds, and nothing is ever served).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
 
 
 def launch_kwargs(host: str | None, port: int | None, runtime: Runtime | None = None) -> dict:
-    """Safe launch settings (reliability.md §3.3) and the protocol guard (webui.guard); host/port None leave
-    Gradio's env vars in charge."""
+    """Safe launch settings (docs/reliability.md#safe-launch-settings) and the protocol guard (webui.guard);
+    host/port None leave Gradio's env vars in charge."""
     blocked = [str(BUNDLED_TNL), str(BUNDLED_LLAMA)]
     if runtime and os.path.isdir(runtime.model_path):
         blocked.append(os.path.abspath(runtime.model_path))

@@ -1,4 +1,4 @@
-"""GPU figures of the engine (issue 13): decode through the engine as chat uses it, graph vs eager.
+"""GPU figures of the engine (docs/engine.md): decode through the engine as chat uses it, graph vs eager.
 
     python bench/engine_gpu.py --device cuda --out bench/results            # H200, under 10 minutes
     python bench/engine_gpu.py --device cpu --smoke --out /tmp/engine-smoke  # seconds; what the tests run

@@ -1,5 +1,6 @@
-"""Lightning Attention kernel benchmark (docs kernels.md §9): ours vs fla 0.6.0, official lightning-attn 0.0.5
-and SDPA flash, plus the decode step vs fla fused_recurrent, with copy / matmul ceilings from the same run.
+"""Lightning Attention kernel benchmark (docs/benchmarks.md#kernel-benchmark): ours vs fla 0.6.0, official
+lightning-attn 0.0.5 and SDPA flash, plus the decode step vs fla fused_recurrent, with copy / matmul ceilings
+from the same run.
 
     python bench/kernels.py                       # full set on the GPU -> bench/results/kernels-h200.json
     python bench/kernels.py --sweep               # also try launch configs of our chunk kernel first

@@ -24,10 +24,11 @@ machine, see bench/kernels.py):
 
     python bench/kernels.py --sweep        # then: python bench/report.py
 
-Protocol: docs kernels.md §9: bf16 inputs, fp32 state, H={H}, ALiBi rates 2^(-8(h+1)/H), B·N = 65,536 tokens
-(131,072 at N=128k, B=1); `triton.testing.do_bench` median (warm-up 25 ms, rep 100 ms, L2 flushed); every
-kernel in its native layout, pre-built. Ceilings measured in the same run: device copy **{copy:.2f} TB/s**
-(read+write), bf16 8192³ matmul **{mm:.0f} TF/s**. % floor = (q,k,v,o bytes [+ dO, dq, dk, dv]) / copy BW / time.
+Protocol (docs/benchmarks.md#kernel-benchmark): bf16 inputs, fp32 state, H={H}, ALiBi rates 2^(-8(h+1)/H),
+B·N = 65,536 tokens (131,072 at N=128k, B=1); `triton.testing.do_bench` median (warm-up 25 ms, rep 100 ms,
+L2 flushed); every kernel in its native layout, pre-built. Ceilings measured in the same run: device copy
+**{copy:.2f} TB/s** (read+write), bf16 8192³ matmul **{mm:.0f} TF/s**. % floor = (q,k,v,o bytes [+ dO, dq, dk,
+dv]) / copy BW / time.
 Anchors: fla = `chunk_simple_gla(q, k, v, g_gamma=-rate, scale=1.0)`; official =
 `lightning_attn_func(q, k, v, s=rate.reshape(H,1,1))` ([B,H,N,D]); sdpa = `scaled_dot_product_attention(
 is_causal=True)` (different op: speed reference only; skipped for N > 32k and dk != dv).
@@ -109,7 +110,7 @@ def render_training(sweep: dict) -> str:
 
 
 def render_decode(result: dict) -> str:
-    """One bench/decode.py run: the table, and the engine issue's goals computed from it."""
+    """One bench/decode.py run: the table, and the engine's goals computed from it."""
     params = ", ".join(f"{name} {n:,}" for name, n in result["parameters"].items())
     command = result.get("command", "python bench/decode.py")
     out = ["", f"## Decode latency vs context: TNL vs Llama ({result['device']}, {result['dtype']}, "

@@ -11,7 +11,7 @@ Three parts, one JSON (bench/results/soak-cpu.json by default; parts not re-run 
 * soak: --clients threads loop for --minutes over mixed traffic (chat 45%, Stop mid-stream 15%, dropped
   connection 10%, invalid input 15%, abuse 15%, a new session 20% of the time); counts requests by outcome,
   unexpected results of well-behaved requests as errors, samples RSS, open fds, and session counts; drift =
-  RSS at the end - RSS after minute 1. Abuse (issue 12) is one of: a direct-route call with an event id, a join
+  RSS at the end - RSS after minute 1. Abuse is one of: a direct-route call with an event id, a join
   whose result stream is never opened, a cancel of another session's event, an upload, a malformed protocol
   request; each has one right answer (404, queued then abandoned, 404, 413, a 4xx), any other is counted.
   Then a burst of probes (`PROBES` of each abuse kind) measures server RSS before and after them, and the reply
@@ -323,9 +323,9 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
 
 
 def stop_during_prefill(runtime, repeats: int = 5) -> dict:
-    """reliability.md item 19: the longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first
-    prefill chunk is reported; the time from the cancel request to the reply's `finally` on the server, against
-    one prefill chunk's time."""
+    """The longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first prefill chunk is
+    reported; the time from the cancel request to the reply's `finally` on the server, against one prefill
+    chunk's time (docs/reliability.md#stop-during-prefill)."""
     from tnllm.bench import timed
     from tnllm.generation import PREFILL_CHUNK
     from webui.validation import MAX_MESSAGE_CHARS
@@ -392,8 +392,8 @@ def render(data: dict) -> str:
                   f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) up to "
                   f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py); "
                   + _after_cap(s) + " The app's own session store keeps at most 32 recurrent states. The server shares "
-                  "two glibc heaps between its threads and returns freed pages after every reply (`tnllm.memory`, "
-                  "which records the drift measured without them).", "",
+                  "two glibc heaps between its threads and returns freed pages after every reply (`tnllm.memory`; "
+                  "the drift without them is in docs/reliability.md#host-memory).", "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
         if s.get("probes"):
@@ -410,10 +410,11 @@ def render(data: dict) -> str:
 
 
 def _abuse(s: dict) -> str:
-    """The issue-12 part of the soak: abuse mixed into the traffic, then the burst of probes."""
+    """The abuse part of the soak: abuse mixed into the traffic, then the burst of probes
+    (docs/reliability.md#the-gradio-attack-surface)."""
     p = s["probes"]
     burst = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in p["requests"].items())
-    return (f"Abuse (issue 12): {s['by_kind'].get('abuse', 0):,} abusive requests mixed into the traffic (direct-route "
+    return (f"Abuse: {s['by_kind'].get('abuse', 0):,} abusive requests mixed into the traffic (direct-route "
             f"calls, joins never listened to, cross-session cancels, uploads, malformed requests), "
             f"{s['abuse_unexpected']} answered otherwise than intended; errors for well-behaved clients: "
             f"{s['errors']}. Then a burst of probes, 8 at a time ({burst}): {p['unexpected']} unexpected answers; "
@@ -453,7 +454,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--queue-size", type=int, default=16)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--prefill-stop", action=argparse.BooleanOptionalAction, default=True,
-                   help="time Stop during the longest allowed prompt's prefill (reliability.md item 19)")
+                   help="time Stop during the longest allowed prompt's prefill "
+                        "(docs/reliability.md#stop-during-prefill)")
     p.add_argument("--report", action="store_true", help="only render the README section from --out")
     args = p.parse_args(argv)
     if args.report:

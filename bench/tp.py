@@ -19,7 +19,8 @@ after one warm-up. "driven": the serving path (rank 0 broadcasts each command, s
 CUDA graph on every rank), tokens per second of a greedy generation at batch 1.
 Outputs: logits of the prompt's last position and of every teacher-forced decode step, TP=1 bf16
 and TP=N bf16 each against the fp32 TP=1 model (rel-L2), TP=N against TP=1, and the greedy tokens
-of 32 steps from each. Goal (issue 8): TP=2 batch-1 per-token <= 0.6x TP=1, prefill 32k <= 0.55x.
+of 32 steps from each. Goal (docs/benchmarks.md#floors): TP=2 batch-1 per-token <= 0.6x TP=1, prefill 32k
+<= 0.55x.
 """
 
 from __future__ import annotations

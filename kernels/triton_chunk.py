@@ -2,12 +2,13 @@
 
 Notation: B batch, T time, H heads, D q/k head dim, E v head dim, N sequences, C chunk (BT), L segment.
 
-Design (kernels.md §2): the state of each (sequence, head) is carried on chip through a sequential loop over
-chunks, as in the official forward, so per-chunk states never touch HBM (fla writes them all). To keep the
-GPU busy when B·H is small, long sequences are cut into segments of L tokens: `_seg_state_kernel` computes
-each segment's own decayed KᵀV, `_seg_scan_kernel` turns those into the state entering every segment
-(in place, fp32, L ≫ C so this is small), then `_chunk_kernel` runs all segments in parallel. One generic
-kernel serves the forward and all three gradients (only the roles of the inputs change):
+Design (docs/kernels.md#triton-prefill, #segmented-prefill, #backward): the state of each (sequence, head)
+is carried on chip through a sequential loop over chunks, as in the official forward, so per-chunk states
+never touch HBM (fla writes them all). To keep the GPU busy when B·H is small, long sequences are cut into
+segments of L tokens: `_seg_state_kernel` computes each segment's own decayed KᵀV, `_seg_scan_kernel`
+turns those into the state entering every segment (in place, fp32, L ≫ C so this is small), then
+`_chunk_kernel` runs all segments in parallel. One generic kernel serves the forward and all three
+gradients (only the roles of the inputs change):
 
     o  = attn(q, k, v)      forward in time, state S (carried S_{t-1}, enters row i of a chunk as λ^(i+1))
     dq = attn(dO, v, k)     forward in time, state Sᵀ (forward entering states, transposed strides)

@@ -2,9 +2,9 @@
 
 Notation: B batch (sequences), H heads, D q/k head dim, E v head dim.
 
-Bandwidth-bound (kernels.md §10): each program reads and writes one [D, BV] slice of one state once. The
-launcher allocates only `o`, never syncs with the host and never copies inputs, so the call can be captured
-in a CUDA graph with static buffers.
+Bandwidth-bound (docs/kernels.md#decode-cost): each program reads and writes one [D, BV] slice of one state
+once. The launcher allocates only `o`, never syncs with the host and never copies inputs, so the call can be
+captured in a CUDA graph with static buffers.
 """
 
 from __future__ import annotations

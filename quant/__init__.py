@@ -6,6 +6,7 @@
 Methods: "bnb_int8" (bitsandbytes LLM.int8 Linear8bitLt through Accelerate, quant/bnb.py), "int8"
 (pure-PyTorch weight-only int8, quant/int8.py), "none" (float), "auto" (`choose_method`).
 Quantised: every nn.Linear inside the decoder layers; embeddings and the tied lm_head stay float.
+Design and reasons: docs/quantization.md.
 """
 
 from __future__ import annotations
@@ -27,15 +28,11 @@ __all__ = ["METHODS", "QuantOrderError", "choose_method", "load_quantized", "qua
 def choose_method(device: torch.device | str, dtype: torch.dtype | str) -> str:
     """The 8-bit method "auto" picks for a device and compute dtype.
 
-    CPU: "int8" (pure-PyTorch weight-only). Whole-model batch-1 decode of the bundled model
-    (`python bench/quant_cpu.py --model assets/tnl`, 2-core AVX-512 Xeon, bench/results/quant-model-cpu.json):
-    float 8.1 / 7.3, int8 8.4 / 6.5, bnb_int8 14.0 / 16.8 ms/token median at 1 / 2 threads - int8 is on par
-    with float at a quarter of the decoder weight bytes, while bnb's per-call activation quantisation costs
-    more than it saves at decode sizes, and without AVX-512 it falls back to a naive matmul 2-4x slower than
-    float (ecosystem.md §1). bnb LLM.int8 only won single Linears at
-    batch 16 (2048x5632); use method="bnb_int8" for batched CPU work.
-    CUDA: bitsandbytes, the documented GPU branch (Accelerate's quantised loading). To be measured on
-    GPU (batch-1 decode may favour weight-only "int8" there too). `dtype` does not change the
+    CPU: "int8" (pure-PyTorch weight-only). It decodes at batch 1 as fast as float with a quarter of the
+    decoder weight bytes, while bitsandbytes quantises the activations on every call, which costs more than
+    it saves at decode sizes (and without AVX-512 falls back to a matmul slower than float); ask for
+    "bnb_int8" for batched CPU work. CUDA: "bnb_int8", bitsandbytes' documented GPU path, when installed.
+    Figures: docs/quantization.md#choosing-a-method and #bitsandbytes-on-the-cpu. `dtype` does not change the
     choice today; it is part of the signature because the GPU rule is expected to depend on it.
     """
     if not bnb.available():

@@ -1,13 +1,14 @@
 """bitsandbytes LLM.int8 (`Linear8bitLt`, has_fp16_weights=False) back end, loaded through Accelerate.
 
-Order matters (ecosystem.md §2): a Linear8bitLt must receive FLOAT weights and only then be moved
-to a device, which quantises them. Writing floats into an already-quantised module raises nothing
+Order matters (docs/quantization.md#loading-order): a Linear8bitLt must receive FLOAT weights and only then
+be moved to a device, which quantises them. Writing floats into an already-quantised module raises nothing
 in bitsandbytes and yields garbage, so every write here goes through `check_not_quantised` and
 each module gets a load_state_dict pre-hook that refuses float weights once quantised.
 
-Recipe R4: modules are swapped on the meta device with `accelerate.utils.bnb.replace_with_bnb_layers`
-and filled one tensor at a time: `Int8Params(float_w, has_fp16_weights=False).to(device)`
-quantises on `device` (CPU, or a GPU where the fp16 copy and int8 kernels live on the card).
+Streaming (docs/quantization.md#streaming-loader): modules are swapped on the meta device with
+`accelerate.utils.bnb.replace_with_bnb_layers` and filled one tensor at a time:
+`Int8Params(float_w, has_fp16_weights=False).to(device)` quantises on `device` (CPU, or a GPU where the fp16
+copy and int8 kernels live on the card).
 Only this module (and only when called) imports bitsandbytes; model code never does.
 """
 
@@ -30,7 +31,7 @@ def available() -> bool:
 
 def _bnb():
     # Before the first import: silence per-forward "inputs will be cast to float16" and import-time
-    # optional-kernel messages (ecosystem.md §1).
+    # optional-kernel messages (docs/quantization.md#bitsandbytes-on-the-cpu).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import bitsandbytes
 
@@ -75,7 +76,8 @@ def load_float_weight(name: str, module: nn.Module, weight: torch.Tensor, device
 
 
 def quantize_model(model: TransNormerLLM, threshold: float = 6.0) -> TransNormerLLM:
-    """Recipe R3 on a loaded float model: swap in Linear8bitLt, then quantise each on its device."""
+    """A loaded float model (docs/quantization.md#quantising-a-loaded-model): swap in Linear8bitLt, then quantise
+    each on its device."""
     floats = {name: m.weight.detach() for name, m in target_linears(model).items()}
     replace_linears(model, threshold)
     for name, module in target_linears(model).items():

@@ -16,7 +16,7 @@ class QuantOrderError(RuntimeError):
     """Float weights were about to be written into an already-quantised module.
 
     Both back ends would accept the write silently: `copy_` truncates floats into the int8 storage
-    and keeps the old scales, so outputs become garbage (rel. error 1.0, ecosystem.md §2).
+    and keeps the old scales, so outputs become garbage (rel. error 1.0; docs/quantization.md#loading-order).
     """
 
 

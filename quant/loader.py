@@ -1,8 +1,8 @@
 """Streaming 8-bit loader: meta build -> swap Linears -> fill tensor by tensor.
 
 Peak host memory stays near the 8-bit model plus one float tensor: no float copy of the model
-is ever materialised (recipe R4, ecosystem.md §2). The float layout is checked against the files
-(keys, shapes, dtypes, manifest: tnllm.checkpoint) before anything is swapped or read.
+is ever materialised (docs/quantization.md#streaming-loader). The float layout is checked against the
+files (keys, shapes, dtypes, manifest: tnllm.checkpoint) before anything is swapped or read.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def load(path_or_repo_id: str | Path, method: str, *, dtype: torch.dtype, device
         model = TransNormerLLM(config)
     found = check_weights(model, directory, files)
     quantised = list(target_linears(model))
-    with init_empty_weights():  # the new modules' weights must be meta too (ecosystem.md §2, R4)
+    with init_empty_weights():  # the new modules' weights must be meta too (docs/quantization.md#streaming-loader)
         if method == "bnb_int8":
             bnb.replace_linears(model, threshold)
         else:

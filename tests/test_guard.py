@@ -1,5 +1,6 @@
-"""Issue 12, the Gradio attack surface: each finding attacked over HTTP against a launched app (the launch
-settings of app.py, so webui.guard is installed), plus the Gradio internals the guard relies on.
+"""The Gradio attack surface (docs/reliability.md#the-gradio-attack-surface): each finding attacked over HTTP
+against a launched app (the launch settings of app.py, so webui.guard is installed), plus the Gradio internals
+the guard relies on.
 
 One server for the module (tiny random model, CPU, 127.0.0.1) with a 1 s listening grace instead of 5 s.
 """

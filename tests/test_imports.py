@@ -1,8 +1,8 @@
 """Import hygiene: CPU-only importability, and our top-level `kernels/` package shadowing PyPI `kernels`.
 
 transformers and bitsandbytes optionally import the PyPI `kernels` package (Hugging Face Kernel Hub);
-from the repo root `import kernels` finds ours instead (style.md §8). These checks run the same probe
-from the repo root and from a neutral directory and require identical results.
+from the repo root `import kernels` finds ours instead (docs/architecture.md#the-kernels-package-name). These
+checks run the same probe from the repo root and from a neutral directory and require identical results.
 """
 
 import json

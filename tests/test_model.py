@@ -10,7 +10,7 @@ from tests.conftest import assert_close
 from tnllm import RecurrentState, TNLConfig, TransNormerLLM, lightning_log_decay
 from tnllm.model import alibi_slopes
 
-# The official TransNormerLLM-1B config.json fields (transnormer-spec.md §1.2).
+# The official TransNormerLLM-1B config.json fields (docs/model.md#released-sizes).
 OFFICIAL_1B = {
     "architectures": ["TransnormerForCausalLM"], "auto_map": {"AutoConfig": "x"}, "model_type": "transnormer",
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": 64000, "use_cache": True,
@@ -86,7 +86,7 @@ def test_official_parameter_counts_on_meta(name, expected):
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
-# -- an independent oracle of the whole forward (spec §4, written with explicit loops) -----------
+# -- an independent oracle of the whole forward (docs/model.md#forward-pass, written with explicit loops) --
 def oracle_logits(model: TransNormerLLM, ids: torch.Tensor) -> torch.Tensor:
     c = model.config
     W = {k: v.double() for k, v in model.state_dict().items()}

@@ -23,7 +23,7 @@ from tnllm.bench import adapter_for
 from tnllm.checkpoint import MANIFEST_FILE, check_weights, open_checkpoint
 
 METHODS = ["int8", pytest.param("bnb_int8", marks=pytest.mark.skipif(not bnb.available(), reason="no bnb"))]
-# Dims multiples of 64 (bitsandbytes CPU kernels; ecosystem.md §1); LRPE on layers 0 and 2.
+# Dims multiples of 64 (bitsandbytes CPU kernels; docs/quantization.md#bitsandbytes-on-the-cpu); LRPE on layers 0 and 2.
 CONFIG = TNLConfig.from_name("tiny", dim=128, hidden_dim=128, glu_dim=256)
 IDS = torch.randint(0, 256, (2, 41), generator=torch.Generator().manual_seed(1))
 QUANTISED = {"qkvu_proj", "out_proj", "l1", "l2", "l3"}

@@ -1,9 +1,10 @@
 """The Transformer baseline of the latency comparison: transformers' own `LlamaForCausalLM`.
 
-The baseline is the implementation users would actually pick, not one we wrote (ecosystem.md §6), sized
-like the TNL model it is compared with: same width, depth, heads and head dim, vocabulary, GLU width (as
-`intermediate_size`), tied embeddings and precision. What differs is the point of the comparison:
-softmax attention with a KV cache that grows with the context, against TNL's constant recurrent state.
+The baseline is the implementation users would actually pick, not one we wrote
+(docs/benchmarks.md#transformer-baseline), sized like the TNL model it is compared with: same width, depth,
+heads and head dim, vocabulary, GLU width (as `intermediate_size`), tied embeddings and precision. What
+differs is the point of the comparison: softmax attention with a KV cache that grows with the context, against
+TNL's constant recurrent state.
 
 Parameter count of the matched Llama (d width, hd = H * dh attention width, g GLU width, V vocab, L layers):
     V*d (tied embedding) + L * (4*d*hd + 3*d*g + 2*d) + d

@@ -2,7 +2,7 @@
 
 Checkpoint field names (`decoder_embed_dim`, `linear_use_lrpe_list`, ...) appear only in
 `from_hf_dict` / `to_hf_dict`; the rest of the code uses the short names below.
-Reference: ../shared/docs/transnormer-spec.md §1 (fields), §1.2 (released sizes).
+Fields and released sizes: docs/model.md#configuration and #released-sizes.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class TNLConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.n_layers < 2:
-            # The decay schedule divides by (n_layers - 1) (transnormer-spec.md §4.3).
+            # The decay schedule divides by (n_layers - 1) (docs/model.md#decay-rates).
             raise ValueError(f"n_layers must be >= 2 (decay uses l / (n_layers - 1)), got {self.n_layers}")
         if self.hidden_dim % self.n_heads:
             raise ValueError(f"hidden_dim={self.hidden_dim} is not divisible by n_heads={self.n_heads}")
@@ -180,8 +180,8 @@ def _lrpe_first(n_layers: int) -> list[int]:
     return [1] + [0] * (n_layers - 1)
 
 
-# Released sizes (transnormer-spec.md §1.2). Fields tagged unverified there (385M/7B heads,
-# no_scale_embedding, act) are best guesses: a checkpoint's config.json always overrides them.
+# Released sizes (docs/model.md#released-sizes). The 385M/7B head counts, no_scale_embedding and act are not
+# known for certain and are best guesses: a checkpoint's config.json always overrides them.
 PRESETS: dict[str, dict[str, Any]] = {
     "tnl-385m": dict(vocab_size=64000, dim=1024, n_layers=24, n_heads=8, hidden_dim=1024, glu_dim=2816,
                      lrpe_layers=_lrpe_first(24), act="swish"),

@@ -1,11 +1,11 @@
 """Chat data: conversation cleaning, the train/val split, and the SFT prompt format.
 
-Format (transnormer-spec.md §2, official ``fine-tune/train.py``): each exchange is
+Format (docs/model.md#tokenizer-and-chat-format, official ``fine-tune/train.py``): each exchange is
 ``Human:\\n{human}\\nAssistant:\\n`` (prompt, label -100) followed by ``{assistant}`` + eos (target).
 Multi-turn dialogues repeat the block with nothing in between; no BOS (upstream ``add_bos_token: false``).
 The eos is a token id, never the text "</s>": ``render_dialogue`` marks it with ``Segment.is_eos`` and
 ``encode_dialogue`` inserts the integer id, so user text can never forge a control token
-(reliability.md, special-token injection). A dialogue ending with a human turn renders to a prompt that
+(docs/reliability.md#special-token-injection). A dialogue ending with a human turn renders to a prompt that
 ends in ``Assistant:\\n``: the generation prompt of the chat demo.
 
 Pure Python (no torch, no sentencepiece): the tokenizer is passed in as an ``encode`` callable.

@@ -1,4 +1,6 @@
-"""TransNormerLLM blocks, named and shaped as the official checkpoints (transnormer-spec.md §3-§4).
+"""TransNormerLLM blocks, named and shaped as the official checkpoints.
+
+Formulas and names: docs/model.md#token-mixer and #checkpoint-format.
 
 Notation: B batch, T time, H heads, dh head dim, d model width, hd token-mixer width (= H * dh),
 g GLU width. Attention works in the kernel layout [B, T, H, D] (D = dh, or 2 * dh after LRPE).

@@ -1,13 +1,10 @@
 """Host memory of long-running processes: hand freed heap pages back to the OS (glibc; no-ops elsewhere).
 
 glibc keeps freed blocks in its heaps and gives every new thread its own heap ("arena", up to 8 per core).
-Two places in this project free large, oddly sized temporaries over and over: the streaming 8-bit loader
-(float copies of each tensor) and the chat server (activations of prompts of every length, freed by
-whichever of Gradio's worker threads ran the reply). Measured: peak RSS of a bnb load of a 445 MB fp32
-checkpoint 511 MiB without trimming, 264 MiB with a trim after each tensor. `python bench/soak.py` (bundled
-model, 4 clients, 2-core VM), RSS at start → after 1 min → end: default glibc, 10 min: 834 → 1,013 → 1,203
-MiB (still +15 MiB/min after Gradio's session cap); 2 arenas, 5 min: 648 → 778 → 856; 2 arenas and a trim
-after each reply, 5 min: 642 → 708 → 728 (peak 786, falling after the cap).
+The chat server frees large, oddly sized activations from whichever worker thread ran a reply, and the
+streaming 8-bit loader frees a float copy of every tensor, so resident memory creeps up without any leak.
+Capping the arenas lets threads reuse what others freed; trimming returns the free pages to the OS.
+Measurements: docs/reliability.md#host-memory.
 """
 
 from __future__ import annotations

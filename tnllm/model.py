@@ -37,7 +37,7 @@ def lightning_log_decay(n_heads: int, layer_idx: int, n_layers: int) -> torch.Te
 
         rate[l, h] = slope[h] * (1 - l / (L - 1) + 1e-5),   lambda = exp(-rate)
 
-    (transnormer-spec.md §4.3). The paper writes exp(-(8h/H)(1 - l/L)); the code - and so the
+    (docs/model.md#decay-rates). The paper writes exp(-(8h/H)(1 - l/L)); the code - and so the
     weights - use ALiBi slopes and L - 1: follow the code. Layer 0 decays most.
     """
     factor = 1.0 - layer_idx / (n_layers - 1) + 1e-5

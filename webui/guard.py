@@ -1,4 +1,5 @@
-"""What Gradio 6.26 leaves open and has no switch for, closed in one place (issue 12).
+"""What Gradio 6.26 leaves open and has no switch for, closed in one place
+(docs/reliability.md#the-gradio-attack-surface).
 
 The switches Gradio does have are set where they belong: `queue(api_open=False)` in webui.ui (model work only
 through the queue) and the launch settings in app.py. Everything else is here:

@@ -1,4 +1,5 @@
-"""Server-side checks of a chat request, run before any model work (reliability.md §1 rows 1-4, 13, 14).
+"""Server-side checks of a chat request, run before any model work
+(docs/reliability.md#input-validation).
 
 Browsers respect the sliders and the textbox; API callers do not, so every value is checked here, once, by
 `check_request`, which both the Gradio `validator=` hook (runs before the event is queued: a rejected

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc-per-node 2 -m tnllm.tp --model DIR_OR_REPO_ID [--dtype bf16]
     torchrun --standalone --nproc-per-node 2 -m tnllm.tp --model DIR --prompt "Hello!" --temperature 0
 
-Eager decode (`Conversation` has no graph hook; `tnllm.tp.serve.DrivenGraph` is the `graph=` of
-`tnllm.generation.generate` for callers that want CUDA-graph decoding). NCCL_NVLS_ENABLE=0 is kept.
+Decoding is eager: `tnllm.generation.Conversation` and `generate` take no CUDA graph. A caller that wants
+graph decoding over TP steps a `tnllm.tp.serve.DrivenGraph` itself (bench/tp.py does). NCCL_NVLS_ENABLE=0 is
+kept (docs/tensor-parallel.md).
 """
 
 from __future__ import annotations
