@@ -177,7 +177,7 @@ def test_cuda_rows_report_peak_memory():
 
 
 def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
-    """bench/decode.py: both models per 8-bit method, the issue's JSON fields, one row per (model, quant, context)."""
+    """bench/decode.py: both models per 8-bit method, its JSON fields, one row per (model, quant, context)."""
     out = tmp_path / "decode.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--contexts", "16,40", "--tokens", "3",
                     "--prefill-repeats", "1", "--threads", "1", "--quant", "none,int8", "--out", str(out)],

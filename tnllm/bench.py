@@ -5,7 +5,7 @@ the same timer; a small adapter per model family is all that differs (prefill a 
 token at a time with the model's own cache). A decode row names what its steps timed (`path`):
 "model-step", the model's own step fed the next prompt id (both families; the app's latency tab), or
 "engine-eager" / "engine-graph", TNL's reply through `tnllm.engine` as chat runs it (`EngineAdapter`:
-sampling, detokenising and events included; bench/decode.py). Protocol (style.md "Benchmarks"):
+sampling, detokenising and events included; bench/decode.py). Protocol (docs/benchmarks.md#timing-protocol):
 
 * inputs: seeded random ids [1, T], identical for every model (latency does not depend on the text);
 * warm-up excluded: one untimed prefill before the timed ones, and untimed decode steps before the
@@ -17,11 +17,12 @@ sampling, detokenising and events included; bench/decode.py). Protocol (style.md
   above what was allocated before the prefill (weights excluded; cache and step activations
   included, prefill activations not: those are `prefill_peak_bytes`); `peak_mem_mb`, the whole
   process's memory at its highest during the row (CUDA: peak allocated, weights included; CPU: RSS).
-  On H200, TNL-1B bf16 measured 61 MiB -> 2.8 GiB from 512 to 32k context when the decode peak
-  still included the prefill's activations: hence the separate reset.
+  The peak counter is reset after the prefill because the prefill's activations grow with the context
+  and would otherwise read as decode memory.
 
 Decode latency at context T is the median over `n_tokens` single-token steps that see T .. T+n-1
-previous tokens. TNL's step cost is constant in T, a Transformer's grows with it (kernels.md §10).
+previous tokens. TNL's step cost is constant in T, a Transformer's grows with it
+(docs/kernels.md#decode-cost).
 """
 
 from __future__ import annotations
