@@ -17,7 +17,7 @@ from webui.model_tab import model_tab
 from webui.runtime import Runtime
 from webui.validation import MAX_REPLY_SECONDS, Limits
 
-MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (measured in tnllm/memory.py)
+MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (docs/reliability.md#host-memory)
 HEADER = ("# ⚡ TransNormerLLM chat\nLinear attention with a **constant-size recurrent state**: each reply "
           "costs the same per token however long the chat gets, and the history is never re-read.")
 

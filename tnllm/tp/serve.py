@@ -227,7 +227,7 @@ def _meta_full(config):
 
 
 class DrivenGraph:
-    """A CUDA-graph decoder on every rank, driven from rank 0 (the `graph=` of `tnllm.generation`)."""
+    """A CUDA-graph decoder on every rank, driven from rank 0 (bench/tp.py steps it; chat over TP decodes eagerly)."""
 
     def __init__(self, model: DrivenModel, batch_size: int = 1):
         self.driver = model.driver
