@@ -49,7 +49,8 @@ from tnllm.engine.scheduler import decode_step  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
 
-PARAMS = dict(temperature=0.7, top_p=0.9, seed=0)  # sampled, as chat is (its defaults also use top-k 40 and a 1.1 penalty)
+# Sampled, as chat is (chat's defaults also use top-k 40 and a 1.1 repetition penalty).
+PARAMS = dict(temperature=0.7, top_p=0.9, seed=0)
 
 
 class ModuloTokenizer:

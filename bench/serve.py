@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (top_p 0.9; chat's defaults add top-k 40 and a 1.1 penalty)")
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="sampling temperature (with top_p 0.9; chat's defaults add top-k 40 and a 1.1 penalty)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
