@@ -75,6 +75,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def untied_tiny_model():
+    """The tiny preset over a 400-piece vocabulary, untied: a random tied model just predicts its last input
+    token again (the tied embedding dominates), which would make generation tests trivial."""
+    from tnllm import TNLConfig, TransNormerLLM
+
+    torch.manual_seed(0)
+    return TransNormerLLM(TNLConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok(tok_file):
+    """A Tokenizer over `tok_file`."""
+    from tnllm.tokenizer import Tokenizer
+
+    return Tokenizer(tok_file)
+
+
 # The Gradio app's handlers over the tiny preset (random weights, float), one runtime per test module.
 @pytest.fixture(scope="module")
 def runtime():

@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
-from tnllm import TNLConfig, Tokenizer, TransNormerLLM
+from tnllm import Tokenizer
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.graphs import DecodeGraphs
 from tnllm.generation import Conversation
@@ -23,15 +23,8 @@ SAMPLED = SamplingParams(temperature=1.2, top_k=50, top_p=0.95, repetition_penal
 
 
 @pytest.fixture(scope="module")
-def model():
-    # Untied: a random tied model just predicts its last input token again (tied embedding dominates).
-    torch.manual_seed(0)
-    return TransNormerLLM(TNLConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=False)).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    return Tokenizer(tok_file)
+def model(untied_tiny_model):
+    return untied_tiny_model
 
 
 def make_engine(model, tok, **config):

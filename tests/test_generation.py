@@ -22,15 +22,8 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 
 
 @pytest.fixture(scope="module")
-def model():
-    # Untied: a random tied model just predicts its last input token again (tied embedding dominates).
-    torch.manual_seed(0)
-    return TransNormerLLM(TNLConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=False)).eval()
-
-
-@pytest.fixture(scope="module")
-def tok(tok_file):
-    return Tokenizer(tok_file)
+def model(untied_tiny_model):
+    return untied_tiny_model
 
 
 def argmax_loop(model, ids, n):

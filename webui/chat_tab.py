@@ -20,6 +20,7 @@ from pathlib import Path
 import gradio as gr
 
 from webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
+from webui.components import ServerCheckedNumber, ServerCheckedSlider
 from webui.runtime import BUNDLED_TNL, Runtime
 from webui.validation import CHAT_DEFAULTS, RANGES, InputError, Limits, check_sampling, clean_text
 
@@ -32,37 +33,9 @@ EXAMPLES = [
 PLACEHOLDER = "Type a message and press Enter"
 
 
-class _ServerCheckedSlider(gr.Slider):
-    """A Slider whose value reaches the handler unchanged: Gradio's own bound check would answer API callers
-    with an unnamed "Value 5.0 is greater than maximum value 2.0." (HTTP 400); webui.validation names the
-    parameter and answers 422 through the validator instead."""
-
-    def get_block_name(self) -> str:  # the frontend's Slider
-        return "slider"
-
-    def get_block_class(self) -> str:  # what the API docs call it
-        return "slider"
-
-    def preprocess(self, payload):
-        return payload
-
-
-class _ServerCheckedNumber(gr.Number):
-    """A Number passed through unrounded, so that a non-integer seed is refused (by name) rather than rounded."""
-
-    def get_block_name(self) -> str:
-        return "number"
-
-    def get_block_class(self) -> str:
-        return "number"
-
-    def preprocess(self, payload):
-        return payload
-
-
 def sampling_controls() -> list[gr.components.Component]:
     """The Sampling panel, in the order of the chat endpoint's inputs after the message."""
-    slider = partial(_ServerCheckedSlider, render=False)
+    slider = partial(ServerCheckedSlider, render=False)
     return [
         slider(*RANGES["temperature"], value=CHAT_DEFAULTS["temperature"], step=0.05,
                label="Temperature (0 = greedy)"),
@@ -71,7 +44,7 @@ def sampling_controls() -> list[gr.components.Component]:
         slider(*RANGES["repetition_penalty"], value=CHAT_DEFAULTS["repetition_penalty"], step=0.05,
                label="Repetition penalty"),
         slider(*RANGES["max_new_tokens"], value=CHAT_DEFAULTS["max_new_tokens"], step=1, label="Max new tokens"),
-        _ServerCheckedNumber(value=-1, precision=0, step=1, label="Seed (-1 = random)", render=False),
+        ServerCheckedNumber(value=-1, precision=0, step=1, label="Seed (-1 = random)", render=False),
     ]
 
 

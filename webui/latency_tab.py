@@ -7,6 +7,7 @@ from functools import partial
 import gradio as gr
 
 from webui.chat import session_key
+from webui.components import ServerCheckedSlider
 from webui.latency import (
     DECODE_STEPS,
     MEMORY_NOTE,
@@ -39,20 +40,6 @@ RACE_API = ("Both models answer `prompt` greedily after `context_tokens` filler 
             f"(a race runs at most {MAX_REPLY_SECONDS:.0f} s).")
 
 
-class _ServerCheckedSlider(gr.Slider):
-    """A Slider whose value reaches the handler unchanged: Gradio's own bound check would answer API callers
-    with an unnamed "Value 5.0 is greater than maximum value 2.0."; the handlers name the parameter."""
-
-    def get_block_name(self) -> str:  # the frontend's Slider
-        return "slider"
-
-    def get_block_class(self) -> str:  # what the API docs call it
-        return "slider"
-
-    def preprocess(self, payload):
-        return payload
-
-
 class _ContextChoices(gr.CheckboxGroup):
     """Context lengths as ints, documented as ints. Gradio documents a CheckboxGroup's values as strings
     whatever their type (its schema says "string", gradio_client quotes every enum value) and then refuses
@@ -83,8 +70,8 @@ def latency_tab(runtime: Runtime) -> None:
                 "decode step and state stay flat; the Transformer's KV cache and step time grow with the context.")
     with gr.Row():
         contexts = _ContextChoices(choices, value=choices[:3], label="Context lengths (tokens)", scale=3)
-        n_tokens = _ServerCheckedSlider(*DECODE_STEPS, value=16, step=4, label="Timed decode steps per run", scale=1)
-        repeats = _ServerCheckedSlider(*REPEATS, value=3, step=1, label="Rounds (medians over them)", scale=1)
+        n_tokens = ServerCheckedSlider(*DECODE_STEPS, value=16, step=4, label="Timed decode steps per run", scale=1)
+        repeats = ServerCheckedSlider(*REPEATS, value=3, step=1, label="Rounds (medians over them)", scale=1)
     run = gr.Button("Run benchmark", variant="primary")
     status = gr.Markdown(elem_id="latency-status", label="Benchmark progress")
     series = plot_series(runtime, recorded)
@@ -115,9 +102,9 @@ def latency_tab(runtime: Runtime) -> None:
                 "whichever has spent less compute time takes the next step, so the faster one pulls ahead.")
     with gr.Row():
         prompt = gr.Textbox("Tell me about your favourite place.", label="Prompt", scale=3)
-        filler = _ServerCheckedSlider(0, min(RACE_FILLER, runtime.max_context), value=min(2048, runtime.max_context),
+        filler = ServerCheckedSlider(0, min(RACE_FILLER, runtime.max_context), value=min(2048, runtime.max_context),
                                       step=128, label="Context before the prompt (tokens)")
-        new_tokens = _ServerCheckedSlider(*RACE_NEW_TOKENS, value=64, step=1, label="New tokens")
+        new_tokens = ServerCheckedSlider(*RACE_NEW_TOKENS, value=64, step=1, label="New tokens")
     with gr.Row():
         start, stop = gr.Button("Start race", variant="primary"), gr.Button("Stop race", variant="stop")
     with gr.Row():
