@@ -111,7 +111,9 @@ def test_chat_streams_in_pieces_and_stop_keeps_what_the_state_read(demo, page):
     page.evaluate(RECORD_LENGTHS)
     send(page, "hello there, how are you?")
     page.wait_for_function("new Set(window.__lengths.filter(n => n > 0)).size >= 3", timeout=30_000)
-    page.locator("#chat-input button.stop-button").click()
+    # dispatched on the button itself: a pointer click waits for the button to be "stable", and each streamed
+    # update may re-render it
+    page.locator("#chat-input button.stop-button").dispatch_event("click")
     wait_replies(page, 1)
     titles = stats_titles(page)
     assert len(titles) == 1 and titles[0].startswith("⏹ stopped"), f"the stopped reply is marked: {titles}"

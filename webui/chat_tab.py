@@ -148,9 +148,11 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
 
     box.submit(arm_stop, None, None, queue=False, api_visibility="private")
     window.retry(arm_stop, None, None, queue=False, api_visibility="private")
-    submitted = box.submit(respond, [box, *controls], outputs, validator=validate, **stream_kwargs)
-    retried = window.retry(retry, controls, outputs, **stream_kwargs)
-    box.stop(stop, None, [window, box, live], cancels=[submitted, retried], queue=False, api_visibility="private")
+    box.submit(respond, [box, *controls], outputs, validator=validate, **stream_kwargs)
+    window.retry(retry, controls, outputs, **stream_kwargs)
+    # No `cancels=`: Gradio's cancel of a streaming reply marks its outputs "Error" in the browser, and the flag
+    # already ends the reply (running or still queued) at its next step, with its final update.
+    box.stop(stop, None, [window, box, live], queue=False, api_visibility="private")
     window.undo(undo, None, [window, box, live], queue=False, api_visibility="private")
     window.clear(clear, None, [window, live, info], queue=False, api_visibility="private")
     _api_endpoint(chat, validate, controls, concurrency_limit)
