@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -60,6 +61,14 @@ def page(demo, browser):
 def session_of(demo):
     """The server-side session used last: this test's tab (each test opens its own)."""
     return list(demo.sessions._sessions.values())[-1]
+
+
+def eventually(check, timeout_s: float = 10.0) -> None:
+    """Wait on the server's state (the browser may show a change before the server has made it)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "the server never reached the expected state"
+        time.sleep(0.05)
 
 
 def set_sampling(page, **values) -> None:
@@ -123,7 +132,7 @@ def test_chat_streams_in_pieces_and_stop_keeps_what_the_state_read(demo, page):
     shown = page.evaluate("window.__lengths.length")
     page.wait_for_timeout(500)
     assert page.evaluate("window.__lengths.length") == shown, "nothing arrives after Stop"
-    assert page.locator("#reply-stats").inner_text().strip() == "", "the live line is cleared"
+    sync_api.expect(page.locator("#reply-stats")).to_have_text("")  # the live line is cleared
 
     send(page, "and then?")  # continues the state: only the new message is read
     wait_replies(page, 2)
@@ -171,7 +180,8 @@ def test_every_reply_keeps_its_stats_and_undo_clear_reset_the_view(demo, page):
     assert len(session_of(demo).turns) == 1
     page.get_by_role("button", name="Clear").click()
     sync_api.expect(page.locator("#chat-window [data-testid=user]")).to_have_count(0)
-    assert session_of(demo).turns == [] and page.locator("#reply-stats").inner_text().strip() == ""
+    sync_api.expect(page.locator("#reply-stats")).to_have_text("")
+    eventually(lambda: session_of(demo).turns == [])  # the window clears itself before the server does
 
 
 def test_latency_tab_runs_and_plots(page):

@@ -152,9 +152,10 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
     window.retry(retry, controls, outputs, **stream_kwargs)
     # No `cancels=`: Gradio's cancel of a streaming reply marks its outputs "Error" in the browser, and the flag
     # already ends the reply (running or still queued) at its next step, with its final update.
-    box.stop(stop, None, [window, box, live], queue=False, api_visibility="private")
-    window.undo(undo, None, [window, box, live], queue=False, api_visibility="private")
-    window.clear(clear, None, [window, live, info], queue=False, api_visibility="private")
+    quick = dict(queue=False, api_visibility="private", show_progress="hidden")  # no timer over the stats line
+    box.stop(stop, None, [window, box, live], **quick)
+    window.undo(undo, None, [window, box, live], **quick)
+    window.clear(clear, None, [window, live, info], **quick)
     _api_endpoint(chat, validate, controls, concurrency_limit)
 
 
