@@ -170,6 +170,9 @@ def test_stop_sent_before_the_race_starts_ends_it_at_once(runtime):
     assert [(s["finish"], s["tokens"]) for s in summaries] == [("stopped", 0), ("stopped", 0)]
     with stops.running("me") as flag:
         assert not flag.is_set(), "the next race starts with a fresh flag"
+        stops.arm("me")  # Start's arm arriving after its race began keeps the flag that race holds
+        stops.stop("me")
+        assert flag.is_set()
 
 
 def test_race_time_limit_stops_both_sides(runtime):

@@ -371,9 +371,11 @@ class RaceStops:
         self._lock = threading.Lock()
 
     def arm(self, key: str) -> None:
-        """A fresh flag for the race about to start in session `key`."""
+        """A clear flag for the race about to start in session `key` (a flag a running race holds is kept)."""
         with self._lock:
-            self._flags[key] = threading.Event()
+            flag = self._flags.get(key)
+            if flag is None or flag.is_set():
+                self._flags[key] = threading.Event()
 
     @contextmanager
     def running(self, key: str) -> Iterator[threading.Event]:
