@@ -117,14 +117,16 @@ def render_decode(result: dict) -> str:
            f"{result['threads']} threads)", "",
            f"Date: {result.get('date', '—')}. torch {result['torch']}, transformers {result['transformers']}. "
            f"Models: `{result['tnl']}` vs `{result['baseline']}` ({params} parameters). Command: `{command}`"
-           f" (each 8-bit method in its own process; decode = median of {result['tokens']} teacher-forced steps"
+           f" (each 8-bit method in its own process; decode = median of {result['tokens']} steps of the row's path: "
+           "`model-step` a teacher-forced model call, `engine-*` a chat reply's step through the engine"
            f"{', taking turns across the contexts' if result.get('interleave') else ''}; "
            "memory = process RSS on CPU, peak allocated on CUDA).", "",
-           "| model | 8-bit | context | TTFT ms | decode ms/token | p20–p80 | tokens/s | cache MiB | memory MiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| model | path | 8-bit | context | TTFT ms | decode ms/token | p20–p80 | tokens/s | cache MiB | "
+           "memory MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["rows"]
     for x in rows:
-        out.append(f"| {x['model']} | {x['quant']} | {x['context']:,} | {x['ttft_ms']:.1f} | "
+        path = x.get("path", "model-step")  # runs recorded before rows named their path timed model steps
+        out.append(f"| {x['model']} | {path} | {x['quant']} | {x['context']:,} | {x['ttft_ms']:.1f} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['decode_p20_ms']:.2f}–{x['decode_p80_ms']:.2f} | "
                    f"{x['tokens_per_s']:.1f} | {x['cache_bytes'] / 2**20:.2f} | {fmt(x['peak_mem_mb'], '{:.0f}')} |")
     out += ["", "| 8-bit | TNL decode at longest / shortest context | TNL vs Llama decode at longest | "
