@@ -25,25 +25,24 @@ METHODS = ("auto", "bnb_int8", "int8", "none")
 __all__ = ["METHODS", "QuantOrderError", "choose_method", "load_quantized", "quantize"]
 
 
-def choose_method(device: torch.device | str, dtype: torch.dtype | str) -> str:
-    """The 8-bit method "auto" picks for a device and compute dtype.
+def choose_method(device: torch.device | str) -> str:
+    """The 8-bit method "auto" picks for a device.
 
     CPU: "int8" (pure-PyTorch weight-only). It decodes at batch 1 as fast as float with a quarter of the
     decoder weight bytes, while bitsandbytes quantises the activations on every call, which costs more than
     it saves at decode sizes (and without AVX-512 falls back to a matmul slower than float); ask for
     "bnb_int8" for batched CPU work. CUDA: "bnb_int8", bitsandbytes' documented GPU path, when installed.
-    Figures: docs/quantization.md#choosing-a-method and #bitsandbytes-on-the-cpu. `dtype` does not change the
-    choice today; it is part of the signature because the GPU rule is expected to depend on it.
+    Figures: docs/quantization.md#choosing-a-method and #bitsandbytes-on-the-cpu.
     """
     if not bnb.available():
         return "int8"
     return "bnb_int8" if torch.device(device).type == "cuda" else "int8"
 
 
-def _resolve_method(method: str, device: torch.device | str, dtype: torch.dtype) -> str:
+def _resolve_method(method: str, device: torch.device | str) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return choose_method(device, dtype) if method == "auto" else method
+    return choose_method(device) if method == "auto" else method
 
 
 def quantize(model: TransNormerLLM, method: str = "auto", *, threshold: float = 6.0) -> TransNormerLLM:
@@ -55,7 +54,7 @@ def quantize(model: TransNormerLLM, method: str = "auto", *, threshold: float = 
             t.dtype == torch.int8 for t in model.state_dict().values()):
         raise QuantOrderError("model is already quantised")
     weight = model.lm_head.weight
-    method = _resolve_method(method, weight.device, weight.dtype)
+    method = _resolve_method(method, weight.device)
     if method == "bnb_int8":
         model = bnb.quantize_model(model, threshold)
     elif method == "int8":
@@ -96,7 +95,7 @@ def load_quantized(
         if not torch.cuda.is_available():
             raise ValueError("device_map needs CUDA GPUs; on the CPU pass device='cpu'")
         device = torch.device("cuda", torch.cuda.current_device())
-    method = _resolve_method(method, device, dtype)
+    method = _resolve_method(method, device)
     if method == "none":
         if device_map is not None:
             raise ValueError("device_map is only supported for the 8-bit methods")

@@ -145,7 +145,7 @@ def load_tnl(source: str, *, int8: bool, device: torch.device, dtype: torch.dtyp
         tokenizer = tokenizer_for(source)
         model = None
     quant = _quant() if int8 else None
-    method = quant.choose_method(device, dtype) if quant else "none"
+    method = quant.choose_method(device) if quant else "none"
     if model is None:
         model = (quant.load_quantized(source, method, dtype=dtype, device=device) if quant
                  else load_model(source, dtype=dtype, device=device))

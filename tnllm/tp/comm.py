@@ -35,10 +35,6 @@ class TPGroup:
     device: torch.device = torch.device("cpu")
     group: dist.ProcessGroup | None = None
 
-    @property
-    def is_driver(self) -> bool:
-        return self.rank == 0
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over ranks, in place; returns x."""
         if self.size > 1:

@@ -162,11 +162,6 @@ class DrivenState(RecurrentState):
         self.driver, self.sid = driver, sid
         weakref.finalize(self, driver.forget, sid)
 
-    @property
-    def total_nbytes(self) -> int:
-        """Bytes over all ranks (`nbytes` is this rank's share)."""
-        return self.nbytes * self.driver.tp.size
-
     def clone(self) -> "DrivenState":
         sid = self.driver.new_id()
         self.driver.command(CLONE, self.sid, sid)
