@@ -2,7 +2,8 @@
 sweep bench/results/train-sweep-h200.json, the bench/decode.py runs bench/results/decode-*.json, the
 bench/soak.py figures bench/results/soak-cpu.json, the chat's sampling grid bench/results/sampling-cpu.json,
 the engine runs bench/results/engine-h200.json and bench/results/serve-cpu.json
-(never hand-edit the figures).
+(never hand-edit the figures). Each section states the date, hardware and versions its own JSON records; a
+section whose JSON is missing says it is not measured yet.
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
 """
@@ -18,9 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 HEADER = """# Benchmarks
 
-Date: 2026-11-28. Hardware: {device} (one GPU of the lent `nvidia-h200` machine). Software: torch {torch},
-triton {triton}, fla-core {fla}, lightning-attn {official}. Command (repo root, wheels installed on the
-machine, see bench/kernels.py):
+Date: {date}. Hardware: {device}. Software: torch {torch}, triton {triton}, fla-core {fla}, lightning-attn
+{official}. Command (repo root, wheels installed on the machine, see bench/kernels.py):
 
     python bench/kernels.py --sweep        # then: python bench/report.py
 
@@ -40,11 +40,21 @@ def fmt(x, f="{:.3f}"):
     return f.format(x) if isinstance(x, (int, float)) else "—"
 
 
+def run_date(result: dict) -> str:
+    """The date a result JSON records for its run ("not recorded" for files written before runs dated them)."""
+    return result.get("date") or "not recorded"
+
+
+def not_measured(title: str, results: str, command: str) -> str:
+    """A section whose results file does not exist yet: its title, the file and the command that writes it."""
+    return f"\n## {title}\n\nNot measured yet: no {results}. Command: `{command}`.\n"
+
+
 def render(r: dict) -> str:
     H = r["rows"][0]["H"] if r["rows"] else "?"
-    out = [HEADER.format(device=r["device"], torch=r["torch"], triton=r["triton"], fla=r.get("fla_version"),
-                         official=r.get("lightning_attn_version"), H=H, copy=r["ceilings"]["copy_TBps"],
-                         mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
+    out = [HEADER.format(date=run_date(r), device=r["device"], torch=r["torch"], triton=r["triton"],
+                         fla=r.get("fla_version"), official=r.get("lightning_attn_version"), H=H,
+                         copy=r["ceilings"]["copy_TBps"], mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
     out += ["## Prefill / training (ms, lower is better)", "",
             "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
             "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |", "|" + "---|" * 12]
@@ -87,17 +97,17 @@ def render(r: dict) -> str:
     missing = [name for name, ok in (("dk=256/dv=128 anchors row", any(x["dk"] != x["dv"] for x in r["rows"])),
                                      ("decode step table", bool(r.get("decode")))) if not ok]
     if missing:
-        out += ["", f"Not in this run (the run hit its time limit; device budget spent): {', '.join(missing)}. "
-                "Re-run with `python bench/kernels.py --sections wide,decode --out <file>`."]
+        out += ["", f"Not measured yet in this run: {', '.join(missing)}. "
+                "Command: `python bench/kernels.py --sections wide,decode --out <file>`."]
     return "\n".join(out) + "\n"
 
 
 def render_training(sweep: dict) -> str:
     """Training throughput of the bundled model's sweep: the solo runs (`speed-*`) of the chosen size."""
     out = ["", "## Bundled-model training throughput (tokens/s, higher is better)", "",
-           "Date: 2026-11-28. Hardware and versions as recorded by each run. Command (device, repo root, `data/` "
-           "carried): `bash scripts/gpu_train_sweep.sh` (80 solo steps of the chosen size per architecture, the "
-           "first 10 left out; batch 32 × 512 tokens, bf16 autocast, AdamW, TNL attention on the Triton "
+           f"Date: {run_date(sweep)}. Hardware and versions as recorded by each run. Command (device, repo root, "
+           "`data/` carried): `bash scripts/gpu_train_sweep.sh` (80 solo steps of the chosen size per architecture, "
+           "the first 10 left out; batch 32 × 512 tokens, bf16 autocast, AdamW, TNL attention on the Triton "
            "kernels).", "", "| model | params | tokens/s | device | torch | attention |", "|---|---|---|---|---|---|"]
     for name in ("speed-tnl", "speed-llama"):
         run = sweep["runs"].get(name)
@@ -115,7 +125,7 @@ def render_decode(result: dict) -> str:
     command = result.get("command", "python bench/decode.py")
     out = ["", f"## Decode latency vs context: TNL vs Llama ({result['device']}, {result['dtype']}, "
            f"{result['threads']} threads)", "",
-           f"Date: {result.get('date', '—')}. torch {result['torch']}, transformers {result['transformers']}. "
+           f"Date: {run_date(result)}. torch {result['torch']}, transformers {result['transformers']}. "
            f"Models: `{result['tnl']}` vs `{result['baseline']}` ({params} parameters). Command: `{command}`"
            f" (each 8-bit method in its own process; decode = median of {result['tokens']} steps of the row's path: "
            "`model-step` a teacher-forced model call, `engine-*` a chat reply's step through the engine"
@@ -147,7 +157,7 @@ def render_sampling(result: dict) -> str:
     """bench/sampling_defaults.py: every setting of the grid against the human references, and the choice."""
     m = result["machine"]
     out = ["", "## Chat sampling defaults (CPU)", "",
-           f"Date: {result['date']}. {m['processor']} ({m['cpu_count']} cores, {m['torch_threads']} torch thread), "
+           f"Date: {run_date(result)}. {m['processor']} ({m['cpu_count']} cores, {m['torch_threads']} torch thread), "
            f"torch {m['torch']}. Model `{result['model']}`. Command: `{result['command']}`. {result['prompts']} "
            f"held-out prompts ({result['prompt_source']}), at most {result['new_tokens']} new tokens, each reply "
            "through the chat's `Conversation.reply`.", "",
@@ -180,7 +190,7 @@ def render_sampling(result: dict) -> str:
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
     out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
-           f"Date: {result['date']}. torch {result['torch']}. Command: `{result['command']}`. Floor: the step's "
+           f"Date: {run_date(result)}. torch {result['torch']}. Command: `{result['command']}`. Floor: the step's "
            f"weight and state bytes at the copy bandwidth measured in the same run "
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
@@ -209,7 +219,7 @@ def render_engine(result: dict) -> str:
 def render_serve(result: dict) -> str:
     """bench/serve.py: concurrent chat sessions through the engine on the CPU, today's loop as the anchor."""
     out = ["", "## Concurrent sessions through the engine (CPU)", "",
-           f"Date: {result['date']}. {result['machine']} ({result['cpu_count']} cores, {result['threads']} torch "
+           f"Date: {run_date(result)}. {result['machine']} ({result['cpu_count']} cores, {result['threads']} torch "
            f"thread(s)), torch {result['torch']}. Model `{result['model']}`. Command: `{result['command']}`. "
            f"{result['tokens']} tokens per reply, medians of {result['rounds']} rounds.", "",
            "| path | sessions | aggregate tok/s | ms/token p50 | p90 |", "|---|---|---|---|---|"]
@@ -230,27 +240,44 @@ def main():
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     a = p.parse_args()
-    bench_kernels = _bench_module("kernels")
-    result = json.loads(Path(a.json).read_text())
-    bench_kernels.derive(result)  # idempotent; partial (timed-out) JSON files are written before it runs
-    text = render(result)
-    training = ROOT / "bench/results/train-sweep-h200.json"
-    if training.is_file():
-        text += render_training(json.loads(training.read_text()))
-    for decode in sorted((ROOT / "bench/results").glob("decode-*.json")):
-        text += render_decode(json.loads(decode.read_text()))
-    soak = ROOT / "bench/results/soak-cpu.json"
+    Path(a.out).write_text(render_all(ROOT / "bench/results", Path(a.json)))
+
+
+def render_all(results: Path, kernels_json: Path) -> str:
+    """Every section of BENCHMARKS.md, each from its own file in `results` (the kernels' from `kernels_json`);
+    a missing file reads "not measured yet"."""
+    if kernels_json.is_file():
+        result = json.loads(kernels_json.read_text())
+        _bench_module("kernels").derive(result)  # idempotent; partial (timed-out) JSON files are written before it
+        text = render(result)
+    else:
+        text = "# Benchmarks\n" + not_measured("Lightning Attention kernels", _shown(kernels_json),
+                                                "python bench/kernels.py --sweep")
+    training = results / "train-sweep-h200.json"
+    text += (render_training(json.loads(training.read_text())) if training.is_file() else
+             not_measured("Bundled-model training throughput", _shown(training), "bash scripts/gpu_train_sweep.sh"))
+    decodes = sorted(results.glob("decode-*.json"))
+    text += "".join(render_decode(json.loads(d.read_text())) for d in decodes) or not_measured(
+        "Decode latency vs context: TNL vs Llama", _shown(results / "decode-*.json"), "python bench/decode.py")
+    soak = results / "soak-cpu.json"
+    title = "Chat server: concurrency, soak, Stop during prefill (CPU)"
     if soak.is_file():  # the same text as README's reliability section
-        text += "\n## Chat server: concurrency, soak, Stop during prefill (CPU)\n\n" + \
-            _bench_module("soak").render(json.loads(soak.read_text())) + "\n"
-    sampling = ROOT / "bench/results/sampling-cpu.json"
-    if sampling.is_file():
-        text += render_sampling(json.loads(sampling.read_text()))
-    for name, renderer in (("engine-h200", render_engine), ("serve-cpu", render_serve)):
-        path = ROOT / f"bench/results/{name}.json"
-        if path.is_file():
-            text += renderer(json.loads(path.read_text()))
-    Path(a.out).write_text(text)
+        text += f"\n## {title}\n\n" + _bench_module("soak").render(json.loads(soak.read_text())) + "\n"
+    else:
+        text += not_measured(title, _shown(soak), "python bench/soak.py")
+    for name, title, renderer, command in (
+            ("sampling-cpu", "Chat sampling defaults (CPU)", render_sampling, "python bench/sampling_defaults.py"),
+            ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
+            ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,
+             "python bench/serve.py --device cpu --out bench/results/serve-cpu.json")):
+        path = results / f"{name}.json"
+        text += renderer(json.loads(path.read_text())) if path.is_file() else not_measured(title, _shown(path), command)
+    return text
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the repo root when inside it (as the report names files)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def _bench_module(name: str):

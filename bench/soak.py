@@ -25,6 +25,7 @@ Three parts, one JSON (bench/results/soak-cpu.json by default; parts not re-run 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -47,6 +48,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from webui.http_client import ChatClient  # noqa: E402
+from webui.ui import MALLOC_ARENAS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "soak-cpu.json"
 README = ROOT / "README.md"
@@ -318,7 +320,7 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
             "rss_start_mib": samples[0][1], "rss_after_1min_mib": after_warmup[1], "rss_end_mib": end[1],
             "rss_drift_after_1min_mib": end[1] - after_warmup[1], "rss_max_mib": max(s[1] for s in samples),
             "fds_start": samples[0][2], "fds_end": end[2], "chat_sessions_end": end[3],
-            "gradio_session_capacity": demo.state_session_capacity,
+            "gradio_session_capacity": demo.state_session_capacity, "app_session_capacity": store.max_sessions,
             "gradio_sessions_end": end[4], "samples": samples}
 
 
@@ -360,9 +362,9 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
 def render(data: dict) -> str:
     env, lines = data["environment"], []
     model = env["model"].removeprefix(str(ROOT) + os.sep)  # the bundled checkpoint as a repo path
-    lines.append(f"Measured by `python bench/soak.py` on {env['cpu']} ({env['cores']} cores), model "
-                 f"`{model}` ({env['precision']}, 8-bit: {env['int8']}), torch {env['torch']}, gradio "
-                 f"{env['gradio']}.")
+    lines.append(f"Date: {env.get('date') or 'not recorded'}. Measured by `python bench/soak.py` on {env['cpu']} "
+                 f"({env['cores']} cores), model `{model}` ({env['precision']}, 8-bit: {env['int8']}), torch "
+                 f"{env['torch']}, gradio {env['gradio']}.")
     if data.get("concurrency"):
         lines += ["", "Concurrency limit (8 clients at once, greedy 48-token replies, 3 rounds; first update = "
                   "client-side time to the first streamed piece, queue wait included):", "",
@@ -391,9 +393,11 @@ def render(data: dict) -> str:
                   f"{s['chat_sessions_end']} / {s['gradio_sessions_end']} |", "",
                   f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) up to "
                   f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py); "
-                  + _after_cap(s) + " The app's own session store keeps at most 32 recurrent states. The server shares "
-                  "two glibc heaps between its threads and returns freed pages after every reply (`tnllm.memory`; "
-                  "the drift without them is in docs/reliability.md#host-memory).", "",
+                  + _after_cap(s) + " The app's own session store keeps at most "
+                  f"{s.get('app_session_capacity', 'a fixed number of')} recurrent states. The server shares "
+                  f"{env.get('malloc_arenas', MALLOC_ARENAS)} glibc heaps between its threads and returns freed pages "
+                  "after every reply (`tnllm.memory`; the drift without them is in docs/reliability.md#host-memory).",
+                  "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]
         if s.get("probes"):
@@ -469,8 +473,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     runtime = load_runtime(args.model, "matched", int8=args.int8, device="cpu")
-    env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "model": runtime.info["model"],
-           "precision": runtime.info["precision"], "int8": runtime.info["8-bit"], "torch": torch.__version__,
+    env = {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+           "cores": os.cpu_count(), "model": runtime.info["model"], "precision": runtime.info["precision"],
+           "int8": runtime.info["8-bit"], "malloc_arenas": MALLOC_ARENAS, "torch": torch.__version__,
            "gradio": gradio.__version__, "python": platform.python_version()}
     data: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}  # parts not re-measured stay
     data["environment"] = env

@@ -194,9 +194,34 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
     tnl_cache = {r["cache_bytes"] for r in rows if r["model"] == "TNL"}
     assert len(tnl_cache) == 1, "TNL's state is the same size at every context and precision"
     # BENCHMARKS.md's section is rendered from this JSON: every row, and one goals line per method
+    text = _report().render_decode(result)
+    assert sum(line.startswith(("| TNL |", "| Llama |")) for line in text.splitlines()) == len(rows)
+    assert [line.split(" | ")[0] for line in text.splitlines() if "(40 vs 16)" in line] == ["| none", "| int8"]
+
+
+def _report():
+    """bench/report.py as a module (bench/ is a folder of scripts)."""
     spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    text = report.render_decode(result)
-    assert sum(line.startswith(("| TNL |", "| Llama |")) for line in text.splitlines()) == len(rows)
-    assert [line.split(" | ")[0] for line in text.splitlines() if "(40 vs 16)" in line] == ["| none", "| int8"]
+    return report
+
+
+def test_report_sections_state_their_own_json_date(tmp_path):
+    """Each section's date line comes from its JSON; a JSON without one says so instead of borrowing another's."""
+    report = _report()
+    kernels = json.loads((ROOT / "bench/results/kernels-h200.json").read_text())
+    (tmp_path / "kernels.json").write_text(json.dumps({**kernels, "date": "2031-02-03"}))
+    (tmp_path / "train-sweep-h200.json").write_text(json.dumps({"runs": {}}))
+    text = report.render_all(tmp_path, tmp_path / "kernels.json")
+    assert f"Date: 2031-02-03. Hardware: {kernels['device']}. Software: torch {kernels['torch']}," in text
+    training = text.split("## Bundled-model training throughput")[1]
+    assert training.splitlines()[2].startswith("Date: not recorded.")
+
+
+def test_report_says_not_measured_for_missing_json(tmp_path):
+    """A section whose JSON is missing is named, with the file and the command that would write it."""
+    text = _report().render_all(tmp_path, tmp_path / "kernels.json")
+    assert text.count("Not measured yet: no ") == 7
+    assert f"no {tmp_path / 'soak-cpu.json'}. Command: `python bench/soak.py`." in text
+    assert "budget" not in text
