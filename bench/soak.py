@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from tnllm.bench import percentile, timed  # noqa: E402
 from webui.http_client import ChatClient  # noqa: E402
 from webui.ui import MALLOC_ARENAS  # noqa: E402
 
@@ -71,11 +72,6 @@ def rss_mib() -> float:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
 
 
 def launch(runtime, concurrency: int, queue_size: int):
@@ -149,9 +145,9 @@ def measure_concurrency(runtime, ks: list[int], clients: int = 8, rounds: int = 
         finally:
             demo.close()
         rows.append({"concurrency_limit": k, "clients": clients, "requests": clients * rounds, "errors": errors,
-                     "aggregate_tokens_per_s": new_tokens / wall, "first_update_p50_s": pct(ttfu, .5),
-                     "first_update_p95_s": pct(ttfu, .95), "reply_p50_s": pct(total, .5),
-                     "reply_p95_s": pct(total, .95)})
+                     "aggregate_tokens_per_s": new_tokens / wall, "first_update_p50_s": percentile(ttfu, .5),
+                     "first_update_p95_s": percentile(ttfu, .95), "reply_p50_s": percentile(total, .5),
+                     "reply_p95_s": percentile(total, .95)})
         print(f"K={k}: {rows[-1]['aggregate_tokens_per_s']:.0f} tok/s aggregate, first update p50 "
               f"{rows[-1]['first_update_p50_s']:.2f}s p95 {rows[-1]['first_update_p95_s']:.2f}s, errors {errors}",
               flush=True)
@@ -328,7 +324,6 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
     """The longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first prefill chunk is
     reported; the time from the cancel request to the reply's `finally` on the server, against one prefill
     chunk's time (docs/reliability.md#stop-during-prefill)."""
-    from tnllm.bench import timed
     from tnllm.generation import PREFILL_CHUNK
     from webui.validation import MAX_MESSAGE_CHARS
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import random
+import statistics
 import subprocess
 import sys
 
@@ -20,6 +23,7 @@ from tnllm.bench import (
     LlamaAdapter,
     TNLAdapter,
     adapter_for,
+    percentile,
     process_rss_bytes,
     prompt_ids,
     sweep,
@@ -225,3 +229,21 @@ def test_report_says_not_measured_for_missing_json(tmp_path):
     assert text.count("Not measured yet: no ") == 7
     assert f"no {tmp_path / 'soak-cpu.json'}. Command: `python bench/soak.py`." in text
     assert "budget" not in text
+
+
+def test_percentile_interpolates_linearly_between_closest_ranks():
+    """The one percentile of the benchmarks: position q * (n - 1) of the sorted samples, interpolated."""
+    assert percentile([4, 1, 3, 2], 0.5) == 2.5
+    assert percentile([10, 20, 30, 40, 50], 0.2) == 18
+    assert percentile([10, 20, 30, 40, 50], 0.95) == 48
+    assert percentile([3, 1, 2], 0) == 1 and percentile([3, 1, 2], 1) == 3
+    assert percentile([7.0], 0.8) == 7.0
+    assert math.isnan(percentile([], 0.5))
+    with pytest.raises(ValueError):
+        percentile([1, 2], 95)
+    rng = random.Random(0)
+    for n in (2, 5, 32):
+        samples = [rng.random() for _ in range(n)]
+        assert percentile(samples, 0.5) == pytest.approx(statistics.median(samples))
+        deciles = statistics.quantiles(samples, n=10, method="inclusive")
+        assert [percentile(samples, i / 10) for i in range(1, 10)] == pytest.approx(deciles)

@@ -248,9 +248,22 @@ def _total(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else process_rss_bytes()
 
 
-def _quantile(samples: list[float], q: float) -> float:
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The `q`-quantile (0 <= q <= 1) of `samples`, NaN when there are none: linear interpolation between the two
+    closest ranks, at position q * (n - 1) of the sorted samples.
+
+    The benchmarks' one definition: it is numpy's default, `statistics.quantiles(method="inclusive")` and what
+    `triton.testing.do_bench` reports, and its 0.5 is `statistics.median`, so a p20-p80 spread sits around the
+    median printed next to it."""
+    if not 0 <= q <= 1:
+        raise ValueError(f"q must be in [0, 1], got {q}")
     ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 @torch.inference_mode()
@@ -332,8 +345,8 @@ class EngineRun:
 def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], run: StepRun | EngineRun,
                 peak_bytes: int | None, total_bytes: int | None) -> DecodeRow:
     median_s = statistics.median(seconds)
-    return DecodeRow(adapter.name, context_len, len(seconds), median_s * 1e3, _quantile(seconds, 0.2) * 1e3,
-                     _quantile(seconds, 0.8) * 1e3, 1.0 / median_s, run.cache_bytes(), peak_bytes, total_bytes,
+    return DecodeRow(adapter.name, context_len, len(seconds), median_s * 1e3, percentile(seconds, 0.2) * 1e3,
+                     percentile(seconds, 0.8) * 1e3, 1.0 / median_s, run.cache_bytes(), peak_bytes, total_bytes,
                      run.path)
 
 
