@@ -17,7 +17,6 @@ import json
 import math
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from kernels import reference as ref  # noqa: E402
 from kernels import triton_chunk  # noqa: E402
 from kernels.triton_chunk import lightning_attn_triton  # noqa: E402
 from kernels.triton_step import lightning_attn_step_triton  # noqa: E402
+from tnllm.bench import timed  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -41,9 +41,7 @@ def bench(fn, grad_to_none=None):
         return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8],
                                              grad_to_none=grad_to_none))
     fn()
-    t = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t) * 1e3
+    ms = timed(fn, torch.device(DEV))[1] * 1e3
     return ms, ms, ms
 
 

@@ -14,7 +14,6 @@ import functools
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import quant  # noqa: E402  (after the path fix)
 from quant import bnb  # noqa: E402
 from quant.int8 import Int8Linear  # noqa: E402
+from tnllm.bench import timed  # noqa: E402
 from tnllm.generation import prefill  # noqa: E402
 
 SHAPES = ((2048, 2048), (2048, 5632))  # (in, out): TNL-1B out_proj and l1/l2
@@ -31,19 +31,12 @@ BATCHES = (1, 16)
 
 
 def time_ms(fn, x: torch.Tensor, reps: int) -> tuple[float, float]:
-    """(median, min) wall time of fn(x) in ms after warm-up (device-synchronised on CUDA).
+    """(median, min) time of fn(x) in ms after 3 warm-up calls, each call timed by `tnllm.bench.timed`.
 
     The min is reported too because shared 2-core VMs lose whole scheduler slices (+4-8 ms)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(3):
         fn(x)
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+    times = [timed(lambda: fn(x), x.device)[1] * 1e3 for _ in range(reps)]
     return statistics.median(times), min(times)
 
 

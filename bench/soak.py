@@ -48,6 +48,7 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from tnllm.bench import percentile, timed  # noqa: E402
+from tnllm.memory import process_rss_bytes  # noqa: E402
 from webui.http_client import ChatClient  # noqa: E402
 from webui.ui import MALLOC_ARENAS  # noqa: E402
 
@@ -66,8 +67,8 @@ LONG = (0.0, 1.0, 0, 1.0, 1024, 0)
 
 
 def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's resident memory in MiB (the soak runs the server in-process: it is the server's)."""
+    return process_rss_bytes() / 2**20
 
 
 def open_fds() -> int:

@@ -24,13 +24,13 @@ from tnllm.bench import (
     TNLAdapter,
     adapter_for,
     percentile,
-    process_rss_bytes,
     prompt_ids,
     sweep,
     time_decode,
     time_decode_interleaved,
     time_prefill,
 )
+from tnllm.memory import process_rss_bytes
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 

@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from tnllm.bench import process_rss_bytes
-from tnllm.memory import limit_malloc_arenas, malloc_trim
+from tnllm.memory import limit_malloc_arenas, malloc_trim, process_rss_bytes
 
 glibc_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or process_rss_bytes() is None,
                                  reason="glibc malloc and /proc needed")

@@ -27,7 +27,6 @@ previous tokens. TNL's step cost is constant in T, a Transformer's grows with it
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 
 from tnllm.engine import Engine, EngineConfig
+from tnllm.memory import process_rss_bytes
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams
 
@@ -199,15 +199,6 @@ def prompt_ids(vocab_size: int, length: int, seed: int = 0, device: torch.device
     """Deterministic token ids [1, length] in [3, vocab) (skipping pad/bos/eos), the same for every model."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (1, length), generator=generator).to(device)
-
-
-def process_rss_bytes() -> int | None:
-    """Resident set size of this process (Linux /proc), or None elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:

@@ -1,4 +1,5 @@
-"""Host memory of long-running processes: hand freed heap pages back to the OS (glibc; no-ops elsewhere).
+"""Host memory of long-running processes: hand freed heap pages back to the OS (glibc; no-ops elsewhere), and
+read what the process holds (`process_rss_bytes`, the one resident-memory reading of the app and benchmarks).
 
 glibc keeps freed blocks in its heaps and gives every new thread its own heap ("arena", up to 8 per core).
 The chat server frees large, oddly sized activations from whichever worker thread ran a reply, and the
@@ -25,6 +26,15 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+
+
+def process_rss_bytes() -> int | None:
+    """Resident set size of this process (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def malloc_trim() -> bool:
