@@ -41,7 +41,7 @@ from bench.engine_gpu import ModuloTokenizer  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model  # noqa: E402
 from tnllm.baseline import build_llama, load_llama  # noqa: E402
 from tnllm.bench import BenchRow, EngineAdapter, adapter_for, format_table, print_progress, sweep  # noqa: E402
-from tnllm.checkpoint import parse_dtype  # noqa: E402
+from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for  # noqa: E402
 from webui.validation import CHAT_DEFAULTS  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/decode-<host>.json)")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    dtype = args.dtype or dtype_name(default_dtype(args.device))
     contexts = [int(c) for c in args.contexts.split(",")]
     methods = args.quant.split(",")
     if len(methods) > 1:

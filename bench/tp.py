@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `torchrun bench/
 
 from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
 from tnllm.bench import timed  # noqa: E402
-from tnllm.checkpoint import parse_dtype  # noqa: E402
+from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
 from tnllm.tp import TPGroup, empty_tp_model, init_tp, shard_spec  # noqa: E402
 from tnllm.tp.load import take  # noqa: E402
 from tnllm.tp.serve import DrivenGraph, DrivenModel, Driver, follow, new_graph  # noqa: E402
@@ -205,7 +205,8 @@ def agree(a: list[int], b: list[int]) -> int:
 def run(args: argparse.Namespace) -> dict | None:
     tp = init_tp(timeout_s=3600)
     device = tp.device
-    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    args.dtype = dtype_name(args.dtype or default_dtype(device))  # resolved here, so the report records what ran
+    dtype = parse_dtype(args.dtype)
     graphs = device.type == "cuda" and not args.no_graphs
     config = TNLConfig.from_name(args.preset)
     batches = [int(b) for b in args.batches.split(",")]
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
               "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
               "preset": args.preset, "config": TNLConfig.from_name(args.preset).to_hf_dict(),
-              "dtype": args.dtype or ("bf16" if torch.cuda.is_available() else "fp32"),
+              "dtype": args.dtype,
               "args": vars(args), **summary,
               "raw": {k: {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in res.items() if k != "fp32"}}
     print_table(summary, size)

@@ -8,7 +8,15 @@ from safetensors.torch import save_file
 
 from tests.conftest import assert_close
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, save_model
-from tnllm.checkpoint import MANIFEST_FILE, resolve, weight_files, write_manifest
+from tnllm.checkpoint import (
+    MANIFEST_FILE,
+    default_dtype,
+    dtype_name,
+    parse_dtype,
+    resolve,
+    weight_files,
+    write_manifest,
+)
 
 IDS = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
 
@@ -219,3 +227,14 @@ def test_hub_errors_are_clear(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="could not fetch 'OpenNLPLab/TransNormerLLM-1B'"):
         resolve("OpenNLPLab/TransNormerLLM-1B")
+
+
+def test_default_dtype_is_bf16_on_cuda_and_fp32_elsewhere():
+    assert default_dtype("cuda") is torch.bfloat16 and default_dtype(torch.device("cuda", 1)) is torch.bfloat16
+    assert default_dtype("cpu") is torch.float32 and default_dtype(torch.device("meta")) is torch.float32
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_dtype_name_inverts_parse_dtype(name):
+    assert dtype_name(parse_dtype(name)) == name and dtype_name(name.upper()) == name
+    assert dtype_name({"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[name]) == name

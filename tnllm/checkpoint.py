@@ -31,6 +31,7 @@ TIED_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+_SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 class CheckpointError(ValueError):
@@ -44,6 +45,21 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise ValueError(f"dtype must be one of fp32 / bf16 / fp16, got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The short name ('fp32', 'bf16' or 'fp16') of anything `parse_dtype` reads, as results files record it."""
+    return _SHORT_NAMES[parse_dtype(dtype)]
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The weights' dtype when none is asked for: bf16 on CUDA, fp32 on any other device.
+
+    On a GPU, bf16 halves the bytes every decode step reads (decode is bandwidth-bound) and runs matmuls on the
+    tensor cores, with fp32 kept where it matters (state, norms, softmax). CPUs often run bf16 matmuls slower
+    than fp32 (bench/quant_cpu.py times both) and have memory to spare for a small model, so they keep fp32,
+    the precision the numerical checks compare against."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 # -- locating files -----------------------------------------------------------------------------

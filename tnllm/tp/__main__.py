@@ -3,9 +3,8 @@
     torchrun --standalone --nproc-per-node 2 -m tnllm.tp --model DIR_OR_REPO_ID [--dtype bf16]
     torchrun --standalone --nproc-per-node 2 -m tnllm.tp --model DIR --prompt "Hello!" --temperature 0
 
-Decoding is eager: `tnllm.generation.Conversation` and `generate` take no CUDA graph. A caller that wants
-graph decoding over TP steps a `tnllm.tp.serve.DrivenGraph` itself (bench/tp.py does). NCCL_NVLS_ENABLE=0 is
-kept (docs/tensor-parallel.md).
+Replies run on the engine (`tnllm.engine`), eagerly: its CUDA graphs are captured on one process and cannot
+hold the other ranks' collectives. NCCL_NVLS_ENABLE=0 is kept (docs/tensor-parallel.md).
 """
 
 from __future__ import annotations
@@ -35,30 +34,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def chat(model: DrivenModel, args: argparse.Namespace) -> None:
-    """Rank 0: a terminal chat over the TP model through the single-GPU generation engine."""
-    from tnllm.generation import Conversation
+    """Rank 0: a terminal chat over the TP model through the engine."""
+    from tnllm.engine import Engine, EngineConfig
     from tnllm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                             seed=args.seed)
-    conv = Conversation(model, tokenizer)
+    session = Engine(model, tokenizer, EngineConfig(max_sessions=1, threaded=False)).open()
     messages = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
     for message in messages:
-        for piece in conv.reply(message, params):
-            print(piece, end="", flush=True)
-        stats = conv.last_stats
+        reply = session.send(message, params)
+        for event in reply:
+            print(event.text, end="", flush=True)
+        stats = reply.stats
         print(f"\n[{stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tok/s, TP={model.tp.size}, "
               f"state {stats.state_bytes / 1e6:.2f} MB per GPU]", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    import torch
-
     args = parse_args(argv)
-    dtype = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     try:
-        serve(args.model, lambda model: chat(model, args), dtype=dtype, vocab_parallel=not args.replicated_vocab)
+        serve(args.model, lambda model: chat(model, args), dtype=args.dtype, vocab_parallel=not args.replicated_vocab)
     finally:
         shutdown()
 

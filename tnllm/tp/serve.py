@@ -11,13 +11,15 @@ logits, the sampling settings, the repetition history, stop strings and the user
 rank, and any divergence (a top-p tie resolved differently, a UI event seen by one rank) silently
 desynchronises the collectives.
 
-On rank 0, `DrivenModel` looks like a `TransNormerLLM` to `tnllm.generation` (`model(ids, state,
-logits_to_keep)`, `allocate_state`, `config`, `lm_head`), and `DrivenGraph` like a `GraphedDecoder`,
-so `generate`, `generate_tokens` and `Conversation.reply` run unchanged. Its states are
-`DrivenState`s: the local heads' tensors plus an id naming the same state on every rank.
+On rank 0, `DrivenModel` looks like a `TransNormerLLM` to the engine (`model(ids, state,
+logits_to_keep)`, `allocate_state`, `config`, `lm_head`) and gives it a `DrivenPool`, whose slot operations
+and forwards over slots run on every rank, so `tnllm.engine.Engine` serves it unchanged (eagerly: a CUDA
+graph captured on rank 0 alone cannot hold the other ranks' collectives). `DrivenGraph` steps a graph captured
+on every rank (bench/tp.py). Its states are `DrivenState`s: the local heads' tensors plus an id naming the
+same state on every rank.
 
     def main(model):                       # rank 0 only; model is a DrivenModel
-        conv = Conversation(model, tokenizer)
+        engine = Engine(model, tokenizer)
         ...
     serve("DIR", main, dtype="bf16")       # every rank: torchrun --nproc-per-node N your_script.py
 
@@ -35,12 +37,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tnllm.state import RecurrentState
+from tnllm.checkpoint import default_dtype
+from tnllm.engine.pool import StatePool
+from tnllm.state import RecurrentState, SlotState
 from tnllm.tp.comm import TPGroup, init_tp
 from tnllm.tp.load import load_tp_model
 from tnllm.tp.model import TPTransNormerLLM
 
-STOP, FORWARD, ALLOC, FREE, CLONE, RESET, GRAPH_NEW, GRAPH_LOAD, GRAPH_STEP, GRAPH_STORE = range(10)
+(STOP, FORWARD, ALLOC, FREE, CLONE, RESET, GRAPH_NEW, GRAPH_LOAD, GRAPH_STEP, GRAPH_STORE,
+ FORWARD_SLOTS, SLOT_CLEAR, SLOT_COPY, SLOT_READ, SLOT_WRITE) = range(15)
 HEADER = 6  # op, sid, a, b, c, n_payload
 INLINE = 64  # token ids carried inside the command buffer itself
 
@@ -57,6 +62,8 @@ class Executor:
     def run(self, op: int, sid: int, a: int, b: int, c: int, ids: torch.Tensor | None):
         if op == FORWARD:  # ids [a, b]; c = logits_to_keep; sid -1 = no state
             return self.model(ids.view(a, b), self.states[sid] if sid >= 0 else None, logits_to_keep=c)
+        if op >= FORWARD_SLOTS:  # the engine's slot pool: sid = the pool's state
+            return self._run_pool(op, StatePool.over(self.states[sid]), a, b, c, ids)
         if op == ALLOC:
             self.states[sid] = self.model.allocate_state(a)
         elif op == FREE:
@@ -75,6 +82,20 @@ class Executor:
             return self.graphs[sid].step(ids.view(a, 1))
         elif op != STOP:
             raise ValueError(f"unknown TP command {op}")
+        return None
+
+
+    def _run_pool(self, op: int, pool: StatePool, a: int, b: int, c: int, ids: torch.Tensor | None):
+        if op == FORWARD_SLOTS:  # ids: a * b token ids then the a rows' slots; c = logits_to_keep
+            return self.model(ids[:a * b].view(a, b), pool.rows(ids[a * b:]), logits_to_keep=c)
+        if op == SLOT_CLEAR:
+            pool.clear(a)
+        elif op == SLOT_COPY:
+            pool.copy(a, b)
+        elif op == SLOT_READ:  # slot a -> a new state named b
+            self.states[b] = pool.read(a)
+        elif op == SLOT_WRITE:  # the state named b -> slot a
+            pool.write(a, self.states[b])
         return None
 
 
@@ -186,6 +207,12 @@ class DrivenModel:
         self.lm_head = self.shard.lm_head  # generation reads .weight.device
         self.tp = driver.tp
 
+    capturable = False  # every rank must join each step: the engine's CUDA graphs cannot capture it
+
+    def allocate_pool(self, size: int) -> "DrivenPool":
+        """The engine's slot pool, kept alike on every rank."""
+        return DrivenPool(self, size)
+
     def allocate_state(self, batch_size: int = 1) -> DrivenState:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -193,18 +220,27 @@ class DrivenModel:
         self.driver.command(ALLOC, sid, batch_size)
         return DrivenState(self.driver, sid)
 
-    def __call__(self, input_ids: torch.Tensor, state: DrivenState | None = None, logits_to_keep: int = 0):
+    def __call__(self, input_ids: torch.Tensor, state: DrivenState | DrivenSlots | None = None,
+                 logits_to_keep: int = 0):
         """input_ids [B, T] -> logits [B, T', V] (full vocabulary), state advanced on every rank."""
         if input_ids.dim() != 2 or input_ids.numel() == 0:  # validate before any rank starts
             raise ValueError(f"input_ids must be a non-empty [B, T], got shape {tuple(input_ids.shape)}")
+        self._check_ids(input_ids)
+        B, T = input_ids.shape
+        if isinstance(state, DrivenSlots):
+            if state.batch_size != B:
+                raise ValueError(f"{state.batch_size} slots but input_ids has batch {B}")
+            payload = torch.cat([input_ids.reshape(-1), state.slots])
+            return self.driver.command(FORWARD_SLOTS, state.sid, B, T, logits_to_keep, payload)
         if state is not None and not isinstance(state, DrivenState):
             raise TypeError("under TP, states must come from DrivenModel.allocate_state (or their clone())")
         if state is not None and state.batch_size != input_ids.shape[0]:
             raise ValueError(f"state holds {state.batch_size} sequences but input_ids has batch {input_ids.shape[0]}")
+        return self.driver.command(FORWARD, -1 if state is None else state.sid, B, T, logits_to_keep, input_ids)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
-        B, T = input_ids.shape
-        return self.driver.command(FORWARD, -1 if state is None else state.sid, B, T, logits_to_keep, input_ids)
 
     def parameters(self):
         return self.shard.parameters()
@@ -212,6 +248,47 @@ class DrivenModel:
     def num_parameters(self) -> int:
         """Parameters of the whole model (this shard's count is `shard.num_parameters()`)."""
         return sum(p.numel() for p in _meta_full(self.config).parameters())
+
+
+class DrivenSlots(SlotState):
+    """Rows of a `DrivenPool` as the model reads them: the slots plus the id naming the pool on every rank."""
+
+    def __init__(self, pool: "DrivenPool", slots: torch.Tensor):
+        super().__init__(pool.kv, pool.positions, slots)
+        self.sid = pool.state.sid
+
+
+class DrivenPool(StatePool):
+    """The engine's slot pool under tensor parallelism: every rank holds its heads' share of each slot, and
+    every change to a slot (clear, copy, read, write, a forward over slots) is a command all ranks run."""
+
+    def __init__(self, model: DrivenModel, size: int):
+        self.driver = model.driver
+        super().__init__(model, size)  # model.allocate_state: a DrivenState, allocated on every rank
+
+    def _command(self, op: int, a: int = 0, b: int = 0) -> None:
+        self.driver.command(op, self.state.sid, a, b)
+
+    def clear(self, slot: int) -> None:
+        self._command(SLOT_CLEAR, slot)
+
+    def copy(self, src: int, dst: int) -> None:
+        self._command(SLOT_COPY, src, dst)
+
+    def read(self, slot: int) -> DrivenState:
+        """A copy of the slot on every rank (a `DrivenState`; save() is not supported)."""
+        sid = self.driver.new_id()
+        self._command(SLOT_READ, slot, sid)
+        return DrivenState(self.driver, sid)
+
+    def write(self, slot: int, state: RecurrentState) -> None:
+        if not isinstance(state, DrivenState):
+            raise TypeError("under tensor parallelism a slot can only be written from a state of this pool "
+                            "(session files hold a whole state and load on one GPU only)")
+        self._command(SLOT_WRITE, slot, state.sid)
+
+    def rows(self, slots: torch.Tensor) -> DrivenSlots:
+        return DrivenSlots(self, slots)
 
 
 def _meta_full(config):
@@ -241,13 +318,13 @@ class DrivenGraph:
         return self.driver.command(GRAPH_STEP, self.gid, self.batch_size, 1, 0, tokens)
 
 
-def serve(path_or_repo_id: str | Path, main: Callable[[DrivenModel], object], *, dtype="bf16",
-          vocab_parallel: bool = True, tp: TPGroup | None = None):
-    """Every rank calls this under torchrun: load the shard, then rank 0 runs `main(DrivenModel)`
-    while the others follow; when `main` returns (or raises) the followers are released.
-    Returns main's result on rank 0, None elsewhere."""
+def serve(path_or_repo_id: str | Path, main: Callable[[DrivenModel], object], *,
+          dtype: torch.dtype | str | None = None, vocab_parallel: bool = True, tp: TPGroup | None = None):
+    """Every rank calls this under torchrun: load the shard (`dtype` None: `default_dtype` of the rank's
+    device), then rank 0 runs `main(DrivenModel)` while the others follow; when `main` returns (or raises)
+    the followers are released. Returns main's result on rank 0, None elsewhere."""
     tp = tp or init_tp()
-    model = load_tp_model(path_or_repo_id, tp, dtype=dtype, vocab_parallel=vocab_parallel)
+    model = load_tp_model(path_or_repo_id, tp, dtype=dtype or default_dtype(tp.device), vocab_parallel=vocab_parallel)
     if tp.rank != 0:
         follow(model)
         return None
