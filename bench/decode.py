@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/de
 
 import quant  # noqa: E402
 from bench.engine_gpu import ModuloTokenizer  # noqa: E402
-from tnllm import TNLConfig, TransNormerLLM, load_model  # noqa: E402
+from tnllm import TransNormerLLM, load_model  # noqa: E402
 from tnllm.baseline import build_llama, load_llama  # noqa: E402
 from tnllm.bench import BenchRow, EngineAdapter, adapter_for, format_table, print_progress, sweep  # noqa: E402
 from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
+from tnllm.model import random_model  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for  # noqa: E402
 from webui.validation import CHAT_DEFAULTS  # noqa: E402
@@ -50,10 +51,7 @@ from webui.validation import CHAT_DEFAULTS  # noqa: E402
 def build_tnl(spec: str, dtype: str, device: str) -> TransNormerLLM:
     """`preset:NAME` (random weights, seed 0) or a checkpoint directory / repo id."""
     if spec.startswith("preset:"):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = TransNormerLLM(TNLConfig.from_name(spec.removeprefix("preset:")))
-        return model.to(device=device, dtype=parse_dtype(dtype)).eval()
+        return random_model(spec.removeprefix("preset:"), device=device, dtype=parse_dtype(dtype))
     return load_model(spec, dtype=dtype, device=device)
 
 

@@ -31,6 +31,7 @@ from tnllm.bench import (
     time_prefill,
 )
 from tnllm.memory import process_rss_bytes
+from tnllm.model import random_model
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
@@ -201,6 +202,21 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
     text = _report().render_decode(result)
     assert sum(line.startswith(("| TNL |", "| Llama |")) for line in text.splitlines()) == len(rows)
     assert [line.split(" | ")[0] for line in text.splitlines() if "(40 vs 16)" in line] == ["| none", "| int8"]
+
+
+def test_random_preset_model_is_seeded_and_leaves_the_callers_rng_alone():
+    """`random_model`, the benchmarks' `preset:NAME`: one seed, one model, whatever the caller drew before."""
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    model = random_model("tiny", vocab_size=300, dtype=torch.bfloat16)
+    assert torch.equal(torch.rand(3), expected_next), "the caller's random stream is untouched"
+    assert model.config.vocab_size == 300 and not model.training
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    again = random_model("tiny", vocab_size=300, dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    other = random_model("tiny", vocab_size=300, dtype=torch.bfloat16, seed=1)
+    assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
 
 
 def _report():

@@ -143,3 +143,18 @@ class TransNormerLLM(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.final_norm(x))
+
+
+def random_model(preset: str, *, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, **overrides) -> TransNormerLLM:
+    """A `TNLConfig` preset (`overrides` as in `TNLConfig.from_name`) with random weights, in eval mode: what the
+    app, the CLI and the benchmarks run when given `preset:NAME` instead of a checkpoint.
+
+    The weights are drawn under `seed` without touching the caller's random streams, so one seed gives one model
+    whatever ran before. They are drawn on `device` (a 7B preset never passes through host memory), from that
+    device's generator: a CUDA model differs from the CPU one of the same seed."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = TransNormerLLM(TNLConfig.from_name(preset, **overrides))
+    return model.to(dtype).eval()
