@@ -98,15 +98,18 @@ def tok(tok_file):
 def runtime():
     from webui.runtime import load_runtime
 
-    return load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
+    runtime = load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
+    yield runtime
+    runtime.engine.shutdown()
 
 
 @pytest.fixture
 def chat(runtime):
-    """The chat handler with its own session store (`chat.store`)."""
+    """The chat handler with its own session store (`chat.store`; its sessions are closed afterwards)."""
     from webui.chat import SessionStore, make_chat_fn
 
     store = SessionStore(runtime)
     fn = make_chat_fn(runtime, store)
     fn.store = store
-    return fn
+    yield fn
+    store.close()

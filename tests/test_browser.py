@@ -36,6 +36,7 @@ def demo():
     demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
     yield demo
     demo.close()
+    demo.sessions.close()  # the module's runtime outlives this server: free its state slots
 
 
 @pytest.fixture(scope="module")

@@ -211,6 +211,7 @@ def server(runtime):
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
     yield url, demo
     demo.close()
+    demo.sessions.close()  # the module's runtime outlives this server: free its state slots
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ httpx = pytest.importorskip("httpx")
 
 from tnllm.checkpoint import CheckpointError, save_model, write_manifest  # noqa: E402
 from tnllm.data import ASSISTANT_PREFIX, HUMAN_PREFIX  # noqa: E402
+from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from webui import validation as V  # noqa: E402
 from webui.http_client import ChatClient  # noqa: E402
 from webui.validation import message_text  # noqa: E402
@@ -129,7 +130,7 @@ def test_special_tokens_and_chat_markers_stay_plain_text(runtime, chat):
     # Through the handler: the reply runs to its length (the user's "</s>" is text, not an eos the model saw).
     _, info = run(chat, evil, GREEDY)
     session = chat.store.get("default")
-    assert tok.eos_id not in session.conv.history[:info["context_tokens"] - info["new_tokens"]]
+    assert tok.eos_id not in session.session.history[:info["context_tokens"] - info["new_tokens"]]
     assert info["finish_reason"] == "length" and info["new_tokens"] == GREEDY[4]
 
 
@@ -223,7 +224,7 @@ def test_nan_weights_give_a_clear_message_not_garbage(runtime):
     poisoned = copy.deepcopy(runtime.model)
     with torch.no_grad():
         poisoned.model.layers[0].token_mixer.out_proj.weight.fill_(float("nan"))
-    rt = dataclasses.replace(runtime, model=poisoned)
+    rt = dataclasses.replace(runtime, model=poisoned, engine=Engine(poisoned, runtime.tokenizer, EngineConfig(4)))
     store = SessionStore(rt)
     chat = make_chat_fn(rt, store)
     replies, info = run(chat, "hello")
@@ -458,6 +459,7 @@ def server(runtime):
     demo.url = url
     yield demo
     demo.close()
+    demo.sessions.close()  # the module's runtime outlives this server: free its state slots
 
 
 @pytest.fixture(scope="module")
@@ -549,7 +551,7 @@ def test_http_sessions_are_isolated(server, fn_index):
         interleaved["b"].append(b.chat(mb, cb).reply)
     sessions = server.sessions._sessions
     sa, sb = sessions[a.session_hash], sessions[b.session_hash]
-    assert all(x.data_ptr() != y.data_ptr() for x, y in zip(sa.conv.state.kv, sb.conv.state.kv))
+    assert sa.session.slot != sb.session.slot, "each session has its own state slot"
     for name, turns in (("a", a_turns), ("b", b_turns)):
         solo = client(server, fn_index)
         assert [solo.chat(m, c).reply for m, c in turns] == interleaved[name]
@@ -563,9 +565,10 @@ def test_http_cancel_frees_the_worker_within_a_decode_step(server, fn_index):
     waited = wait_idle(store)
     assert result.outcome == "cancelled" and store.active == 0 and waited < 2
     session = store._sessions[c.session_hash]
-    assert not session.lock.locked() and session.conv.last_stats.finish_reason == "cancelled"
-    assert session.conv.last_stats.new_tokens < 1000
-    assert session.context_tokens == len(session.conv.history), "the state holds exactly the recorded ids"
+    assert not session.lock.locked() and session.turns[-1].info["finish_reason"] == "cancelled"
+    assert session.turns[-1].info["new_tokens"] < 1000
+    assert server.sessions.runtime.engine.pool.position(session.session.slot) == session.context_tokens, (
+        "the state holds exactly the recorded ids")
     after = c.chat("and then?", GREEDY)
     assert after.outcome == "completed" and after.info["prompt_tokens"] < 20, "only the new message is read"
 
@@ -579,7 +582,7 @@ def test_http_disconnect_runs_finally(server, fn_index):
     waited = wait_idle(store)
     assert result.outcome == "disconnected" and store.active == 0 and waited < 2
     assert store.counts["cancelled"] == before + 1
-    assert store._sessions[c.session_hash].conv.last_stats.new_tokens < 1000
+    assert store._sessions[c.session_hash].turns[-1].info["new_tokens"] < 1000
 
 
 def test_http_eight_concurrent_streams_equal_their_solo_runs(server, fn_index):

@@ -18,7 +18,6 @@ import torch.multiprocessing as mp
 
 from tests.conftest import assert_close, free_port
 from tnllm import TNLConfig, TransNormerLLM, save_model
-from tnllm.generation import generate_tokens
 from tnllm.sampling import SamplingParams
 from tnllm.tp import TPGroup, empty_tp_model, local_config, shard_from_model
 
@@ -55,6 +54,26 @@ def save(model: TransNormerLLM, directory, how: str) -> None:
     else:
         model.config.save(directory / "config.json")
         torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, directory / "pytorch_model.bin")
+
+
+def engine_replies(model) -> dict:
+    """Three replies decoded as one batch by a threadless engine (greedy, seeded sampling, and a prompt longer
+    than a command's inline ids, prefilled in chunks between the others' decode steps), then one session's
+    snapshot, a reply, a restore and the same reply again."""
+    from tnllm.engine import Engine, EngineConfig
+    from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+
+    engine = Engine(model, Tokenizer(BUNDLED_TOKENIZER), EngineConfig(max_sessions=3, prefill_budget=32,
+                                                                       threaded=False), eos_ids=set())
+    sessions = [engine.open() for _ in range(3)]
+    prompts = [(IDS[0].tolist(), GREEDY), (IDS[1].tolist(), SAMPLED), (LONG_PROMPT, GREEDY)]
+    replies = [s.feed_ids(ids, params) for s, (ids, params) in zip(sessions, prompts)]
+    engine.run_until_idle()
+    snapshot = sessions[0].snapshot()
+    again = [sessions[0].feed_ids([5, 6], GREEDY).wait().sampled]
+    sessions[0].restore(snapshot)
+    again.append(sessions[0].feed_ids([5, 6], GREEDY).wait().sampled)
+    return {"batched": [r.sampled for r in replies], "after_restore": again}
 
 
 def teacher_forced_decode(model, ids: torch.Tensor, state) -> torch.Tensor:
@@ -134,14 +153,13 @@ def _worker(rank: int, port: int, root: str) -> None:
             r["decode"] = teacher_forced_decode(model, IDS, state)
         r["kv_shapes"] = [tuple(t.shape) for t in state.kv]
         r["state_nbytes"] = state.nbytes
-        # Generation: rank 0 drives through the single-GPU engine, rank 1 follows.
+        # Generation: rank 0 drives the engine, rank 1 follows.
         if rank == 0:
             driver = Driver(model)
             driven = DrivenModel(driver)
-            r["greedy"] = list(generate_tokens(driven, IDS[0].tolist(), GREEDY))
-            r["sampled"] = list(generate_tokens(driven, IDS[1].tolist(), SAMPLED))
+            r["engine"] = engine_replies(driven)
             state = driven.allocate_state(1)
-            r["long_greedy"] = list(generate_tokens(driven, LONG_PROMPT, GREEDY, state))
+            driven(torch.tensor([LONG_PROMPT]), state)
             fork = state.clone()
             r["fork_logits"] = [driven(torch.tensor([[5]]), s)[:, -1] for s in (state, fork)]
             r["stateless"] = driven(IDS[:1], None, logits_to_keep=3)
@@ -220,9 +238,9 @@ def test_decay_uses_global_head_indices(tp_run, name):
 def test_generation_under_tp_equals_unsharded(tp_run, name):
     models, ranks = tp_run
     model, out = models[name], ranks[0][name]
-    assert out["greedy"] == list(generate_tokens(model, IDS[0].tolist(), GREEDY))
-    assert out["sampled"] == list(generate_tokens(model, IDS[1].tolist(), SAMPLED))
-    assert out["long_greedy"] == list(generate_tokens(model, LONG_PROMPT, GREEDY))
+    assert out["engine"] == engine_replies(model)
+    first, restored = out["engine"]["after_restore"]
+    assert first == restored and len(first) == GREEDY.max_new_tokens
     a, b = out["fork_logits"]
     assert torch.equal(a, b)  # a clone continues exactly like its original
     with torch.inference_mode():

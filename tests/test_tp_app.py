@@ -17,7 +17,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from tests.conftest import free_port  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer, save_model  # noqa: E402
-from tnllm.generation import Conversation  # noqa: E402
+from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from webui.validation import message_text  # noqa: E402
 
@@ -59,10 +59,11 @@ def test_tp_app_chat_equals_single_process(tp_server):
     client, directory = tp_server
     reply, _, info = client.predict("hello there", *GREEDY, api_name="/chat")
     second, _, info2 = client.predict("and how are you?", *GREEDY, api_name="/chat")
-    conversation = Conversation(load_model(directory), load_tokenizer(ROOT / "assets" / "tokenizer.model"))
-    params = SamplingParams(temperature=0, max_new_tokens=12)
-    assert message_text(reply) == "".join(conversation.reply("hello there", params))
-    assert message_text(second) == "".join(conversation.reply("and how are you?", params))
+    engine = Engine(load_model(directory), load_tokenizer(ROOT / "assets" / "tokenizer.model"),
+                    EngineConfig(max_sessions=1, threaded=False))
+    session, params = engine.open(), SamplingParams(temperature=0, max_new_tokens=12)
+    assert message_text(reply) == session.send("hello there", params).wait().text
+    assert message_text(second) == session.send("and how are you?", params).wait().text
     assert info2["prompt_tokens"] < 20 and info2["state_bytes"] == info["state_bytes"]
     # each rank holds half of the heads: half of the single-process state (plus the positions)
-    assert info["state_bytes"] < conversation.state.nbytes
+    assert info["state_bytes"] < engine.pool.slot_bytes

@@ -1,14 +1,16 @@
-"""Chat sessions and the reply handler: one `Conversation` per browser session, streamed token by token.
+"""Chat sessions and the reply handler: one engine session per browser session, streamed token by token.
 
-The server owns each conversation. A session (keyed by Gradio's session hash) keeps its recurrent state and
-the turns that state has read; the browser's chat window is only a view of them, rebuilt by the server after
+The server owns each conversation. A session (keyed by Gradio's session hash) holds an engine session (its
+recurrent state in one slot of the engine's pool, so concurrent users' replies decode as one batch) and the
+turns that state has read; the browser's chat window is only a view of them, rebuilt by the server after
 every update (`chat_view`). Nothing a client sends can rewrite a session's history, a new turn prefills only
 its new message (the state has the same size however long the chat gets: the point of the model), and after
 Stop, a time limit or an error the browser shows exactly what the state saw.
 
-Stop is a flag the reply loop checks after every prefill chunk and every token (`SessionStore.stop`), so it
-does not depend on Gradio's event cancellation reaching the worker; Gradio's cancel and a client disconnect
-close the generator at its next yield, which records the turn the same way. A reply nobody reads (no result
+Stop is a flag the handler checks after every event of the reply (each prefill chunk and each token:
+`SessionStore.stop`); it cancels the reply, which the engine ends at its next step, so Stop does not depend on
+Gradio's event cancellation reaching the worker. Gradio's cancel and a client disconnect close the generator
+at its next yield, which cancels the reply and records the turn the same way. A reply nobody reads (no result
 stream open: `SessionStore.listening`, told by webui.guard) ends the same way, as "abandoned".
 """
 
@@ -18,22 +20,21 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import closing
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 import gradio as gr
 
-from tnllm.generation import Conversation, NumericalError, ReplyStats
+from tnllm.engine import PoolFullError, Reply, Session, Snapshot
+from tnllm.generation import ReplyStats
 from tnllm.memory import malloc_trim
-from webui.runtime import Runtime
+from webui.runtime import CHAT_SESSIONS, Runtime
 from webui.validation import FIELDS, STATS_ID, InputError, Limits, check_request, clean_text
 
 __all__ = ["ChatSession", "SessionStore", "Turn", "chat_view", "live_line", "make_chat_fn", "make_validator",
            "session_key", "stats_message"]
 log = logging.getLogger("tnllm.app")
 
-MAX_SESSIONS = 32         # least recently used sessions beyond this are dropped (their next turn starts afresh)
 MAX_SNAPSHOTS = 2         # states kept for retry/undo per session (each is one state: constant size)
 STOP_WAIT_S = 30.0        # Stop waits this long at most for the reply to record its turn (one step in practice)
 NUMERICAL_NOTICE = ("⚠️ Generation stopped: the model produced invalid numbers (NaN/inf). Nothing after this point "
@@ -54,28 +55,29 @@ class Turn:
 
 @dataclass
 class ChatSession:
-    """One browser session: its conversation, its turns, snapshots for retry/undo, and its Stop flag."""
+    """One browser session: its engine session (state slot + ids), its turns, snapshots for retry/undo, and its
+    Stop flag."""
 
     runtime: Runtime
-    conv: Conversation = None  # type: ignore[assignment]
+    session: Session = None  # type: ignore[assignment]
     turns: list[Turn] = field(default_factory=list)
-    snapshots: dict[int, Conversation] = field(default_factory=dict)  # n turns -> state after n turns
+    snapshots: dict[int, Snapshot] = field(default_factory=dict)    # n turns -> the session after n turns
     lock: threading.Lock = field(default_factory=threading.Lock)      # held while a reply streams
     stop: threading.Event = field(default_factory=threading.Event)    # set by the Stop button
+    reply: Reply | None = None                                        # the reply streaming now, if any
 
     def __post_init__(self) -> None:
-        self.conv = self.conv or self._fresh()
-
-    def _fresh(self) -> Conversation:
-        return Conversation(self.runtime.model, self.runtime.tokenizer)
+        self.session = self.session or self.runtime.engine.open()
 
     def clear(self) -> None:
         """A fresh conversation (Clear, and after a numerical fault or an internal error)."""
-        self.conv, self.turns, self.snapshots = self._fresh(), [], {}
+        if not self.session.closed:  # a dropped session's slot is gone; nothing to reset
+            self.session.reset()
+        self.turns, self.snapshots = [], {}
 
     def begin(self) -> None:
-        """Snapshot the state before a new turn (keeping the last MAX_SNAPSHOTS)."""
-        self.snapshots[len(self.turns)] = self.conv.fork()
+        """Snapshot the session before a new turn (keeping the last MAX_SNAPSHOTS)."""
+        self.snapshots[len(self.turns)] = self.session.snapshot()
         for k in sorted(self.snapshots)[:-MAX_SNAPSHOTS]:
             del self.snapshots[k]
 
@@ -86,26 +88,29 @@ class ChatSession:
             return None
         last, n = self.turns.pop(), len(self.turns)
         if n in self.snapshots:
-            self.conv = self.snapshots[n].fork()
+            self.session.restore(self.snapshots[n])
         else:
-            self.conv = self._fresh()
-            self.conv.pending = self.runtime.tokenizer.chat_ids(
+            self.session.reset(pending=self.runtime.tokenizer.chat_ids(
                 [(role, clean_text(text)) for t in self.turns for role, text in (("human", t.user),
                                                                                   ("assistant", t.reply))],
-                add_generation_prompt=False)
+                add_generation_prompt=False))
         self.snapshots = {k: v for k, v in self.snapshots.items() if k <= n}
         return last
 
     @property
     def context_tokens(self) -> int:
         """Tokens the state has read."""
-        return int(self.conv.state.positions[0])
+        return self.session.context_tokens
 
     @property
     def budget_tokens(self) -> int:
         """Tokens the conversation holds: read, plus those the next message reads first (the unfed end of the
         last reply, or the unread rest of a message stopped during its prefill). The context budget counts these."""
-        return self.context_tokens + len(self.conv.pending)
+        return self.context_tokens + len(self.session.pending)
+
+    def close(self) -> None:
+        """Give the state slot back (the session was dropped); a reply still streaming ends as cancelled."""
+        self.session.close()
 
 
 class SessionStore:
@@ -117,7 +122,7 @@ class SessionStore:
     alone, everyone is).
     """
 
-    def __init__(self, runtime: Runtime, max_sessions: int = MAX_SESSIONS):
+    def __init__(self, runtime: Runtime, max_sessions: int = CHAT_SESSIONS):
         self.runtime, self.max_sessions = runtime, max_sessions
         self._sessions: OrderedDict[str, ChatSession] = OrderedDict()
         self._lock = threading.Lock()
@@ -134,12 +139,22 @@ class SessionStore:
                 self.last_finished = time.perf_counter()
 
     def get(self, key: str) -> ChatSession:
-        """The session for `key`, created when new (most recently used from now on)."""
+        """The session for `key`, created when new (most recently used from now on). A new session beyond
+        `max_sessions`, or one that finds every state slot taken (races hold slots too), first drops the least
+        recently used session (its slot goes to the new one)."""
         with self._lock:
-            session = self._sessions.pop(key, None) or ChatSession(self.runtime)
+            session = self._sessions.pop(key, None)
+            while session is None:
+                if len(self._sessions) >= self.max_sessions:
+                    self._sessions.popitem(last=False)[1].close()
+                    continue
+                try:
+                    session = ChatSession(self.runtime)
+                except PoolFullError:
+                    if not self._sessions:
+                        raise
+                    self._sessions.popitem(last=False)[1].close()
             self._sessions[key] = session
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
             return session
 
     def peek(self, key: str) -> ChatSession | None:
@@ -156,13 +171,25 @@ class SessionStore:
         session = self.peek(key)
         if session is not None:
             session.stop.set()
+            if session.reply is not None:  # ends at the engine's next step, however far behind the stream is
+                session.reply.cancel()
             if session.lock.acquire(timeout=STOP_WAIT_S):
                 session.lock.release()
         return session
 
-    def drop(self, key: str) -> None:
+    def close(self) -> None:
+        """Drop every session (their slots go back to the engine)."""
         with self._lock:
-            self._sessions.pop(key, None)
+            sessions, self._sessions = list(self._sessions.values()), OrderedDict()
+        for session in sessions:
+            session.close()
+
+    def drop(self, key: str) -> None:
+        """Forget a session and free its state slot (the browser tab closed)."""
+        with self._lock:
+            session = self._sessions.pop(key, None)
+        if session is not None:
+            session.close()
 
     def __contains__(self, key: str) -> bool:
         return key in self._sessions
@@ -225,10 +252,11 @@ def chat_view(session: ChatSession | None, streaming: tuple[str, str] | None = N
     return messages
 
 
-def stats_info(stats: ReplyStats, session: ChatSession) -> dict:
+def stats_info(stats: ReplyStats, session: ChatSession, outcome: str) -> dict:
+    """A finished reply's numbers as the UI and the API show them (`outcome`: how it ended, as counted)."""
     return {"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "ttft_ms": stats.ttft_s * 1e3,
             "tokens_per_s": stats.tokens_per_s, "state_bytes": stats.state_bytes,
-            "context_tokens": session.context_tokens, "finish_reason": stats.finish_reason}
+            "context_tokens": session.context_tokens, "finish_reason": outcome}
 
 
 def make_validator(runtime: Runtime, store: SessionStore, limits: Limits | None = None):
@@ -249,6 +277,28 @@ def make_validator(runtime: Runtime, store: SessionStore, limits: Limits | None 
         return [gr.validate(name not in problems, problems.get(name, "")) for name in FIELDS]
 
     return validate
+
+
+def _stream(reply: Reply, stop: threading.Event, listening: Callable[[], bool]
+            ) -> Generator[tuple[str, str, dict], None, str]:
+    """Yield (reply so far, live line, {}) after every event until the reply finishes; return what a cancel
+    means: "abandoned" when nobody was listening, else "cancelled". Stop and a client that is not listening
+    cancel the reply (the engine ends it at its next step); events after the cancel are not streamed."""
+    text, cancelled_as = "", "cancelled"
+    if stop.is_set():  # a Stop while the message was queued: end before the first step
+        reply.cancel()
+    for event in reply.updates():
+        text += event.text
+        if event.finished or reply.cancel_requested:
+            continue
+        if stop.is_set():
+            reply.cancel()
+        elif not listening():  # the client never connected, or left
+            cancelled_as = "abandoned"
+            reply.cancel()
+        else:
+            yield text, live_line(event.stats), {}
+    return cancelled_as
 
 
 def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = None):
@@ -277,46 +327,35 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
         if not stop_armed:  # the browser clears the flag when the message is sent, so a Stop while queued counts
             session.stop.clear()
         store.count("started", +1)
-        reply, started, outcome = "", False, "cancelled"
+        reply, outcome, cancelled_as = None, "error", "cancelled"
         try:
             session.begin()
-            started = True
-            deadline = time.monotonic() + limits.max_reply_s
-            with closing(session.conv.reply(req.text, req.params)) as pieces:
-                for piece in pieces:  # "" while prefilling: a chance to stop
-                    reply += piece
-                    if session.stop.is_set():
-                        break
-                    if time.monotonic() > deadline:  # ends like Stop: the state keeps what it saw
-                        session.conv.last_stats.finish_reason = "time_limit"
-                        break
-                    if not store.listening(session_key(request)):  # the client never connected, or left
-                        session.conv.last_stats.finish_reason = "abandoned"
-                        break
-                    yield reply, live_line(session.conv.last_stats), {}
-            outcome = session.conv.last_stats.finish_reason
-        except NumericalError:
-            outcome = "numerical_error"
-        except Exception:  # noqa: BLE001 (OOM, driver errors...: curated message to the user, details in the log)
+            reply = session.reply = session.session.send(req.text, req.params, time_limit_s=limits.max_reply_s)
+            cancelled_as = yield from _stream(reply, session.stop, lambda: store.listening(session_key(request)))
+        except Exception:  # noqa: BLE001 (the engine failed to start the reply: details in the log)
             log.exception("chat reply failed")
-            outcome = "error"
         finally:
             # Runs on completion, error, Stop and disconnect alike: the turn records what the state read.
+            if reply is not None:
+                if reply.finish_reason is None:  # the client left mid-stream (GeneratorExit): end the reply here
+                    reply.cancel()
+                    reply.wait()
+                outcome = cancelled_as if reply.finish_reason == "cancelled" else reply.finish_reason
             if outcome in ("numerical_error", "error"):
                 session.clear()
-            elif started:
-                session.conv.last_stats.finish_reason = outcome
-                session.turns.append(Turn(req.text, reply, stats_info(session.conv.last_stats, session)))
+            else:
+                session.turns.append(Turn(req.text, reply.text, stats_info(reply.stats, session, outcome)))
             session.stop.clear()  # this reply has taken any Stop meant for it
+            session.reply = None
             session.lock.release()
             store.count(outcome, -1)
             malloc_trim()  # the reply's activations go back to the OS, not into a heap that only grows
         if outcome == "error":
             raise gr.Error(INTERNAL_NOTICE)
         if outcome == "numerical_error":
-            info = {**stats_info(session.conv.last_stats, session), "finish_reason": outcome}
-            yield (reply + "\n\n" if reply else "") + NUMERICAL_NOTICE, "", info
+            info = stats_info(reply.stats, session, outcome)
+            yield (reply.text + "\n\n" if reply.text else "") + NUMERICAL_NOTICE, "", info
             return
-        yield reply, "", session.turns[-1].info
+        yield reply.text, "", session.turns[-1].info
 
     return chat

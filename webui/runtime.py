@@ -24,7 +24,7 @@ import torch
 import kernels
 from tnllm import TNLConfig, TransNormerLLM, load_model
 from tnllm.checkpoint import CONFIG_FILE, CheckpointError, parse_dtype
-from tnllm.generation import NumericalError, generate
+from tnllm.engine import Engine, EngineConfig
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import ASSETS, BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
 
@@ -37,6 +37,8 @@ TOKENIZER_FILE = BUNDLED_TOKENIZER  # (its name here for the tests and scripts t
 MODEL_CARD = ASSETS / "model_card.json"
 RANDOM_LABEL = "untrained demo weights"
 VOCAB_PADDING = 128  # embedding rows may exceed the tokenizer's pieces by less than this (padded vocabularies)
+CHAT_SESSIONS = 32  # chat sessions whose state the server keeps (least recently used beyond this are dropped)
+RACE_SESSIONS = 2   # latency-tab races running at once (each holds one state slot while it runs)
 
 
 class StartupError(RuntimeError):
@@ -83,6 +85,7 @@ class Runtime:
     info: dict[str, str] = field(default_factory=dict)
     baseline_info: dict[str, str] = field(default_factory=dict)
     model_path: str = ""
+    engine: Engine = None  # type: ignore[assignment]  # started by `start_engine` (load_runtime does)
 
     @property
     def untrained(self) -> bool:
@@ -209,11 +212,22 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
                    "attention": getattr(llama.config, "_attn_implementation", "?"), "device": str(device)}
 
 
-def warm_up(model: TransNormerLLM, tokenizer: Tokenizer) -> None:
-    """One short generation before serving, so the first user does not pay for lazy initialisation."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=2)
-    for _ in generate(model, tokenizer, tokenizer.chat_ids([("human", "hi")]), params):
-        pass
+def start_engine(model: TransNormerLLM, tokenizer: Tokenizer, source: str) -> Engine:
+    """The engine every chat reply and race runs on (a slot per chat session and race; CUDA graphs on a GPU),
+    after one short greedy reply, so that the first user does not pay for lazy initialisation and NaN/inf
+    weights fail here (StartupError) instead of in a user's reply."""
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=CHAT_SESSIONS + RACE_SESSIONS))
+    session = engine.open()
+    try:
+        reply = session.send("hi", SamplingParams(temperature=0.0, max_new_tokens=2)).wait()
+    finally:
+        session.close()
+    if reply.finish_reason not in ("eos", "length", "stop"):
+        engine.shutdown()
+        why = ("the model produced NaN/inf logits" if reply.finish_reason == "numerical_error"
+               else f"it ended with {reply.finish_reason!r} (see the log)")
+        raise StartupError(f"{source}: warm-up generation failed: {why}")
+    return engine
 
 
 def _notes(source: str, info: dict[str, str]) -> str:
@@ -241,15 +255,13 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     source = model or default_source()
     try:
         tnl, tokenizer, info = load_tnl(source, int8=int8, device=dev, dtype=torch_dtype)
-        warm_up(tnl, tokenizer)  # before anything is served: NaN/inf weights fail here
-    except NumericalError as exc:
-        raise StartupError(f"{source}: warm-up generation failed: {exc}") from exc
     except (ValueError, OSError) as exc:  # CheckpointError, tokenizer and config errors, missing files
         raise StartupError(str(exc)) from exc
+    engine = start_engine(tnl, tokenizer, source)
     llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype, method=info.pop("_method"))
     info["licence / data"] = _notes(source, info)
     limit = max_context or (131072 if dev.type == "cuda" else 16384)
-    return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info, model_path=source)
+    return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info, model_path=source, engine=engine)
 
 
 def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: int | None = None) -> Runtime:
@@ -261,11 +273,9 @@ def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: in
     try:
         tokenizer = tokenizer_for(source)
         check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
-        warm_up(model, tokenizer)
-    except NumericalError as exc:
-        raise StartupError(f"{source}: warm-up generation failed: {exc}") from exc
     except (ValueError, OSError) as exc:
         raise StartupError(str(exc)) from exc
+    engine = start_engine(model, tokenizer, source)
     info = {"model": shown_path(source), "weights": "trained checkpoint", "parameters": f"{model.num_parameters():,}",
             "precision": str(dtype).removeprefix("torch."), "8-bit": "off (tensor-parallel shards are float)",
             "device": f"{model.tp.size} x {device.type} (tensor parallel, this rank holds 1/{model.tp.size})",
@@ -274,4 +284,4 @@ def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: in
     llama, baseline_info = load_baseline(baseline, model, device=device, dtype=dtype)
     info["licence / data"] = _notes(source, info)
     limit = max_context or (131072 if device.type == "cuda" else 16384)
-    return Runtime(model, tokenizer, llama, device, limit, info, baseline_info, model_path=source)
+    return Runtime(model, tokenizer, llama, device, limit, info, baseline_info, model_path=source, engine=engine)

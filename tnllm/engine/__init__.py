@@ -13,7 +13,7 @@ graphs.py (CUDA graphs per batch bucket), session.py (Session, Reply, Event).
 from tnllm.engine.engine import Engine, EngineConfig
 from tnllm.engine.pool import PoolFullError, StatePool
 from tnllm.engine.sampler import BatchSampler
-from tnllm.engine.session import FINISH_REASONS, Event, Reply, Session
+from tnllm.engine.session import FINISH_REASONS, Event, Reply, Session, Snapshot
 
 __all__ = ["FINISH_REASONS", "BatchSampler", "Engine", "EngineConfig", "Event", "PoolFullError", "Reply", "Session",
-           "StatePool"]
+           "Snapshot", "StatePool"]

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tnllm.engine.graphs import DecodeGraphs
-from tnllm.engine.pool import StatePool
+from tnllm.engine.pool import pool_for
 from tnllm.engine.sampler import BatchSampler
 from tnllm.engine.scheduler import Scheduler
-from tnllm.engine.session import Reply, Session, read_session_file, write_session_file
+from tnllm.engine.session import Reply, Session, Snapshot, read_session_file, write_session_file
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
@@ -53,9 +53,11 @@ class Engine:
         if config.prefill_budget < 1:
             raise ValueError(f"prefill_budget must be >= 1, got {config.prefill_budget}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.pool = StatePool(model, config.max_sessions)
+        self.pool = pool_for(model, config.max_sessions)
         self.sampler = BatchSampler(config.max_sessions + 1, model.config.vocab_size, self.pool.device)
-        graphs = config.cuda_graphs if config.cuda_graphs is not None else self.pool.device.type == "cuda"
+        # A model whose step other processes must join (tensor parallel) is not capturable here.
+        capturable = self.pool.device.type == "cuda" and getattr(model, "capturable", True)
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else capturable
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
                    if graphs else None)
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
@@ -120,6 +122,32 @@ class Engine:
             write_session_file(path, self.pool.read(session.slot), session.history, session.pending)
 
         self._call(save_slot)
+
+    def snapshot(self, session: Session) -> Snapshot:
+        """A copy of an idle session's state and ids, kept outside the pool (for undo)."""
+        def take() -> Snapshot:
+            self._check_idle(session)
+            return Snapshot(self.pool.read(session.slot), tuple(session.history), tuple(session.pending))
+
+        return self._call(take)
+
+    def restore(self, session: Session, snapshot: Snapshot) -> None:
+        """Put an idle session back to a snapshot (taken from it or from another session of this engine)."""
+        def put() -> None:
+            self._check_idle(session)
+            self.pool.write(session.slot, snapshot.state)
+            session.history, session.pending = list(snapshot.history), list(snapshot.pending)
+
+        self._call(put)
+
+    def reset(self, session: Session, pending: list[int] | None = None) -> None:
+        """Empty an idle session's state; `pending` ids (if any) are read with its next message."""
+        def clear() -> None:
+            self._check_idle(session)
+            self.pool.clear(session.slot)
+            session.history, session.pending = [], list(pending or [])
+
+        self._call(clear)
 
     def close(self, session: Session) -> None:
         """Cancel the session's reply (if any) and free its slot; closing twice is a no-op."""

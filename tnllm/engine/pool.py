@@ -28,11 +28,20 @@ class StatePool:
     def __init__(self, model: TransNormerLLM, size: int):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
-        self.size = size
-        template = model.allocate_state(size + 1)  # one zero state per slot, each layer on its layer's device
-        self.kv, self.positions = template.kv, template.positions
+        self._attach(model.allocate_state(size + 1))  # one zero state per slot, each layer on its layer's device
+
+    @classmethod
+    def over(cls, state: RecurrentState) -> "StatePool":
+        """A pool whose slots are the rows of an existing state (row 0 the sink), every slot free."""
+        pool = cls.__new__(cls)
+        pool._attach(state)
+        return pool
+
+    def _attach(self, state: RecurrentState) -> None:
+        self.state, self.size = state, state.batch_size - 1
+        self.kv, self.positions = state.kv, state.positions
         self.device = self.positions.device
-        self._free = list(range(size, 0, -1))  # pop() hands out slot 1 first
+        self._free = list(range(self.size, 0, -1))  # pop() hands out slot 1 first
 
     @property
     def free_slots(self) -> int:
@@ -87,3 +96,10 @@ class StatePool:
     def position(self, slot: int) -> int:
         """Tokens the slot has read (a host sync: for bookkeeping between steps, not inside one)."""
         return int(self.positions[slot])
+
+
+def pool_for(model, size: int) -> StatePool:
+    """The slot pool for `model`: its own `allocate_pool` when it has one (a tensor-parallel model keeps every
+    rank's share of each slot in step), else a `StatePool`."""
+    allocate = getattr(model, "allocate_pool", None)
+    return allocate(size) if allocate is not None else StatePool(model, size)

@@ -51,6 +51,15 @@ class Event:
         return self.finish is not None
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A session as it was between two replies: a copy of its state (outside the pool) and its ids."""
+
+    state: RecurrentState
+    history: tuple[int, ...]
+    pending: tuple[int, ...]
+
+
 class Reply:
     """One reply streaming from the engine. Iterate it for `Event`s (ends after the finish); `cancel()`.
 
@@ -95,6 +104,22 @@ class Reply:
             if event.finished:
                 return
 
+    def updates(self) -> Iterator[Event]:
+        """Like iterating, but every event already queued is merged into the one yielded (text joined, the
+        latest stats and finish): a consumer slower than the engine (a browser) skips no text and never falls
+        more than one update behind."""
+        for event in self:
+            text = [event.text]
+            while not event.finished:
+                try:
+                    event = self._events.get_nowait()
+                except queue.Empty:
+                    break
+                text.append(event.text)
+            yield replace(event, text="".join(text))
+            if event.finished:
+                return
+
     def wait(self) -> "Reply":
         """Consume every event (the reply's text then sits in `text`)."""
         for _ in self:
@@ -133,6 +158,18 @@ class Session:
     def save(self, path: str | Path) -> None:
         """State + ids in one safetensors file (the layout of `Conversation.save`)."""
         self.engine.save(self, path)
+
+    def snapshot(self) -> Snapshot:
+        """A copy to `restore` later (undo); the session must be idle."""
+        return self.engine.snapshot(self)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Back to `snapshot`: state, history and pending."""
+        self.engine.restore(self, snapshot)
+
+    def reset(self, pending: list[int] | None = None) -> None:
+        """A fresh state; `pending` ids are read first with the next message (e.g. earlier turns to re-read)."""
+        self.engine.reset(self, pending)
 
     def close(self) -> None:
         """Cancel any reply and give the slot back."""
