@@ -21,19 +21,14 @@ dot casts it to bf16 for bf16 inputs, to fp32/TF32 otherwise since fp16 could ov
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._device import triton_interpreted
 from kernels.reference import check_shapes
 
 __all__ = ["lightning_attn_triton"]
-
-def _interpret(device: torch.device) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu"
-
 
 @triton.jit
 def _dot(x, y, F32: tl.constexpr):
@@ -219,7 +214,7 @@ class _Plan:
     """Segmentation and block sizes of one call (host side; varlen needs one sync for cu_seqlens)."""
 
     def __init__(self, B, T, H, D, E, device, cu_seqlens, seg_len):
-        self.cfg = cfg = _CFG_INTERPRET if _interpret(device) else _CFG
+        self.cfg = cfg = _CFG_INTERPRET if triton_interpreted(device) else _CFG
         self.BT, self.BS, self.H = cfg["BT"], cfg["BS"], H
         n_v = max(triton.cdiv(E, self.BV_of(D, E)), triton.cdiv(D, self.BV_of(E, D)))
         if cu_seqlens is None:
@@ -255,7 +250,7 @@ class _Plan:
 
     @staticmethod
     def f32(x):
-        return x.dtype == torch.bfloat16 and _interpret(x.device)
+        return x.dtype == torch.bfloat16 and triton_interpreted(x.device)
 
     def seg_states(self, b, c, ld, h0, reverse):
         """State entering each segment (processing order), fp32 [n_seg, H, K, V]."""

@@ -5,11 +5,11 @@ One program per row; rows longer than the block are walked in blocks (two passes
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernels._device import triton_interpreted
 
 __all__ = ["srmsnorm_triton"]
 
@@ -52,7 +52,7 @@ def _norm_bwd_kernel(x, dy, dx, r, N, BN: tl.constexpr):
 
 
 def _block(N, device):
-    cap = 1024 if os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu" else 8192
+    cap = 1024 if triton_interpreted(device) else 8192
     return min(triton.next_power_of_2(N), cap), 4 if N <= 2048 else 8
 
 

@@ -9,12 +9,11 @@ captured in a CUDA graph with static buffers.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels._device import triton_interpreted
 from kernels.reference import check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
@@ -65,9 +64,8 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None):
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
-    interp = os.environ.get("TRITON_INTERPRET") == "1" or q.device.type == "cpu"
     BK = triton.next_power_of_2(D)
-    BV = min(triton.next_power_of_2(E), 64 if interp else max(16, 4096 // BK))
+    BV = min(triton.next_power_of_2(E), 64 if triton_interpreted(q.device) else max(16, 4096 // BK))
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
