@@ -18,13 +18,18 @@ import pytest  # noqa: E402
 gr = pytest.importorskip("gradio")
 pytest.importorskip("transformers")
 
+import torch  # noqa: E402
+
 from tnllm.bench import BenchRow, adapter_for, sweep_rounds  # noqa: E402
+from tnllm.engine import Engine, EngineConfig  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
 from webui import latency  # noqa: E402
 from webui.latency import (  # noqa: E402
     RESULTS,
     RaceStops,
     load_recorded,
     race,
+    race_ids,
     run_benchmark,
     summary_row,
 )
@@ -145,6 +150,20 @@ def test_race_ends_naming_the_winner_and_finish_reasons(runtime):
     assert [s["finish"] for s in summaries] in ([f, g] for f in ("eos", "length") for g in ("eos", "length"))
     assert counters.count("finished: **") == 2 and counters.count("tok/s") >= 4
     assert "🏁" in counters and ("wins" in counters or "Tie" in counters)
+
+
+def test_race_sides_are_each_models_greedy_reply(runtime):
+    """TNL's side is a chat reply through the engine, Llama's its own greedy decode with a KV cache."""
+    *_, (tnl, llama, _, summaries) = race(runtime, "Hi there", 128, 10)
+    ids = race_ids(runtime, "Hi there", 128, 10)[0]
+    engine = Engine(runtime.model, runtime.tokenizer, EngineConfig(max_sessions=1, threaded=False))
+    assert tnl == engine.open().feed_ids(ids, SamplingParams(temperature=0, max_new_tokens=10)).wait().text
+    with torch.inference_mode():
+        out = runtime.baseline.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                        eos_token_id=runtime.tokenizer.eos_id, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    assert summaries[1]["tokens"] == len(new)
+    assert llama == runtime.tokenizer.decode([t for t in new if t != runtime.tokenizer.eos_id])
 
 
 def test_stop_marks_unfinished_sides_stopped_and_names_the_winner(runtime):

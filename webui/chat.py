@@ -140,7 +140,7 @@ class SessionStore:
 
     def get(self, key: str) -> ChatSession:
         """The session for `key`, created when new (most recently used from now on). A new session beyond
-        `max_sessions`, or one that finds every state slot taken (races hold slots too), first drops the least
+        `max_sessions`, or one that finds every state slot taken (by another store on the engine), first drops the least
         recently used session (its slot goes to the new one)."""
         with self._lock:
             session = self._sessions.pop(key, None)

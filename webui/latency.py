@@ -1,12 +1,15 @@
 """Latency tab: TNL vs the Transformer baseline, through the same timing code as bench/decode.py.
 
 `run_benchmark` streams `tnllm.bench.sweep_rounds` (same adapters, seeded ids, warm-up and timer as
-bench/decode.py) as tables: after every (model, context) run the medians so far, their spread over the
-rounds, and the recorded reference results of `bench/results/decode-*.json` beside them in the plots.
+bench/decode.py: TNL's decode is a chat reply through the engine, sampling and detokenising included; the
+Transformer's is its KV-cache step; the table's "timed path" says which) as tables: after every (model,
+context) run the medians so far, their spread over the rounds, and the recorded reference results of
+`bench/results/decode-*.json` beside them in the plots.
 
-`race` streams both models' greedy replies to one prompt side by side, giving each model the turn whenever
-its own accumulated compute time is the smaller one, so at any moment both have spent about the same time
-and the faster one shows more text. It ends naming the winner and why each side stopped.
+`race` streams both models' greedy replies to one prompt side by side (TNL through an engine, one engine step
+per turn; the Transformer one KV-cache step, argmax and detokenising per turn), giving each model the turn
+whenever its own accumulated compute time is the smaller one, so at any moment both have spent about the same
+time and the faster one shows more text. It ends naming the winner and why each side stopped.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from tnllm.bench import BenchRow, ModelAdapter, adapter_for, prompt_ids, sweep_rounds, timed
+from tnllm.bench import BenchRow, EngineAdapter, ModelAdapter, adapter_for, prompt_ids, sweep_rounds, timed
+from tnllm.engine import Engine, EngineConfig
+from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
 from webui.runtime import Runtime
-from webui.validation import MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text, shown
+from webui.validation import CHAT_DEFAULTS, MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text, shown
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 CPU_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
@@ -39,7 +44,7 @@ RACE_FILLER = 8192  # most filler tokens before the race's prompt (also capped b
 RACE_NEW_TOKENS = (1, 256)
 # The first six columns are the HTTP API's contract (tests/test_app.py reads them by position).
 COLUMNS = ["model", "context", "decode ms/token", "TTFT ms", "tokens/s", "cache MiB", "decode peak MiB",
-           "memory MiB", "8-bit", "decode min–max ms", "TTFT min–max ms", "runs"]
+           "memory MiB", "8-bit", "decode min–max ms", "TTFT min–max ms", "runs", "timed path"]
 CUDA_ONLY = {"decode peak MiB"}  # measured by torch.cuda's allocator only: an always-empty column on the CPU
 PLOT_Y = {"decode ms/token": "Per-token decode latency (ms)", "TTFT ms": "Time to first token (ms)",
           "cache MiB": "Decode cache: state vs KV cache (MiB)"}
@@ -72,7 +77,10 @@ def columns(runtime: Runtime) -> list[str]:
 
 
 def adapters(runtime: Runtime) -> list[ModelAdapter]:
-    pair = [adapter_for(runtime.model, "TNL")]
+    """TNL as chat runs it (a reply through the engine, chat's default sampling, seeded), and the Transformer's
+    own KV-cache step."""
+    params = SamplingParams(**{**CHAT_DEFAULTS, "seed": 0})
+    pair: list[ModelAdapter] = [EngineAdapter(runtime.model, runtime.tokenizer, params, "TNL")]
     if runtime.baseline is not None:
         pair.append(adapter_for(runtime.baseline, "Llama"))
     return pair
@@ -162,7 +170,8 @@ def summary_row(runs: list[BenchRow]) -> dict:
             "TTFT ms": round(statistics.median(ttft), 2), "tokens/s": round(1e3 / decode_ms, 1),
             "cache MiB": _mib(runs[-1].cache_bytes), "decode peak MiB": _mib(max(peaks)) if peaks else None,
             "memory MiB": round(max(memory), 1) if memory else None, "8-bit": runs[0].quant,
-            "decode min–max ms": _spread(decode, 2), "TTFT min–max ms": _spread(ttft, 1), "runs": len(runs)}
+            "decode min–max ms": _spread(decode, 2), "TTFT min–max ms": _spread(ttft, 1), "runs": len(runs),
+            "timed path": runs[0].path}
 
 
 def table_frame(runs: dict[tuple[int, int], list[BenchRow]], cols: list[str]) -> pd.DataFrame:
@@ -293,45 +302,91 @@ def run_benchmark_in_tab(runtime: Runtime, contexts: list, n_tokens: int, repeat
 
 # -- the race ---------------------------------------------------------------------------------------
 class _Runner:
-    """One model's greedy stream: prefill, then one adapter.step per token, its own compute clock."""
+    """One side of the race: its greedy reply so far, its own compute clock and how it ended."""
 
-    def __init__(self, adapter: ModelAdapter, runtime: Runtime, ids: torch.Tensor, max_new_tokens: int):
-        self.adapter, self.runtime, self.ids, self.left = adapter, runtime, ids.to(adapter.device), max_new_tokens
-        self.streamer = TextStreamer(runtime.tokenizer)
-        self.cache, self.logits, self.text, self.clock, self.tokens, self.ttft = None, None, "", 0.0, 0, 0.0
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device = name, device
+        self.text, self.clock, self.tokens, self.ttft = "", 0.0, 0, 0.0
         self.finish: str | None = None  # "eos", "length", "time limit" or "stopped"
 
     @property
     def done(self) -> bool:
         return self.finish is not None
 
-    @torch.inference_mode()
-    def advance(self) -> None:
-        if self.cache is None:
-            (self.logits, self.cache), seconds = timed(lambda: self.adapter.prefill(self.ids), self.adapter.device)
-            self.clock += seconds
-            self.ttft = self.clock
-        token = int(self.logits[0, -1].argmax())
-        self.tokens, self.left = self.tokens + 1, self.left - 1
-        if token == self.runtime.tokenizer.eos_id:
-            self.finish, self.text = "eos", self.text + self.streamer.flush()
-            return
-        self.text += self.streamer.push(token)
-        if self.left <= 0:
-            self.finish, self.text = "length", self.text + self.streamer.flush()
-            return
-        step = torch.tensor([[token]], device=self.adapter.device)
-        (self.logits, self.cache), seconds = timed(lambda: self.adapter.step(step, self.cache),
-                                                         self.adapter.device)
-        self.clock += seconds
+    def end(self, why: str) -> None:
+        """Stopped from outside (Stop, time limit)."""
+        self.finish = why
 
     def summary(self) -> dict:
         """What the counters show, as plain data."""
         decode_s = self.clock - self.ttft
-        cache = self.adapter.cache_bytes(self.cache) if self.cache is not None else 0
-        return {"name": self.adapter.name, "tokens": self.tokens, "clock_s": self.clock, "ttft_s": self.ttft,
+        return {"name": self.name, "tokens": self.tokens, "clock_s": self.clock, "ttft_s": self.ttft,
                 "decode_tok_s": (self.tokens - 1) / decode_s if self.tokens > 1 and decode_s > 0 else 0.0,
-                "cache_bytes": cache, "finish": self.finish}
+                "cache_bytes": self.cache_bytes(), "finish": self.finish}
+
+    def cache_bytes(self) -> int:
+        raise NotImplementedError
+
+
+class _EngineRunner(_Runner):
+    """TNL as chat runs it: a reply from a threadless engine of its own, one engine step per turn (a prefill
+    chunk, or a token sampled on the device, brought to the host, detokenised and emitted), all on the clock."""
+
+    def __init__(self, runtime: Runtime, ids: list[int], max_new_tokens: int):
+        super().__init__("TNL", runtime.device)
+        self.engine = Engine(runtime.model, runtime.tokenizer, EngineConfig(max_sessions=1, threaded=False))
+        reply = self.engine.open().feed_ids(ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
+        self.events = iter(reply)
+
+    def advance(self) -> None:
+        event, seconds = timed(lambda: next(self.events), self.device)
+        self.clock += seconds
+        self.text += event.text
+        if event.stats.new_tokens and not self.tokens:
+            self.ttft = self.clock
+        self.tokens, self.finish = event.stats.new_tokens, event.finish
+
+    def cache_bytes(self) -> int:
+        return self.engine.pool.slot_bytes
+
+
+class _StepRunner(_Runner):
+    """The Transformer: its prefill, then per turn one step of its KV cache plus the argmax and the
+    detokenising of the token (what the engine's step includes for TNL), all on the clock."""
+
+    def __init__(self, adapter: ModelAdapter, runtime: Runtime, ids: list[int], max_new_tokens: int):
+        super().__init__(adapter.name, adapter.device)
+        self.adapter, self.eos, self.left = adapter, runtime.tokenizer.eos_id, max_new_tokens
+        self.next_input = torch.tensor([ids], device=adapter.device)  # [1, T]: the prompt, then one token
+        self.streamer = TextStreamer(runtime.tokenizer)
+        self.cache = None
+
+    def advance(self) -> None:
+        _, seconds = timed(self._turn, self.device)
+        self.clock += seconds
+        if self.tokens == 1:
+            self.ttft = self.clock
+
+    def _turn(self) -> None:
+        if self.cache is None:
+            logits, self.cache = self.adapter.prefill(self.next_input)
+        else:
+            logits, self.cache = self.adapter.step(self.next_input, self.cache)
+        token = int(logits[0, -1].argmax())
+        self.tokens, self.left = self.tokens + 1, self.left - 1
+        if token != self.eos:
+            self.text += self.streamer.push(token)
+        if token == self.eos or self.left <= 0:
+            self.finish, self.text = "eos" if token == self.eos else "length", self.text + self.streamer.flush()
+            return
+        self.next_input = torch.tensor([[token]], device=self.device)
+
+    def end(self, why: str) -> None:
+        super().end(why)
+        self.text += self.streamer.flush()
+
+    def cache_bytes(self) -> int:
+        return self.adapter.cache_bytes(self.cache) if self.cache is not None else 0
 
 
 def _line(s: dict) -> str:
@@ -425,14 +480,14 @@ def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int
         raise gr.Error("No Transformer baseline is loaded.")
     ids, new = race_ids(runtime, prompt, context_tokens, max_new_tokens)
     started = time.monotonic()
-    runners = [_Runner(a, runtime, torch.tensor([ids]), new) for a in adapters(runtime)]  # ids [1, T]
+    runners = [_EngineRunner(runtime, ids, new), _StepRunner(adapter_for(runtime.baseline, "Llama"), runtime, ids, new)]
     while not all(r.done for r in runners):
         active = [r for r in runners if not r.done]
         ended = ("stopped" if stop is not None and stop.is_set()
                  else "time limit" if time.monotonic() - started >= time_limit_s else None)
         if ended:
             for r in active:
-                r.finish, r.text = ended, r.text + r.streamer.flush()
+                r.end(ended)
         else:
             min(active, key=lambda r: r.clock).advance()  # whoever has spent less compute time moves next
         summaries = [r.summary() for r in runners]

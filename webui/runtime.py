@@ -38,7 +38,6 @@ MODEL_CARD = ASSETS / "model_card.json"
 RANDOM_LABEL = "untrained demo weights"
 VOCAB_PADDING = 128  # embedding rows may exceed the tokenizer's pieces by less than this (padded vocabularies)
 CHAT_SESSIONS = 32  # chat sessions whose state the server keeps (least recently used beyond this are dropped)
-RACE_SESSIONS = 2   # latency-tab races running at once (each holds one state slot while it runs)
 
 
 class StartupError(RuntimeError):
@@ -213,10 +212,10 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
 
 
 def start_engine(model: TransNormerLLM, tokenizer: Tokenizer, source: str) -> Engine:
-    """The engine every chat reply and race runs on (a slot per chat session and race; CUDA graphs on a GPU),
+    """The engine every chat reply runs on (a state slot per chat session; CUDA graphs on a GPU),
     after one short greedy reply, so that the first user does not pay for lazy initialisation and NaN/inf
     weights fail here (StartupError) instead of in a user's reply."""
-    engine = Engine(model, tokenizer, EngineConfig(max_sessions=CHAT_SESSIONS + RACE_SESSIONS))
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=CHAT_SESSIONS))
     session = engine.open()
     try:
         reply = session.send("hi", SamplingParams(temperature=0.0, max_new_tokens=2)).wait()
