@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=env("TNLLM_MODEL"),
                    help="local checkpoint dir or Hub repo id (default: assets/tnl/, else tiny demo weights)")
     p.add_argument("--baseline", default=env("TNLLM_BASELINE"),
-                   help="local Llama dir (default: assets/llama/, else a random Llama matched to the model)")
+                   help="local Llama dir, \"matched\" (random, sized like the model) or \"none\" (default: assets/llama/, else matched)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction,
                    default=env("TNLLM_INT8", "1").lower() not in ("0", "false", "no", "off"),
                    help="8-bit decoder weights (default on; falls back to float when unavailable)")
@@ -119,7 +119,6 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
     if tp.size != args.tp:
         raise SystemExit(f"error: --tp {args.tp} needs torchrun --nproc-per-node {args.tp} (got {tp.size} ranks)")
     source = args.model or str(BUNDLED_TNL)
-    dtype = args.dtype or ("bf16" if tp.device.type == "cuda" else "fp32")
 
     def ui(model) -> None:
         runtime = load_tp_runtime(model, source, args.baseline, max_context=args.max_context)
@@ -128,7 +127,7 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
         launch(demo, args.host, args.port, runtime)
 
     try:
-        serve(source, ui, dtype=dtype, tp=tp)
+        serve(source, ui, dtype=args.dtype, tp=tp)
     except StartupError as exc:
         print(f"error: cannot serve this model: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_MODEL) from None

@@ -27,6 +27,8 @@ class ChatResult:
     error: str | None = None         # 422/503 detail, or the server's error message
     outcome: str = ""                # "completed", "cancelled", "disconnected", "rejected", "busy", "error"
     cancelled_at: float | None = None  # time.perf_counter() when the cancel request was sent
+    first_text_at: float | None = None  # time.perf_counter() of the first streamed update carrying reply text
+    done_at: float | None = None     # time.perf_counter() when the final result arrived
 
 
 class ChatClient:
@@ -77,6 +79,8 @@ class ChatClient:
                     data = msg["output"].get("data") or []
                     result.reply = _apply(result.reply, data[0]) if data else result.reply
                     result.updates += 1
+                    if result.first_text_at is None and result.reply:
+                        result.first_text_at = time.perf_counter()
                     if cancel_after is not None and result.updates >= cancel_after:
                         result.cancelled_at = time.perf_counter()
                         self.http.post(self.url + "cancel", json={"session_hash": self.session_hash,
@@ -87,6 +91,7 @@ class ChatClient:
                         result.outcome = "disconnected"
                         return result  # leaving the `with` closes the connection mid-stream
                 elif kind == "process_completed":
+                    result.done_at = time.perf_counter()
                     output = msg.get("output") or {}
                     if msg.get("success") and output.get("data"):
                         data = output["data"]

@@ -23,8 +23,9 @@ import torch
 
 import kernels
 from tnllm import TNLConfig, TransNormerLLM, load_model
-from tnllm.checkpoint import CONFIG_FILE, CheckpointError, parse_dtype
+from tnllm.checkpoint import CONFIG_FILE, CheckpointError, default_dtype, parse_dtype
 from tnllm.engine import Engine, EngineConfig
+from tnllm.model import random_model
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import ASSETS, BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
 
@@ -115,15 +116,6 @@ def _quant():
         return None
 
 
-def _random_model(preset: str, tokenizer: Tokenizer, device: torch.device, dtype: torch.dtype) -> TransNormerLLM:
-    config = TNLConfig.from_name(preset, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
-                                 bos_token_id=tokenizer.bos_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = TransNormerLLM(config)
-    return model.to(device=device, dtype=dtype).eval()
-
-
 def default_source() -> str:
     """The bundled checkpoint, else `preset:tiny` (one log line: its weights are random)."""
     if _is_checkpoint(BUNDLED_TNL):
@@ -140,7 +132,9 @@ def load_tnl(source: str, *, int8: bool, device: torch.device, dtype: torch.dtyp
     start = time.perf_counter()
     if source.startswith("preset:"):
         tokenizer = Tokenizer(BUNDLED_TOKENIZER)
-        model = _random_model(source.removeprefix("preset:"), tokenizer, device, dtype)
+        model = random_model(source.removeprefix("preset:"), device=device, dtype=dtype,
+                             vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                             bos_token_id=tokenizer.bos_id)
         info.update(model=f"{source} ({RANDOM_LABEL})", weights=RANDOM_LABEL)
     else:
         log.info("loading %s (a Hub repo id downloads with progress bars) ...", source)
@@ -184,9 +178,12 @@ def _describe(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, 
 
 def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.device, dtype: torch.dtype,
                   method: str = "none") -> tuple[torch.nn.Module | None, dict[str, str]]:
-    """The Llama baseline: a directory, "matched" (random, sized like `model`) or None (assets/llama/, else
-    matched); None with one log line when transformers is missing or loading fails. `method`: the TNL model's
+    """The Llama baseline: a directory, "matched" (random, sized like `model`), "none" (no baseline: the
+    latency tab shows TNL only) or None (assets/llama/, else matched); None with one log line when
+    transformers is missing or loading fails. `method`: the TNL model's
     8-bit method, applied to the baseline's decoder Linears too so that both run at the same precision."""
+    if source == "none":
+        return None, {"model": "none"}
     if source is None and _is_checkpoint(BUNDLED_LLAMA):
         source = str(BUNDLED_LLAMA)
     source = None if source == "matched" else source
@@ -250,7 +247,7 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     """Load everything the app serves (`model`/`baseline`: local path, Hub repo id, or None for the defaults;
     `dtype` None: bf16 on CUDA, fp32 on the CPU)."""
     dev = pick_device(device)
-    torch_dtype = parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
+    torch_dtype = parse_dtype(dtype) if dtype else default_dtype(dev)
     source = model or default_source()
     try:
         tnl, tokenizer, info = load_tnl(source, int8=int8, device=dev, dtype=torch_dtype)
