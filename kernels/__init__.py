@@ -6,6 +6,8 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
     lightning_attn_step(q, k, v, log_decay, state, slots=None)   q, k [B, H, D], v [B, H, E]; state updated in
         place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates state[slots[b]])
     srmsnorm(x, eps=1e-6)
+    int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
+        (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
 
 This module is the ONLY place that decides between Triton (CUDA tensors, Triton importable) and the
 PyTorch reference (everything else). Tests force a path with `use_impl("torch" | "triton")`; under
@@ -25,7 +27,7 @@ import torch
 
 from kernels import reference
 
-__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "use_impl", "backend_for", "reference"]
+__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "int8_linear", "use_impl", "backend_for", "reference"]
 
 _IMPLS = ("torch", "triton")
 _FORCE_IMPL: str | None = None
@@ -83,3 +85,10 @@ def srmsnorm(x, eps: float = 1e-6):
     if backend_for(x.device) == "triton":
         return _triton("triton_norm", "srmsnorm_triton")(x, eps)
     return reference.srmsnorm_ref(x, eps)
+
+
+def int8_linear(x, weight, scales, bias=None):
+    """Weight-only int8 Linear, dequantised on the fly. See `kernels.reference.int8_linear`."""
+    if backend_for(x.device) == "triton":
+        return _triton("triton_int8", "int8_linear_triton")(x, weight, scales, bias)
+    return reference.int8_linear(x, weight, scales, bias)

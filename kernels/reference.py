@@ -244,3 +244,39 @@ def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SimpleRMSNorm: x * rsqrt(mean(x^2, -1) + eps), computed in fp32 (fp64 for fp64), no gain."""
     # torch's fused rms_norm without a weight is exactly x * rsqrt(mean(x^2) + eps) (one pass fewer on CPU)
     return torch.nn.functional.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def check_int8_linear(x, weight, scales, bias=None) -> None:
+    """Validate the inputs of a weight-only int8 Linear (shared by every implementation); errors name them."""
+    if weight.dtype != torch.int8:
+        raise TypeError(f"weight must be int8 [N, K], got {weight.dtype}")
+    floats = [t.is_floating_point() for t in (x, scales, bias) if t is not None]
+    if not all(floats):
+        raise TypeError(f"x, scales and bias must be floating point; got x {x.dtype}, scales {scales.dtype}"
+                        + ("" if bias is None else f", bias {bias.dtype}"))
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"expected x [..., K] and weight [N, K] with equal K; "
+                         f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if scales.shape != (N,) or (bias is not None and bias.shape != (N,)):
+        raise ValueError(f"scales and bias must be [N]=[{N}]; got scales {tuple(scales.shape)}"
+                         + ("" if bias is None else f", bias {tuple(bias.shape)}"))
+    devices = {t.device for t in (x, weight, scales, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"x, weight, scales and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only int8 Linear: y = (x @ weightᵀ) · scales (+ bias), dequantised, in fp32 (fp64 for fp64).
+
+    Args:
+        x: [..., K] any float dtype; weight: [N, K] int8; scales: [N] float (one per output row);
+        bias: None or [N] float.
+    Returns:
+        y: [..., N] in x.dtype.
+    """
+    check_int8_linear(x, weight, scales, bias)
+    dt = _compute_dtype(x)
+    y = torch.nn.functional.linear(x.to(dt), weight.to(dt)) * scales.to(dt)  # [..., N]
+    return (y if bias is None else y + bias.to(dt)).to(x.dtype)

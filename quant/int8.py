@@ -3,9 +3,10 @@
     W [out, in] float  ->  q = round(W / s) in int8,  s[o] = max_i |W[o, i]| / 127   (per output row)
     y = (x @ q^T) * s + b                                # activations stay float: weight-only
 
-On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm` (int8 weight read directly, no float
-copy of W; fp32 activations computed in bf16); larger inputs (prefill) and other devices use
-`F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the measured crossover).
+On CUDA every input goes through `kernels.int8_linear` (a Triton kernel that dequantises the int8 tile in
+registers, docs/quantization.md#cuda-kernel). On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm`
+(int8 weight read directly, no float copy of W; fp32 activations computed in bf16); larger inputs (prefill)
+and other devices use `F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the measured crossover).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from quant.common import check_not_quantised, reject_float_into_int8, target_linears
 from tnllm.model import TransNormerLLM
 
@@ -37,8 +39,7 @@ def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
     costs a fixed weight copy. Measured (2-core AVX-512 Xeon, fp32 input, ms per call; packed / dequant /
     float): 384x1536 rows 1: 0.06 / 0.15 / 0.06, rows 16: 0.31 / 0.67 / 0.55, rows 64: 1.07 / 0.60 / 0.44,
     rows 1024: 16.0 / 6.3 / 5.6; 2048x5632 rows 1: 0.6 / 20.7 / 1.8, rows 64: 17.1 / 26.6 / 10.1,
-    rows 256: 67 / 52 / 31. So prefill chunks dequantise and decode steps stay packed. On CUDA the
-    dequantise form is what torch.compile fuses (gpt-fast); to be measured on GPU."""
+    rows 256: 67 / 52 / 31. So prefill chunks dequantise and decode steps stay packed."""
     return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
@@ -76,6 +77,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x.dtype."""
+        if x.is_cuda:  # the Triton kernel (or its PyTorch twin where Triton is missing)
+            return kernels.int8_linear(x, self.weight, self.scales, self.bias)
         if _use_packed_mm(x, x.numel() // self.in_features):
             # Its fp32 kernel is 5-40x slower than the bf16 one, so fp32 activations go through bf16
             # (output rel. error 0.4% -> 0.5%; bnb LLM.int8 casts to fp16 the same way).
