@@ -44,13 +44,15 @@ import torch  # noqa: E402
 from bench.serve import stream_in_threads, time_sessions, token_gaps_ms  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
 from tnllm.engine import Engine, EngineConfig, Session  # noqa: E402
-from tnllm.engine.graphs import DecodeGraphs  # noqa: E402
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraph, capture_cuda_graph  # noqa: E402
 from tnllm.engine.scheduler import decode_step  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
+from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
-# Sampled, as chat is (chat's defaults also use top-k 40 and a 1.1 repetition penalty).
-PARAMS = dict(temperature=0.7, top_p=0.9, seed=0)
+CHECK_CHUNK = 64  # ids of the captured-vs-eager prefill check
+# Sampled with chat's defaults (the length is each row's), seeded.
+PARAMS = {**{k: v for k, v in CHAT_DEFAULTS.items() if k != "max_new_tokens"}, "seed": 0}
 
 
 class ModuloTokenizer:
@@ -156,9 +158,11 @@ def graph_vs_eager(preset: str, device: torch.device, batch: int = 3) -> dict:
         return _graph_vs_eager(model, preset, device, batch)
 
 
-def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, batch: int) -> dict:
+def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, batch: int,
+                    capture=capture_cuda_graph) -> dict:
+    """The check itself (`capture`: tests pass an eager stand-in to run it on the CPU)."""
     engine = Engine(model, None, EngineConfig(max_sessions=4, cuda_graphs=False, threaded=False))
-    graphs = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=4, sample_in_graph=False)
+    graphs = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=4, sample_in_graph=False, capture=capture)
     slots = list(range(1, batch + 1))
     slot_ids = torch.tensor(slots, device=device)
     ids = torch.randint(3, model.config.vocab_size, (batch, 300), generator=torch.Generator().manual_seed(0))
@@ -179,7 +183,21 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     state_err = max(rel(t[slot_ids], e) for t, e in zip(engine.pool.kv, eager_state))
     result = {"preset": preset, "dtype": "fp32", "batch": batch, "logits_rel_l2": rel(graph_logits, eager_logits),
               "state_rel_l2": state_err}
-    result["pass_1e-5"] = result["logits_rel_l2"] <= 1e-5 and state_err <= 1e-5
+    # One captured prefill chunk against the eager chunk, from the same state of slot 1.
+    chunk = PrefillGraph(model, engine.pool, CHECK_CHUNK, capture=capture)
+    saved = [t[1].clone() for t in engine.pool.kv], engine.pool.positions[1].clone()
+    chunk_ids = torch.randint(3, model.config.vocab_size, (1, CHECK_CHUNK), generator=torch.Generator().manual_seed(1))
+    eager_chunk = model(chunk_ids.to(device), engine.pool.rows(slot_ids[:1]), logits_to_keep=1)[:, -1].clone()
+    eager_chunk_state = [t[1].clone() for t in engine.pool.kv]
+    for t, s in zip(engine.pool.kv, saved[0]):
+        t[1].copy_(s)
+    engine.pool.positions[1] = saved[1]
+    graph_chunk = chunk.run(chunk_ids[0].tolist(), 1)
+    result["prefill_chunk"] = CHECK_CHUNK
+    result["prefill_logits_rel_l2"] = rel(graph_chunk, eager_chunk)
+    result["prefill_state_rel_l2"] = max(rel(t[1], e) for t, e in zip(engine.pool.kv, eager_chunk_state))
+    result["pass_1e-5"] = all(result[k] <= 1e-5 for k in ("logits_rel_l2", "state_rel_l2", "prefill_logits_rel_l2",
+                                                           "prefill_state_rel_l2"))
     return result
 
 
@@ -278,7 +296,8 @@ def main() -> None:
     parser.add_argument("--contexts", default="1024,32768,131072")
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--budgets", default="2048,8192", help="prefill budgets (tokens per step) to interleave")
+    parser.add_argument("--budgets", default="256,512,1024",
+                        help="prefill budgets (tokens per step: the captured chunk) to interleave")
     parser.add_argument("--interleave-sessions", type=int, default=8)
     parser.add_argument("--interleave-prompt", type=int, default=32768)
     parser.add_argument("--check-preset", default="tnl-1b")

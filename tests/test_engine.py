@@ -13,7 +13,7 @@ import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm import Tokenizer
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
-from tnllm.engine.graphs import DecodeGraphs
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
 from tnllm.generation import Conversation
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
@@ -166,6 +166,37 @@ def test_graph_buckets_pad_to_the_sink_and_equal_eager(model, tok, sample_in_gra
     assert replies[1].sampled == solo_ids(model, tok, prompts[1], params[1])
     for i in (0, 2, 3, 4):
         assert replies[i].sampled == argmax_loop(model, prompts[i], 12)
+
+
+def test_captured_prefill_chunks_equal_eager(model, tok):
+    """Full prefill chunks through the `PrefillGraph` stand-in (static ids and slot buffers, replayed), the
+    remainders eager, two prompts interleaved with a decoding session: greedy == argmax loop."""
+    engine = make_engine(model, tok)
+    graph = PrefillGraph(model, engine.pool, chunk=16, capture=replay_eagerly)
+    replays = []
+    graph.replay = (lambda replay: lambda: (replays.append(1), replay()))(graph.replay)
+    engine.scheduler.prefill_graph = graph
+    prompts = [prompt(8, 5), prompt(40, 6), prompt(33, 7)]
+    first = engine.open().feed_ids(prompts[0], GREEDY)
+    engine.step()
+    replies = [first] + [engine.open().feed_ids(ids, GREEDY) for ids in prompts[1:]]
+    engine.run_until_idle()
+    # 40 ids: 16 + 16 (replayed) + 8; 33 ids: the 8 left of that step's budget, 16 (replayed), 9
+    assert len(replays) == 3
+    for reply, ids in zip(replies, prompts):
+        assert reply.sampled == argmax_loop(model, ids, 12)
+    with pytest.raises(ValueError, match="exactly 16 ids"):
+        graph.run([1, 2, 3], slot=1)
+
+
+def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
+    """bench/engine_gpu.py's correctness check (decode step and prefill chunk, captured vs eager from the same
+    state), with the eager stand-in for the capture: it must pass, so a GPU failure means the graphs."""
+    from bench.engine_gpu import _graph_vs_eager
+
+    with torch.inference_mode():
+        result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)
+    assert result["pass_1e-5"] and result["prefill_logits_rel_l2"] == 0.0, result
 
 
 # -- sampler --------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tnllm.engine.graphs import DecodeGraphs
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
 from tnllm.engine.pool import pool_for
 from tnllm.engine.sampler import BatchSampler
 from tnllm.engine.scheduler import Scheduler
@@ -36,12 +36,14 @@ class EngineConfig:
     """max_sessions: pool slots (sessions open at once); prefill_budget: prompt tokens read per step (the
     chunk a long prompt advances by between two decode steps of the others); cuda_graphs: captured decode
     per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the sampler inside
-    the captured step; threaded: run steps on an engine thread."""
+    the captured step; prefill_graph: a full prefill chunk (`prefill_budget` ids) captured too (None = with
+    cuda_graphs); threaded: run steps on an engine thread."""
 
     max_sessions: int = 16
     prefill_budget: int = 512
     cuda_graphs: bool | None = None
     sample_in_graph: bool = True
+    prefill_graph: bool | None = None
     threaded: bool = True
 
 
@@ -60,8 +62,10 @@ class Engine:
         graphs = config.cuda_graphs if config.cuda_graphs is not None else capturable
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
                    if graphs else None)
+        prefill_graph = config.prefill_graph if config.prefill_graph is not None else graphs
+        chunk_graph = PrefillGraph(model, self.pool, config.prefill_budget) if prefill_graph else None
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
-        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, config.prefill_budget, decoder)
+        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, config.prefill_budget, decoder, chunk_graph)
         self.threaded = config.threaded
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], Future]] = []

@@ -1,4 +1,4 @@
-"""CUDA: the decode step captured once per batch-size bucket and replayed.
+"""CUDA: the decode step captured once per batch-size bucket, and one full prefill chunk, replayed.
 
 A step with n decoding rows replays the smallest bucket >= n; rows n.. of the bucket point at the pool's
 sink slot 0, and the whole slot buffer is rewritten every replay (a static buffer would otherwise keep the
@@ -93,3 +93,44 @@ class DecodeGraphs:
             return captured.out[:n]
         with torch.inference_mode():
             return self.sampler.sample(captured.out[:n], captured.slots[:n])
+
+
+class PrefillGraph:
+    """`run(ids, slot) -> logits [1, V]` for a chunk of exactly `chunk` prompt ids of one session, by replay.
+
+    An eager chunk launches a few hundred kernels from Python; at chunk sizes that keep the other sessions'
+    decode moving (hundreds of tokens) that launch time is longer than the chunk's GPU work, and every
+    decoding session waits for it. The captured chunk costs its GPU work alone. Shorter chunks (a prompt's
+    last piece) run eagerly. `capture` as in `DecodeGraphs`.
+    """
+
+    def __init__(self, model: TransNormerLLM, pool: StatePool, chunk: int, warmup: int = 2,
+                 capture=capture_cuda_graph):
+        if pool.device.type != "cuda" and capture is capture_cuda_graph:
+            raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
+        self.chunk = chunk
+        device = pool.device
+        self.ids = torch.zeros(1, chunk, dtype=torch.long, device=device)   # static input [1, chunk]
+        self.slot = torch.full((1,), SINK_SLOT, dtype=torch.long, device=device)
+        pinned = device.type == "cuda"
+        self.staging = torch.zeros(1, chunk + 1, dtype=torch.long, pin_memory=pinned)  # ids, then the slot
+
+        def run() -> torch.Tensor:  # warm-up and capture read and write the sink slot only
+            return model(self.ids, pool.rows(self.slot), logits_to_keep=1)[:, -1]  # [1, V]
+
+        self.replay, self.out = capture(run, warmup)
+
+    def run(self, ids: list[int], slot: int) -> torch.Tensor:
+        """Read `ids` (exactly `chunk` of them) into `slot`; a copy of the last position's logits [1, V].
+
+        One staging buffer serves every call: the engine runs at most one full chunk per step (the chunk is
+        its whole prefill budget) and each step ends with a host transfer, so the previous upload is done."""
+        if len(ids) != self.chunk:
+            raise ValueError(f"a captured chunk reads exactly {self.chunk} ids, got {len(ids)}")
+        self.staging[0, :-1] = torch.tensor(ids, dtype=torch.long)
+        self.staging[0, -1] = slot
+        staged = self.staging.to(self.ids.device, non_blocking=True)  # [1, chunk + 1]
+        self.ids.copy_(staged[:, :-1])
+        self.slot.copy_(staged[0, -1:])
+        self.replay()
+        return self.out.clone()

@@ -4,7 +4,8 @@
       1. cancels and deadlines end their replies (the state keeps what it read);
       2. ONE decode step for every decoding reply (rows = their slots; the pool is updated in place);
       3. prefill chunks of waiting prompts, at most `prefill_budget` tokens per step, so that a long prompt
-         delays the decoding replies by one chunk per step instead of its whole length;
+         delays the decoding replies by one chunk per step instead of its whole length (a full chunk replays
+         a captured graph on CUDA: `PrefillGraph`);
       4. one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
          here) and ONE host transfer of all sampled ids;
       5. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
@@ -41,11 +42,12 @@ class Scheduler:
     """The active replies and `step()`. Not thread-safe: the engine calls it from one thread, under its lock."""
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, eos_ids: set[int],
-                 prefill_budget: int, decoder=None):
+                 prefill_budget: int, decoder=None, prefill_graph=None):
         self.model, self.pool, self.sampler = model, pool, sampler
         self.eos_ids, self.closing_eos = eos_ids, model.config.eos_token_id
         self.prefill_budget = prefill_budget
         self.decoder = decoder  # CUDA graphs (`DecodeGraphs`), or None: eager `decode_step`
+        self.prefill_graph = prefill_graph  # a captured full chunk (`PrefillGraph`), or None: eager chunks
         self.active: list[Reply] = []
         self.steps = 0
 
@@ -103,8 +105,12 @@ class Scheduler:
             if budget <= 0:
                 break
             n = min(budget, len(reply.prompt) - reply.fed)
-            chunk = torch.tensor([reply.prompt[reply.fed:reply.fed + n]], device=self.pool.device)  # [1, n]
-            logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
+            ids = reply.prompt[reply.fed:reply.fed + n]
+            if self.prefill_graph is not None and n == self.prefill_graph.chunk:
+                logits = self.prefill_graph.run(ids, reply.session.slot)
+            else:
+                chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
+                logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
             reply.fed += n
             reply.stats.prefilled = reply.fed
             budget -= n
