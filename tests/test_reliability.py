@@ -288,10 +288,12 @@ def test_internal_error_is_curated_and_the_server_state_consistent(runtime, chat
 # -- 4. untrusted checkpoints and tokenizers ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def good_checkpoint(runtime, tmp_path_factory):
-    from webui.runtime import TOKENIZER_FILE, _random_model
+    from tnllm.model import random_model
+    from webui.runtime import TOKENIZER_FILE
 
     out = tmp_path_factory.mktemp("ckpt") / "good"
-    model = _random_model("tiny", runtime.tokenizer, torch.device("cpu"), torch.float32)
+    tok = runtime.tokenizer
+    model = random_model("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
     save_model(model, out)
     shutil.copy(TOKENIZER_FILE, out / "tokenizer.model")
     return out
