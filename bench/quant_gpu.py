@@ -244,7 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     args.model_dtype = torch.bfloat16
     if args.dry_run:
-        args.device, args.preset, args.rows, args.reps, args.rotate_mib = "cpu", "tiny", "1,3", 2, 0.0
+        args.device, args.preset, args.rows, args.reps, args.rotate_mib = "cpu", "tiny", "3", 1, 0.0
         args.batch, args.context, args.tokens, args.prefill_tokens = 2, 16, 4, 64
         args.model_dtype = torch.float32
     args.rows = [int(r) for r in args.rows.split(",")]

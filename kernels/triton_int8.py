@@ -123,6 +123,7 @@ def _interpreting(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu"
 
 
+@functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
 def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
     """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes).
 

@@ -6,6 +6,9 @@ dot is wrong, triton 3.9); the native bf16 path is covered by the CUDA tests.
 """
 
 import inspect
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from torch import nn
 import kernels
 from kernels import reference as ref
 from quant.int8 import Int8Linear
-from tests.conftest import assert_close, requires_cuda, requires_triton_interpret
+from tests.conftest import ROOT, assert_close, requires_cuda, requires_triton_interpret
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: exact fp32 products (no tf32); 16-bit: the output's own rounding (bf16 about 2e-3 rel-L2)
@@ -143,3 +146,19 @@ def test_cuda_graph_capture(rows):
     graph.replay()
     torch.cuda.synchronize()
     assert_close("replayed", _oracle(x, w, s, b), y, rel=TOL[torch.bfloat16])
+
+
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
+    """bench/quant_gpu.py --dry-run: every section's code path on the CPU (the int8 kernel in the interpreter)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "quant.json"
+    run = subprocess.run([sys.executable, "bench/quant_gpu.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert not [n for n in data["notes"] if "failed" in n], data["notes"]
+    int8 = [r for r in data["linear"] if r["method"] == "int8"]
+    assert len(int8) == 4 and max(r["max_rel_err"] for r in int8) < 1e-2  # 4 shapes; bf16 output rounding
+    assert {(r["method"], r["batch"]) for r in data["model"]} == {(m, b) for m in ("float", "int8") for b in (1, 2)}
+    assert all(r["decode_ms_per_token"] > 0 and r["weight_gib"] > 0 for r in data["model"])
+    assert [r["method"] for r in data["prefill"]] == ["float", "int8"] and data["prefill"][1]["load_s"] > 0
