@@ -187,10 +187,16 @@ def render_sampling(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _commands(result: dict) -> str:
+    """The run's command, or its commands (a result merged from several calls), as inline code."""
+    commands = result["command"] if isinstance(result["command"], list) else [result["command"]]
+    return ("Command: " if len(commands) == 1 else "Commands: ") + "; ".join(f"`{c}`" for c in commands)
+
+
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
     out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
-           f"Date: {run_date(result)}. torch {result['torch']}. Command: `{result['command']}`. Floor: the step's "
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. Floor: the step's "
            f"weight and state bytes at the copy bandwidth measured in the same run "
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
@@ -213,6 +219,21 @@ def render_engine(result: dict) -> str:
         out.append(f"\nGraph vs eager: {check}")
     for note in result.get("notes") or []:
         out.append(f"\nNote: {note}")
+    return "\n".join(out) + "\n"
+
+
+def render_app(result: dict) -> str:
+    """bench/app_http.py: a chat reply streamed over HTTP by the app, against the app's engine alone."""
+    out = ["", f"## The app over HTTP against its engine ({result['device']})", "",
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. One message, chat's default "
+           f"sampling seeded (both paths sample the same tokens), float weights; tok/s = (tokens - 1) / (final "
+           "result - first text), the median of the runs after an untimed one.", "",
+           "| model | path | tokens | tok/s | runs (tok/s) | app / engine |", "|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        ratio = f"{x['ratio_to_engine']:.2f}" if x.get("ratio_to_engine") else ""
+        runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
+        out.append(f"| {x['model']} | {x['path']} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
+                   f"{ratio} |")
     return "\n".join(out) + "\n"
 
 
@@ -268,6 +289,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
     for name, title, renderer, command in (
             ("sampling-cpu", "Chat sampling defaults (CPU)", render_sampling, "python bench/sampling_defaults.py"),
             ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
+            ("app-h200", "The app over HTTP against its engine", render_app,
+             "python bench/app_http.py --device cuda --out bench/results/app-h200.json"),
             ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,
              "python bench/serve.py --device cpu --out bench/results/serve-cpu.json")):
         path = results / f"{name}.json"
