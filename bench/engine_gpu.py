@@ -227,7 +227,7 @@ def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int)
     for s in decoding + [newcomer]:
         s.close()
     return {"decoding_sessions": n_decoding, "prompt_tokens": prompt_tokens,
-            "prefill_budget": engine.config.prefill_budget, "prefill_s": end - start,
+            "prefill_budget": engine.scheduler.prefill_budget, "prefill_s": end - start,
             "ms_per_token_before": statistics.median(before),
             "ms_per_token_during": statistics.median(during) if during else None,
             "ratio": statistics.median(during) / statistics.median(before) if during else None}

@@ -13,6 +13,7 @@ import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm import Tokenizer
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
+from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
 from tnllm.generation import Conversation
 from tnllm.sampling import SamplingParams, filter_logits
@@ -30,8 +31,9 @@ def model(untied_tiny_model):
 def make_engine(model, tok, **config):
     """A threadless engine (tests step it by hand), eos never ending a reply unless given."""
     eos_ids = config.pop("eos_ids", set())
-    return Engine(model, tok, EngineConfig(**{"max_sessions": 6, "prefill_budget": 16, "threaded": False, **config}),
-                  eos_ids=eos_ids)
+    config.setdefault("prefill_budget", 16)
+    config.setdefault("solo_prefill_budget", config["prefill_budget"])
+    return Engine(model, tok, EngineConfig(**{"max_sessions": 6, "threaded": False, **config}), eos_ids=eos_ids)
 
 
 def argmax_loop(model, ids, n):
@@ -166,6 +168,21 @@ def test_graph_buckets_pad_to_the_sink_and_equal_eager(model, tok, sample_in_gra
     assert replies[1].sampled == solo_ids(model, tok, prompts[1], params[1])
     for i in (0, 2, 3, 4):
         assert replies[i].sampled == argmax_loop(model, prompts[i], 12)
+
+
+def test_a_prompt_alone_reads_in_large_chunks_and_beside_decoding_in_small_ones(model, tok):
+    engine = make_engine(model, tok, prefill_budget=8, solo_prefill_budget=64)
+    alone = engine.open().feed_ids(prompt(50, 1), GREEDY)
+    engine.step()
+    assert alone.fed == 50, "nobody decodes: the solo budget"
+    engine.step()
+    newcomer = engine.open().feed_ids(prompt(50, 2), GREEDY)
+    engine.step()
+    assert newcomer.fed == 8, "a reply decodes: the small budget"
+    engine.run_until_idle()
+    assert newcomer.sampled == argmax_loop(model, prompt(50, 2), 12)
+    cpu = Engine(model, tok, EngineConfig(max_sessions=1, threaded=False))
+    assert (cpu.scheduler.prefill_budget, cpu.scheduler.solo_prefill_budget) == PREFILL_BUDGETS["cpu"]
 
 
 def test_captured_prefill_chunks_equal_eager(model, tok):

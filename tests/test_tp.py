@@ -63,8 +63,8 @@ def engine_replies(model) -> dict:
     from tnllm.engine import Engine, EngineConfig
     from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
-    engine = Engine(model, Tokenizer(BUNDLED_TOKENIZER), EngineConfig(max_sessions=3, prefill_budget=32,
-                                                                       threaded=False), eos_ids=set())
+    config = EngineConfig(max_sessions=3, prefill_budget=32, solo_prefill_budget=32, threaded=False)
+    engine = Engine(model, Tokenizer(BUNDLED_TOKENIZER), config, eos_ids=set())
     sessions = [engine.open() for _ in range(3)]
     prompts = [(IDS[0].tolist(), GREEDY), (IDS[1].tolist(), SAMPLED), (LONG_PROMPT, GREEDY)]
     replies = [s.feed_ids(ids, params) for s, (ids, params) in zip(sessions, prompts)]

@@ -30,17 +30,26 @@ from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
 from tnllm.tokenizer import Tokenizer
 
+# Prompt tokens read per step, per device: (while other sessions decode, while none does). While others decode,
+# each step's chunk delays their next token: on an H200 at the 7B shape, a 32k-token prompt arriving while 8
+# sessions decode raised their ms/token 1.87x with 128-token chunks, 2.10x with 256 and 2.88x with 512, and took
+# 3.2 / 1.8 / 1.3 s to read (docs/engine.md#chunked-prefill). Alone, a prompt reads in large chunks. The CPU
+# keeps 512 for both (a chunk there costs its compute, not its launches).
+PREFILL_BUDGETS = {"cuda": (128, 4096), "cpu": (512, 512)}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """max_sessions: pool slots (sessions open at once); prefill_budget: prompt tokens read per step (the
-    chunk a long prompt advances by between two decode steps of the others); cuda_graphs: captured decode
-    per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the sampler inside
-    the captured step; prefill_graph: a full prefill chunk (`prefill_budget` ids) captured too (None = with
+    """max_sessions: pool slots (sessions open at once); prefill_budget: prompt tokens read per step while
+    other sessions decode (the chunk a long prompt advances by between two of their tokens), and
+    solo_prefill_budget: per step while none does (None: PREFILL_BUDGETS of the device); cuda_graphs:
+    captured decode per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the
+    sampler inside the captured step; prefill_graph: a full `prefill_budget` chunk captured too (None = with
     cuda_graphs); threaded: run steps on an engine thread."""
 
     max_sessions: int = 16
-    prefill_budget: int = 512
+    prefill_budget: int | None = None
+    solo_prefill_budget: int | None = None
     cuda_graphs: bool | None = None
     sample_in_graph: bool = True
     prefill_graph: bool | None = None
@@ -52,10 +61,13 @@ class Engine:
 
     def __init__(self, model: TransNormerLLM, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
                  eos_ids: set[int] | None = None):
-        if config.prefill_budget < 1:
-            raise ValueError(f"prefill_budget must be >= 1, got {config.prefill_budget}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.pool = pool_for(model, config.max_sessions)
+        defaults = PREFILL_BUDGETS.get(self.pool.device.type, PREFILL_BUDGETS["cpu"])
+        budget = config.prefill_budget or defaults[0]
+        solo_budget = config.solo_prefill_budget or defaults[1]
+        if budget < 1 or solo_budget < 1:
+            raise ValueError(f"prefill budgets must be >= 1, got {budget} and {solo_budget}")
         self.sampler = BatchSampler(config.max_sessions + 1, model.config.vocab_size, self.pool.device)
         # A model whose step other processes must join (tensor parallel) is not capturable here.
         capturable = self.pool.device.type == "cuda" and getattr(model, "capturable", True)
@@ -63,9 +75,9 @@ class Engine:
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
                    if graphs else None)
         prefill_graph = config.prefill_graph if config.prefill_graph is not None else graphs
-        chunk_graph = PrefillGraph(model, self.pool, config.prefill_budget) if prefill_graph else None
+        chunk_graph = PrefillGraph(model, self.pool, budget) if prefill_graph else None
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
-        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, config.prefill_budget, decoder, chunk_graph)
+        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph)
         self.threaded = config.threaded
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], Future]] = []

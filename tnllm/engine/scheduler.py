@@ -3,9 +3,10 @@
     step():
       1. cancels and deadlines end their replies (the state keeps what it read);
       2. ONE decode step for every decoding reply (rows = their slots; the pool is updated in place);
-      3. prefill chunks of waiting prompts, at most `prefill_budget` tokens per step, so that a long prompt
-         delays the decoding replies by one chunk per step instead of its whole length (a full chunk replays
-         a captured graph on CUDA: `PrefillGraph`);
+      3. prefill chunks of waiting prompts, at most `prefill_budget` tokens per step while any reply decodes,
+         so that a long prompt delays the decoding replies by one chunk per step instead of its whole length
+         (a full chunk replays a captured graph on CUDA: `PrefillGraph`), and `solo_prefill_budget` when none
+         does;
       4. one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
          here) and ONE host transfer of all sampled ids;
       5. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
@@ -42,10 +43,10 @@ class Scheduler:
     """The active replies and `step()`. Not thread-safe: the engine calls it from one thread, under its lock."""
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, eos_ids: set[int],
-                 prefill_budget: int, decoder=None, prefill_graph=None):
+                 prefill_budgets: tuple[int, int], decoder=None, prefill_graph=None):
         self.model, self.pool, self.sampler = model, pool, sampler
         self.eos_ids, self.closing_eos = eos_ids, model.config.eos_token_id
-        self.prefill_budget = prefill_budget
+        self.prefill_budget, self.solo_prefill_budget = prefill_budgets  # while others decode, and alone
         self.decoder = decoder  # CUDA graphs (`DecodeGraphs`), or None: eager `decode_step`
         self.prefill_graph = prefill_graph  # a captured full chunk (`PrefillGraph`), or None: eager chunks
         self.active: list[Reply] = []
@@ -90,17 +91,17 @@ class Scheduler:
             else:
                 parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots), host_slots=slots))
             rows += decoding
-        ready, ready_logits = self._prefill()
+        ready, ready_logits = self._prefill(self.prefill_budget if decoding else self.solo_prefill_budget)
         if ready:
             slots = [r.session.slot for r in ready]
             parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots), slots))
             rows += ready
         return rows, (torch.cat(parts).tolist() if parts else [])  # the step's one device -> host transfer
 
-    def _prefill(self) -> tuple[list[Reply], list[torch.Tensor]]:
-        """Prefill chunks within the token budget, oldest prompt first; returns the replies whose prompt is now
+    def _prefill(self, budget: int) -> tuple[list[Reply], list[torch.Tensor]]:
+        """Prefill chunks within `budget` tokens, oldest prompt first; returns the replies whose prompt is now
         fully read and their last logits [1, V]."""
-        budget, ready, ready_logits = self.prefill_budget, [], []
+        ready, ready_logits = [], []
         for reply in [r for r in self.active if r.prefilling]:
             if budget <= 0:
                 break
