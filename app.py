@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=env("TNLLM_MODEL"),
                    help="local checkpoint dir or Hub repo id (default: assets/tnl/, else tiny demo weights)")
     p.add_argument("--baseline", default=env("TNLLM_BASELINE"),
-                   help="local Llama dir, \"matched\" (random, sized like the model) or \"none\" (default: assets/llama/, else matched)")
+                   help="local Llama dir, 'matched' (random, sized like the model) or 'none' (default: assets/llama/, "
+                        "else matched)")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction,
                    default=env("TNLLM_INT8", "1").lower() not in ("0", "false", "no", "off"),
                    help="8-bit decoder weights (default on; falls back to float when unavailable)")

@@ -24,7 +24,6 @@ import quant  # noqa: E402  (after the path fix)
 from quant import bnb  # noqa: E402
 from quant.int8 import Int8Linear  # noqa: E402
 from tnllm.bench import timed  # noqa: E402
-from tnllm.generation import prefill  # noqa: E402
 
 SHAPES = ((2048, 2048), (2048, 5632))  # (in, out): TNL-1B out_proj and l1/l2
 BATCHES = (1, 16)
@@ -76,7 +75,7 @@ def run_model(path: str, device: str, reps: int, context: int = 256) -> list[dic
             continue
         model = quant.load_quantized(path, method=method, device=device)
         state = model.allocate_state(1)
-        prefill(model, torch.randint(3, model.config.vocab_size, (1, context), device=device), state)
+        model(torch.randint(3, model.config.vocab_size, (1, context), device=device), state, logits_to_keep=1)
         token = torch.tensor([[5]], device=device)
         med, best = time_ms(functools.partial(model, state=state), token, reps)
         rows.append(dict(device=device, model=path, method=method, context=context, ms_per_token=round(med, 3),

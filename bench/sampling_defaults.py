@@ -5,8 +5,8 @@
 
 Prompts: the user turns of the bundled model's validation slice (assets/val_slice.jsonl, the dialogues whose
 loss the model card reports), each sent as the first message of a fresh chat; the human reply that followed
-it is the reference. Every (setting, prompt) reply is generated through the chat's own path,
-`Conversation(model, tokenizer).reply(text, SamplingParams(...))`, with seed = the prompt's index, so all
+it is the reference. Every (setting, prompt) reply is generated through the chat's own path, the engine
+(`tnllm.engine.single_reply(model, tokenizer, text, SamplingParams(...))`), with seed = the prompt's index, so all
 settings see the same random numbers (differences between rows are the settings', not the dice's).
 
 Metrics per setting (token ids; eos excluded from the n-gram counts):
@@ -17,7 +17,8 @@ Metrics per setting (token ids; eos excluded from the n-gram counts):
                  (temperature 1, no penalty, no truncation)
   ref_nll        mean per-token NLL of the reference replies (eos included) under the setting's sampling
                  distribution, teacher-forced: penalty, temperature, top-k and top-p applied to the model's
-                 logits exactly as `tnllm.sampling.sample_token` does, tokens it would never pick get FLOOR
+                 logits exactly as the engine's sampler does (`tnllm.sampling.filter_logits`), tokens it
+                 would never pick get FLOOR
 The same statistics of the reference replies themselves are the human yardstick of the selection rule
 (RULE below).
 """
@@ -40,7 +41,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tnllm import load_model, load_tokenizer  # noqa: E402  (after the path fix)
-from tnllm.generation import Conversation  # noqa: E402
+from tnllm.engine import single_reply  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.train import read_dialogues  # noqa: E402
 
@@ -101,7 +102,7 @@ def sampling_logprobs(logits: torch.Tensor, seen: torch.Tensor, targets: torch.T
     """log p(target) per position under `setting`'s sampling distribution, floored at FLOOR.
 
     logits [T, V] fp32 (position t predicts targets[t]); seen [T, V] bool, the ids the repetition penalty
-    applies to at t (the prompt and targets[:t], as in the chat). Mirrors `sample_token` row by row.
+    applies to at t (the prompt and targets[:t], as in the chat). Mirrors the engine's sampler row by row.
     """
     rp, temperature = setting["repetition_penalty"], setting["temperature"]
     if rp != 1.0:
@@ -140,14 +141,10 @@ def continuation_logits(model, prompt: list[int], continuation: list[int]) -> to
 
 
 def reply_ids(model, tokenizer, text: str, params: SamplingParams) -> tuple[list[int], bool]:
-    """One chat reply through `Conversation.reply`: its token ids (eos excluded) and whether it ended by eos."""
-    conv = Conversation(model, tokenizer)
-    for _ in conv.reply(text, params):
-        pass
-    # The state log holds the prompt and every sampled id; `pending` ends with an eos closing the turn,
-    # sampled or not (Conversation's bookkeeping), so the reply is everything after the prompt but that eos.
-    prompt_len = len(tokenizer.chat_ids([("human", text)]))
-    return (conv.history + conv.pending)[prompt_len:-1], conv.last_stats.finish_reason == "eos"
+    """One chat reply through the engine: its token ids (eos excluded) and whether it ended by eos."""
+    reply = single_reply(model, tokenizer, text, params)
+    ended = reply.finish_reason == "eos"
+    return (reply.sampled[:-1] if ended else reply.sampled), ended
 
 
 def human_statistics(model, tokenizer, exchanges: list[tuple[str, str]], new_tokens: int) -> dict:

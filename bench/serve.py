@@ -1,10 +1,10 @@
-"""Serving throughput on the CPU: N concurrent chat sessions through the engine, against today's one-reply loop.
+"""Serving throughput on the CPU: N concurrent chat sessions through the engine, against one session.
 
     python bench/serve.py --device cpu --model assets/tnl --sessions 1,4 --tokens 64 --out bench/results/serve-cpu.json
 
-Each round: the anchor (`tnllm.generation.generate`: one reply, the loop chat runs today) and, for every N in
---sessions, N chat sessions sending a user turn at once to one threaded engine, each read by its own consumer
-thread as chat reads it (sampling, detokenising and events included). Replies are exactly --tokens long (eos
+Each round: for every N in --sessions, N chat sessions sending a user turn at once to one threaded engine,
+each read by its own consumer thread as chat reads it (chat's default sampling, seeded; detokenising and
+events included). Replies are exactly --tokens long (eos
 ignored, as `vllm bench latency` does). Per setting: `aggregate_tok_s` = tokens of all sessions / wall time
 from the submissions to the last token (prefill included), `ms_per_token_p50` = median gap between two tokens
 of a session as its consumer sees them. Rounds alternate the settings so that a shared machine's load drifts
@@ -14,7 +14,6 @@ hit them alike; each figure is the median over --rounds.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -33,38 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tnllm import TransNormerLLM, load_model  # noqa: E402
+from tnllm import load_model  # noqa: E402
+from tnllm.bench import percentile  # noqa: E402
 from tnllm.engine import Engine, EngineConfig, Reply  # noqa: E402
-from tnllm.generation import ReplyStats, generate  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import tokenizer_for  # noqa: E402
+from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 MESSAGES = ["Hi! How was your weekend?", "What is your favourite book, and why?", "Tell me something about the ocean.",
             "Do you like cooking? What do you make?", "Any plans for the summer?", "What did you do today?"]
-
-
-@contextlib.contextmanager
-def eos_ignored(model: TransNormerLLM):
-    """`generate` stops at the config's eos: make it unreachable for a fixed-length reply."""
-    eos, model.config.eos_token_id = model.config.eos_token_id, -1
-    try:
-        yield
-    finally:
-        model.config.eos_token_id = eos
-
-
-def anchor_round(model, tok, params) -> tuple[float, list[float]]:
-    """Today's loop: (tok/s over the reply, gaps between tokens in ms). Text pieces arrive per token or
-    later (UTF-8 completion), so the gap is taken from the stats' token count."""
-    stamps = []
-    stats = ReplyStats()
-    start = time.perf_counter()
-    with eos_ignored(model):
-        for _ in generate(model, tok, tok.chat_ids([("human", MESSAGES[0])]), params, stats=stats):
-            stamps.append((stats.new_tokens, time.perf_counter()))
-    end = time.perf_counter()
-    gaps = [(t1 - t0) * 1e3 / (n1 - n0) for (n0, t0), (n1, t1) in zip(stamps, stamps[1:]) if n1 > n0]
-    return stats.new_tokens / (end - start), gaps
 
 
 def stream_in_threads(starts: list[Callable[[], Reply]]) -> tuple[list[threading.Thread], list[list[float]]]:
@@ -126,25 +102,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens per reply")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="sampling temperature (with top_p 0.9; chat's defaults add top-k 40 and a 1.1 penalty)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     counts = [int(n) for n in args.sessions.split(",")]
     model, tok = load_model(args.model, device=args.device).eval(), tokenizer_for(args.model)
-    params = SamplingParams(temperature=args.temperature, top_p=0.9, max_new_tokens=args.tokens, seed=0)
+    params = SamplingParams(**{**CHAT_DEFAULTS, "max_new_tokens": args.tokens, "seed": 0})
     engine = Engine(model, tok, EngineConfig(max_sessions=max(counts)), eos_ids=set())
-    anchor_round(model, tok, params)  # warm-up (allocator, first-call costs) for both paths
-    engine_round(engine, params, max(counts))
+    engine_round(engine, params, max(counts))  # warm-up (allocator, first-call costs)
 
-    anchor = {"tok_s": [], "gaps": []}
     runs = {n: {"tok_s": [], "gaps": []} for n in counts}
     for round_ in range(args.rounds):
         order = counts if round_ % 2 == 0 else counts[::-1]
-        tok_s, gaps = anchor_round(model, tok, params)
-        anchor["tok_s"].append(tok_s)
-        anchor["gaps"] += gaps
         for n in order:
             tok_s, gaps, total = engine_round(engine, params, n)
             assert total == n * args.tokens, f"{n} sessions produced {total} tokens"
@@ -156,10 +125,10 @@ def main() -> None:
     def row(path: str, sessions: int, data: dict) -> dict:
         return {"path": path, "sessions": sessions, "aggregate_tok_s": statistics.median(data["tok_s"]),
                 "ms_per_token_p50": statistics.median(data["gaps"]),
-                "ms_per_token_p90": statistics.quantiles(data["gaps"], n=10)[-1]}
+                "ms_per_token_p90": percentile(data["gaps"], 0.9)}
 
-    rows = [row("generation.generate (today, anchor)", 1, anchor)] + [row("engine", n, runs[n]) for n in counts]
-    one = next((r for r in rows[1:] if r["sessions"] == 1), None)
+    rows = [row("engine", n, runs[n]) for n in counts]
+    one = next((r for r in rows if r["sessions"] == 1), None)
     result = {
         "bench": "serve",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -171,11 +140,11 @@ def main() -> None:
         "model": args.model,
         "tokens": args.tokens,
         "rounds": args.rounds,
-        "sampling": {"temperature": args.temperature, "top_p": 0.9},
+        "sampling": {**CHAT_DEFAULTS, "max_new_tokens": args.tokens, "seed": 0},
         "command": "python " + shlex.join(sys.argv),
         "rows": rows,
         "speedup_vs_one_session": {r["sessions"]: r["aggregate_tok_s"] / one["aggregate_tok_s"]
-                                   for r in rows[1:]} if one else {},
+                                   for r in rows} if one else {},
     }
     print(json.dumps(result, indent=2))
     if args.out:

@@ -325,14 +325,16 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
     """The longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first prefill chunk is
     reported; the time from the cancel request to the reply's `finally` on the server, against one prefill
     chunk's time (docs/reliability.md#stop-during-prefill)."""
-    from tnllm.generation import PREFILL_CHUNK
+    from tnllm.engine.engine import PREFILL_BUDGETS
     from webui.validation import MAX_MESSAGE_CHARS
+
+    chunk = PREFILL_BUDGETS["cpu"][1]  # a prompt read alone on the CPU: its engine step's chunk
 
     tokenizer = runtime.tokenizer
     sentence = "Tell me everything about the long history of the old harbour town and its people. "
     text = sentence * (MAX_MESSAGE_CHARS // len(sentence))
     prompt_ids = tokenizer.encode(text)
-    ids = torch.tensor([prompt_ids[:PREFILL_CHUNK]])  # [1, one chunk]
+    ids = torch.tensor([prompt_ids[:chunk]])  # [1, one chunk]
     with torch.inference_mode():
         chunk_s = statistics.median(timed(lambda: runtime.model(ids, runtime.model.allocate_state(1), logits_to_keep=1),
                                           torch.device("cpu"))[1] for _ in range(5))
@@ -351,7 +353,7 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
             client.close()
     finally:
         demo.close()
-    return {"prompt_tokens": len(prompt_ids), "chunk_tokens": PREFILL_CHUNK, "chunk_ms": chunk_s * 1e3,
+    return {"prompt_tokens": len(prompt_ids), "chunk_tokens": chunk, "chunk_ms": chunk_s * 1e3,
             "stop_to_finally_ms": [w * 1e3 for w in waits], "tokens_fed_when_stopped": fed}
 
 

@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tnllm import load_model, load_tokenizer  # noqa: E402
 from tnllm.baseline import load_llama  # noqa: E402
 from tnllm.checkpoint import sha256_file  # noqa: E402
-from tnllm.generation import Conversation  # noqa: E402
+from tnllm.engine import single_reply  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.train import dialogue_loss, read_dialogues  # noqa: E402
 
@@ -85,7 +85,7 @@ def card(sweep: dict) -> dict:
     samples = []
     for prompt in SAMPLE_PROMPTS:
         for label, params in (("greedy", GREEDY), ("sampled T=0.8 top-p 0.9 seed 0", SAMPLED)):
-            reply = "".join(Conversation(tnl, tokenizer).reply(prompt, params))
+            reply = single_reply(tnl, tokenizer, prompt, params).text
             samples.append({"prompt": prompt, "mode": label, "reply": reply})
     out["samples"] = samples
     out["config"] = sweep["runs"][f"tnl-{size}"]["config"]

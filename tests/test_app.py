@@ -16,8 +16,7 @@ import pytest  # noqa: E402
 gr = pytest.importorskip("gradio")
 pytest.importorskip("transformers")
 
-from tnllm.engine import Engine, EngineConfig  # noqa: E402
-from tnllm.generation import ReplyStats  # noqa: E402
+from tnllm.engine import ReplyStats, single_reply  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from webui.chat import chat_view, live_line  # noqa: E402
 from webui.validation import is_stats_message  # noqa: E402
@@ -41,8 +40,7 @@ def only_new_message(runtime, text: str, info: dict, previous: dict) -> bool:
 
 def engine_reply(runtime, text: str, p: dict) -> str:
     """The reply of a fresh single-session engine on the same model (no thread, nobody else in the batch)."""
-    engine = Engine(runtime.model, runtime.tokenizer, EngineConfig(max_sessions=1, threaded=False))
-    return engine.open().send(text, SamplingParams(**p)).wait().text
+    return single_reply(runtime.model, runtime.tokenizer, text, SamplingParams(**p)).text
 
 
 # -- in-process ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from tnllm import load_model, load_tokenizer
 from tnllm.baseline import load_llama
 from tnllm.checkpoint import sha256_file
-from tnllm.generation import Conversation
+from tnllm.engine import single_reply
 from tnllm.sampling import SamplingParams
 from tnllm.train import dialogue_loss, read_dialogues
 
@@ -47,8 +47,7 @@ def test_tnl_val_loss_matches_card(tnl, tokenizer):
 
 def test_tnl_greedy_reply_is_stable(tnl, tokenizer):
     sample = next(s for s in CARD["samples"] if s["mode"] == "greedy")
-    reply = "".join(Conversation(tnl, tokenizer).reply(sample["prompt"], SamplingParams(temperature=0,
-                                                                                      max_new_tokens=40)))
+    reply = single_reply(tnl, tokenizer, sample["prompt"], SamplingParams(temperature=0, max_new_tokens=40)).text
     assert reply == sample["reply"]
 
 

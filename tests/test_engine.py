@@ -11,11 +11,9 @@ import torch
 
 import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
-from tnllm import Tokenizer
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
-from tnllm.generation import Conversation
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
 
@@ -222,7 +220,7 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
                                     SamplingParams(temperature=1.3, top_p=0.5)], ids=["plain", "top-k+top-p", "top-p"])
 def test_sampler_is_exact_and_its_cpu_head_path_draws_the_same_ids(params):
     """argmax(logit - log E) with hashed noise: frequencies over many seeds match the filtered softmax
-    (sample_token's filters), and the CPU shortcut (sorting only each row's head) picks the same ids."""
+    (`filter_logits`), and the CPU shortcut (sorting only each row's head) picks the same ids."""
     vocab, n = 400, 3000
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
 
@@ -254,19 +252,26 @@ def test_sampler_top_k_1_is_greedy_and_nan_rows_are_flagged():
 
 
 # -- conversations --------------------------------------------------------------------------------------
-def test_multi_turn_equals_conversation_and_reads_only_new_message(model, tok):
+def test_multi_turn_reads_only_the_new_message_and_equals_rereading_history(model, tok):
+    """Each turn reads the unfed end of the last reply plus its own message; its greedy reply is the argmax
+    loop over everything said so far, and the slot holds exactly the state of re-reading the history."""
     engine = make_engine(model, tok, eos_ids={tok.eos_id})
     session = engine.open()
-    conv = Conversation(model, tok)
     params = SamplingParams(temperature=0, max_new_tokens=8)
     for message in ("hello there", "how are you?", "the dog"):
+        unread = session.pending + tok.chat_ids([("human", message)])
+        said = session.history + unread
         reply = session.send(message, params).wait()
-        assert reply.text == "".join(conv.reply(message, params))
-        assert reply.finish_reason == conv.last_stats.finish_reason
+        assert reply.stats.prompt_tokens == len(unread)
+        ids = argmax_loop(model, said, 8)
+        expected = ids[: ids.index(tok.eos_id) + 1] if tok.eos_id in ids else ids
+        assert reply.sampled == expected and reply.text == tok.decode([t for t in expected if t != tok.eos_id])
     assert reply.stats.prompt_tokens < len(session.history)  # turn 3 read only its new message
-    assert session.history == conv.history and session.pending == conv.pending
-    for layer_conv, layer_pool in zip(conv.state.kv, engine.pool.kv):
-        assert_close("state", layer_conv[0], layer_pool[session.slot], rel=1e-5)
+    reread = model.allocate_state(1)
+    model(torch.tensor([session.history]), reread)
+    for layer_reread, layer_pool in zip(reread.kv, engine.pool.kv):
+        assert_close("state", layer_reread[0], layer_pool[session.slot], rel=1e-5)
+    assert session.pending[-1] == tok.eos_id
 
 
 def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok):
@@ -340,11 +345,8 @@ def test_fork_save_load_continue_identically(model, tok, tmp_path):
     engine.run_until_idle()
     assert replies[0].text == replies[1].text == replies[2].text and replies[0].sampled
     assert session.history == fork.history == loaded.history
-    # The file is a Conversation file: today's chat reads it as well (greedy: the samplers' noise differs).
-    conv = Conversation.load(tmp_path / "s.safetensors", model, tok)
-    greedy = SamplingParams(temperature=0, max_new_tokens=10)
-    assert "".join(conv.reply("and then?", greedy)) == engine.load(tmp_path / "s.safetensors").send(
-        "and then?", greedy).wait().text
+    other = make_engine(model, tok, eos_ids={tok.eos_id})  # another engine (another process, say)
+    assert other.load(tmp_path / "s.safetensors").send("and then?", params).wait().text == replies[0].text
 
 
 def test_pool_full_and_close_frees_the_slot(model, tok):
@@ -378,19 +380,6 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok):
 
 
 # -- the bundled model and the GPU benchmark script -------------------------------------------------------
-def test_bundled_model_chat_equals_conversation():
-    from tnllm import load_model
-
-    model = load_model(ROOT / "assets" / "tnl")
-    tok = Tokenizer(ROOT / "assets" / "tokenizer.model")
-    engine = Engine(model, tok, EngineConfig(max_sessions=2, threaded=False))
-    params = SamplingParams(temperature=0, max_new_tokens=24)
-    conv = Conversation(model, tok)
-    session = engine.open()
-    for message in ("Hi! How are you?", "Tell me about your day."):
-        assert session.send(message, params).wait().text == "".join(conv.reply(message, params))
-
-
 def test_engine_gpu_benchmark_smoke_on_cpu(tmp_path):
     import json
 

@@ -40,7 +40,7 @@ def _run(code: str, cwd: Path, extra_path: bool) -> subprocess.CompletedProcess:
 
 
 def test_tnllm_and_kernels_import_without_triton_or_cuda():
-    code = ("import sys, tnllm, kernels, tnllm.generation, tnllm.train\n"
+    code = ("import sys, tnllm, kernels, tnllm.engine, tnllm.train\n"
             "assert 'triton' not in sys.modules, 'triton imported at import time'\n"
             "import torch; assert not torch.cuda.is_initialized()\n"
             "print(kernels.backend_for('cpu'))")

@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tnllm.sampling import SamplingParams, apply_repetition_penalty, sample_token
+from tnllm.engine import BatchSampler
+from tnllm.sampling import SamplingParams, penalise_seen
 from webui.validation import CHAT_DEFAULTS, RANGES
 
 SETTING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
@@ -49,7 +50,7 @@ def test_seen_mask_grows_with_the_teacher_forced_reply():
     {"temperature": 0.5, "top_p": 0.5, "top_k": 5, "repetition_penalty": 1.3},
     {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.3},
 ])
-def test_sampling_logprobs_is_the_distribution_sample_token_draws_from(setting):
+def test_sampling_logprobs_is_the_distribution_the_engine_draws_from(setting):
     vocab = 64
     logits = torch.randn(vocab) * 3
     seen_ids = torch.tensor([3, 7, 7, 20])
@@ -58,11 +59,16 @@ def test_sampling_logprobs_is_the_distribution_sample_token_draws_from(setting):
     logp = sd.sampling_logprobs(logits.expand(vocab, vocab), seen, torch.arange(vocab), setting)
     support = logp > torch.tensor(sd.FLOOR).log() + 1e-4
     assert logp[support].exp().sum().item() == pytest.approx(1.0, abs=1e-5)
-    params = SamplingParams(**setting)
-    picks = {sample_token(logits, params, torch.Generator().manual_seed(s), seen_ids) for s in range(200)}
+    params, draws = SamplingParams(**setting), 200
+    sampler = BatchSampler(draws + 1, vocab, "cpu")  # slot s draws with seed s; the prompt's ids are the seen ones
+    for slot in range(1, draws + 1):
+        sampler.configure(slot, params, seed=slot, prompt_ids=seen_ids.tolist())
+    slots = list(range(1, draws + 1))
+    picks = set(sampler.sample(logits.expand(draws, vocab).clone(), torch.tensor(slots), slots).tolist())
     assert picks <= set(torch.nonzero(support)[:, 0].tolist())
     if setting["top_k"] == 0 and setting["top_p"] == 1.0 and setting["temperature"] == 1.0:
-        expected = torch.log_softmax(apply_repetition_penalty(logits, seen_ids, setting["repetition_penalty"]), -1)
+        penalty = torch.tensor([setting["repetition_penalty"]])
+        expected = torch.log_softmax(penalise_seen(logits[None], seen[:1], penalty)[0], -1)
         assert torch.allclose(logp, expected.clamp_min(torch.tensor(sd.FLOOR).log()), atol=1e-6)
 
 
@@ -88,16 +94,17 @@ def test_held_out_prompts_take_every_dialogue_first():
 
 def test_quick_run_writes_the_grid_rows_and_a_choice(tmp_path):
     out = tmp_path / "sampling.json"
+    # 2 prompts and 32 tokens: a seeded quick grid in which the rule finds a setting (with 24 tokens none passes)
     subprocess.run([sys.executable, str(ROOT / "bench" / "sampling_defaults.py"), "--quick", "--prompts", "2",
-                    "--new-tokens", "24", "--out", str(out)], check=True, capture_output=True, timeout=120)
+                    "--new-tokens", "32", "--out", str(out)], check=True, capture_output=True, timeout=120)
     result = json.loads(out.read_text())
     assert result["command"].startswith("python bench/sampling_defaults.py --quick")
-    assert result["prompts"] == 2 and result["new_tokens"] == 24 and result["machine"]["torch_threads"] == 1
+    assert result["prompts"] == 2 and result["new_tokens"] == 32 and result["machine"]["torch_threads"] == 1
     settings = sd.grid_settings(sd.QUICK_GRID)
     assert [{k: row[k] for k in SETTING_KEYS} for row in result["rows"]] == settings
     for row in result["rows"]:
         assert set(METRIC_KEYS) <= set(row)
-        assert 0 <= row["rep3"] <= 1 and 0 <= row["eos"] <= 1 and 0 < row["length"] <= 24
+        assert 0 <= row["rep3"] <= 1 and 0 <= row["eos"] <= 1 and 0 < row["length"] <= 32
         assert row["gen_ll"] <= 0 and row["ref_nll"] > 0
     assert result["chosen"] == {k: result["rows"][result["chosen_row"]][k] for k in SETTING_KEYS}
     assert result["rule"] == sd.RULE and len(result["examples"]) == 2

@@ -1,4 +1,4 @@
-"""Sampling settings and the per-row sampler (temperature, top-k, top-p, repetition penalty, seed)."""
+"""Sampling settings and the filters the engine's batched sampler applies (temperature, top-k, top-p, penalty)."""
 
 from __future__ import annotations
 
@@ -53,15 +53,6 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 
-    def make_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """A generator seeded from `seed` (or from fresh entropy when seed is None)."""
-        generator = torch.Generator(device=device)
-        if self.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(self.seed)
-        return generator
-
 
 def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """Repetition penalty for a batch: logits [B, V] fp32, seen [B, V] bool, penalty [B] (1 = off).
@@ -71,14 +62,6 @@ def penalise_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tenso
     penalty = penalty[:, None]  # [B, 1]
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """logits [V] fp32; seen: 1-D ids. Returns a penalised copy."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    mask = torch.zeros_like(logits, dtype=torch.bool).index_fill_(0, seen, True)
-    return penalise_seen(logits[None], mask[None], logits.new_tensor([penalty]))[0]
 
 
 def drop_outside_nucleus(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -110,17 +93,3 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
     drop = drop_outside_nucleus(sorted_logits, top_k, top_p, torch.logsumexp(logits, dim=-1, keepdim=True))
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))  # vocab order
-
-
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                 seen: torch.Tensor | None = None) -> int:
-    """Pick one id from logits [V] under `params`."""
-    logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
-        return int(logits.argmax())
-    row = lambda value, dtype=torch.float32: torch.tensor([value], dtype=dtype, device=logits.device)  # noqa: E731
-    logits = filter_logits(logits[None], row(params.temperature), row(params.top_k, torch.long), row(params.top_p))
-    probs = torch.softmax(logits[0], dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))

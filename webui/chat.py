@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from tnllm.engine import PoolFullError, Reply, Session, Snapshot
-from tnllm.generation import ReplyStats
+from tnllm.engine import PoolFullError, Reply, ReplyStats, Session, Snapshot
 from tnllm.memory import malloc_trim
 from webui.runtime import CHAT_SESSIONS, Runtime
 from webui.validation import FIELDS, STATS_ID, InputError, Limits, check_request, clean_text

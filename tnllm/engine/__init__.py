@@ -10,10 +10,10 @@ See engine.py (requests, thread), scheduler.py (one step), pool.py (slots), samp
 graphs.py (CUDA graphs per batch bucket), session.py (Session, Reply, Event).
 """
 
-from tnllm.engine.engine import Engine, EngineConfig
+from tnllm.engine.engine import Engine, EngineConfig, single_reply
 from tnllm.engine.pool import PoolFullError, StatePool
 from tnllm.engine.sampler import BatchSampler
-from tnllm.engine.session import FINISH_REASONS, Event, Reply, Session, Snapshot
+from tnllm.engine.session import FINISH_REASONS, Event, Reply, ReplyStats, Session, Snapshot
 
-__all__ = ["FINISH_REASONS", "BatchSampler", "Engine", "EngineConfig", "Event", "PoolFullError", "Reply", "Session",
-           "Snapshot", "StatePool"]
+__all__ = ["FINISH_REASONS", "BatchSampler", "Engine", "EngineConfig", "Event", "PoolFullError", "Reply",
+           "ReplyStats", "Session", "Snapshot", "StatePool", "single_reply"]

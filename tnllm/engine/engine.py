@@ -93,7 +93,7 @@ class Engine:
         return self._call(lambda: Session(self, self.pool.acquire()))
 
     def load(self, path: str | Path) -> Session:
-        """A session saved by `Session.save` (or `Conversation.save`), in a new slot."""
+        """A session saved by `Session.save`, in a new slot."""
         state, history, pending = read_session_file(path, self.model.config)
 
         def load_into_slot() -> Session:
@@ -229,3 +229,10 @@ class Engine:
                 except Exception as exc:  # noqa: BLE001 (handed to the caller)
                     future.set_exception(exc)
             self.scheduler.step()
+
+
+def single_reply(model: TransNormerLLM, tokenizer: Tokenizer, text: str, params: SamplingParams) -> Reply:
+    """A finished chat reply to `text` from a fresh single-session engine without a thread (scripts, tests,
+    benchmarks): the reply a new chat gets for its first message."""
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=1, threaded=False))
+    return engine.open().send(text, params).wait()

@@ -7,9 +7,10 @@
     reply.cancel()                  # from any thread: the reply ends within one engine step
     session.fork() / session.save(path) / engine.load(path) / session.close()
 
-Bookkeeping follows `tnllm.generation.Conversation`: `history` holds every id written into the slot,
-`pending` the ids still to write (the reply's last sampled id and the eos closing the assistant turn, or the
-unread rest of a message stopped during its prefill); they are fed with the next message.
+Bookkeeping: `history` holds every id written into the slot, `pending` the ids still to write (the reply's
+last sampled id and the eos closing the assistant turn, or the unread rest of a message stopped during its
+prefill); they are fed with the next message. A sampled id is streamed before it is fed back, so after a
+reply ends, its last id is not in the state yet.
 """
 
 from __future__ import annotations
@@ -25,13 +26,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tnllm.config import TNLConfig
-from tnllm.generation import ReplyStats
 from tnllm.sampling import SamplingParams
 from tnllm.state import RecurrentState
 from tnllm.streaming import TextStreamer
 
 if TYPE_CHECKING:
     from tnllm.engine.engine import Engine
+
+@dataclass
+class ReplyStats:
+    """Live numbers of one reply (the app shows them under each message)."""
+
+    prompt_tokens: int = 0
+    prefilled: int = 0          # prompt tokens read into the state so far (prefill progress)
+    new_tokens: int = 0
+    ttft_s: float = 0.0         # prompt submitted -> first token sampled
+    decode_s: float = 0.0       # first token -> last token
+    state_bytes: int = 0
+    finish_reason: str = ""     # one of FINISH_REASONS once the reply has ended
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else 0.0
+
 
 # How a reply ended. "numerical_error" (NaN/inf logits) and "error" (an exception in its step) also reset the
 # session's state; the others keep what the state read.
@@ -156,7 +173,7 @@ class Session:
         return self.engine.fork(self)
 
     def save(self, path: str | Path) -> None:
-        """State + ids in one safetensors file (the layout of `Conversation.save`)."""
+        """State + ids in one safetensors file (`write_session_file`)."""
         self.engine.save(self, path)
 
     def snapshot(self) -> Snapshot:
