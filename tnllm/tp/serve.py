@@ -194,7 +194,7 @@ class DrivenState(RecurrentState):
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("a tensor-parallel state lives on all ranks: use clone() / reset() only")
 
-    select = to = save = copy_ = _unsupported
+    select = to = save = copy_ = tensors = _unsupported  # tensors(): a session file would hold one rank's heads
 
 
 class DrivenModel:
