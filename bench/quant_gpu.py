@@ -105,13 +105,14 @@ def time_us(calls: list, device: torch.device, reps: int, graph: bool) -> float:
 
 def layer_copies(n_in: int, n_out: int, copies: int, device: torch.device, threshold: float) -> dict[str, list]:
     """Method -> `copies` independent random layers of one shape: (call(x), weight bytes) per layer."""
-    out = {"bf16": [], "int8": [], "bnb_int8": []}
+    out = {"bf16": [], "int8": [], "int8_linear": [], "bnb_int8": []}
     for _ in range(copies):
         lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=torch.bfloat16)
         q = Int8Linear.from_float(lin)
         out["bf16"].append((lin, lambda x, w=lin.weight: F.linear(x, w), lin.weight.numel() * 2))
-        out["int8"].append((q, lambda x, q=q: kernels.int8_linear(x, q.weight, q.scales, q.bias),
-                            q.weight.numel() + q.scales.numel() * q.scales.element_size()))
+        int8_bytes = q.weight.numel() + q.scales.numel() * q.scales.element_size()
+        out["int8"].append((q, lambda x, q=q: kernels.int8_linear(x, q.weight, q.scales, q.bias), int8_bytes))
+        out["int8_linear"].append((q, q, int8_bytes))  # what the model runs: the kernel or dequantise + cuBLAS
         if bnb.available():
             b = bnb.linear_from_float(lin, device, threshold=threshold)
             out["bnb_int8"].append((b, b, b.weight.numel() + n_out * 4))  # int8 rows + fp32 row scales
@@ -232,7 +233,7 @@ def main() -> None:
                         help="CPU, Triton interpreter, tiny preset and sizes: checks the code path in seconds")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="tnl-7b")
-    parser.add_argument("--rows", default="1,16,512,4096", help="M of the per-Linear section")
+    parser.add_argument("--rows", default="1,16,64,128,512,4096", help="M of the per-Linear section")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--rotate-mib", type=float, default=256.0, help="weight copies cycled per timed run")
     parser.add_argument("--threshold", type=float, default=6.0, help="bnb LLM.int8 outlier threshold")

@@ -3,8 +3,9 @@
     W [out, in] float  ->  q = round(W / s) in int8,  s[o] = max_i |W[o, i]| / 127   (per output row)
     y = (x @ q^T) * s + b                                # activations stay float: weight-only
 
-On CUDA every input goes through `kernels.int8_linear` (a Triton kernel that dequantises the int8 tile in
-registers, docs/quantization.md#cuda-kernel). On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm`
+On CUDA, decode-sized inputs go through `kernels.int8_linear` (a Triton kernel that dequantises the int8 tile
+in registers, docs/quantization.md#cuda-kernel) and larger ones dequantise the weight for cuBLAS (see
+`_use_int8_kernel`). On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm`
 (int8 weight read directly, no float copy of W; fp32 activations computed in bf16); larger inputs (prefill)
 and other devices use `F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the measured crossover).
 """
@@ -43,6 +44,21 @@ def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
     return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
+KERNEL_MAX_ROWS = 64
+
+
+def _use_int8_kernel(x: torch.Tensor, rows: int) -> bool:
+    """The Triton kernel on CUDA for decode-sized inputs (rows <= KERNEL_MAX_ROWS), else the dequantised weight
+    through F.linear (cuBLAS).
+
+    Decode reads the weight once per call, so reading int8 wins: on an H200 at the 7B shapes the kernel took
+    0.64-0.83x bf16 F.linear's time per Linear at 1 and 16 rows. At prefill sizes the matmul is compute-bound
+    and the kernel's tiles reached only 0.38-0.59x cuBLAS's speed at 512 and 4096 rows, while dequantising costs
+    one extra pass over the weight. The crossover between 16 and 512 rows is not measured yet; 64 is the
+    kernel's largest small-M tile."""
+    return x.is_cuda and rows <= KERNEL_MAX_ROWS
+
+
 class Int8Linear(nn.Module):
     """Drop-in for nn.Linear with int8 weight [out, in] + scales [out] (+ float bias) as buffers.
 
@@ -77,9 +93,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x.dtype."""
-        if x.is_cuda:  # the Triton kernel (or its PyTorch twin where Triton is missing)
+        rows = x.numel() // self.in_features
+        if _use_int8_kernel(x, rows):  # the Triton kernel (or its PyTorch twin where Triton is missing)
             return kernels.int8_linear(x, self.weight, self.scales, self.bias)
-        if _use_packed_mm(x, x.numel() // self.in_features):
+        if _use_packed_mm(x, rows):
             # Its fp32 kernel is 5-40x slower than the bf16 one, so fp32 activations go through bf16
             # (output rel. error 0.4% -> 0.5%; bnb LLM.int8 casts to fp16 the same way).
             cdt = torch.bfloat16 if x.dtype == torch.float32 else x.dtype

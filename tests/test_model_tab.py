@@ -84,3 +84,15 @@ def test_shown_path_of_a_hub_id_is_the_id():
 
     assert shown_path("OpenNLPLab/TransNormerLLM-385M") == "OpenNLPLab/TransNormerLLM-385M"
     assert shown_path(Path(ROOT, "assets", "tnl")) == "assets/tnl"
+
+
+def test_model_tab_names_the_8bit_method_and_why():
+    import quant
+    from webui.runtime import load_runtime
+
+    runtime = load_runtime("preset:tiny", "none", int8=True, device="cpu")
+    try:
+        assert runtime.info["8-bit"] == f"int8: {quant.why_method('cpu')}"
+        assert runtime.baseline is None and runtime.baseline_info == {"model": "none"}
+    finally:
+        runtime.engine.shutdown()

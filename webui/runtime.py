@@ -150,6 +150,8 @@ def load_tnl(source: str, *, int8: bool, device: torch.device, dtype: torch.dtyp
     check_tokenizer(model.config, tokenizer, str(Path(source) / CONFIG_FILE) if Path(source).is_dir() else source)
     log.info("model ready in %.1fs (%s, 8-bit: %s)", time.perf_counter() - start, source, method)
     info.update(_describe(model, device, dtype, method), tokenizer=_tokenizer_row(tokenizer))
+    if quant:
+        info["8-bit"] = f"{method}: {quant.why_method(device)}"
     info["_method"] = method
     return model, tokenizer, info
 
