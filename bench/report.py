@@ -237,6 +237,29 @@ def render_app(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_quant(result: dict) -> str:
+    """bench/quant_gpu.py: 8-bit weights per Linear and through the engine, against bf16 in the same run."""
+    out = ["", f"## 8-bit weights on the GPU ({result['device']}, {result['preset']}, triton {result['triton']})", "",
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. µs per call as CUDA-graph "
+           "replays, weights read from HBM; `int8` = the Triton kernel, `Int8Linear` = what the model runs (the "
+           "kernel, or the dequantised weight through cuBLAS above its row limit).", "",
+           "| Linear | rows | bf16 µs | int8 kernel µs | Int8Linear µs |", "|---|---|---|---|---|"]
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for x in result["linear"]:
+        cells.setdefault((x["shape"], x["rows"]), {})[x["method"]] = x["us"]
+    for (shape, rows), us in cells.items():
+        times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear"))
+        out.append(f"| {shape} | {rows} | {times} |")
+    out += ["", "| method | batch | context | ms/token | prefill s | weights GiB | quantise s |",
+            "|---|---|---|---|---|---|---|"]
+    for x in result["model"] + result["prefill"]:
+        out.append(f"| {x['method']} | {x['batch']} | {x['context']:,} | {fmt(x.get('decode_ms_per_token'))} | "
+                   f"{fmt(x.get('prefill_s'))} | {x['weight_gib']:.2f} | {fmt(x.get('load_s'))} |")
+    for note in result.get("notes") or []:
+        out.append(f"\nNote: {note}")
+    return "\n".join(out) + "\n"
+
+
 def render_serve(result: dict) -> str:
     """bench/serve.py: concurrent chat sessions through the engine on the CPU, today's loop as the anchor."""
     out = ["", "## Concurrent sessions through the engine (CPU)", "",
@@ -289,6 +312,7 @@ def render_all(results: Path, kernels_json: Path) -> str:
     for name, title, renderer, command in (
             ("sampling-cpu", "Chat sampling defaults (CPU)", render_sampling, "python bench/sampling_defaults.py"),
             ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
+            ("quant-h200", "8-bit weights on the GPU", render_quant, "python bench/quant_gpu.py"),
             ("app-h200", "The app over HTTP against its engine", render_app,
              "python bench/app_http.py --device cuda --out bench/results/app-h200.json"),
             ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,

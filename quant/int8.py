@@ -44,18 +44,17 @@ def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
     return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 512
 
 
 def _use_int8_kernel(x: torch.Tensor, rows: int) -> bool:
-    """The Triton kernel on CUDA for decode-sized inputs (rows <= KERNEL_MAX_ROWS), else the dequantised weight
-    through F.linear (cuBLAS).
+    """The Triton kernel on CUDA up to KERNEL_MAX_ROWS rows, else the dequantised weight through F.linear (cuBLAS).
 
-    Decode reads the weight once per call, so reading int8 wins: on an H200 at the 7B shapes the kernel took
-    0.64-0.83x bf16 F.linear's time per Linear at 1 and 16 rows. At prefill sizes the matmul is compute-bound
-    and the kernel's tiles reached only 0.38-0.59x cuBLAS's speed at 512 and 4096 rows, while dequantising costs
-    one extra pass over the weight. The crossover between 16 and 512 rows is not measured yet; 64 is the
-    kernel's largest small-M tile."""
+    Measured per tnl-7b Linear on an H200 (bench/results/quant-h200.json, µs, bf16 / kernel / dequantise +
+    cuBLAS): the kernel wins at decode sizes (l3 at 16 rows 28.8 / 18.3) and stays well ahead of dequantising up
+    to 512 rows (l1 at 512 rows 59.9 / 149.2 / 192.3: converting the weight costs a full extra pass each call);
+    at 4096 rows cuBLAS on the dequantised weight wins (470.6 / 852.2 / 709.8). Between 512 and 4096 rows the
+    crossover is not measured."""
     return x.is_cuda and rows <= KERNEL_MAX_ROWS
 
 
