@@ -44,13 +44,13 @@ import torch  # noqa: E402
 from bench.serve import stream_in_threads, time_sessions, token_gaps_ms  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
 from tnllm.engine import Engine, EngineConfig, Session  # noqa: E402
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraph, capture_cuda_graph  # noqa: E402
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph  # noqa: E402
 from tnllm.engine.scheduler import decode_step  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
 from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
-CHECK_CHUNK = 64  # ids of the captured-vs-eager prefill check
+CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 # Sampled with chat's defaults (the length is each row's), seeded.
 PARAMS = {**{k: v for k, v in CHAT_DEFAULTS.items() if k != "max_new_tokens"}, "seed": 0}
 
@@ -183,8 +183,8 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     state_err = max(rel(t[slot_ids], e) for t, e in zip(engine.pool.kv, eager_state))
     result = {"preset": preset, "dtype": "fp32", "batch": batch, "logits_rel_l2": rel(graph_logits, eager_logits),
               "state_rel_l2": state_err}
-    # One captured prefill chunk against the eager chunk, from the same state of slot 1.
-    chunk = PrefillGraph(model, engine.pool, CHECK_CHUNK, capture=capture)
+    # One captured prefill chunk (CHECK_CHUNK ids: several pieces) against the eager chunk, from slot 1's state.
+    chunk = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, capture=capture)
     saved = [t[1].clone() for t in engine.pool.kv], engine.pool.positions[1].clone()
     chunk_ids = torch.randint(3, model.config.vocab_size, (1, CHECK_CHUNK), generator=torch.Generator().manual_seed(1))
     eager_chunk = model(chunk_ids.to(device), engine.pool.rows(slot_ids[:1]), logits_to_keep=1)[:, -1].clone()

@@ -13,7 +13,7 @@ import kernels
 from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
 
@@ -183,25 +183,39 @@ def test_a_prompt_alone_reads_in_large_chunks_and_beside_decoding_in_small_ones(
     assert (cpu.scheduler.prefill_budget, cpu.scheduler.solo_prefill_budget) == PREFILL_BUDGETS["cpu"]
 
 
+def test_prefill_pieces_are_a_binary_decomposition():
+    assert piece_sizes(16) == [1, 2, 4, 8, 16] and piece_sizes(12) == [1, 2, 4, 8, 12]
+    assert split_into_pieces(37, piece_sizes(128)) == [32, 4, 1]
+    assert split_into_pieces(31, piece_sizes(12)) == [12, 12, 4, 2, 1]
+
+
 def test_captured_prefill_chunks_equal_eager(model, tok):
-    """Full prefill chunks through the `PrefillGraph` stand-in (static ids and slot buffers, replayed), the
-    remainders eager, two prompts interleaved with a decoding session: greedy == argmax loop."""
+    """Prefill chunks through the `PrefillGraphs` stand-in (static ids and slot buffers per piece, replayed
+    back to back), two prompts interleaved with a decoding session: greedy == argmax loop."""
     engine = make_engine(model, tok)
-    graph = PrefillGraph(model, engine.pool, chunk=16, capture=replay_eagerly)
+    graphs = PrefillGraphs(model, engine.pool, max_chunk=16, capture=replay_eagerly)
     replays = []
-    graph.replay = (lambda replay: lambda: (replays.append(1), replay()))(graph.replay)
-    engine.scheduler.prefill_graph = graph
+
+    def counted(replay, size):
+        def run():
+            replays.append(size)
+            replay()
+        return run
+
+    for size, piece in graphs.pieces.items():
+        piece.replay = counted(piece.replay, size)
+    engine.scheduler.prefill_graph = graphs
     prompts = [prompt(8, 5), prompt(40, 6), prompt(33, 7)]
     first = engine.open().feed_ids(prompts[0], GREEDY)
     engine.step()
     replies = [first] + [engine.open().feed_ids(ids, GREEDY) for ids in prompts[1:]]
     engine.run_until_idle()
-    # 40 ids: 16 + 16 (replayed) + 8; 33 ids: the 8 left of that step's budget, 16 (replayed), 9
-    assert len(replays) == 3
+    # 8: one piece; 40: 16, 16, 8; 33: the 8 left of a step's budget, 16, 8 + 1
+    assert sorted(replays) == sorted([8, 16, 16, 8, 8, 16, 8, 1])
     for reply, ids in zip(replies, prompts):
         assert reply.sampled == argmax_loop(model, ids, 12)
-    with pytest.raises(ValueError, match="exactly 16 ids"):
-        graph.run([1, 2, 3], slot=1)
+    with pytest.raises(ValueError, match="1 to 16 ids"):
+        graphs.run(list(range(3, 20)), slot=1)
 
 
 def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
@@ -211,7 +225,8 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
 
     with torch.inference_mode():
         result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)
-    assert result["pass_1e-5"] and result["prefill_logits_rel_l2"] == 0.0, result
+    # 37 ids as pieces of 32, 4 and 1 against one chunk of 37: the same sums in another grouping, so not bitwise
+    assert result["pass_1e-5"] and result["logits_rel_l2"] == 0.0, result
 
 
 # -- sampler --------------------------------------------------------------------------------------------

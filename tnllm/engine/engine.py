@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraph
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs
 from tnllm.engine.pool import pool_for
 from tnllm.engine.sampler import BatchSampler
 from tnllm.engine.scheduler import Scheduler
@@ -44,7 +44,7 @@ class EngineConfig:
     other sessions decode (the chunk a long prompt advances by between two of their tokens), and
     solo_prefill_budget: per step while none does (None: PREFILL_BUDGETS of the device); cuda_graphs:
     captured decode per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the
-    sampler inside the captured step; prefill_graph: a full `prefill_budget` chunk captured too (None = with
+    sampler inside the captured step; prefill_graph: chunks up to `prefill_budget` ids captured too (None = with
     cuda_graphs); threaded: run steps on an engine thread."""
 
     max_sessions: int = 16
@@ -75,7 +75,7 @@ class Engine:
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
                    if graphs else None)
         prefill_graph = config.prefill_graph if config.prefill_graph is not None else graphs
-        chunk_graph = PrefillGraph(model, self.pool, budget) if prefill_graph else None
+        chunk_graph = PrefillGraphs(model, self.pool, budget) if prefill_graph else None
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
         self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph)
         self.threaded = config.threaded

@@ -95,42 +95,70 @@ class DecodeGraphs:
             return self.sampler.sample(captured.out[:n], captured.slots[:n])
 
 
-class PrefillGraph:
-    """`run(ids, slot) -> logits [1, V]` for a chunk of exactly `chunk` prompt ids of one session, by replay.
+def piece_sizes(max_chunk: int) -> list[int]:
+    """The captured prefill lengths: every power of two below `max_chunk`, and `max_chunk` itself."""
+    return [1 << k for k in range(max_chunk.bit_length()) if 1 << k < max_chunk] + [max_chunk]
 
-    An eager chunk launches a few hundred kernels from Python; at chunk sizes that keep the other sessions'
-    decode moving (hundreds of tokens) that launch time is longer than the chunk's GPU work, and every
-    decoding session waits for it. The captured chunk costs its GPU work alone. Shorter chunks (a prompt's
-    last piece) run eagerly. `capture` as in `DecodeGraphs`.
+
+def split_into_pieces(n: int, sizes: list[int]) -> list[int]:
+    """n ids as consecutive captured pieces, largest first (a binary decomposition below the largest size)."""
+    pieces = []
+    while n:
+        size = max(s for s in sizes if s <= n)
+        pieces.append(size)
+        n -= size
+    return pieces
+
+
+@dataclass
+class _Piece:
+    replay: Callable[[], None]
+    ids: torch.Tensor   # static int64 [1, size] input
+    slot: torch.Tensor  # static int64 [1] input
+    out: torch.Tensor   # static logits [1, V]
+
+
+class PrefillGraphs:
+    """`run(ids, slot) -> logits [1, V]` for up to `max_chunk` prompt ids of one session, by graph replays.
+
+    An eager chunk launches a few hundred kernels from Python; for chunks of a chat message's size that launch
+    time exceeds the chunk's GPU work, so the prompt's reader and every decoding session wait on the host. Each
+    power of two below `max_chunk` (and `max_chunk`) is captured once; a chunk of n ids replays the pieces of n's
+    binary decomposition back to back (37 ids: 32, 4, 1), each continuing the slot's state. Chunks longer than
+    `max_chunk` run eagerly (there the GPU work dominates). `capture` as in `DecodeGraphs`.
     """
 
-    def __init__(self, model: TransNormerLLM, pool: StatePool, chunk: int, warmup: int = 2,
+    def __init__(self, model: TransNormerLLM, pool: StatePool, max_chunk: int, warmup: int = 2,
                  capture=capture_cuda_graph):
         if pool.device.type != "cuda" and capture is capture_cuda_graph:
             raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
-        self.chunk = chunk
-        device = pool.device
-        self.ids = torch.zeros(1, chunk, dtype=torch.long, device=device)   # static input [1, chunk]
-        self.slot = torch.full((1,), SINK_SLOT, dtype=torch.long, device=device)
-        pinned = device.type == "cuda"
-        self.staging = torch.zeros(1, chunk + 1, dtype=torch.long, pin_memory=pinned)  # ids, then the slot
+        self.max_chunk, self.sizes = max_chunk, piece_sizes(max_chunk)
+        self.pieces = {size: self._capture(model, pool, size, capture, warmup) for size in self.sizes}
 
-        def run() -> torch.Tensor:  # warm-up and capture read and write the sink slot only
-            return model(self.ids, pool.rows(self.slot), logits_to_keep=1)[:, -1]  # [1, V]
+    @staticmethod
+    def _capture(model: TransNormerLLM, pool: StatePool, size: int, capture, warmup: int) -> _Piece:
+        ids = torch.zeros(1, size, dtype=torch.long, device=pool.device)
+        slot = torch.full((1,), SINK_SLOT, dtype=torch.long, device=pool.device)  # warm-up and capture: the sink
+        replay, out = capture(lambda: model(ids, pool.rows(slot), logits_to_keep=1)[:, -1], warmup)  # [1, V]
+        return _Piece(replay, ids, slot, out)
 
-        self.replay, self.out = capture(run, warmup)
+    def covers(self, n: int) -> bool:
+        return n <= self.max_chunk
 
     def run(self, ids: list[int], slot: int) -> torch.Tensor:
-        """Read `ids` (exactly `chunk` of them) into `slot`; a copy of the last position's logits [1, V].
-
-        One staging buffer serves every call: the engine runs at most one full chunk per step (the chunk is
-        its whole prefill budget) and each step ends with a host transfer, so the previous upload is done."""
-        if len(ids) != self.chunk:
-            raise ValueError(f"a captured chunk reads exactly {self.chunk} ids, got {len(ids)}")
-        self.staging[0, :-1] = torch.tensor(ids, dtype=torch.long)
-        self.staging[0, -1] = slot
-        staged = self.staging.to(self.ids.device, non_blocking=True)  # [1, chunk + 1]
-        self.ids.copy_(staged[:, :-1])
-        self.slot.copy_(staged[0, -1:])
-        self.replay()
-        return self.out.clone()
+        """Read `ids` (1 to `max_chunk` of them) into `slot`; a copy of the last position's logits [1, V]."""
+        if not 1 <= len(ids) <= self.max_chunk:
+            raise ValueError(f"captured prefill reads 1 to {self.max_chunk} ids, got {len(ids)}")
+        pinned = self.pieces[self.sizes[0]].ids.device.type == "cuda"
+        # One upload of the ids and the slot: a fresh (pinned) host tensor per call, kept alive by the caching
+        # host allocator until its copy has run, so nothing queued can see it overwritten.
+        staged = torch.tensor(ids + [slot], dtype=torch.long, pin_memory=pinned).to(
+            self.pieces[self.sizes[0]].ids.device, non_blocking=True)  # [n + 1]
+        start = 0
+        for size in split_into_pieces(len(ids), self.sizes):
+            piece = self.pieces[size]
+            piece.ids.copy_(staged[None, start:start + size])
+            piece.slot.copy_(staged[-1:])
+            piece.replay()
+            start += size
+        return piece.out.clone()

@@ -5,8 +5,8 @@
       2. ONE decode step for every decoding reply (rows = their slots; the pool is updated in place);
       3. prefill chunks of waiting prompts, at most `prefill_budget` tokens per step while any reply decodes,
          so that a long prompt delays the decoding replies by one chunk per step instead of its whole length
-         (a full chunk replays a captured graph on CUDA: `PrefillGraph`), and `solo_prefill_budget` when none
-         does;
+         (on CUDA, chunks up to that size replay captured graphs: `PrefillGraphs`), and `solo_prefill_budget`
+         when none does;
       4. one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
          here) and ONE host transfer of all sampled ids;
       5. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
@@ -48,7 +48,7 @@ class Scheduler:
         self.eos_ids, self.closing_eos = eos_ids, model.config.eos_token_id
         self.prefill_budget, self.solo_prefill_budget = prefill_budgets  # while others decode, and alone
         self.decoder = decoder  # CUDA graphs (`DecodeGraphs`), or None: eager `decode_step`
-        self.prefill_graph = prefill_graph  # a captured full chunk (`PrefillGraph`), or None: eager chunks
+        self.prefill_graph = prefill_graph  # captured chunks (`PrefillGraphs`), or None: eager chunks
         self.active: list[Reply] = []
         self.steps = 0
 
@@ -107,7 +107,7 @@ class Scheduler:
                 break
             n = min(budget, len(reply.prompt) - reply.fed)
             ids = reply.prompt[reply.fed:reply.fed + n]
-            if self.prefill_graph is not None and n == self.prefill_graph.chunk:
+            if self.prefill_graph is not None and self.prefill_graph.covers(n):
                 logits = self.prefill_graph.run(ids, reply.session.slot)
             else:
                 chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
