@@ -201,20 +201,20 @@ def render_engine(result: dict) -> str:
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
            "them (sampling, detokenising and events included). `graph-replay` = the captured step alone.", "",
-           "| preset | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| preset | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | code |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
         out.append(f"| {x['preset']} | {x['path']} | {x['batch']} | {x['context']:,} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "
-                   f"{x['aggregate_tok_s']:,.0f} |")
+                   f"{x['aggregate_tok_s']:,.0f} | {x.get('commit', '')} |")
     if result.get("interleave"):
         out += ["", "A long prompt arriving while sessions decode (their ms/token during its prefill vs before):", "",
                 "| preset | decoding sessions | prompt tokens | prefill chunk | prefill s | ms/token before → during | "
-                "ratio |", "|---|---|---|---|---|---|---|"]
+                "ratio | code |", "|---|---|---|---|---|---|---|---|"]
         for x in result["interleave"]:
             out.append(f"| {x['preset']} | {x['decoding_sessions']} | {x['prompt_tokens']:,} | {x['prefill_budget']:,}"
                        f" | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → {x['ms_per_token_during']:.1f} | "
-                       f"{x['ratio']:.1f}× |")
+                       f"{x['ratio']:.2f}× | {x.get('commit', '')} |")
     for check in result.get("checks") or []:
         out.append(f"\nGraph vs eager: {check}")
     for note in result.get("notes") or []:
@@ -234,6 +234,8 @@ def render_app(result: dict) -> str:
         runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
         out.append(f"| {x['model']} | {x['path']} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
                    f"{ratio} |")
+    for note in result.get("notes") or []:
+        out.append(f"\nNote: {note}")
     return "\n".join(out) + "\n"
 
 

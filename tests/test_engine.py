@@ -225,8 +225,8 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
 
     with torch.inference_mode():
         result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)
-    # 37 ids as pieces of 32, 4 and 1 against one chunk of 37: the same sums in another grouping, so not bitwise
-    assert result["pass_1e-5"] and result["logits_rel_l2"] == 0.0, result
+    assert result["pass_1e-5"] and result["logits_rel_l2"] == result["prefill_logits_rel_l2"] == 0.0, result
+    assert result["prefill_pieces"] == [32, 4, 1] and result["pieces_vs_one_chunk_logits_rel_l2"] < 1e-5
 
 
 # -- sampler --------------------------------------------------------------------------------------------
