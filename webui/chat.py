@@ -300,6 +300,27 @@ def _stream(reply: Reply, stop: threading.Event, listening: Callable[[], bool]
     return cancelled_as
 
 
+def _record_turn(session: ChatSession, text: str, reply: Reply | None, cancelled_as: str) -> str:
+    """End a reply's turn in its session and return its outcome: a reply the client left mid-stream is cancelled
+    and waited for; the turn records what the state read (an error or NaN clears the conversation instead);
+    the session's Stop flag, reply and lock are released."""
+    outcome = "error"  # the engine never started the reply
+    if reply is not None:
+        if reply.finish_reason is None:  # the client left mid-stream (GeneratorExit): end the reply here
+            reply.cancel()
+            reply.wait()
+        outcome = cancelled_as if reply.finish_reason == "cancelled" else reply.finish_reason
+    if outcome in ("numerical_error", "error"):
+        session.clear()
+    else:
+        session.turns.append(Turn(text, reply.text, stats_info(reply.stats, session, outcome)))
+    session.stop.clear()  # this reply has taken any Stop meant for it
+    session.reply = None
+    session.lock.release()
+    malloc_trim()  # the reply's activations go back to the OS, not into a heap that only grows
+    return outcome
+
+
 def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = None):
     """The reply handler: chat(message, *sampling controls, request) yields (reply so far, live line, info).
 
@@ -326,7 +347,7 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
         if not stop_armed:  # the browser clears the flag when the message is sent, so a Stop while queued counts
             session.stop.clear()
         store.count("started", +1)
-        reply, outcome, cancelled_as = None, "error", "cancelled"
+        reply, cancelled_as = None, "cancelled"
         try:
             session.begin()
             reply = session.reply = session.session.send(req.text, req.params, time_limit_s=limits.max_reply_s)
@@ -335,20 +356,8 @@ def make_chat_fn(runtime: Runtime, store: SessionStore, limits: Limits | None = 
             log.exception("chat reply failed")
         finally:
             # Runs on completion, error, Stop and disconnect alike: the turn records what the state read.
-            if reply is not None:
-                if reply.finish_reason is None:  # the client left mid-stream (GeneratorExit): end the reply here
-                    reply.cancel()
-                    reply.wait()
-                outcome = cancelled_as if reply.finish_reason == "cancelled" else reply.finish_reason
-            if outcome in ("numerical_error", "error"):
-                session.clear()
-            else:
-                session.turns.append(Turn(req.text, reply.text, stats_info(reply.stats, session, outcome)))
-            session.stop.clear()  # this reply has taken any Stop meant for it
-            session.reply = None
-            session.lock.release()
+            outcome = _record_turn(session, req.text, reply, cancelled_as)
             store.count(outcome, -1)
-            malloc_trim()  # the reply's activations go back to the OS, not into a heap that only grows
         if outcome == "error":
             raise gr.Error(INTERNAL_NOTICE)
         if outcome == "numerical_error":

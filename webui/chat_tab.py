@@ -114,34 +114,18 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
         yield from _streamed(chat, store, message, values, request)
 
     def retry(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, request: gr.Request):
-        session = store.get(session_key(request))
         values = (temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
-        try:
-            check_sampling(*values)  # before the last turn is dropped: a refused retry keeps it
-        except InputError as exc:
-            gr.Warning(str(exc))
-            session = None
-        if session is None or session.lock.locked() or not session.turns:
-            yield chat_view(store.peek(session_key(request))), gr.skip(), gr.skip(), gr.skip()
-            return
-        yield from _streamed(chat, store, session.undo().user, values, request)
+        yield from _retried(chat, store, values, request)
 
     def stop(request: gr.Request):
         store.stop(session_key(request))  # returns once the reply has recorded its turn
         return chat_view(store.peek(session_key(request))), _box(), ""
 
     def undo(request: gr.Request):
-        session = store.get(session_key(request))
-        if session.lock.locked():
-            return chat_view(session), gr.skip(), gr.skip()
-        last = session.undo()
-        return chat_view(session), _box(last.user if last else None), ""
+        return _undone(store.get(session_key(request)))
 
     def clear(request: gr.Request):
-        session = store.get(session_key(request))
-        if not session.lock.locked():
-            session.clear()
-        return chat_view(session), "", None
+        return _cleared(store.get(session_key(request)))
 
     def arm_stop(request: gr.Request) -> None:
         store.arm_stop(session_key(request))
@@ -157,6 +141,36 @@ def chat_tab(runtime: Runtime, store: SessionStore, concurrency_limit: int, limi
     window.undo(undo, None, [window, box, live], **quick)
     window.clear(clear, None, [window, live, info], **quick)
     _api_endpoint(chat, validate, controls, concurrency_limit)
+
+
+def _retried(chat, store: SessionStore, values: tuple, request: gr.Request) -> Iterator[tuple]:
+    """Retry: the last turn dropped (state back to before it) and its message sent again. Bad sampling values
+    are refused before anything is dropped; a busy or empty session is left as it is."""
+    session = store.get(session_key(request))
+    try:
+        check_sampling(*values)  # before the last turn is dropped: a refused retry keeps it
+    except InputError as exc:
+        gr.Warning(str(exc))
+        session = None
+    if session is None or session.lock.locked() or not session.turns:
+        yield chat_view(store.peek(session_key(request))), gr.skip(), gr.skip(), gr.skip()
+        return
+    yield from _streamed(chat, store, session.undo().user, values, request)
+
+
+def _undone(session) -> tuple:
+    """Undo: the last turn dropped and its message back in the box (nothing while a reply streams)."""
+    if session.lock.locked():
+        return chat_view(session), gr.skip(), gr.skip()
+    last = session.undo()
+    return chat_view(session), _box(last.user if last else None), ""
+
+
+def _cleared(session) -> tuple:
+    """Clear: a fresh conversation (nothing while a reply streams)."""
+    if not session.lock.locked():
+        session.clear()
+    return chat_view(session), "", None
 
 
 def _api_endpoint(chat, validate, controls, concurrency_limit: int) -> None:

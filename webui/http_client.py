@@ -59,14 +59,7 @@ class ChatClient:
                 "event_data": None, "trigger_id": None}
         join = self.http.post(self.url + "queue/join", json=body)
         if join.status_code != 200:
-            try:
-                detail = join.json().get("detail")
-            except ValueError:
-                detail = join.text
-            if isinstance(detail, list):  # the validator's verdict per input: keep the failing ones
-                detail = " ".join(d.get("message", "") for d in detail if isinstance(d, dict) and not d.get("is_valid"))
-            outcome = {422: "rejected", 503: "busy"}.get(join.status_code, "error")
-            return ChatResult(join.status_code, error=str(detail), outcome=outcome)
+            return _refused(join)
         event_id = join.json()["event_id"]
         result = ChatResult(200)
         with self.http.stream("GET", self.url + "queue/data", params={"session_hash": self.session_hash}) as stream:
@@ -76,37 +69,63 @@ class ChatClient:
                 msg = json.loads(line[5:])
                 kind = msg.get("msg")
                 if kind == "process_generating":
-                    data = msg["output"].get("data") or []
-                    result.reply = _apply(result.reply, data[0]) if data else result.reply
-                    result.updates += 1
-                    if result.first_text_at is None and result.reply:
-                        result.first_text_at = time.perf_counter()
+                    _take_update(result, msg)
                     if cancel_after is not None and result.updates >= cancel_after:
-                        result.cancelled_at = time.perf_counter()
-                        self.http.post(self.url + "cancel", json={"session_hash": self.session_hash,
-                                                                   "fn_index": self.fn_index, "event_id": event_id})
+                        self._cancel(result, event_id)
                         cancel_after = None
-                        result.outcome = "cancelled"
                     if disconnect_after is not None and result.updates >= disconnect_after:
                         result.outcome = "disconnected"
                         return result  # leaving the `with` closes the connection mid-stream
                 elif kind == "process_completed":
-                    result.done_at = time.perf_counter()
-                    output = msg.get("output") or {}
-                    if msg.get("success") and output.get("data"):
-                        data = output["data"]
-                        result.reply = message_text(data[0])
-                        result.info = data[-1] if isinstance(data[-1], dict) else {}
-                        result.outcome = result.outcome or "completed"
-                    elif not result.outcome:
-                        result.outcome, result.error = "error", str(output.get("error") or output)
-                    return result
+                    return _take_completion(result, msg)
                 elif kind in ("close_stream", "unexpected_error"):
                     result.outcome = result.outcome or "error"
                     result.error = result.error or msg.get("message")
                     return result
         result.outcome = result.outcome or "error"
         return result
+
+    def _cancel(self, result: ChatResult, event_id: str) -> None:
+        """What the Stop button's cancel does: POST /cancel for this event."""
+        result.cancelled_at = time.perf_counter()
+        self.http.post(self.url + "cancel", json={"session_hash": self.session_hash, "fn_index": self.fn_index,
+                                                   "event_id": event_id})
+        result.outcome = "cancelled"
+
+
+def _refused(join: httpx.Response) -> ChatResult:
+    """A join the server refused (422 validator verdicts, 503 full queue, ...), its detail as one string."""
+    try:
+        detail = join.json().get("detail")
+    except ValueError:
+        detail = join.text
+    if isinstance(detail, list):  # the validator's verdict per input: keep the failing ones
+        detail = " ".join(d.get("message", "") for d in detail if isinstance(d, dict) and not d.get("is_valid"))
+    outcome = {422: "rejected", 503: "busy"}.get(join.status_code, "error")
+    return ChatResult(join.status_code, error=str(detail), outcome=outcome)
+
+
+def _take_update(result: ChatResult, msg: dict) -> None:
+    """One streamed update: the reply so far (the first update is the value, later ones diffs)."""
+    data = msg["output"].get("data") or []
+    result.reply = _apply(result.reply, data[0]) if data else result.reply
+    result.updates += 1
+    if result.first_text_at is None and result.reply:
+        result.first_text_at = time.perf_counter()
+
+
+def _take_completion(result: ChatResult, msg: dict) -> ChatResult:
+    """The final message: the whole reply and its info, or the server's error."""
+    result.done_at = time.perf_counter()
+    output = msg.get("output") or {}
+    if msg.get("success") and output.get("data"):
+        data = output["data"]
+        result.reply = message_text(data[0])
+        result.info = data[-1] if isinstance(data[-1], dict) else {}
+        result.outcome = result.outcome or "completed"
+    elif not result.outcome:
+        result.outcome, result.error = "error", str(output.get("error") or output)
+    return result
 
 
 def _apply(current: str, value) -> str:
