@@ -225,7 +225,8 @@ def sweep(shapes_narrow, shapes_wide):
     return rows
 
 
-def main():
+def _parse_args():
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test of the script)")
     p.add_argument("--sweep", action="store_true", help="sweep our launch configs first")
@@ -233,13 +234,62 @@ def main():
     p.add_argument("--sections", default="prefill,wide,decode",
                    help="comma list of prefill (dk == dv rows), wide (dk=256/dv=128 row), decode")
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels-h200.json"))
-    args = p.parse_args()
-    torch.manual_seed(0)
-    H, D = (2, 16) if args.tiny else (32, 128)
-    tokens = 256 if args.tiny else 65536
-    Ns = (64, 128) if args.tiny else (2048, 8192, 32768, 131072)
+    return p.parse_args()
+
+
+def _shapes(tiny):
+    """(H, D, shapes): heads, head dim and the (B, N, H, dk, dv) prefill shapes, about `tokens` tokens each."""
+    H, D = (2, 16) if tiny else (32, 128)
+    tokens = 256 if tiny else 65536
+    Ns = (64, 128) if tiny else (2048, 8192, 32768, 131072)
     shapes = [(max(1, tokens // N), N, H, D, D) for N in Ns]
     shapes.append((max(1, tokens // Ns[1]), Ns[1], H, 2 * D, D))  # TNL layer 0: dk = 2 dv
+    return H, D, shapes
+
+
+def _record_anchor_versions(result):
+    """result["fla_version"] and result["lightning_attn_version"]: the installed versions (None if absent)."""
+    for mod in ("fla", "lightning_attn"):
+        try:
+            from importlib.metadata import version
+            result[f"{mod}_version"] = version({"fla": "fla-core", "lightning_attn": "lightning-attn"}[mod])
+        except Exception:  # noqa: BLE001
+            result[f"{mod}_version"] = None
+
+
+def _bench_shape(result, B, N, H_, dk, dv, anchors):
+    """One prefill shape: its correctness entry, then fwd and fwd+bwd timings of every impl (rows appended)."""
+    key = f"B{B}-N{N}-H{H_}-dk{dk}-dv{dv}"
+    try:
+        result["correctness"][key] = correctness(B, N, H_, dk, dv, anchors, n_ref_seq=1)
+    except Exception as e:  # noqa: BLE001
+        result["correctness"][key] = {"error": repr(e)[:300]}
+    q, k = (torch.randn(B, N, H_, dk, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(B, N, H_, dv, device=DEV, dtype=torch.bfloat16)
+    rate = alibi_rates(H_)
+    outs = {}
+    for name, (fn, leaves) in make_impls(q, k, v, rate, anchors).items():
+        row = {"impl": name, "B": B, "N": N, "H": H_, "dk": dk, "dv": dv, "dtype": "bf16"}
+        try:
+            row.update(time_impl(fn, leaves, with_bwd=True))
+            if name in ("ours", "fla"):
+                outs[name] = fn(*leaves)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = repr(e)[:300]
+        result["rows"].append(row)
+        print(f"{key} {name}: fwd {row.get('fwd_ms', float('nan')):.3f} ms, fwd+bwd "
+              f"{row.get('fwdbwd_ms', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
+    if "fla" in outs:
+        result["correctness"][key]["ours_vs_fla_full_o"] = rel_l2(outs["ours"], outs["fla"])
+    del q, k, v, outs
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main():
+    args = _parse_args()
+    torch.manual_seed(0)
+    H, D, shapes = _shapes(args.tiny)
     anchors, anchor_errors = load_anchors()
     ceil = ceilings()
     print(f"device {torch.cuda.get_device_name() if DEV == 'cuda' else platform.processor()}; "
@@ -249,12 +299,7 @@ def main():
               else "cpu", "torch": torch.__version__, "triton": __import__("triton").__version__,
               "ceilings": ceil, "anchor_errors": anchor_errors, "config": dict(triton_chunk._CFG),
               "rows": [], "decode": [], "correctness": {}}
-    for mod in ("fla", "lightning_attn"):
-        try:
-            from importlib.metadata import version
-            result[f"{mod}_version"] = version({"fla": "fla-core", "lightning_attn": "lightning-attn"}[mod])
-        except Exception:  # noqa: BLE001
-            result[f"{mod}_version"] = None
+    _record_anchor_versions(result)
     if args.sweep:
         result["sweep"] = sweep([shapes[1]], [shapes[-1]])
         result["config"] = dict(triton_chunk._CFG)
@@ -264,31 +309,7 @@ def main():
         for B, N, H_, dk, dv in shapes:
             if ("wide" if dk != dv else "prefill") not in sections:
                 continue
-            key = f"B{B}-N{N}-H{H_}-dk{dk}-dv{dv}"
-            try:
-                result["correctness"][key] = correctness(B, N, H_, dk, dv, anchors, n_ref_seq=1)
-            except Exception as e:  # noqa: BLE001
-                result["correctness"][key] = {"error": repr(e)[:300]}
-            q, k = (torch.randn(B, N, H_, dk, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-            v = torch.randn(B, N, H_, dv, device=DEV, dtype=torch.bfloat16)
-            rate = alibi_rates(H_)
-            outs = {}
-            for name, (fn, leaves) in make_impls(q, k, v, rate, anchors).items():
-                row = {"impl": name, "B": B, "N": N, "H": H_, "dk": dk, "dv": dv, "dtype": "bf16"}
-                try:
-                    row.update(time_impl(fn, leaves, with_bwd=True))
-                    if name in ("ours", "fla"):
-                        outs[name] = fn(*leaves)
-                except Exception as e:  # noqa: BLE001
-                    row["error"] = repr(e)[:300]
-                result["rows"].append(row)
-                print(f"{key} {name}: fwd {row.get('fwd_ms', float('nan')):.3f} ms, fwd+bwd "
-                      f"{row.get('fwdbwd_ms', float('nan')):.3f} ms {row.get('error', '')}", flush=True)
-            if "fla" in outs:
-                result["correctness"][key]["ours_vs_fla_full_o"] = rel_l2(outs["ours"], outs["fla"])
-            del q, k, v, outs
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
+            _bench_shape(result, B, N, H_, dk, dv, anchors)
             Path(args.out).write_text(json.dumps(result, indent=1))  # partial results survive a timeout
         if "decode" in sections:
             result["decode"] = decode_rows(anchors, H=H, D=D, batches=(1, 4) if args.tiny else (1, 4, 16, 64, 128, 256))

@@ -50,14 +50,11 @@ def not_measured(title: str, results: str, command: str) -> str:
     return f"\n## {title}\n\nNot measured yet: no {results}. Command: `{command}`.\n"
 
 
-def render(r: dict) -> str:
-    H = r["rows"][0]["H"] if r["rows"] else "?"
-    out = [HEADER.format(date=run_date(r), device=r["device"], torch=r["torch"], triton=r["triton"],
-                         fla=r.get("fla_version"), official=r.get("lightning_attn_version"), H=H,
-                         copy=r["ceilings"]["copy_TBps"], mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
-    out += ["## Prefill / training (ms, lower is better)", "",
-            "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
-            "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |", "|" + "---|" * 12]
+def _prefill_lines(r: dict) -> list[str]:
+    """The prefill / training table: one row per (shape, impl), ours' speed-ups over each anchor."""
+    out = ["## Prefill / training (ms, lower is better)", "",
+           "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
+           "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |", "|" + "---|" * 12]
     ours = {(x["B"], x["N"], x["dk"]): x for x in r["rows"] if x["impl"] == "ours"}
     for x in r["rows"]:
         o = ours.get((x["B"], x["N"], x["dk"]), {})
@@ -68,37 +65,74 @@ def render(r: dict) -> str:
                    f"{fmt(x.get('fwdbwd_ms'))} | {fmt(x.get('fwd_Mtok_s'), '{:.1f}')} | "
                    f"{fmt(x.get('fwd_pct_floor'), '{:.0f}%')} | {fmt(x.get('fwdbwd_pct_floor'), '{:.0f}%')} | "
                    f"{sf} | {sb} | {fmt(x.get('peak_extra_GiB'), '{:.2f}')} |")
-    if r.get("decode"):
-        out += ["", f"## Decode step (H={H}, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay "
-                "of 10 steps)", "", "| B | impl | µs | state GB/s (read+write) |", "|---|---|---|---|"]
-        for x in sorted(r["decode"], key=lambda x: (x["B"], x["impl"])):
-            out.append(f"| {x['B']} | {x['impl']} | {fmt(x.get('us'), '{:.1f}')} | "
-                       f"{fmt(x.get('state_GBps'), '{:.0f}')} |")
-        out.append("\nours updates the state in place; fla `fused_recurrent_simple_gla` writes a new final state.")
-    if r.get("correctness"):
-        out += ["", "## Correctness (bf16 inputs, first sequence of each shape, initial state given; rel-L2 vs "
-                "the fp32 chunked reference)", "", "| shape | impl | o | final | dq | dk | dv |",
-                "|---|---|---|---|---|---|---|"]
-        for key, c in r["correctness"].items():
-            for impl in ("ours", "fla"):
-                if impl in c:
-                    e = c[impl]
-                    out.append(f"| {key} | {impl} | " + " | ".join(fmt(e.get(n), "{:.2e}") for n in
-                                                                 ("o", "final", "dq", "dk", "dv")) + " |")
-            if "ours_vs_fla_full_o" in c:
-                out.append(f"| {key} | ours vs fla (full batch, o) | {fmt(c['ours_vs_fla_full_o'], '{:.2e}')} "
-                           "| | | | |")
-    if r.get("sweep"):
-        out += ["", "## Our launch-config sweep (ms; the best fwd+bwd sum is the default in triton_chunk._CFG)", "",
-                "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
-        for x in r["sweep"]:
-            out.append(f"| {x['B']}×{x['N']} | {x['dk']}/{x['dv']} | `{x['cfg']}` | {fmt(x.get('fwd_ms'))} | "
-                       f"{fmt(x.get('fwdbwd_ms'))} |")
+    return out
+
+
+def _decode_step_lines(r: dict, H) -> list[str]:
+    """The decode-step table (none when the run has no decode rows)."""
+    if not r.get("decode"):
+        return []
+    out = ["", f"## Decode step (H={H}, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay "
+           "of 10 steps)", "", "| B | impl | µs | state GB/s (read+write) |", "|---|---|---|---|"]
+    for x in sorted(r["decode"], key=lambda x: (x["B"], x["impl"])):
+        out.append(f"| {x['B']} | {x['impl']} | {fmt(x.get('us'), '{:.1f}')} | "
+                   f"{fmt(x.get('state_GBps'), '{:.0f}')} |")
+    out.append("\nours updates the state in place; fla `fused_recurrent_simple_gla` writes a new final state.")
+    return out
+
+
+def _correctness_lines(r: dict) -> list[str]:
+    """The correctness table: rel-L2 of ours and fla vs the fp32 reference (none when not recorded)."""
+    if not r.get("correctness"):
+        return []
+    out = ["", "## Correctness (bf16 inputs, first sequence of each shape, initial state given; rel-L2 vs "
+           "the fp32 chunked reference)", "", "| shape | impl | o | final | dq | dk | dv |",
+           "|---|---|---|---|---|---|---|"]
+    for key, c in r["correctness"].items():
+        for impl in ("ours", "fla"):
+            if impl in c:
+                e = c[impl]
+                out.append(f"| {key} | {impl} | " + " | ".join(fmt(e.get(n), "{:.2e}") for n in
+                                                             ("o", "final", "dq", "dk", "dv")) + " |")
+        if "ours_vs_fla_full_o" in c:
+            out.append(f"| {key} | ours vs fla (full batch, o) | {fmt(c['ours_vs_fla_full_o'], '{:.2e}')} "
+                       "| | | | |")
+    return out
+
+
+def _sweep_lines(r: dict) -> list[str]:
+    """Our launch-config sweep table (none when the run did not sweep)."""
+    if not r.get("sweep"):
+        return []
+    out = ["", "## Our launch-config sweep (ms; the best fwd+bwd sum is the default in triton_chunk._CFG)", "",
+           "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
+    for x in r["sweep"]:
+        out.append(f"| {x['B']}×{x['N']} | {x['dk']}/{x['dv']} | `{x['cfg']}` | {fmt(x.get('fwd_ms'))} | "
+                   f"{fmt(x.get('fwdbwd_ms'))} |")
+    return out
+
+
+def _missing_lines(r: dict) -> list[str]:
+    """A note naming the tables this run lacks (the wide row, the decode step) and the command for them."""
     missing = [name for name, ok in (("dk=256/dv=128 anchors row", any(x["dk"] != x["dv"] for x in r["rows"])),
                                      ("decode step table", bool(r.get("decode")))) if not ok]
-    if missing:
-        out += ["", f"Not measured yet in this run: {', '.join(missing)}. "
-                "Command: `python bench/kernels.py --sections wide,decode --out <file>`."]
+    if not missing:
+        return []
+    return ["", f"Not measured yet in this run: {', '.join(missing)}. "
+            "Command: `python bench/kernels.py --sections wide,decode --out <file>`."]
+
+
+def render(r: dict) -> str:
+    """The kernel benchmark's part of BENCHMARKS.md: header, then its tables."""
+    H = r["rows"][0]["H"] if r["rows"] else "?"
+    out = [HEADER.format(date=run_date(r), device=r["device"], torch=r["torch"], triton=r["triton"],
+                         fla=r.get("fla_version"), official=r.get("lightning_attn_version"), H=H,
+                         copy=r["ceilings"]["copy_TBps"], mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
+    out += _prefill_lines(r)
+    out += _decode_step_lines(r, H)
+    out += _correctness_lines(r)
+    out += _sweep_lines(r)
+    out += _missing_lines(r)
     return "\n".join(out) + "\n"
 
 

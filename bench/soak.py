@@ -218,107 +218,173 @@ def probe_burst(demo, url: str, fn: int, seed: int = 0) -> dict:
             "client_after": check.outcome}
 
 
-def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: int, seed: int = 0) -> dict:
-    demo, url, fn = launch(runtime, concurrency, queue_size)
-    store = demo.sessions
-    counts: Counter[str] = Counter()
-    errors: list[str] = []
-    abuse_problems: list[str] = []
-    lock = threading.Lock()
-    deadline = time.perf_counter() + minutes * 60
-    samples: list[tuple[float, float, int, int, int]] = []
-    t0 = time.perf_counter()
+class _Tally:
+    """The soak's outcome counts, shared by its client threads, with samples of the unexpected results."""
 
-    def note(kind: str, problem: str | None = None):
-        with lock:
-            counts[kind] += 1
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self.abuse_problems: list[str] = []
+        self.lock = threading.Lock()
+
+    def note(self, kind: str, problem: str | None = None):
+        """Count one well-behaved request of `kind`; a problem is an error of the run."""
+        with self.lock:
+            self.counts[kind] += 1
             if problem:
-                counts["errors"] += 1
-                errors.append(problem[:200])
+                self.counts["errors"] += 1
+                self.errors.append(problem[:200])
 
-    def note_abuse(problem: str | None):  # kept apart: `errors` counts well-behaved requests only
-        with lock:
-            counts["abuse"] += 1
+    def note_abuse(self, problem: str | None):  # kept apart: `errors` counts well-behaved requests only
+        """Count one abusive request; a problem is an unexpected answer to it."""
+        with self.lock:
+            self.counts["abuse"] += 1
             if problem:
-                counts["abuse_unexpected"] += 1
-                abuse_problems.append(problem[:200])
+                self.counts["abuse_unexpected"] += 1
+                self.abuse_problems.append(problem[:200])
 
-    def worker(index: int):
-        rng = random.Random(seed * 1000 + index)
-        client = ChatClient(url, fn)
-        abuser = Abuser(url, fn)
+
+def _random_controls(rng: random.Random) -> tuple:
+    """The chat's six sampling controls, drawn at random (always in the same order of draws)."""
+    return (round(rng.uniform(0, 1.2), 2), round(rng.uniform(0.5, 1), 2), rng.choice([0, 20, 50]),
+            round(rng.uniform(1, 1.3), 2), rng.randint(8, 64), rng.randint(-1, 10**6))
+
+
+class _SoakWorker:
+    """One looping client of the soak: mixed traffic until the deadline, every outcome noted in a `_Tally`."""
+
+    def __init__(self, url: str, fn: int, rng: random.Random, tally: _Tally):
+        self.url, self.fn, self.rng, self.tally = url, fn, rng, tally
+        self.client = ChatClient(url, fn)
+        self.abuser = Abuser(url, fn)
+
+    def new_client(self):
+        """Close the client and start another (a new session)."""
+        self.client.close()
+        self.client = ChatClient(self.url, self.fn)
+
+    def run(self, deadline: float):
+        """Send requests until `deadline` (perf_counter); a client-side failure is counted, not raised."""
+        rng = self.rng
         while time.perf_counter() < deadline:
             if rng.random() < 0.2:
-                client.close()
-                client = ChatClient(url, fn)
-            controls = (round(rng.uniform(0, 1.2), 2), round(rng.uniform(0.5, 1), 2), rng.choice([0, 20, 50]),
-                        round(rng.uniform(1, 1.3), 2), rng.randint(8, 64), rng.randint(-1, 10**6))
+                self.new_client()
+            controls = _random_controls(rng)
             action = rng.random()
             try:
-                if action < 0.15:
-                    text, changes = rng.choice(BAD)
-                    bad = list(controls)
-                    for i, v in (changes or {}).items():
-                        bad[i] = v
-                    r = client.chat(text, tuple(bad))
-                    note("invalid", None if r.status == 422 else f"invalid input answered {r.status} {r.outcome}")
-                elif action < 0.30:
-                    note_abuse(abuser.send(rng.choice(ABUSE), rng))
-                elif action < 0.45:
-                    r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
-                                    cancel_after=rng.randint(1, 6))
-                    note("busy" if r.status == 503 else "cancelled",
-                         None if r.outcome in ("cancelled", "completed", "busy") else f"cancel: {r.outcome} {r.error}")
-                elif action < 0.55:
-                    r = client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
-                                    disconnect_after=rng.randint(1, 6))
-                    client.close()
-                    client = ChatClient(url, fn)
-                    note("busy" if r.status == 503 else "disconnected",
-                         None if r.outcome in ("disconnected", "completed", "busy") else f"disconnect: {r.outcome}")
-                else:
-                    r = client.chat(rng.choice(PROMPTS), controls)
-                    note("busy" if r.status == 503 else "chat",
-                         None if r.outcome in ("completed", "busy") else f"chat: {r.outcome} {r.error}")
+                self.request(action, controls)
             except Exception as exc:  # noqa: BLE001 (a client-side failure is an error of the run, not a crash)
-                note("client_exception", f"{type(exc).__name__}: {exc}")
-                client.close()
-                client = ChatClient(url, fn)
-        client.close()
-        abuser.close()
+                self.tally.note("client_exception", f"{type(exc).__name__}: {exc}")
+                self.new_client()
+        self.client.close()
+        self.abuser.close()
 
-    def sampler():
-        while time.perf_counter() < deadline:
-            samples.append((time.perf_counter() - t0, rss_mib(), open_fds(), len(store),
-                            len(demo.state_holder.session_data)))
-            time.sleep(5)
+    def request(self, action: float, controls: tuple):
+        """One request, its kind picked by `action` in [0, 1): invalid 15%, abuse 15%, Stop 15%, dropped 10%,
+        chat 45%."""
+        if action < 0.15:
+            self.invalid(controls)
+        elif action < 0.30:
+            self.tally.note_abuse(self.abuser.send(self.rng.choice(ABUSE), self.rng))
+        elif action < 0.45:
+            self.stopped(controls)
+        elif action < 0.55:
+            self.dropped(controls)
+        else:
+            self.chat(controls)
 
-    threading.Thread(target=sampler, daemon=True).start()
-    with ThreadPoolExecutor(n_clients) as pool:
-        list(pool.map(worker, range(n_clients)))
+    def invalid(self, controls: tuple):
+        """Invalid input (a bad message or control): must be answered 422."""
+        rng = self.rng
+        text, changes = rng.choice(BAD)
+        bad = list(controls)
+        for i, v in (changes or {}).items():
+            bad[i] = v
+        r = self.client.chat(text, tuple(bad))
+        self.tally.note("invalid", None if r.status == 422 else f"invalid input answered {r.status} {r.outcome}")
+
+    def stopped(self, controls: tuple):
+        """A long reply Stopped after a few streamed updates."""
+        rng = self.rng
+        r = self.client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]), cancel_after=rng.randint(1, 6))
+        self.tally.note("busy" if r.status == 503 else "cancelled",
+                        None if r.outcome in ("cancelled", "completed", "busy") else f"cancel: {r.outcome} {r.error}")
+
+    def dropped(self, controls: tuple):
+        """A long reply whose connection is dropped after a few streamed updates (then a new client)."""
+        rng = self.rng
+        r = self.client.chat(rng.choice(PROMPTS), (*controls[:4], 1024, controls[5]),
+                             disconnect_after=rng.randint(1, 6))
+        self.new_client()
+        self.tally.note("busy" if r.status == 503 else "disconnected",
+                        None if r.outcome in ("disconnected", "completed", "busy") else f"disconnect: {r.outcome}")
+
+    def chat(self, controls: tuple):
+        """An ordinary reply, read to the end."""
+        r = self.client.chat(self.rng.choice(PROMPTS), controls)
+        self.tally.note("busy" if r.status == 503 else "chat",
+                        None if r.outcome in ("completed", "busy") else f"chat: {r.outcome} {r.error}")
+
+
+def _wait_idle(store) -> int:
+    """Wait (up to 10 s) for the replies still streaming to finish, collect garbage; the replies left."""
     idle_wait = time.perf_counter()
     while store.active and time.perf_counter() - idle_wait < 10:
         time.sleep(0.05)
     gc.collect()
-    active_at_end = store.active
-    end = (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), len(demo.state_holder.session_data))
-    samples.append(end)
+    return store.active
+
+
+def _soak_figures(tally: _Tally, samples: list, end: tuple, active_at_end: int, server_counts: dict,
+                  probes: dict, demo, store) -> dict:
+    """The soak's figures from its counts and its (time, RSS MiB, fds, app sessions, Gradio sessions) samples."""
+    counts = tally.counts
     after_warmup = next((s for s in samples if s[0] >= 60), samples[0])
-    server_counts = dict(store.counts)
-    probes = probe_burst(demo, url, fn, seed)
-    demo.close()
     served = sum(counts[k] for k in ("chat", "cancelled", "disconnected"))
     by_kind = {k: v for k, v in counts.items() if k not in ("errors", "abuse_unexpected")}
-    return {"minutes": minutes, "clients": n_clients, "concurrency_limit": concurrency, "queue_size": queue_size,
-            "requests": sum(by_kind.values()), "served": served, "by_kind": by_kind, "errors": counts["errors"],
-            "error_samples": errors[:10], "abuse_unexpected": counts["abuse_unexpected"],
-            "abuse_samples": abuse_problems[:10], "server_outcomes": server_counts, "active_at_end": active_at_end,
-            "probes": probes,
+    return {"requests": sum(by_kind.values()), "served": served, "by_kind": by_kind, "errors": counts["errors"],
+            "error_samples": tally.errors[:10], "abuse_unexpected": counts["abuse_unexpected"],
+            "abuse_samples": tally.abuse_problems[:10], "server_outcomes": server_counts,
+            "active_at_end": active_at_end, "probes": probes,
             "rss_start_mib": samples[0][1], "rss_after_1min_mib": after_warmup[1], "rss_end_mib": end[1],
             "rss_drift_after_1min_mib": end[1] - after_warmup[1], "rss_max_mib": max(s[1] for s in samples),
             "fds_start": samples[0][2], "fds_end": end[2], "chat_sessions_end": end[3],
             "gradio_session_capacity": demo.state_session_capacity, "app_session_capacity": store.max_sessions,
             "gradio_sessions_end": end[4], "samples": samples}
+
+
+def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: int, seed: int = 0) -> dict:
+    """--clients `_SoakWorker`s for --minutes against a launched app, server samples every 5 s, then a
+    `probe_burst`; the figures of the "soak" part of the JSON."""
+    demo, url, fn = launch(runtime, concurrency, queue_size)
+    store = demo.sessions
+    tally = _Tally()
+    deadline = time.perf_counter() + minutes * 60
+    samples: list[tuple[float, float, int, int, int]] = []
+    t0 = time.perf_counter()
+
+    def sample() -> tuple[float, float, int, int, int]:
+        return (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), len(demo.state_holder.session_data))
+
+    def sampler():
+        while time.perf_counter() < deadline:
+            samples.append(sample())
+            time.sleep(5)
+
+    def worker(index: int):
+        _SoakWorker(url, fn, random.Random(seed * 1000 + index), tally).run(deadline)
+
+    threading.Thread(target=sampler, daemon=True).start()
+    with ThreadPoolExecutor(n_clients) as pool:
+        list(pool.map(worker, range(n_clients)))
+    active_at_end = _wait_idle(store)
+    end = sample()
+    samples.append(end)
+    server_counts = dict(store.counts)
+    probes = probe_burst(demo, url, fn, seed)
+    demo.close()
+    return {"minutes": minutes, "clients": n_clients, "concurrency_limit": concurrency, "queue_size": queue_size,
+            **_soak_figures(tally, samples, end, active_at_end, server_counts, probes, demo, store)}
 
 
 def stop_during_prefill(runtime, repeats: int = 5) -> dict:

@@ -58,8 +58,9 @@ def _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN: tl.constexpr):
     return bos, eos, i_n, is_first, is_last
 
 
+# one fused GPU kernel: its branches are compile-time constants, so it is not split into helpers
 @triton.jit(do_not_specialize=["T", "NS", "L"])
-def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
+def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,  # noqa: C901, PLR0912, PLR0915
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   BT: tl.constexpr, REVERSE: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr,
                   STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr,

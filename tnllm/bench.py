@@ -370,6 +370,10 @@ def time_decode_interleaved(adapter: ModelAdapter, context_lengths: Sequence[int
     return [_decode_row(adapter, c, seconds[c], runs[c], None, None) for c in context_lengths]
 
 
+def _no_progress(fraction: float, desc: str = "") -> None:
+    """The progress callback when none is given: does nothing."""
+
+
 def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_tokens: int = 32, *,
           prefill_repeats: int = 3, warmup: int = 2, seed: int = 0, interleave: bool = False,
           progress: Progress | None = None) -> list[BenchRow]:
@@ -380,29 +384,26 @@ def sweep(adapters: Sequence[ModelAdapter], context_lengths: Sequence[int], n_to
     (`time_decode_interleaved`). `progress(fraction, desc=...)` is called before each measurement and once
     at the end.
     """
+    progress = progress or _no_progress
     prefills, decodes = {}, {}
     steps = len(adapters) * len(context_lengths)
     total, done = steps + (len(adapters) if interleave else steps), 0
     for context_len in context_lengths:
         for i, adapter in enumerate(adapters):
-            if progress:
-                progress(done / total, desc=f"{adapter.name}: prefill {context_len} tokens")
+            progress(done / total, desc=f"{adapter.name}: prefill {context_len} tokens")
             prefills[i, context_len] = time_prefill(adapter, context_len, repeats=prefill_repeats, seed=seed)
             done += 1
             if not interleave:
-                if progress:
-                    progress(done / total, desc=f"{adapter.name}: decode at context {context_len}")
+                progress(done / total, desc=f"{adapter.name}: decode at context {context_len}")
                 decodes[i, context_len] = time_decode(adapter, context_len, n_tokens, warmup=warmup, seed=seed)
                 done += 1
     if interleave:
         for i, adapter in enumerate(adapters):
-            if progress:
-                progress(done / total, desc=f"{adapter.name}: decode at every context, steps interleaved")
+            progress(done / total, desc=f"{adapter.name}: decode at every context, steps interleaved")
             for row in time_decode_interleaved(adapter, context_lengths, n_tokens, warmup=warmup, seed=seed):
                 decodes[i, row.context_len] = row
             done += 1
-    if progress:
-        progress(1.0, desc="done")
+    progress(1.0, desc="done")
     return [BenchRow.of(prefills[i, c], decodes[i, c], a.quant) for c in context_lengths
             for i, a in enumerate(adapters)]
 

@@ -188,6 +188,107 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, exit_stack)
 
 
+@dataclass
+class _Progress:
+    """Counters carried through the training loop."""
+
+    total: int  # steps to run; cut to the steps done once the time budget is spent
+    step: int = 0
+    tokens: int = 0
+    timed_tokens: int = 0  # tokens of the steps after warmup_excluded_steps (for tokens/s)
+    train_time: float = 0.0  # seconds of those steps
+    elapsed: float = 0.0  # seconds of all steps (for the time budget)
+    stopped_early: bool = False
+
+
+def _check_attention(cfg: TrainConfig, model: torch.nn.Module, x_train: torch.Tensor, y_train: torch.Tensor,
+                     exit_stack: contextlib.ExitStack) -> float | None:
+    """TNL on CUDA: compare the Triton and PyTorch attention paths; if Triton fails or disagrees, train with
+    the PyTorch path for the rest of the run (entered on `exit_stack`). Returns the relative difference."""
+    kernel_diff = None
+    if cfg.arch == "tnl" and cfg.device.startswith("cuda"):
+        try:
+            kernel_diff = check_kernels(model, x_train[:4].to(cfg.device), y_train[:4].to(cfg.device))
+        except Exception as exc:  # a kernel that fails to build must not cost the run
+            print(f"Triton kernels failed: {exc!r}")
+        print(f"Triton vs PyTorch attention (loss, grads): rel. diff {kernel_diff}")
+        if kernel_diff is None or kernel_diff > 2e-2:
+            print("training with the PyTorch attention path instead")
+            exit_stack.enter_context(kernels.use_impl("torch"))
+    return kernel_diff
+
+
+def _log_step(log, epoch: int, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+              optimizer: torch.optim.Optimizer) -> None:
+    """Write and print one step's record (loss.item() syncs; only called on log steps)."""
+    record = {"step": step, "epoch": epoch, "loss": loss.item(), "grad_norm": float(grad_norm),
+              "lr": optimizer.param_groups[0]["lr"]}
+    log.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+def _count_step(cfg: TrainConfig, progress: _Progress, step_time: float, n_tokens: int) -> None:
+    """Account one finished step; past the time budget, the run stops after it."""
+    progress.elapsed += step_time
+    if progress.step >= cfg.warmup_excluded_steps:
+        progress.train_time += step_time
+        progress.timed_tokens += n_tokens
+    progress.tokens += n_tokens
+    progress.step += 1
+    if cfg.time_budget_s and progress.elapsed > cfg.time_budget_s:
+        progress.stopped_early = True
+        progress.total = progress.step
+
+
+def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int,
+                 order: torch.Tensor, x_train: torch.Tensor, y_train: torch.Tensor, progress: _Progress,
+                 log) -> None:
+    """One pass over the shuffled training windows (stopping at progress.total steps)."""
+    for b in range(len(x_train) // cfg.batch_size):
+        if progress.step >= progress.total:
+            break
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        xb, yb = x_train[idx].to(cfg.device, non_blocking=True), y_train[idx].to(cfg.device, non_blocking=True)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress.step, progress.total, cfg)
+        start = time.perf_counter()
+        with _autocast(cfg.device):
+            loss = loss_of(model, xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        if progress.step % cfg.log_every == 0 or progress.step == progress.total - 1:
+            _log_step(log, epoch, progress.step, loss, grad_norm, optimizer)
+        if cfg.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        _count_step(cfg, progress, time.perf_counter() - start, xb.numel())
+
+
+def _evaluate(model: torch.nn.Module, cfg: TrainConfig, epoch: int, tokens: int, x_train: torch.Tensor,
+              y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor) -> dict:
+    """The epoch's record: packed train loss (on as many windows as val has) and packed val loss."""
+    model.eval()
+    ep = {"epoch": epoch, "tokens_seen": tokens,
+          "train_loss": packed_loss(model, x_train[:len(x_val)], y_train[:len(x_val)], cfg.batch_size, cfg.device),
+          "val_loss": packed_loss(model, x_val, y_val, cfg.batch_size, cfg.device)}
+    model.train()
+    return ep
+
+
+def _summary(cfg: TrainConfig, tnl_config: TNLConfig, n_params: int, progress: _Progress, epochs: list[dict],
+             best: tuple, kernel_diff: float | None, slice_loss: float) -> dict:
+    """The run's summary.json contents."""
+    return {"config": asdict(cfg), "model_config": tnl_config.to_hf_dict(), "params": n_params,
+            "tokens_seen": epochs[best[1]]["tokens_seen"], "tokens_trained": progress.tokens,
+            "train_tokens_per_s": progress.timed_tokens / max(progress.train_time, 1e-9),
+            "stopped_early_by_time_budget": progress.stopped_early, "kernel_check_rel_diff": kernel_diff,
+            "attention_impl": kernels.backend_for(cfg.device),
+            "epochs": epochs, "best_epoch": best[1], "val_loss": best[0], "val_ppl": math.exp(best[0]),
+            "val_slice_loss": slice_loss, "device": torch.cuda.get_device_name() if
+            cfg.device.startswith("cuda") else "cpu", "torch": torch.__version__}
+
+
 def _train(cfg: TrainConfig, exit_stack: contextlib.ExitStack) -> dict:
     random.seed(cfg.seed)
     out = Path(cfg.out)
@@ -205,78 +306,26 @@ def _train(cfg: TrainConfig, exit_stack: contextlib.ExitStack) -> dict:
     optimizer = _optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
     print(f"{cfg.arch}: {n_params:,} params, {len(x_train)} x {cfg.seq_len} train windows, {total} steps")
-    kernel_diff = None
-    if cfg.arch == "tnl" and cfg.device.startswith("cuda"):
-        try:
-            kernel_diff = check_kernels(model, x_train[:4].to(cfg.device), y_train[:4].to(cfg.device))
-        except Exception as exc:  # a kernel that fails to build must not cost the run
-            print(f"Triton kernels failed: {exc!r}")
-        print(f"Triton vs PyTorch attention (loss, grads): rel. diff {kernel_diff}")
-        if kernel_diff is None or kernel_diff > 2e-2:
-            print("training with the PyTorch attention path instead")
-            exit_stack.enter_context(kernels.use_impl("torch"))
+    kernel_diff = _check_attention(cfg, model, x_train, y_train, exit_stack)
     log = open(out / "train_log.jsonl", "w", encoding="utf-8")
-    step, tokens, timed_tokens, train_time, elapsed, epochs = 0, 0, 0, 0.0, 0.0, []
+    progress, epochs = _Progress(total), []
     best = None  # (val_loss, epoch, CPU copy of the weights): the model we ship
-    stopped_early = False
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(x_train), generator=generator)
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = x_train[idx].to(cfg.device, non_blocking=True), y_train[idx].to(cfg.device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, cfg)
-            start = time.perf_counter()
-            with _autocast(cfg.device):
-                loss = loss_of(model, xb, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            if step % cfg.log_every == 0 or step == total - 1:
-                loss_value = loss.item()  # syncs; only on log steps
-                record = {"step": step, "epoch": epoch, "loss": loss_value, "grad_norm": float(grad_norm),
-                          "lr": optimizer.param_groups[0]["lr"]}
-                log.write(json.dumps(record) + "\n")
-                print(json.dumps(record))
-            if cfg.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - start
-            elapsed += step_time
-            if step >= cfg.warmup_excluded_steps:
-                train_time += step_time
-                timed_tokens += xb.numel()
-            tokens += xb.numel()
-            step += 1
-            if cfg.time_budget_s and elapsed > cfg.time_budget_s:
-                stopped_early = True
-                total = step
-        model.eval()
-        ep = {"epoch": epoch, "tokens_seen": tokens,
-              "train_loss": packed_loss(model, x_train[:len(x_val)], y_train[:len(x_val)], cfg.batch_size, cfg.device),
-              "val_loss": packed_loss(model, x_val, y_val, cfg.batch_size, cfg.device)}
-        model.train()
+        _train_epoch(model, optimizer, cfg, epoch, order, x_train, y_train, progress, log)
+        ep = _evaluate(model, cfg, epoch, progress.tokens, x_train, y_train, x_val, y_val)
         epochs.append(ep)
         log.write(json.dumps(ep) + "\n")
         print(json.dumps(ep))
         if best is None or ep["val_loss"] < best[0]:
             best = (ep["val_loss"], epoch, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
-        if step >= total:
+        if progress.step >= progress.total:
             break
     log.close()
     model.load_state_dict(best[2])
     save(model, cfg, out)  # leaves the weights rounded to bf16, as shipped
     slice_loss = dialogue_loss(model.float().eval(), tokenizer, val_dialogues[:EVAL_SLICE], cfg.device)
-    summary = {"config": asdict(cfg), "model_config": tnl_config.to_hf_dict(), "params": n_params,
-               "tokens_seen": epochs[best[1]]["tokens_seen"], "tokens_trained": tokens,
-               "train_tokens_per_s": timed_tokens / max(train_time, 1e-9),
-               "stopped_early_by_time_budget": stopped_early, "kernel_check_rel_diff": kernel_diff,
-               "attention_impl": kernels.backend_for(cfg.device),
-               "epochs": epochs, "best_epoch": best[1], "val_loss": best[0], "val_ppl": math.exp(best[0]),
-               "val_slice_loss": slice_loss, "device": torch.cuda.get_device_name() if
-               cfg.device.startswith("cuda") else "cpu", "torch": torch.__version__}
+    summary = _summary(cfg, tnl_config, n_params, progress, epochs, best, kernel_diff, slice_loss)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

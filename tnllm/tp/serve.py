@@ -60,30 +60,59 @@ class Executor:
 
     @torch.inference_mode()
     def run(self, op: int, sid: int, a: int, b: int, c: int, ids: torch.Tensor | None):
-        if op == FORWARD:  # ids [a, b]; c = logits_to_keep; sid -1 = no state
-            return self.model(ids.view(a, b), self.states[sid] if sid >= 0 else None, logits_to_keep=c)
+        """Execute one command (numbered as at the top of this module) on this rank's shard.
+        Returns the logits of a forward or a graph step, else None; an unknown op below FORWARD_SLOTS raises."""
         if op >= FORWARD_SLOTS:  # the engine's slot pool: sid = the pool's state
             return self._run_pool(op, StatePool.over(self.states[sid]), a, b, c, ids)
-        if op == ALLOC:
-            self.states[sid] = self.model.allocate_state(a)
-        elif op == FREE:
-            self.states.pop(sid, None)
-        elif op == CLONE:  # a = new id
-            self.states[a] = self.states[sid].clone()
-        elif op == RESET:
-            self.states[sid].reset()
-        elif op == GRAPH_NEW:  # sid = graph id, a = batch size
-            self.graphs[sid] = new_graph(self.model, a)
-        elif op == GRAPH_LOAD:  # a = state id
-            self.graphs[sid].load(self.states[a])
-        elif op == GRAPH_STORE:
-            self.graphs[sid].store(self.states[a])
-        elif op == GRAPH_STEP:
-            return self.graphs[sid].step(ids.view(a, 1))
-        elif op != STOP:
+        handler = self._HANDLERS.get(op)
+        if handler is None:
             raise ValueError(f"unknown TP command {op}")
+        return handler(self, sid, a, b, c, ids)
+
+    def _stop(self, sid, a, b, c, ids):
+        """STOP: nothing to do here (the follower loop ends on it)."""
         return None
 
+    def _forward(self, sid, a, b, c, ids):
+        """FORWARD: ids [a, b]; c = logits_to_keep; sid -1 = no state."""
+        return self.model(ids.view(a, b), self.states[sid] if sid >= 0 else None, logits_to_keep=c)
+
+    def _alloc(self, sid, a, b, c, ids):
+        """ALLOC: a new state named sid for a batch of a."""
+        self.states[sid] = self.model.allocate_state(a)
+
+    def _free(self, sid, a, b, c, ids):
+        """FREE: drop the state named sid (if any)."""
+        self.states.pop(sid, None)
+
+    def _clone(self, sid, a, b, c, ids):
+        """CLONE: a = new id, a copy of state sid."""
+        self.states[a] = self.states[sid].clone()
+
+    def _reset(self, sid, a, b, c, ids):
+        """RESET: zero the state named sid."""
+        self.states[sid].reset()
+
+    def _graph_new(self, sid, a, b, c, ids):
+        """GRAPH_NEW: sid = graph id, a = batch size."""
+        self.graphs[sid] = new_graph(self.model, a)
+
+    def _graph_load(self, sid, a, b, c, ids):
+        """GRAPH_LOAD: a = state id, loaded into graph sid."""
+        self.graphs[sid].load(self.states[a])
+
+    def _graph_store(self, sid, a, b, c, ids):
+        """GRAPH_STORE: graph sid's state stored into state a."""
+        self.graphs[sid].store(self.states[a])
+
+    def _graph_step(self, sid, a, b, c, ids):
+        """GRAPH_STEP: one decode step of graph sid on ids [a, 1]."""
+        return self.graphs[sid].step(ids.view(a, 1))
+
+    _HANDLERS = {
+        STOP: _stop, FORWARD: _forward, ALLOC: _alloc, FREE: _free, CLONE: _clone, RESET: _reset,
+        GRAPH_NEW: _graph_new, GRAPH_LOAD: _graph_load, GRAPH_STEP: _graph_step, GRAPH_STORE: _graph_store,
+    }
 
     def _run_pool(self, op: int, pool: StatePool, a: int, b: int, c: int, ids: torch.Tensor | None):
         if op == FORWARD_SLOTS:  # ids: a * b token ids then the a rows' slots; c = logits_to_keep
