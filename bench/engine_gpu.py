@@ -187,13 +187,11 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     # state; beside it, for information, one eager chunk of all the ids (another grouping of the sums: in fp32 on
     # a GPU the chunk kernel's dots run in tf32, so groupings differ by about 1e-3).
     chunk = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, capture=capture)
-    saved = [t[1].clone() for t in engine.pool.kv], engine.pool.positions[1].clone()
+    saved = engine.pool.read(1)
     chunk_ids = torch.randint(3, model.config.vocab_size, (CHECK_CHUNK,), generator=torch.Generator().manual_seed(1))
 
     def eager(pieces: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        for t, s in zip(engine.pool.kv, saved[0]):
-            t[1].copy_(s)
-        engine.pool.positions[1] = saved[1]
+        engine.pool.write(1, saved)
         start = 0
         for size in pieces:
             piece = chunk_ids[start:start + size].to(device)[None]  # [1, size]
@@ -204,9 +202,7 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     pieces = split_into_pieces(CHECK_CHUNK, chunk.sizes)
     one_logits, one_state = eager([CHECK_CHUNK])
     eager_logits_p, eager_state_p = eager(pieces)
-    for t, s in zip(engine.pool.kv, saved[0]):
-        t[1].copy_(s)
-    engine.pool.positions[1] = saved[1]
+    engine.pool.write(1, saved)
     graph_chunk = chunk.run(chunk_ids.tolist(), 1)
     result["prefill_pieces"] = pieces
     result["prefill_logits_rel_l2"] = rel(graph_chunk, eager_logits_p)

@@ -251,9 +251,13 @@ def render_engine(result: dict) -> str:
                        f"{x['ratio']:.2f}× | {x.get('commit', '')} |")
     for check in result.get("checks") or []:
         out.append(f"\nGraph vs eager: {check}")
-    for note in result.get("notes") or []:
-        out.append(f"\nNote: {note}")
-    return "\n".join(out) + "\n"
+    return _with_notes(out, result)
+
+
+def _with_notes(lines: list[str], result: dict) -> str:
+    """A section's lines, then the run's notes (each on a paragraph of its own), as Markdown."""
+    lines = lines + [f"\nNote: {note}" for note in result.get("notes") or []]
+    return "\n".join(lines) + "\n"
 
 
 def render_app(result: dict) -> str:
@@ -268,9 +272,7 @@ def render_app(result: dict) -> str:
         runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
         out.append(f"| {x['model']} | {x['path']} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
                    f"{ratio} |")
-    for note in result.get("notes") or []:
-        out.append(f"\nNote: {note}")
-    return "\n".join(out) + "\n"
+    return _with_notes(out, result)
 
 
 def render_quant(result: dict) -> str:
@@ -291,9 +293,7 @@ def render_quant(result: dict) -> str:
     for x in result["model"] + result["prefill"]:
         out.append(f"| {x['method']} | {x['batch']} | {x['context']:,} | {fmt(x.get('decode_ms_per_token'))} | "
                    f"{fmt(x.get('prefill_s'))} | {x['weight_gib']:.2f} | {fmt(x.get('load_s'))} |")
-    for note in result.get("notes") or []:
-        out.append(f"\nNote: {note}")
-    return "\n".join(out) + "\n"
+    return _with_notes(out, result)
 
 
 def render_serve(result: dict) -> str:

@@ -34,14 +34,19 @@ AUTO = {
 }
 
 
+def _auto(device: torch.device | str) -> tuple[str, str]:
+    """(method, reason) of `AUTO` for a device; other device types get the CPU's."""
+    return AUTO.get(torch.device(device).type, AUTO["cpu"])
+
+
 def choose_method(device: torch.device | str) -> str:
-    """The 8-bit method "auto" picks for a device (`AUTO`; other device types as the CPU)."""
-    return AUTO.get(torch.device(device).type, AUTO["cpu"])[0]
+    """The 8-bit method "auto" picks for a device."""
+    return _auto(device)[0]
 
 
 def why_method(device: torch.device | str) -> str:
-    """Why "auto" picks `choose_method(device)` there, in one sentence (the Model tab and the CLI show it)."""
-    return AUTO.get(torch.device(device).type, AUTO["cpu"])[1]
+    """Why "auto" picks `choose_method(device)` there, in one sentence (the Model tab shows it)."""
+    return _auto(device)[1]
 
 
 def _resolve_method(method: str, device: torch.device | str) -> str:

@@ -1,4 +1,4 @@
-"""CUDA: the decode step captured once per batch-size bucket, and one full prefill chunk, replayed.
+"""CUDA: the decode step captured once per batch-size bucket, and prefill pieces (`PrefillGraphs`), replayed.
 
 A step with n decoding rows replays the smallest bucket >= n; rows n.. of the bucket point at the pool's
 sink slot 0, and the whole slot buffer is rewritten every replay (a static buffer would otherwise keep the
@@ -132,7 +132,7 @@ class PrefillGraphs:
                  capture=capture_cuda_graph):
         if pool.device.type != "cuda" and capture is capture_cuda_graph:
             raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
-        self.max_chunk, self.sizes = max_chunk, piece_sizes(max_chunk)
+        self.max_chunk, self.sizes, self.device = max_chunk, piece_sizes(max_chunk), pool.device
         self.pieces = {size: self._capture(model, pool, size, capture, warmup) for size in self.sizes}
 
     @staticmethod
@@ -149,11 +149,10 @@ class PrefillGraphs:
         """Read `ids` (1 to `max_chunk` of them) into `slot`; a copy of the last position's logits [1, V]."""
         if not 1 <= len(ids) <= self.max_chunk:
             raise ValueError(f"captured prefill reads 1 to {self.max_chunk} ids, got {len(ids)}")
-        pinned = self.pieces[self.sizes[0]].ids.device.type == "cuda"
         # One upload of the ids and the slot: a fresh (pinned) host tensor per call, kept alive by the caching
         # host allocator until its copy has run, so nothing queued can see it overwritten.
-        staged = torch.tensor(ids + [slot], dtype=torch.long, pin_memory=pinned).to(
-            self.pieces[self.sizes[0]].ids.device, non_blocking=True)  # [n + 1]
+        staged = torch.tensor(ids + [slot], dtype=torch.long, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)  # [n + 1]
         start = 0
         for size in split_into_pieces(len(ids), self.sizes):
             piece = self.pieces[size]
