@@ -175,7 +175,7 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
         t.copy_(saved)
     engine.pool.positions.copy_(before[1])
     graphs.step(slots)
-    graph_logits = graphs.graphs[graphs.bucket(batch)].out[:batch]
+    graph_logits = graphs.captured(batch).out[:batch]
 
     def rel(a, b):
         return float((a.double() - b.double()).norm() / b.double().norm())

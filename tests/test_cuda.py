@@ -93,7 +93,7 @@ def test_graph_step_logits_equal_eager_step(fp32_model, tok):
         if graphs:
             decoder = engine.scheduler.decoder
             decoder.step(slots)
-            logits.append(decoder.graphs[decoder.bucket(len(slots))].out[:len(slots)].clone())
+            logits.append(decoder.captured(len(slots)).out[:len(slots)].clone())
         else:
             slot_ids = torch.tensor(slots, device=engine.pool.device)
             logits.append(decode_step(fp32_model, engine.pool, engine.sampler, slot_ids, sample=False))

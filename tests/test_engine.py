@@ -14,6 +14,7 @@ from tests.conftest import ROOT, assert_close, requires_triton_interpret
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
+from tnllm.engine.sampler import GENERAL, SamplePlan
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import SlotState
 
@@ -24,6 +25,13 @@ SAMPLED = SamplingParams(temperature=1.2, top_k=50, top_p=0.95, repetition_penal
 @pytest.fixture(scope="module")
 def model(untied_tiny_model):
     return untied_tiny_model
+
+
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def overlap(request):
+    """Run a test with the host handling each step's ids at once (CPU default) and one step late (CUDA
+    default: the ids of step n are handed out after step n + 1 is launched)."""
+    return request.param
 
 
 def make_engine(model, tok, **config):
@@ -47,9 +55,9 @@ def prompt(n, seed):
 
 
 
-def solo_ids(model, tok, ids, params):
+def solo_ids(model, tok, ids, params, overlap=False):
     """Ids a reply samples when it is the engine's only session."""
-    reply = make_engine(model, tok).open().feed_ids(ids, params).wait()
+    reply = make_engine(model, tok, overlap=overlap).open().feed_ids(ids, params).wait()
     return reply.sampled
 
 
@@ -89,13 +97,13 @@ def test_triton_step_through_slots_equals_reference():
 
 
 # -- greedy correctness and isolation -------------------------------------------------------------------
-def test_greedy_equals_full_forward_argmax(model, tok):
+def test_greedy_equals_full_forward_argmax(model, tok, overlap):
     ids = prompt(37, 1)  # 3 prefill chunks of 16
-    assert solo_ids(model, tok, ids, GREEDY) == argmax_loop(model, ids, 12)
+    assert solo_ids(model, tok, ids, GREEDY, overlap) == argmax_loop(model, ids, 12)
 
 
-def test_concurrent_greedy_sessions_joining_at_different_steps(model, tok):
-    engine = make_engine(model, tok)
+def test_concurrent_greedy_sessions_joining_at_different_steps(model, tok, overlap):
+    engine = make_engine(model, tok, overlap=overlap)
     prompts = [prompt(n, seed) for seed, n in enumerate((5, 40, 17, 1))]
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (12, 9, 14, 6)]
     replies = []
@@ -109,11 +117,11 @@ def test_concurrent_greedy_sessions_joining_at_different_steps(model, tok):
         assert reply.sampled == argmax_loop(model, ids, p.max_new_tokens)
 
 
-def test_concurrent_seeded_sampling_equals_solo_runs(model, tok):
+def test_concurrent_seeded_sampling_equals_solo_runs(model, tok, overlap):
     prompts = [prompt(n, 10 + n) for n in (3, 25, 11)]
     params = [SamplingParams(**{**SAMPLED.__dict__, "seed": s}) for s in (1, 2, 3)]
     expected = [solo_ids(model, tok, ids, p) for ids, p in zip(prompts, params)]
-    engine = make_engine(model, tok)
+    engine = make_engine(model, tok, overlap=overlap)
     replies = [engine.open().feed_ids(ids, p) for ids, p in zip(prompts, params)]
     engine.run_until_idle()
     assert [r.sampled for r in replies] == expected
@@ -121,8 +129,8 @@ def test_concurrent_seeded_sampling_equals_solo_runs(model, tok):
     assert other_seed != expected[0]
 
 
-def test_threaded_engine_serves_concurrent_consumers(model, tok):
-    engine = Engine(model, tok, EngineConfig(max_sessions=4, prefill_budget=16), eos_ids=set())
+def test_threaded_engine_serves_concurrent_consumers(model, tok, overlap):
+    engine = Engine(model, tok, EngineConfig(max_sessions=4, prefill_budget=16, overlap=overlap), eos_ids=set())
     prompts = [prompt(n, n) for n in (4, 33, 9)]
     results = {}
 
@@ -232,27 +240,48 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
 # -- sampler --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_p=1.0),
                                     SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
-                                    SamplingParams(temperature=1.3, top_p=0.5)], ids=["plain", "top-k+top-p", "top-p"])
-def test_sampler_is_exact_and_its_cpu_head_path_draws_the_same_ids(params):
+                                    SamplingParams(temperature=1.3, top_p=0.5),
+                                    SamplingParams(temperature=0.7, top_k=40, repetition_penalty=1.1)],
+                         ids=["plain", "top-k+top-p", "top-p", "chat-defaults"])
+def test_sampler_is_exact_and_its_shortcuts_draw_the_same_ids(params):
     """argmax(logit - log E) with hashed noise: frequencies over many seeds match the filtered softmax
-    (`filter_logits`), and the CPU shortcut (sorting only each row's head) picks the same ids."""
+    (`filter_logits`), and the plan the host picks for these settings (the head of HEAD candidates when top-k
+    bounds it, else the CPU's checked head) draws the same ids as the general path."""
     vocab, n = 400, 3000
     logits = torch.randn(vocab, generator=torch.Generator().manual_seed(0)) * 3
+    sampler = BatchSampler(n + 1, vocab, "cpu")
+    for slot in range(1, n + 1):
+        sampler.configure(slot, params, seed=slot, prompt_ids=[])
+    slots = list(range(1, n + 1))
+    plan = sampler.plan(slots)
+    assert plan.head == (params.top_k > 0) and plan.probe == (params.top_k == 0)
+    assert plan.penalty == (params.repetition_penalty != 1.0) and plan.draw
 
-    def draw(host_slots):
-        sampler = BatchSampler(n + 1, vocab, "cpu")
-        for slot in range(1, n + 1):
-            sampler.configure(slot, params, seed=slot, prompt_ids=[])
-        slots = list(range(1, n + 1))
-        return sampler.sample(logits.expand(n, vocab), torch.tensor(slots), host_slots and slots)
+    def draw(plan):
+        sampler.drawn.zero_()  # the same noise and penalty set for both draws
+        sampler.seen.zero_()
+        return sampler.sample(logits.expand(n, vocab), torch.tensor(slots), plan)
 
-    general, head = draw(None), draw(True)
-    assert torch.equal(general, head)
+    general, shortcut = draw(GENERAL), draw(plan)
+    assert torch.equal(general, shortcut)
     temperature = torch.tensor([params.temperature])
     expected = torch.softmax(filter_logits(logits[None], temperature, torch.tensor([params.top_k]),
                                            torch.tensor([params.top_p]))[0], -1)
     freq = torch.bincount(general, minlength=vocab).float() / n
     assert (freq - expected).abs().max() < 0.03 and not freq[expected == 0].any()
+
+
+def test_sampler_plans_follow_the_batch_settings():
+    sampler = BatchSampler(5, 300, "cpu")
+    sampler.configure(1, SamplingParams(temperature=0), 0, [])
+    assert sampler.plan([1]) == SamplePlan(penalty=False, draw=False, head=False, probe=False)
+    sampler.configure(2, SamplingParams(temperature=0.7, top_k=40, repetition_penalty=1.1), 0, [])
+    assert sampler.plan([1, 2]) == SamplePlan(penalty=True, draw=True, head=True, probe=False)
+    sampler.configure(3, SamplingParams(temperature=0.7, top_k=257), 0, [])  # beyond the head
+    assert sampler.plan([2, 3]) == SamplePlan(penalty=True, draw=True, head=False, probe=True)
+    gpu = BatchSampler(5, 300, "meta")
+    gpu.configure(3, SamplingParams(temperature=0.7, top_p=0.9), 0, [])
+    assert not gpu.plan([3]).probe, "off the CPU the checked head syncs: never planned"
 
 
 def test_sampler_top_k_1_is_greedy_and_nan_rows_are_flagged():
@@ -267,10 +296,10 @@ def test_sampler_top_k_1_is_greedy_and_nan_rows_are_flagged():
 
 
 # -- conversations --------------------------------------------------------------------------------------
-def test_multi_turn_reads_only_the_new_message_and_equals_rereading_history(model, tok):
+def test_multi_turn_reads_only_the_new_message_and_equals_rereading_history(model, tok, overlap):
     """Each turn reads the unfed end of the last reply plus its own message; its greedy reply is the argmax
     loop over everything said so far, and the slot holds exactly the state of re-reading the history."""
-    engine = make_engine(model, tok, eos_ids={tok.eos_id})
+    engine = make_engine(model, tok, overlap=overlap, eos_ids={tok.eos_id})
     session = engine.open()
     params = SamplingParams(temperature=0, max_new_tokens=8)
     for message in ("hello there", "how are you?", "the dog"):
@@ -289,8 +318,8 @@ def test_multi_turn_reads_only_the_new_message_and_equals_rereading_history(mode
     assert session.pending[-1] == tok.eos_id
 
 
-def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok):
-    engine = make_engine(model, tok)
+def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok, overlap):
+    engine = make_engine(model, tok, overlap=overlap)
     session = engine.open()
     reply = session.feed_ids(prompt(40, 3), SamplingParams(temperature=0, max_new_tokens=50))
     for _ in range(6):  # 3 prefill chunks, then decoding
@@ -298,7 +327,11 @@ def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok):
     reply.cancel()
     engine.step()
     assert reply.finish_reason == "cancelled" and session.reply is None
-    assert len(reply.sampled) == 4 and session.pending == [reply.sampled[-1], tok.eos_id]
+    if overlap:  # the 4th id was in flight: dropped; the step in flight had fed the 3rd
+        assert len(reply.sampled) == 3 and session.pending == [tok.eos_id]
+    else:
+        assert len(reply.sampled) == 4 and session.pending == [reply.sampled[-1], tok.eos_id]
+    assert session.history + session.pending[:-1] == prompt(40, 3) + reply.sampled  # what was shown, once
     reread = model.allocate_state(1)
     model(torch.tensor([session.history]), reread)
     assert_close("state", reread.kv[0][0], engine.pool.kv[0][session.slot], rel=1e-5)
@@ -308,33 +341,34 @@ def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok):
     during_prefill.cancel()
     engine.step()
     assert during_prefill.finish_reason == "cancelled" and during_prefill.fed == 16
-    assert session.pending[-1] == tok.eos_id and len(session.pending) == 2 + 40 - 16 + 1  # unread rest + eos
+    assert session.pending[-1] == tok.eos_id and session.pending[:-1] == during_prefill.prompt[16:]  # unread rest + eos
 
 
-def test_time_limit(model, tok):
-    engine = make_engine(model, tok)
+def test_time_limit(model, tok, overlap):
+    engine = make_engine(model, tok, overlap=overlap)
     reply = engine.open().feed_ids(prompt(8, 5), SamplingParams(temperature=0, max_new_tokens=50),
                                    time_limit_s=0.0)
     events = list(reply)
     assert events[-1].finish == "time_limit" and reply.sampled == []
 
 
-def test_stop_string_ends_the_reply_before_it_is_shown(model, tok):
+def test_stop_string_ends_the_reply_before_it_is_shown(model, tok, overlap):
     ids = prompt(9, 6)
     params = SamplingParams(temperature=0, max_new_tokens=30)
-    full = make_engine(model, tok).open().feed_ids(ids, params).wait().text
+    full = make_engine(model, tok, overlap=overlap).open().feed_ids(ids, params).wait().text
     stop = full[len(full) // 2:len(full) // 2 + 3]
     assert stop.strip(), f"pick another prompt: {full!r}"
-    reply = make_engine(model, tok).open().feed_ids(ids, SamplingParams(**{**params.__dict__, "stop": (stop,)}))
+    stopping = SamplingParams(**{**params.__dict__, "stop": (stop,)})
+    reply = make_engine(model, tok, overlap=overlap).open().feed_ids(ids, stopping)
     text = "".join(event.text for event in reply)
     assert reply.finish_reason == "stop" and text == full[:full.index(stop)]
 
 
-def test_nan_in_one_session_leaves_the_others_unchanged(model, tok):
+def test_nan_in_one_session_leaves_the_others_unchanged(model, tok, overlap):
     prompts = [prompt(n, 20 + n) for n in (6, 19, 8)]
     params = [GREEDY, SamplingParams(**{**SAMPLED.__dict__, "seed": 7}), GREEDY]
     expected = [solo_ids(model, tok, ids, p) for ids, p in zip(prompts, params)]
-    engine = make_engine(model, tok)
+    engine = make_engine(model, tok, overlap=overlap)
     sessions = [engine.open() for _ in prompts]
     replies = [s.feed_ids(ids, p) for s, ids, p in zip(sessions, prompts, params)]
     for _ in range(4):
@@ -348,8 +382,8 @@ def test_nan_in_one_session_leaves_the_others_unchanged(model, tok):
     assert again.sampled == expected[1]
 
 
-def test_fork_save_load_continue_identically(model, tok, tmp_path):
-    engine = make_engine(model, tok, eos_ids={tok.eos_id})
+def test_fork_save_load_continue_identically(model, tok, tmp_path, overlap):
+    engine = make_engine(model, tok, overlap=overlap, eos_ids={tok.eos_id})
     session = engine.open()
     params = SamplingParams(temperature=0.8, max_new_tokens=10, seed=5)
     session.send("tell me about the fox", params).wait()
@@ -360,12 +394,12 @@ def test_fork_save_load_continue_identically(model, tok, tmp_path):
     engine.run_until_idle()
     assert replies[0].text == replies[1].text == replies[2].text and replies[0].sampled
     assert session.history == fork.history == loaded.history
-    other = make_engine(model, tok, eos_ids={tok.eos_id})  # another engine (another process, say)
+    other = make_engine(model, tok, overlap=overlap, eos_ids={tok.eos_id})  # another engine (another process, say)
     assert other.load(tmp_path / "s.safetensors").send("and then?", params).wait().text == replies[0].text
 
 
-def test_pool_full_and_close_frees_the_slot(model, tok):
-    engine = make_engine(model, tok, max_sessions=2)
+def test_pool_full_and_close_frees_the_slot(model, tok, overlap):
+    engine = make_engine(model, tok, overlap=overlap, max_sessions=2)
     a, b = engine.open(), engine.open()
     with pytest.raises(PoolFullError):
         engine.open()
@@ -381,16 +415,18 @@ def test_pool_full_and_close_frees_the_slot(model, tok):
         a.fork()
 
 
-def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok):
-    engine = make_engine(model, tok, prefill_budget=32)
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok, overlap):
+    engine = make_engine(model, tok, overlap=overlap, prefill_budget=32)
     decoding = [engine.open().feed_ids(prompt(4, s), SamplingParams(temperature=0, max_new_tokens=100))
                 for s in (1, 2)]
     engine.step()  # both prompts read (8 tokens < budget), first tokens sampled
     long = engine.open().feed_ids(prompt(300, 9), GREEDY)
     for step in range(1, 11):
         engine.step()
-        assert [len(r.sampled) for r in decoding] == [1 + step] * 2  # one token per step each
+        assert [len(r.sampled) for r in decoding] == [1 + step - overlap] * 2  # one token per step each
         assert long.fed == min(300, 32 * step)
+    if overlap:  # the ids of a step reach the host with the next one
+        engine.step()
     assert long.sampled  # 300 tokens = 10 chunks: its first token came with the 10th step
 
 

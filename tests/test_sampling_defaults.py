@@ -64,7 +64,7 @@ def test_sampling_logprobs_is_the_distribution_the_engine_draws_from(setting):
     for slot in range(1, draws + 1):
         sampler.configure(slot, params, seed=slot, prompt_ids=seen_ids.tolist())
     slots = list(range(1, draws + 1))
-    picks = set(sampler.sample(logits.expand(draws, vocab).clone(), torch.tensor(slots), slots).tolist())
+    picks = set(sampler.sample(logits.expand(draws, vocab).clone(), torch.tensor(slots), sampler.plan(slots)).tolist())
     assert picks <= set(torch.nonzero(support)[:, 0].tolist())
     if setting["top_k"] == 0 and setting["top_p"] == 1.0 and setting["temperature"] == 1.0:
         penalty = torch.tensor([setting["repetition_penalty"]])

@@ -73,12 +73,12 @@ def greedy_check(model: TransNormerLLM, tokenizer: Tokenizer, prompt: list[int],
     """(the engine's greedy reply, max relative difference of the last logits between recurrent decoding and one
     full forward pass, state bytes).
 
-    The session's state has read prompt + every sampled id but the last (the engine feeds a sampled id with the
-    next step); one recurrent step on a copy of it with that id gives the logits after prompt + reply, and so
-    does the full forward pass. NaN/inf logits end the reply with "numerical_error" (the engine resets the
-    state): the difference is then NaN.
+    The session's state has read prompt + every sampled id but the last (a synchronous engine feeds a sampled id
+    with the next step, which a finished reply does not get); one recurrent step on a copy of it with that id
+    gives the logits after prompt + reply, and so does the full forward pass. NaN/inf logits end the reply with
+    "numerical_error" (the engine resets the state): the difference is then NaN.
     """
-    engine = Engine(model, tokenizer, EngineConfig(max_sessions=1, threaded=False))
+    engine = Engine(model, tokenizer, EngineConfig(max_sessions=1, overlap=False, threaded=False))
     session = engine.open()
     reply = session.feed_ids(prompt, SamplingParams(temperature=0, max_new_tokens=new_tokens)).wait()
     if reply.finish_reason == "numerical_error":

@@ -45,7 +45,8 @@ class EngineConfig:
     solo_prefill_budget: per step while none does (None: PREFILL_BUDGETS of the device); cuda_graphs:
     captured decode per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the
     sampler inside the captured step; prefill_graph: chunks up to `prefill_budget` ids captured too (None = with
-    cuda_graphs); threaded: run steps on an engine thread."""
+    cuda_graphs); overlap: hand out a step's ids while the next step runs on the GPU (None = with cuda_graphs;
+    see tnllm/engine/scheduler.py); threaded: run steps on an engine thread."""
 
     max_sessions: int = 16
     prefill_budget: int | None = None
@@ -53,6 +54,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     sample_in_graph: bool = True
     prefill_graph: bool | None = None
+    overlap: bool | None = None
     threaded: bool = True
 
 
@@ -77,7 +79,9 @@ class Engine:
         prefill_graph = config.prefill_graph if config.prefill_graph is not None else graphs
         chunk_graph = PrefillGraphs(model, self.pool, budget) if prefill_graph else None
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
-        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph)
+        overlap = config.overlap if config.overlap is not None else graphs
+        self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph,
+                                   overlap)
         self.threaded = config.threaded
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], Future]] = []
@@ -185,7 +189,7 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Step until no reply is active (threadless engines)."""
-        while self.scheduler.active:
+        while self.scheduler.busy:
             self.step()
 
     def shutdown(self) -> None:
@@ -218,7 +222,7 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._inbox and not self.scheduler.active and not self._stopping:
+                while not self._inbox and not self.scheduler.busy and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return

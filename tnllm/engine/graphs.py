@@ -1,4 +1,5 @@
-"""CUDA: the decode step captured once per batch-size bucket, and prefill pieces (`PrefillGraphs`), replayed.
+"""CUDA: the decode step captured once per batch-size bucket and sampling plan, and prefill pieces
+(`PrefillGraphs`), replayed.
 
 A step with n decoding rows replays the smallest bucket >= n; rows n.. of the bucket point at the pool's
 sink slot 0, and the whole slot buffer is rewritten every replay (a static buffer would otherwise keep the
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from tnllm.engine.pool import SINK_SLOT, StatePool
-from tnllm.engine.sampler import BatchSampler
+from tnllm.engine.sampler import GENERAL, BatchSampler, SamplePlan
 from tnllm.engine.scheduler import decode_step
 from tnllm.model import TransNormerLLM
 
@@ -45,15 +46,15 @@ def capture_cuda_graph(run: Callable[[], torch.Tensor], warmup: int) -> tuple[Ca
 class _Captured:
     replay: Callable[[], None]
     slots: torch.Tensor    # static int64 [b] input
-    staging: torch.Tensor  # host copy of the slots (pinned on CUDA, for a non-blocking upload)
     out: torch.Tensor      # static output: ids [b], or logits [b, V] without the sampler
 
 
 class DecodeGraphs:
-    """`step(slots) -> ids [n]` by graph replay, for any n <= the largest bucket (`covers`).
+    """`step(slots, plan) -> ids [n]` by graph replay, for any n <= the largest bucket (`covers`).
 
-    `capture(run, warmup) -> (replay, static output)` is `capture_cuda_graph`; tests pass an eager stand-in
-    to check the bucket logic on the CPU.
+    One graph per (bucket, sampling plan), captured the first time a step needs it (a 7B step captures in well
+    under a second); with `sample_in_graph=False` the plan does not change the graph. `capture(run, warmup) ->
+    (replay, static output)` is `capture_cuda_graph`; tests pass an eager stand-in to check the logic on the CPU.
     """
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, max_batch: int,
@@ -61,17 +62,20 @@ class DecodeGraphs:
         if pool.device.type != "cuda" and capture is capture_cuda_graph:
             raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
         self.model, self.pool, self.sampler = model, pool, sampler
-        self.sample_in_graph = sample_in_graph
+        self.sample_in_graph, self.warmup, self.capture = sample_in_graph, warmup, capture
         self.sizes = bucket_sizes(max_batch)
-        self.graphs = {size: self._capture(size, capture, warmup) for size in reversed(self.sizes)}  # largest first
+        self.graphs: dict[tuple[int, SamplePlan | None], _Captured] = {}
 
-    def _capture(self, size: int, capture, warmup: int) -> _Captured:
-        # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
-        slots = torch.full((size,), SINK_SLOT, dtype=torch.long, device=self.pool.device)
-        replay, out = capture(lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph),
-                              warmup)
-        staging = torch.zeros(size, dtype=torch.long, pin_memory=self.pool.device.type == "cuda")
-        return _Captured(replay, slots, staging, out)
+    def captured(self, n: int, plan: SamplePlan = GENERAL) -> _Captured:
+        """The graph serving n rows under `plan` (captured now if it is the first such step)."""
+        key = (self.bucket(n), plan if self.sample_in_graph else None)
+        if key not in self.graphs:
+            # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
+            slots = torch.full((key[0],), SINK_SLOT, dtype=torch.long, device=self.pool.device)
+            run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph, plan)  # noqa: E731
+            replay, out = self.capture(run, self.warmup)
+            self.graphs[key] = _Captured(replay, slots, out)
+        return self.graphs[key]
 
     def covers(self, n: int) -> bool:
         return n <= self.sizes[-1]
@@ -80,19 +84,21 @@ class DecodeGraphs:
         """The captured batch size that serves n rows."""
         return next(size for size in self.sizes if size >= n)
 
-    def step(self, slots: list[int]) -> torch.Tensor:
+    def step(self, slots: list[int], plan: SamplePlan = GENERAL) -> torch.Tensor:
         """Next ids [n] (on the device) for the rows of `slots`: one replay (plus the sampler if outside)."""
         n = len(slots)
-        captured = self.graphs[self.bucket(n)]
-        # The previous step's host transfer has synchronised, so the staging buffer is free to reuse.
-        captured.staging.fill_(SINK_SLOT)
-        captured.staging[:n] = torch.tensor(slots, dtype=torch.long)
-        captured.slots.copy_(captured.staging, non_blocking=True)
+        captured = self.captured(n, plan)
+        # A fresh pinned host tensor per step: with the scheduler running a step ahead, the upload of the
+        # previous step may still be queued, so no host buffer is reused here (the caching host allocator hands a
+        # block out again only once the copies queued on it have run).
+        padded = slots + [SINK_SLOT] * (captured.slots.shape[0] - n)
+        staged = torch.tensor(padded, dtype=torch.long, pin_memory=self.pool.device.type == "cuda")
+        captured.slots.copy_(staged, non_blocking=True)
         captured.replay()
         if self.sample_in_graph:
             return captured.out[:n]
         with torch.inference_mode():
-            return self.sampler.sample(captured.out[:n], captured.slots[:n])
+            return self.sampler.sample(captured.out[:n], captured.slots[:n], plan)
 
 
 def piece_sizes(max_chunk: int) -> list[int]:

@@ -10,6 +10,8 @@ ones of `tnllm.sampling` (one implementation: `penalise_seen`, `filter_logits`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits, penalise_seen
@@ -34,7 +36,26 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-HEAD = 256  # CPU: candidates sorted per row when the kept tokens fit in them (a full sort costs ~0.6 ms a row)
+HEAD = 256  # candidates kept by the head path: top-k of at most this many needs no full sort of the vocabulary
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """What a batch's sampling needs, decided on the host from its rows' settings (no sync): each variant is
+    its own code path and, on CUDA, its own captured graph.
+
+    penalty: some row has a repetition penalty; draw: some row samples (temperature > 0); head: every sampling
+    row keeps at most HEAD tokens (0 < top_k <= HEAD), so a top-k of HEAD candidates holds every kept token and
+    the vocabulary is never sorted; probe: try that head anyway and check it (a host sync: CPU only, where a
+    full sort costs ~0.6 ms a row)."""
+
+    penalty: bool = True
+    draw: bool = True
+    head: bool = False
+    probe: bool = False
+
+
+GENERAL = SamplePlan()  # settings unknown: everything on the device, no shortcut
 
 
 class BatchSampler:
@@ -73,40 +94,53 @@ class BatchSampler:
         uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # (0, 1), 24 bits: exact in fp32
         return torch.log(-torch.log(uniform))
 
-    def sample(self, logits: torch.Tensor, slots: torch.Tensor, host_slots: list[int] | None = None) -> torch.Tensor:
+    def plan(self, slots: list[int]) -> SamplePlan:
+        """The cheapest `SamplePlan` that serves these slots' current settings."""
+        settings = [self.settings[s] for s in slots]
+        drawing = [p for p in settings if p.temperature > 0]
+        head = bool(drawing) and all(0 < p.top_k <= min(HEAD, self.vocab_size) for p in drawing)
+        return SamplePlan(penalty=any(p.repetition_penalty != 1.0 for p in settings), draw=bool(drawing),
+                          head=head, probe=bool(drawing) and not head and self.device.type == "cpu")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.seen.shape[1]
+
+    def sample(self, logits: torch.Tensor, slots: torch.Tensor, plan: SamplePlan = GENERAL) -> torch.Tensor:
         """One id per row of logits [B, V] (int64 [B], on the device; NOT_FINITE where a row has NaN/inf).
 
         `slots` int64 [B] names each row's settings; each slot's drawn count, last token and penalty set are
-        updated in place. `host_slots` (the same slots, on the host) lets an eager step skip what no row needs
-        (penalty, sampling) and, on the CPU, sort only each row's head; None (a CUDA graph): the general path.
+        updated in place. `plan` (from `plan(host slots)`) skips what no row needs; GENERAL (the default) serves
+        any settings. No host sync unless `plan.probe`: capturable in a CUDA graph.
         """
-        settings = None if host_slots is None else [self.settings[s] for s in host_slots]
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
-        if settings is None or any(p.repetition_penalty != 1.0 for p in settings):
+        if plan.penalty:
             logits = penalise_seen(logits, self.seen[slots], self.penalty[slots])
         ids = logits.argmax(dim=-1)
-        if settings is None or any(p.temperature > 0 for p in settings):
+        if plan.draw:
             temperature = self.temperature[slots]
             sampling = temperature > 0
             tempered = logits / torch.where(sampling, temperature, 1.0)[:, None]
-            head = settings is not None and self.device.type == "cpu"  # the head check below syncs
-            ids = torch.where(sampling, self._draw(tempered, slots, head), ids)
+            ids = torch.where(sampling, self._draw(tempered, slots, plan), ids)
         ids = torch.where(finite, ids, 0)  # a valid id for the table updates; reported as NOT_FINITE below
         self.last_token.index_copy_(0, slots, ids)
         self.drawn.index_add_(0, slots, torch.ones_like(ids))
         self.seen.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.bool))
         return torch.where(finite, ids, NOT_FINITE)
 
-    def _draw(self, tempered: torch.Tensor, slots: torch.Tensor, try_head: bool) -> torch.Tensor:
+    def _draw(self, tempered: torch.Tensor, slots: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
         """argmax over the kept tokens of (logit - log E): an exact sample of the filtered distribution."""
         top_k, top_p = self.top_k[slots], self.top_p[slots]
-        if try_head and tempered.shape[1] > HEAD:
-            values, candidates = torch.topk(tempered, HEAD)  # [B, HEAD], sorted
-            drop = drop_outside_nucleus(values, top_k, top_p, torch.logsumexp(tempered, dim=-1, keepdim=True))
+        if plan.head or plan.probe:
+            values, candidates = torch.topk(tempered, min(HEAD, tempered.shape[1]))  # [B, HEAD], sorted
+            # With plan.head every sampling row has top-k > 0, so the whole-row normaliser (used when top-k is
+            # off) only reaches rows whose draw is discarded: the head's own stands in for it.
+            row_norm = torch.logsumexp(values if plan.head else tempered, dim=-1, keepdim=True)
+            drop = drop_outside_nucleus(values, top_k, top_p, row_norm)
             # When the head's last candidate is dropped, so is every token after it (top-k and top-p cut a
             # sorted row at one point): the head holds every kept token.
-            if bool((drop[:, -1] & (top_k <= HEAD)).all()):
+            if plan.head or bool((drop[:, -1] & (top_k <= values.shape[1])).all()):
                 scores = values.masked_fill(drop, float("-inf")) - self.log_exponential_noise(slots, candidates)
                 return candidates.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
         filtered = filter_logits(tempered, torch.ones_like(top_p), top_k, top_p)

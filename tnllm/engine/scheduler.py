@@ -2,14 +2,20 @@
 
     step():
       1. cancels and deadlines end their replies (the state keeps what it read);
-      2. ONE decode step for every decoding reply (rows = their slots; the pool is updated in place);
-      3. prefill chunks of waiting prompts, at most `prefill_budget` tokens per step while any reply decodes,
-         so that a long prompt delays the decoding replies by one chunk per step instead of its whole length
-         (on CUDA, chunks up to that size replay captured graphs: `PrefillGraphs`), and `solo_prefill_budget`
-         when none does;
-      4. one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
-         here) and ONE host transfer of all sampled ids;
-      5. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
+      2. launch the device work: ONE decode step for every decoding reply (rows = their slots; the pool is
+         updated in place), prefill chunks of waiting prompts, at most `prefill_budget` tokens per step while
+         any reply decodes, so that a long prompt delays the decoding replies by one chunk per step instead of
+         its whole length (on CUDA, chunks up to that size replay captured graphs: `PrefillGraphs`), and
+         `solo_prefill_budget` when none does; one batched sampling call (decode rows inside the decode step;
+         prompts that finished their prefill here) and ONE device -> host copy of all sampled ids;
+      3. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
+
+With `overlap` (CUDA), step 3 handles the ids of the PREVIOUS step while the GPU runs the one just launched,
+so detokenising and events cost no GPU time. A decode step needs no host input (each row's last id stays in
+the sampler's device table), so the next step can be launched before the host has seen its ids; the price is
+that a reply ending on an id has already been fed that id by the step in flight, and that step's own id for it
+is dropped (`Reply.fed_sampled` counts what the state read). Without overlap (CPU), steps 2 and 3 run back to
+back: launching ahead there would only delay each token by one step's compute.
 
 A row whose logits hold NaN/inf ends only its own reply ("numerical_error", its state reset).
 """
@@ -18,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from tnllm.engine.pool import StatePool
-from tnllm.engine.sampler import NOT_FINITE, BatchSampler
+from tnllm.engine.sampler import GENERAL, NOT_FINITE, BatchSampler, SamplePlan
 from tnllm.engine.session import Reply
 from tnllm.model import TransNormerLLM
 
@@ -31,25 +38,42 @@ log = logging.getLogger(__name__)
 
 @torch.inference_mode()
 def decode_step(model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, slots: torch.Tensor,
-                sample: bool = True, host_slots: list[int] | None = None) -> torch.Tensor:
+                sample: bool = True, plan: SamplePlan = GENERAL) -> torch.Tensor:
     """Feed each row's last sampled token (the sampler's table) into its slot; return the next ids [B], or the
-    logits [B, V] with `sample=False` (a CUDA graph that samples outside). No host sync: capturable."""
+    logits [B, V] with `sample=False` (a CUDA graph that samples outside). No host sync unless `plan.probe`."""
     tokens = sampler.last_token[slots][:, None]  # [B, 1]
     logits = model(tokens, pool.rows(slots))[:, -1]  # [B, V]
-    return sampler.sample(logits, slots, host_slots) if sample else logits
+    return sampler.sample(logits, slots, plan) if sample else logits
+
+
+@dataclass
+class Launched:
+    """One step's device work, launched: its rows and their sampled ids on the way to the host."""
+
+    rows: list[Reply]
+    ids: torch.Tensor                     # int64 [len(rows)]: pinned host buffer (CUDA) or the ids themselves
+    done: torch.cuda.Event | None = None  # recorded after the copy (CUDA)
+
+    def host_ids(self) -> list[int]:
+        """The ids, once the copy has landed (waits for this step only, not for work queued after it)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.ids.tolist()
 
 
 class Scheduler:
     """The active replies and `step()`. Not thread-safe: the engine calls it from one thread, under its lock."""
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, eos_ids: set[int],
-                 prefill_budgets: tuple[int, int], decoder=None, prefill_graph=None):
+                 prefill_budgets: tuple[int, int], decoder=None, prefill_graph=None, overlap: bool = False):
         self.model, self.pool, self.sampler = model, pool, sampler
         self.eos_ids, self.closing_eos = eos_ids, model.config.eos_token_id
         self.prefill_budget, self.solo_prefill_budget = prefill_budgets  # while others decode, and alone
         self.decoder = decoder  # CUDA graphs (`DecodeGraphs`), or None: eager `decode_step`
         self.prefill_graph = prefill_graph  # captured chunks (`PrefillGraphs`), or None: eager chunks
+        self.overlap = overlap
         self.active: list[Reply] = []
+        self.in_flight: Launched | None = None  # with overlap: the launched step whose ids are not handled yet
         self.steps = 0
 
     def slots(self, slots: list[int]) -> torch.Tensor:
@@ -57,6 +81,11 @@ class Scheduler:
 
     def add(self, reply: Reply) -> None:
         self.active.append(reply)
+
+    @property
+    def busy(self) -> bool:
+        """Replies to advance, or a launched step whose ids are still to hand out."""
+        return bool(self.active) or self.in_flight is not None
 
     def step(self) -> None:
         """Advance every active reply by one step (see the module docstring)."""
@@ -66,37 +95,57 @@ class Scheduler:
                 self.finish(reply, "cancelled")
             elif reply.deadline is not None and now > reply.deadline:
                 self.finish(reply, "time_limit")
-        if not self.active:
-            return
-        self.steps += 1
-        decoding = [r for r in self.active if not r.prefilling]
+        previous, self.in_flight = self.in_flight, None  # with overlap: the step launched by the last call
         try:
-            rows, ids = self._run(decoding)
+            launched = self._launch() if self.active else None
+            if self.overlap:
+                handle, self.in_flight = previous, launched
+            else:
+                handle = launched
+            ids = handle.host_ids() if handle is not None else []
         except Exception:  # noqa: BLE001 (OOM, driver errors: those replies end, the engine keeps serving)
             log.exception("engine step failed")
             for reply in list(self.active):
                 self.finish(reply, "error")
             return
-        for reply, token in zip(rows, ids, strict=True):
-            self._accept(reply, token)
+        for reply, token in zip(handle.rows if handle is not None else [], ids, strict=True):
+            if reply.finish_reason is None:  # a reply that ended after its step was launched: the id is dropped
+                self._accept(reply, token)
 
     @torch.inference_mode()
-    def _run(self, decoding: list[Reply]) -> tuple[list[Reply], list[int]]:
-        """Device work of one step: (replies that sampled a token, their ids after the one host transfer)."""
+    def _launch(self) -> Launched | None:
+        """Queue one step's device work and the copy of its ids to the host; None when no reply can advance."""
+        self.steps += 1
+        decoding = [r for r in self.active if not r.prefilling and r.launched < r.params.max_new_tokens]
         parts, rows = [], []
         if decoding:
             slots = [r.session.slot for r in decoding]
+            plan = self.sampler.plan(slots)
             if self.decoder is not None and self.decoder.covers(len(slots)):
-                parts.append(self.decoder.step(slots))
+                parts.append(self.decoder.step(slots, plan))
             else:
-                parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots), host_slots=slots))
+                parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots), plan=plan))
+            for reply in decoding:
+                reply.fed_sampled += 1  # the step reads the reply's last sampled id...
+                reply.launched += 1     # ...and samples the next
             rows += decoding
         ready, ready_logits = self._prefill(self.prefill_budget if decoding else self.solo_prefill_budget)
         if ready:
             slots = [r.session.slot for r in ready]
-            parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots), slots))
+            parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots), self.sampler.plan(slots)))
+            for reply in ready:
+                reply.launched += 1
             rows += ready
-        return rows, (torch.cat(parts).tolist() if parts else [])  # the step's one device -> host transfer
+        if not rows:
+            return None
+        ids = torch.cat(parts)  # [len(rows)]
+        if ids.device.type != "cuda":
+            return Launched(rows, ids)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)  # the step's one device -> host transfer
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(rows, host, done)
 
     def _prefill(self, budget: int) -> tuple[list[Reply], list[torch.Tensor]]:
         """Prefill chunks within `budget` tokens, oldest prompt first; returns the replies whose prompt is now
@@ -151,9 +200,11 @@ class Scheduler:
             self.pool.clear(session.slot)  # the state may hold NaN or a half-applied step: start afresh
             session.history, session.pending = [], []
         else:
-            session.history.extend(reply.prompt[:reply.fed] + reply.sampled[:-1])
-            unfed = reply.prompt[reply.fed:] if not reply.sampled else reply.sampled[-1:]
-            session.pending = unfed if unfed[-1:] == [self.closing_eos] else unfed + [self.closing_eos]
+            written = reply.prompt[:reply.fed] + reply.sampled[:reply.fed_sampled]
+            unfed = reply.prompt[reply.fed:] + reply.sampled[reply.fed_sampled:]
+            closed = (session.history + written + unfed)[-1:] == [self.closing_eos]
+            session.history.extend(written)
+            session.pending = unfed if closed else unfed + [self.closing_eos]
         reply.finish_reason = reply.stats.finish_reason = reason
         self.active.remove(reply)
         session.reply = None

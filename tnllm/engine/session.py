@@ -7,10 +7,12 @@
     reply.cancel()                  # from any thread: the reply ends within one engine step
     session.fork() / session.save(path) / engine.load(path) / session.close()
 
-Bookkeeping: `history` holds every id written into the slot, `pending` the ids still to write (the reply's
-last sampled id and the eos closing the assistant turn, or the unread rest of a message stopped during its
-prefill); they are fed with the next message. A sampled id is streamed before it is fed back, so after a
-reply ends, its last id is not in the state yet.
+Bookkeeping: `history` holds every id written into the slot, `pending` the ids still to write (a streamed id
+not fed back yet and the eos closing the assistant turn, or the unread rest of a message stopped during its
+prefill); they are fed with the next message. A sampled id is fed back by the step after the one that sampled
+it: a synchronous engine ends a reply before that step, so its last id is pending; an engine running one step
+ahead (CUDA) has usually launched it already, so the state holds it. Either way the state reads exactly the
+streamed text, then the closing eos. An id sampled but never received (cancelled in flight) is dropped.
 """
 
 from __future__ import annotations
@@ -87,8 +89,10 @@ class Reply:
                  streamer: TextStreamer):
         self.session, self.prompt, self.params, self.deadline = session, prompt, params, deadline
         self.streamer = streamer
-        self.fed = 0                      # prompt ids read into the state so far
-        self.sampled: list[int] = []      # ids sampled so far (the last one not yet fed)
+        self.fed = 0                      # prompt ids read into the state (counted when their step is launched)
+        self.sampled: list[int] = []      # ids sampled so far, as the host has received them
+        self.launched = 0                 # ids whose sampling has been launched (received or still in flight)
+        self.fed_sampled = 0              # sampled ids read into the state (a decode step feeds the last one)
         self.stats = ReplyStats(prompt_tokens=len(prompt), state_bytes=session.engine.pool.slot_bytes)
         self.submitted = time.perf_counter()
         self.text = ""                    # the reply as streamed
@@ -98,7 +102,8 @@ class Reply:
 
     @property
     def prefilling(self) -> bool:
-        return not self.sampled
+        """Prompt ids are left to read (launch-time view: a chunk counts once its step is launched)."""
+        return self.fed < len(self.prompt)
 
     def cancel(self) -> None:
         """Ask the reply to stop; it finishes with "cancelled" at the next engine step (thread-safe)."""
