@@ -40,7 +40,14 @@ import quant  # noqa: E402
 from bench.engine_gpu import ModuloTokenizer  # noqa: E402
 from tnllm import TransNormerLLM, load_model  # noqa: E402
 from tnllm.baseline import build_llama, load_llama  # noqa: E402
-from tnllm.bench import BenchRow, EngineAdapter, adapter_for, format_table, print_progress, sweep  # noqa: E402
+from tnllm.bench import (  # noqa: E402
+    BenchRow,
+    EngineAdapter,
+    baseline_adapters,
+    format_table,
+    print_progress,
+    sweep,
+)
 from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
 from tnllm.model import random_model  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
@@ -124,7 +131,7 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
     if method != "none":
         tnl, llama = quant.quantize(tnl, method), quant.quantize(llama, method)
     params = SamplingParams(**{**CHAT_DEFAULTS, "seed": args.seed})
-    adapters = [EngineAdapter(tnl, tnl_tokenizer(args.tnl), params, "TNL"), adapter_for(llama, "Llama")]
+    adapters = [EngineAdapter(tnl, tnl_tokenizer(args.tnl), params, "TNL"), *baseline_adapters(llama)]
     for a in adapters:
         print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}, 8-bit: {a.quant}",
               file=sys.stderr)

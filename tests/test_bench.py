@@ -21,6 +21,7 @@ from tnllm.bench import (
     BenchRow,
     EngineAdapter,
     LlamaAdapter,
+    LlamaStaticAdapter,
     TNLAdapter,
     adapter_for,
     percentile,
@@ -59,6 +60,24 @@ def _full_logits(adapter, ids):
     if isinstance(adapter, TNLAdapter):
         return adapter.model(ids)
     return adapter.model(ids, use_cache=False).logits
+
+
+def static_vs_default_cache(device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Logits of 6 teacher-forced Llama steps after a 40-token context with transformers' default cache and with
+    `LlamaStaticAdapter` (on CUDA: captured steps), and the static run's path."""
+    llama = build_llama(TINY, device=device)
+    runs = [LlamaAdapter(llama).decode_run(40, 6, warmup=2, seed=0),
+            LlamaStaticAdapter(llama).decode_run(40, 6, warmup=2, seed=0)]
+    logits = [torch.cat([run.step().clone() for _ in range(6)]) for run in runs]  # [6, 1, V] each
+    return logits[0], logits[1], runs[1].path
+
+
+@torch.inference_mode()
+def test_llama_static_cache_steps_equal_the_default_cache():
+    """The strong Transformer setting (preallocated cache) computes what transformers' default does."""
+    dynamic, static, path = static_vs_default_cache("cpu")
+    assert path == "static-cache"
+    assert_close("static vs dynamic cache logits", dynamic, static, rel=1e-5)
 
 
 @pytest.mark.parametrize("family", [0, 1], ids=["tnl", "llama"])

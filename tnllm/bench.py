@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from tnllm.engine import Engine, EngineConfig
+from tnllm.engine.graphs import capture_cuda_graph
 from tnllm.memory import process_rss_bytes
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams
@@ -118,6 +119,25 @@ class LlamaAdapter(ModelAdapter):
         return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
+class LlamaStaticAdapter(LlamaAdapter):
+    """transformers' strong decode setting (its `cache_implementation="static"` recipe): K and V preallocated for
+    the longest context a run reaches (`StaticCache`), so every step has the same shapes and addresses and, on
+    CUDA, is replayed from a CUDA graph (`StaticStepRun`). Its cache holds the whole preallocated length."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "Llama static"):
+        super().__init__(model, name)
+
+    def prefill(self, ids, max_cache_len: int | None = None):
+        from transformers import StaticCache  # only this baseline needs transformers
+
+        cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len or ids.shape[1])
+        out = self.model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits, cache
+
+    def decode_run(self, context_len: int, n_tokens: int, warmup: int, seed: int) -> StepRun:
+        return StaticStepRun(self, context_len, n_tokens, warmup, seed)
+
+
 class EngineAdapter(TNLAdapter):
     """TNL whose decode runs through the engine as chat runs it (`EngineRun`); its prefill (TTFT) is the model's,
     as `TNLAdapter`'s. `tokenizer` detokenises the reply (only its `decode` is used); `params` are the sampling
@@ -129,6 +149,15 @@ class EngineAdapter(TNLAdapter):
 
     def decode_run(self, context_len: int, n_tokens: int, warmup: int, seed: int) -> EngineRun:
         return EngineRun(self, context_len, n_tokens, warmup, seed)
+
+
+def baseline_adapters(llama: torch.nn.Module) -> list[ModelAdapter]:
+    """The Transformer as users run it: transformers' default (a growing `DynamicCache`, eager steps) and, on
+    CUDA, its strong setting beside it (`LlamaStaticAdapter`: preallocated cache, captured steps)."""
+    adapters: list[ModelAdapter] = [LlamaAdapter(llama, "Llama")]
+    if next(llama.parameters()).device.type == "cuda":
+        adapters.append(LlamaStaticAdapter(llama, "Llama static"))
+    return adapters
 
 
 def adapter_for(model: torch.nn.Module, name: str | None = None) -> ModelAdapter:
@@ -294,13 +323,54 @@ class StepRun:
         for _ in range(warmup):
             self.step()
 
-    def step(self) -> None:
-        """One decode step: the next prompt id into the cache."""
-        _, self.cache = self.adapter.step(self.ids[:, self.position:self.position + 1], self.cache)
+    def step(self) -> torch.Tensor:
+        """One decode step: the next prompt id into the cache; its logits [1, 1, V]."""
+        logits, self.cache = self.adapter.step(self.ids[:, self.position:self.position + 1], self.cache)
         self.position += 1
+        return logits
 
     def cache_bytes(self) -> int:
         return self.adapter.cache_bytes(self.cache)
+
+
+class StaticStepRun(StepRun):
+    """A `StepRun` on a `LlamaStaticAdapter`: the cache is preallocated for the whole run, and on CUDA each step
+    copies the next id into a static input and replays one captured step."""
+
+    def __init__(self, adapter: LlamaStaticAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
+        _check_warmup(context_len, warmup)
+        self.adapter, self.position = adapter, context_len - warmup
+        self.ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
+        _, self.cache = adapter.prefill(self.ids[:, :self.position], max_cache_len=context_len + n_tokens)
+        self.token = self.ids[:, self.position:self.position + 1].clone()  # [1, 1] static input
+        forward = lambda: adapter.model(self.token, cache=self.cache, use_cache=True, logits_to_keep=1).logits  # noqa: E731
+        self.run = forward
+        self.path = "static-cache"
+        if adapter.device.type == "cuda":
+            self.run, self.path = self._captured(forward), "static-cache-graph"
+        for _ in range(warmup):
+            self.step()
+
+    def _captured(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """`forward` as a graph replay returning its static logits; the warm-up calls advance the cache, so its
+        lengths are put back after the capture."""
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        replay, logits = capture_cuda_graph(forward, warmup=2)
+        for layer, length in zip(self.cache.layers, lengths, strict=True):
+            layer.cumulative_length.copy_(length)
+
+        def run() -> torch.Tensor:
+            replay()
+            return logits
+
+        return run
+
+    def step(self) -> torch.Tensor:
+        """One decode step: the next prompt id into the cache; its logits [1, 1, V] (on CUDA, the graph's static
+        output, overwritten by the next step)."""
+        self.token.copy_(self.ids[:, self.position:self.position + 1])
+        self.position += 1
+        return self.run()
 
 
 class EngineRun:

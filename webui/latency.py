@@ -28,7 +28,16 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from tnllm.bench import BenchRow, EngineAdapter, ModelAdapter, adapter_for, prompt_ids, sweep_rounds, timed
+from tnllm.bench import (
+    BenchRow,
+    EngineAdapter,
+    ModelAdapter,
+    adapter_for,
+    baseline_adapters,
+    prompt_ids,
+    sweep_rounds,
+    timed,
+)
 from tnllm.engine import Engine, EngineConfig
 from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
@@ -78,11 +87,11 @@ def columns(runtime: Runtime) -> list[str]:
 
 def adapters(runtime: Runtime) -> list[ModelAdapter]:
     """TNL as chat runs it (a reply through the engine, chat's default sampling, seeded), and the Transformer's
-    own KV-cache step."""
+    own KV-cache step (`baseline_adapters`: its default cache, and on CUDA its static cache with captured steps)."""
     params = SamplingParams(**{**CHAT_DEFAULTS, "seed": 0})
     pair: list[ModelAdapter] = [EngineAdapter(runtime.model, runtime.tokenizer, params, "TNL")]
     if runtime.baseline is not None:
-        pair.append(adapter_for(runtime.baseline, "Llama"))
+        pair += baseline_adapters(runtime.baseline)
     return pair
 
 
