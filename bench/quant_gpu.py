@@ -15,7 +15,10 @@ Sections (each row is written to --out as soon as it exists, so a timeout loses 
 * model: random-weight --preset in bf16, then quantised in place (`quant.quantize(model, "int8")`, timed as
   load_s), decoded through `tnllm.engine.Engine` with CUDA graphs: decode_ms_per_token (median gap between two
   tokens of a session) at batch 1 and --batch, sessions holding --context tokens; prefill: one --prefill-tokens
-  prompt through the same engine (prefill_budget 16384), timed twice, the second reported (cold_s: the first).
+  prompt through the same engine (prefill_budget 16384), timed twice, the second reported (cold_s: the first);
+* load: the random --preset written as a bf16 safetensors checkpoint in --shard-gib shards, then loaded by a fresh
+  process per method (bf16 as saved; int8 through the streaming loader, each weight quantised on the GPU):
+  load_s, peak_host_mb (the process's peak resident memory), largest_shard_mb.
 Helpers (model building, engine rows, JSON results, failed-section notes) come from bench/engine_gpu.py.
 """
 
@@ -209,6 +212,48 @@ def bench_model(args, results: Results, device: torch.device, tok) -> None:
         bench_model_method(model, "int8", load_s, args, results, tok, device)
 
 
+def timed_load(directory: str, method: str, device: str) -> dict:
+    """Seconds to load the checkpoint in `directory` onto `device` with `method` ("none": bf16 weights), and this
+    process's peak resident host memory (run it in a fresh process, so the peak is the load's)."""
+    import resource
+
+    start = time.perf_counter()
+    if method == "none":
+        from tnllm.checkpoint import load_model
+
+        model = load_model(directory, dtype=torch.bfloat16, device=device)
+    else:
+        model = quant.load_quantized(directory, method, dtype=torch.bfloat16, device=device)
+    sync(torch.device(device))
+    return {"load_s": time.perf_counter() - start, "weight_gib": model_bytes(model) / 2**30,
+            "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_load(args, results: Results, device: torch.device) -> None:
+    """A random --preset checkpoint written in shards of --shard-gib (bf16 safetensors), then loaded by a fresh
+    process per method: bf16 as saved, and 8-bit through the streaming loader."""
+    import json
+    import subprocess
+    import tempfile
+
+    from tnllm.checkpoint import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(args.preset, torch.bfloat16, device)
+        save_model(model, tmp, max_shard_bytes=int(args.shard_gib * 2**30))
+        del model
+        gc.collect()
+        largest = max(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 2**20
+        for method in ("none", "int8"):
+            with section(results, f"load {method}"):
+                code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.quant_gpu import timed_load; "
+                        f"print(json.dumps(timed_load({tmp!r}, {method!r}, {str(device)!r})))")
+                out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                results.add("load", {"method": "bf16" if method == "none" else method, "preset": args.preset,
+                                     "largest_shard_mb": largest, **row})
+
+
 def print_table(data: dict) -> None:
     print("\nlinear (us per call; GB/s of weight bytes; max rel err vs dequantise-then-matmul)")
     print(f"{'shape':<10} {'rows':>5} {'method':<9} {'us':>9} {'eager_us':>9} {'GB/s':>7} {'max_rel_err':>11}")
@@ -241,7 +286,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--tokens", type=int, default=128, help="decode tokens per session and row")
     parser.add_argument("--prefill-tokens", type=int, default=32768)
-    parser.add_argument("--sections", default="linear,model")
+    parser.add_argument("--sections", default="linear,model,load")
+    parser.add_argument("--shard-gib", type=float, default=5.0,
+                        help="shard size of the checkpoint the load section writes")
     args = parser.parse_args()
     args.model_dtype = torch.bfloat16
     if args.dry_run:
@@ -262,7 +309,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__, "triton": triton and triton.__version__, "bnb": bnb.available(),
         "command": "python " + " ".join(sys.argv), "preset": args.preset})
-    results.data.update(linear=[], model=[], prefill=[])
+    results.data.update(linear=[], model=[], prefill=[], load=[])
     if cuda and kernels.backend_for(device) != "triton":
         results.add("notes", "Triton not importable: int8 rows use the PyTorch reference")
     if not bnb.available():
@@ -276,6 +323,9 @@ def main() -> None:
     if "model" in sections:
         with section(results, "model"):
             bench_model(args, results, device, ModuloTokenizer(Tokenizer(BUNDLED_TOKENIZER)))
+    if "load" in sections:
+        with section(results, "load"):
+            bench_load(args, results, device)
     print_table(results.data)
 
 

@@ -162,3 +162,6 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert {(r["method"], r["batch"]) for r in data["model"]} == {(m, b) for m in ("float", "int8") for b in (1, 2)}
     assert all(r["decode_ms_per_token"] > 0 and r["weight_gib"] > 0 for r in data["model"])
     assert [r["method"] for r in data["prefill"]] == ["float", "int8"] and data["prefill"][1]["load_s"] > 0
+    loads = {r["method"]: r for r in data["load"]}
+    assert set(loads) == {"bf16", "int8"} and all(r["load_s"] > 0 and r["peak_host_mb"] > 0 for r in loads.values())
+    assert loads["int8"]["weight_gib"] < loads["bf16"]["weight_gib"]  # int8 decoder Linears
