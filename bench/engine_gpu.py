@@ -269,6 +269,7 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
     if cuda:
         paths = {"engine-graph": dict(cuda_graphs=True),
                  "engine-graph-sampler-outside": dict(cuda_graphs=True, sample_in_graph=False), **paths}
+    paths = {path: options for path, options in paths.items() if path in args.paths.split(",")}
     for path, options in paths.items():
         with section(results, f"{preset} {path}"):
             engine = Engine(model, tok, EngineConfig(max_sessions=args.sessions, prefill_budget=16384, **options),
@@ -308,6 +309,8 @@ def main() -> None:
     parser.add_argument("--presets", default="tnl-7b,tnl-1b")
     parser.add_argument("--contexts", default="1024,32768,131072")
     parser.add_argument("--sessions", type=int, default=16)
+    parser.add_argument("--paths", default="engine-graph,engine-graph-sampler-outside,engine-eager",
+                        help="decode paths to time (the graph ones need CUDA)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--budgets", default="256,512,1024",
                         help="prefill budgets (tokens per step: the captured chunk) to interleave")
