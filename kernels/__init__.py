@@ -3,9 +3,12 @@
 Public functions (same signatures as their PyTorch twins in `kernels.reference`):
     lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None)
         q, k [B, T, H, D], v [B, T, H, E], log_decay [H] fp32 (<= 0) -> (o [B, T, H, E], state [B, H, D, E] | None)
-    lightning_attn_step(q, k, v, log_decay, state, slots=None)   q, k [B, H, D], v [B, H, E]; state updated in
-        place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates state[slots[b]])
+    lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none")   q, k [B, H, D], v [B, H, E]; state
+        updated in place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates state[slots[b]]);
+        act ("silu" | "none", see ACTIVATIONS) is applied to q and k inside the step
     srmsnorm(x, eps=1e-6)
+    add_srmsnorm(x, delta, eps=1e-6) -> (s, y)   s = x + delta, y = srmsnorm(s): a residual add and the next norm
+    gated_srmsnorm(o, u, eps=1e-6)   u * srmsnorm(o): the token mixer's gated norm
     int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
 
@@ -13,6 +16,9 @@ This module is the ONLY place that decides between Triton (CUDA tensors, Triton 
 PyTorch reference (everything else). Tests force a path with `use_impl("torch" | "triton")`; under
 `TRITON_INTERPRET=1` the Triton path also runs on CPU tensors. Importing this package never imports
 Triton or touches CUDA.
+
+`add_srmsnorm` and `gated_srmsnorm` are fused decode kernels without a backward: while autograd records through
+their inputs, the Triton path composes the differentiable ops instead (`_fused_impl`, the one place that decides).
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ import torch
 
 from kernels import reference
 
-__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "int8_linear", "use_impl", "backend_for", "reference"]
+__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "int8_linear",
+           "use_impl", "backend_for", "reference", "ACTIVATIONS"]
+
+ACTIVATIONS = reference.ACTIVATIONS  # the q/k activations lightning_attn_step applies, by name
 
 _IMPLS = ("torch", "triton")
 _FORCE_IMPL: str | None = None
@@ -60,6 +69,16 @@ def backend_for(device: torch.device | str) -> str:
     return "triton" if device.type == "cuda" and triton_available() else "torch"
 
 
+def _fused_impl(*tensors: torch.Tensor) -> str:
+    """The path of a forward-only fused op on `tensors`: backend_for's choice, except "unfused" where that is
+    Triton while autograd records through an input (the fused kernels have no backward; training then takes the
+    differentiable ops it always took). The PyTorch twins are differentiable, so "torch" stays "torch"."""
+    impl = backend_for(tensors[0].device)
+    if impl == "triton" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "unfused"
+    return impl
+
+
 def _triton(module: str, name: str):
     """Lazily import a Triton launcher (kept out of import time so CPU installs never need Triton)."""
     return getattr(importlib.import_module(f"kernels.{module}"), name)
@@ -73,11 +92,12 @@ def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state
     return reference.lightning_attn_chunked(q, k, v, log_decay, **kwargs)
 
 
-def lightning_attn_step(q, k, v, log_decay, state, slots=None):
-    """One recurrent decode step, state updated in place. See `kernels.reference.lightning_attn_step_ref`."""
+def lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none"):
+    """One recurrent decode step (act applied to q and k inside), state updated in place. See
+    `kernels.reference.lightning_attn_step_ref`."""
     if backend_for(q.device) == "triton":
-        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots)
-    return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots)
+        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots, act=act)
+    return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots, act=act)
 
 
 def srmsnorm(x, eps: float = 1e-6):
@@ -85,6 +105,28 @@ def srmsnorm(x, eps: float = 1e-6):
     if backend_for(x.device) == "triton":
         return _triton("triton_norm", "srmsnorm_triton")(x, eps)
     return reference.srmsnorm_ref(x, eps)
+
+
+def add_srmsnorm(x, delta, eps: float = 1e-6):
+    """(x + delta, srmsnorm(x + delta)): a residual add and the norm after it, one kernel on the Triton path.
+    See `kernels.reference.add_srmsnorm_ref`."""
+    impl = _fused_impl(x, delta)
+    if impl == "triton":
+        return _triton("triton_norm", "add_srmsnorm_triton")(x, delta, eps)
+    if impl == "torch":
+        return reference.add_srmsnorm_ref(x, delta, eps)
+    s = x + delta  # "unfused": autograd records, so the differentiable ops (see _fused_impl)
+    return s, srmsnorm(s, eps)
+
+
+def gated_srmsnorm(o, u, eps: float = 1e-6):
+    """u * srmsnorm(o), one kernel on the Triton path. See `kernels.reference.gated_srmsnorm_ref`."""
+    impl = _fused_impl(o, u)
+    if impl == "triton":
+        return _triton("triton_norm", "gated_srmsnorm_triton")(o, u, eps)
+    if impl == "torch":
+        return reference.gated_srmsnorm_ref(o, u, eps)
+    return u * srmsnorm(o, eps)  # "unfused": autograd records, so the differentiable ops (see _fused_impl)
 
 
 def int8_linear(x, weight, scales, bias=None):

@@ -14,15 +14,20 @@ nothing can overflow however long the sequence (the paper's "robust" form, arXiv
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "lightning_attn_naive",
     "lightning_attn_chunked",
     "lightning_attn_step_ref",
     "srmsnorm_ref",
+    "add_srmsnorm_ref",
+    "gated_srmsnorm_ref",
+    "ACTIVATIONS",
     "decay_matrix",
     "check_shapes",
     "check_step_shapes",
+    "check_same_shape",
 ]
 
 
@@ -195,8 +200,15 @@ def _full_chunks(q, k, v, a, state, C: int):
     return o.reshape(B, H, T, E), state
 
 
-def check_step_shapes(q, k, v, log_decay, state, slots=None) -> None:
+# The activations a decode step can apply to q and k itself, by name (TNLConfig.act): "silu" (the official
+# "swish") or "none".
+ACTIVATIONS = {"silu": F.silu, "none": lambda t: t}
+
+
+def check_step_shapes(q, k, v, log_decay, state, slots=None, act="none") -> None:
     """Validate the inputs of a decode step (shared by every implementation); ValueError names them."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     B, H, D = q.shape
     rows = B if slots is None else state.shape[0]
     if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (rows, H, D, v.shape[-1]):
@@ -217,24 +229,28 @@ def lightning_attn_step_ref(
     log_decay: torch.Tensor,
     state: torch.Tensor,
     slots: torch.Tensor | None = None,
+    *,
+    act: str = "none",
 ) -> torch.Tensor:
     """One decode step for one token per sequence; updates `state` in place.
 
-        S <- exp(log_decay) * S + k^T v ;  o = q S
+        S <- exp(log_decay) * S + act(k)^T v ;  o = act(q) S
 
     Args:
         q, k: [B, H, D]; v: [B, H, E]; log_decay: [H]; state: [B, H, D, E] fp32 (or fp64), modified in place.
         slots: None, or int64 [B]: then `state` is a pool [S, H, D, E] and row b reads and writes
             state[slots[b]] (rows may share a slot only if its content does not matter, e.g. a padding sink).
+        act: "silu" or "none" (a key of ACTIVATIONS), applied to q and k in the state's dtype.
     Returns:
         o: [B, H, E] in q.dtype.
     """
-    check_step_shapes(q, k, v, log_decay, state, slots)
+    check_step_shapes(q, k, v, log_decay, state, slots, act)
     dt = state.dtype
+    qa, ka = (ACTIVATIONS[act](x.to(dt)) for x in (q, k))
     rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
     decay = torch.exp(log_decay.to(dt))[:, None, None]  # [H, 1, 1]
-    rows.mul_(decay).add_(k.to(dt)[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
-    o = (q.to(dt)[..., None, :] @ rows).squeeze(-2)  # [B, H, E]
+    rows.mul_(decay).add_(ka[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
+    o = (qa[..., None, :] @ rows).squeeze(-2)  # [B, H, E]
     if slots is not None:
         state.index_copy_(0, slots, rows)
     return o.to(q.dtype)
@@ -243,7 +259,43 @@ def lightning_attn_step_ref(
 def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SimpleRMSNorm: x * rsqrt(mean(x^2, -1) + eps), computed in fp32 (fp64 for fp64), no gain."""
     # torch's fused rms_norm without a weight is exactly x * rsqrt(mean(x^2) + eps) (one pass fewer on CPU)
-    return torch.nn.functional.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).to(x.dtype)
+    return F.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def check_same_shape(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
+    """The two inputs of a fused norm must have one shape (no broadcasting); ValueError names them."""
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def add_srmsnorm_ref(x: torch.Tensor, delta: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A residual add and the SRMSNorm after it: s = x + delta, y = srmsnorm_ref(s).
+
+    Args:
+        x, delta: [..., N], one shape (float dtypes; s takes their promoted dtype, as `x + delta` does).
+    Returns:
+        (s, y): the sum, rounded to its dtype, and its norm, computed from that rounded sum.
+    """
+    check_same_shape(x, delta, "x and delta")
+    s = x + delta
+    return s, srmsnorm_ref(s, eps)
+
+
+def gated_srmsnorm_ref(o: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The gated SRMSNorm of the token mixer: u * srmsnorm(o) over the last dim.
+
+    Computed in fp32 (fp64 for fp64) and rounded once, to the promoted dtype of o and u; the unfused
+    `u * srmsnorm(o)` of 16-bit inputs rounds twice, so the two differ by rounding there.
+
+    Args:
+        o, u: [..., N], one shape.
+    Returns:
+        y: [..., N].
+    """
+    check_same_shape(o, u, "o and u")
+    out = torch.promote_types(o.dtype, u.dtype)
+    dt = torch.float64 if out == torch.float64 else torch.float32
+    return (u.to(dt) * F.rms_norm(o.to(dt), (o.shape[-1],), eps=eps)).to(out)
 
 
 def check_int8_linear(x, weight, scales, bias=None) -> None:
@@ -278,5 +330,5 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     """
     check_int8_linear(x, weight, scales, bias)
     dt = _compute_dtype(x)
-    y = torch.nn.functional.linear(x.to(dt), weight.to(dt)) * scales.to(dt)  # [..., N]
+    y = F.linear(x.to(dt), weight.to(dt)) * scales.to(dt)  # [..., N]
     return (y if bias is None else y + bias.to(dt)).to(x.dtype)

@@ -20,10 +20,18 @@ __all__ = ["lightning_attn_step_triton"]
 
 
 @triton.jit
+def _act(x, ACT: tl.constexpr):
+    """The activation of q and k (fp32 in, fp32 out): "silu" or "none"."""
+    if ACT == "silu":
+        x = x * tl.sigmoid(x)
+    return x
+
+
+@triton.jit
 def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk, s_sv,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_SLOTS: tl.constexpr):
-    # S <- λ S + kᵀ v ;  o = q S      for one (sequence, head) and a BV-wide slice of E
+                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr):
+    # S <- λ S + act(k)ᵀ v ;  o = act(q) S      for one (sequence, head) and a BV-wide slice of E
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_s = i_b
@@ -34,8 +42,9 @@ def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
     b_lam = tl.exp(tl.load(ld + i_h).to(tl.float32))
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32)
+    # act(0) = 0 for both activations, so the masked tail stays 0
+    b_q = _act(tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32), ACT)
+    b_k = _act(tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32), ACT)
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
     p_s = s + i_s * s_sb + i_h * s_sh + o_k[:, None] * s_sk + o_v[None, :] * s_sv
     b_s = tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
@@ -45,20 +54,24 @@ def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s
     tl.store(o + (i_b * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None):
+def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="none"):
     """One Lightning Attention decode step for one token per sequence; `state` is updated in place.
 
-        S <- λ_h S + k_tᵀ v_t ,   o_t = q_t S ,   λ_h = exp(log_decay[h])
+        S <- λ_h S + act(k_t)ᵀ v_t ,   o_t = act(q_t) S ,   λ_h = exp(log_decay[h])
+
+    The activation runs in the kernel, in fp32, on the raw q and k (e.g. strided views of a fused projection's
+    output), so decode needs no separate activation launches and no activated copies of q and k.
 
     Args:
         q, k: [B, H, D]; v: [B, H, E] (any float dtype; any strides, last dim contiguous).
         log_decay: [H] fp32 (<= 0), on the inputs' device.
         state: [B, H, D, E] fp32, modified in place (any strides).
         slots: None, or int64 [B]: `state` is then a pool [S, H, D, E] and row b updates state[slots[b]].
+        act: "silu" or "none" (the keys of `kernels.reference.ACTIVATIONS`).
     Returns:
         o: [B, H, E] in q.dtype (the only allocation; no host sync: CUDA-graph capturable).
     """
-    check_step_shapes(q, k, v, log_decay, state, slots)
+    check_step_shapes(q, k, v, log_decay, state, slots, act)
     B, H, D = q.shape
     E = v.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -69,5 +82,5 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None):
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, num_warps=4)
+        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, num_warps=4)
     return o

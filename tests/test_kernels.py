@@ -121,6 +121,8 @@ class TestChunk:
         assert params(triton_chunk.lightning_attn_triton) == params(ref.lightning_attn_naive)
         assert params(triton_step.lightning_attn_step_triton) == params(ref.lightning_attn_step_ref)
         assert params(triton_norm.srmsnorm_triton) == params(ref.srmsnorm_ref)
+        assert params(triton_norm.add_srmsnorm_triton) == params(ref.add_srmsnorm_ref)
+        assert params(triton_norm.gated_srmsnorm_triton) == params(ref.gated_srmsnorm_ref)
 
     def test_dispatch_and_shape_errors(self):
         q, k, v, a, s0 = _attn_inputs(2, 33, 2, 16, 16, torch.float32, n_state=2)
@@ -156,6 +158,35 @@ class TestStep:
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
 
+    @pytest.mark.parametrize("act", ["silu", "none"])
+    @pytest.mark.parametrize("pool", [False, True], ids=["no-slots", "slots"])
+    @pytest.mark.parametrize("B,H,D,dtype", [
+        pytest.param(3, 2, 16, torch.float32, id="B3-H2-D16-fp32"),
+        pytest.param(2, 3, 24, torch.bfloat16, id="B2-H3-D24-bf16"),
+        pytest.param(4, 2, 16, torch.float16, id="B4-H2-D16-fp16"),
+    ])
+    def test_step_fused_activation(self, B, H, D, dtype, pool, act):
+        """The activation applied inside the step, on strided q/k/v views of one fused projection output."""
+        qkvu = torch.randn(B, 1, 4 * H * D, device=DEVICE).to(dtype)  # [B, T=1, 4 hd], like qkvu_proj's output
+        q, k, v = (t.view(B, 1, H, D)[:, 0] for t in qkvu.chunk(4, dim=-1)[:3])  # [B, H, D] views, row stride 4 hd
+        assert q.stride(0) == 4 * H * D and not q.is_contiguous()
+        a = -torch.rand(H, device=DEVICE)
+        slots = torch.tensor([4, 1, 2, 0][:B], device=DEVICE) if pool else None
+        state = torch.randn(5 if pool else B, H, D, D, device=DEVICE)
+        s_ref = state.double().clone()
+        with kernels.use_impl("triton"):
+            o = kernels.lightning_attn_step(q, k, v, a, state, slots, act=act)
+        o_ref = ref.lightning_attn_step_ref(q.double(), k.double(), v.double(), a, s_ref, slots, act=act)
+        assert o.dtype == dtype
+        assert_close("state", s_ref, state, rel=1e-5)
+        assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
+
+    def test_step_rejects_unknown_activation(self):
+        q = torch.randn(1, 2, 16, device=DEVICE)
+        state = torch.zeros(1, 2, 16, 16, device=DEVICE)
+        with kernels.use_impl("triton"), pytest.raises(ValueError, match="act must be one of"):
+            kernels.lightning_attn_step(q, q, q, -torch.rand(2, device=DEVICE), state, act="gelu")
+
     def test_steps_continue_prefill(self):
         """Prefill with the chunk kernel, then decode token by token == one long prefill."""
         from kernels.triton_step import lightning_attn_step_triton
@@ -189,6 +220,95 @@ class TestNorm:
         assert_close("dx", x_r.grad, x.grad, rel=tol)
 
 
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units of the last place between two bf16 tensors of one sign pattern."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max().item()
+
+
+# Odd widths (a masked tail) and one above the interpreter's 1024 block (two passes over the row).
+FUSED_NORM_CASES = [
+    pytest.param((3, 5, 67), torch.float32, id="3x5x67-fp32"),
+    pytest.param((2, 4, 67), torch.bfloat16, id="2x4x67-bf16"),
+    pytest.param((3, 1100), torch.float16, id="3x1100-fp16"),
+    pytest.param((2, 1, 1100), torch.bfloat16, id="2x1x1100-bf16"),
+    pytest.param((4, 1100), torch.float32, id="4x1100-fp32"),
+]
+
+
+@requires_triton_interpret
+class TestFusedNorm:
+    """add_srmsnorm and gated_srmsnorm (forward-only decode fusions) against their references and the unfused ops."""
+
+    @pytest.mark.parametrize("shape,dtype", FUSED_NORM_CASES)
+    def test_add_srmsnorm(self, shape, dtype):
+        from kernels.triton_norm import srmsnorm_triton
+
+        x = torch.randn(shape, device=DEVICE).to(dtype)
+        delta = torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE).to(dtype)[..., 1::2]  # strided columns
+        with kernels.use_impl("triton"):
+            s, y = kernels.add_srmsnorm(x, delta, 1e-6)
+        assert s.dtype == y.dtype == dtype and s.shape == y.shape == x.shape
+        if dtype == torch.bfloat16 and not ON_GPU:
+            # the interpreter casts fp32 -> bf16 toward zero (the GPU rounds to nearest even: TestGPUShapes)
+            assert _bf16_ulps(s, x + delta) <= 1
+        else:
+            assert torch.equal(s, x + delta)
+        assert torch.equal(y, srmsnorm_triton(s, 1e-6))  # the norm of the rounded sum, bitwise
+        _, y_ref = ref.add_srmsnorm_ref(x.double(), delta.double(), 1e-6)
+        assert_close("y", y_ref, y, rel=1e-5 if dtype == torch.float32 else 1e-2)
+
+    def test_add_srmsnorm_promotes_like_the_add(self):
+        """Under autocast the residual is fp32 and the mixer output bf16: s is fp32, exactly x + delta."""
+        x = torch.randn(3, 67, device=DEVICE)
+        delta = torch.randn(3, 67, device=DEVICE).to(torch.bfloat16)
+        with kernels.use_impl("triton"):
+            s, y = kernels.add_srmsnorm(x, delta)
+        assert s.dtype == y.dtype == torch.float32
+        assert torch.equal(s, x + delta)
+        assert_close("y", ref.srmsnorm_ref((x + delta).double()), y, rel=1e-5)
+
+    @pytest.mark.parametrize("shape,dtype", FUSED_NORM_CASES)
+    def test_gated_srmsnorm(self, shape, dtype):
+        o = torch.randn(shape, device=DEVICE).to(dtype)
+        qkvu = torch.randn(*shape[:-1], 4 * shape[-1], device=DEVICE).to(dtype)
+        u = qkvu.chunk(4, dim=-1)[3]  # the gate: a strided view, as in the token mixer
+        with kernels.use_impl("triton"):
+            y = kernels.gated_srmsnorm(o, u, 1e-6)
+        assert y.dtype == dtype and y.shape == o.shape
+        y_ref = ref.gated_srmsnorm_ref(o.double(), u.double(), 1e-6)
+        assert_close("y", y_ref, y, rel=1e-5 if dtype == torch.float32 else TOL[dtype])
+        with kernels.use_impl("triton"):
+            unfused = u * kernels.srmsnorm(o, 1e-6)
+        assert_close("vs unfused", unfused, y, rel=1e-5 if dtype == torch.float32 else TOL[dtype])
+
+    def test_shape_mismatch_raises(self):
+        x = torch.randn(2, 67, device=DEVICE)
+        with kernels.use_impl("triton"):
+            with pytest.raises(ValueError, match="x and delta"):
+                kernels.add_srmsnorm(x, x[:1])
+            with pytest.raises(ValueError, match="o and u"):
+                kernels.gated_srmsnorm(x, x[:, :3])
+
+    def test_autograd_takes_the_differentiable_ops(self):
+        """With inputs that require grad the dispatch composes Triton's differentiable norm instead of the
+        forward-only fused kernels; the gradients equal the fp64 reference's."""
+        x, delta, u = (torch.randn(3, 67, device=DEVICE).requires_grad_() for _ in range(3))
+        leaves = [t.detach().double().requires_grad_() for t in (x, delta, u)]
+        with kernels.use_impl("triton"):
+            assert kernels._fused_impl(x, delta) == "unfused"
+            s, y = kernels.add_srmsnorm(x, delta)
+            g = kernels.gated_srmsnorm(y, u)
+            with torch.no_grad():
+                assert kernels._fused_impl(x, delta) == "triton"
+        s_r, y_r = ref.add_srmsnorm_ref(leaves[0], leaves[1])
+        g_r = ref.gated_srmsnorm_ref(y_r, leaves[2])
+        ds, dg = torch.randn_like(s_r), torch.randn_like(g_r)
+        ((s.double() * ds).sum() + (g.double() * dg).sum()).backward()
+        ((s_r * ds).sum() + (g_r * dg).sum()).backward()
+        for name, t, r in zip(("dx", "ddelta", "du"), (x, delta, u), leaves):
+            assert_close(name, r.grad, t.grad, rel=1e-5)
+
+
 @requires_cuda
 class TestGPUShapes:
     """Real shapes in bf16 on the GPU vs the fp32 chunked reference (also run by bench/kernels.py)."""
@@ -213,6 +333,15 @@ class TestGPUShapes:
             assert_close("final", f_r, f, rel=1e-2)
             for name, lr, lt in zip(("dq", "dk", "dv"), leaves, xs):
                 assert_close(name, lr.grad, lt.grad, rel=1e-2)
+
+    def test_add_srmsnorm_bitwise_bf16(self):
+        """On the GPU the fused add rounds to nearest even like torch's add, so s and y are bitwise the unfused ones."""
+        from kernels.triton_norm import add_srmsnorm_triton, srmsnorm_triton
+
+        x, delta = (torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        s, y = add_srmsnorm_triton(x, delta)
+        assert torch.equal(s, x + delta)
+        assert torch.equal(y, srmsnorm_triton(x + delta))
 
     def test_step_large_batch(self):
         B, H, D = 256, 8, 128

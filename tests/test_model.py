@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close
+import kernels
+from tests.conftest import assert_close, requires_triton_interpret
 from tnllm import RecurrentState, TNLConfig, TransNormerLLM, lightning_log_decay
 from tnllm.model import alibi_slopes
+from tnllm.state import SlotState
 
 # The official TransNormerLLM-1B config.json fields (docs/model.md#released-sizes).
 OFFICIAL_1B = {
@@ -239,3 +241,70 @@ def test_state_layers_can_live_on_different_devices():
     assert [t.device.type for t in state.kv] == ["cpu", "meta", "cpu"]
     with pytest.raises(ValueError):
         RecurrentState.allocate(cfg, 2, "cpu", layer_devices=[torch.device("cpu")])
+
+
+# -- fused decode ops (docs/kernels.md#fused-decode-ops) ----------------------------------------
+def spy_fused_launchers(monkeypatch) -> dict[str, int]:
+    """Count the calls of the fused Triton launchers (the dispatch looks them up at call time); a step counts
+    under "step:<act>"."""
+    from kernels import triton_norm, triton_step
+
+    calls: dict[str, int] = {}
+
+    def spy(module, name, key):
+        fn = getattr(module, name)
+
+        def counted(*args, **kw):
+            calls[key(kw)] = calls.get(key(kw), 0) + 1
+            return fn(*args, **kw)
+        monkeypatch.setattr(module, name, counted)
+
+    for name in ("add_srmsnorm_triton", "gated_srmsnorm_triton"):
+        spy(triton_norm, name, key=lambda kw, name=name: name)
+    spy(triton_step, "lightning_attn_step_triton", key=lambda kw: f"step:{kw['act']}")
+    return calls
+
+
+@requires_triton_interpret
+@pytest.mark.parametrize("pooled", [False, True], ids=["recurrent-state", "slot-state"])
+def test_fused_decode_equals_torch_path(monkeypatch, pooled):
+    """Prefill, then decode token by token: the Triton path (fused decode ops, under the interpreter) gives the
+    PyTorch path's logits, and launches the fused kernels as often as docs/kernels.md counts them."""
+    model = TransNormerLLM(tiny()).eval()  # 3 layers, LRPE on layers 0 and 2
+    ids = torch.randint(0, 256, (2, 12))
+
+    def run(impl):
+        pool = model.allocate_state(4 if pooled else 2)
+        state = SlotState(pool.kv, pool.positions, torch.tensor([3, 1])) if pooled else pool
+        with kernels.use_impl(impl), torch.no_grad():
+            steps = [model(ids[:, :8], state)] + [model(ids[:, t:t + 1], state) for t in range(8, 12)]
+        return torch.cat(steps, 1)
+
+    expected = run("torch")
+    calls = spy_fused_launchers(monkeypatch)
+    assert_close("logits", expected, run("triton"), rel=1e-5)
+    calls_per_forward = 5  # the prefill and 4 decode tokens
+    assert calls == {"add_srmsnorm_triton": 2 * 3 * calls_per_forward,  # 2 residual adds per layer
+                     "gated_srmsnorm_triton": 3 * calls_per_forward,
+                     "step:silu": 1 * 4,  # the activation fused into the step: layer 1, every decode token
+                     "step:none": 2 * 4}  # LRPE layers activate (and rotate) q, k before the step
+
+
+@requires_triton_interpret
+def test_training_on_the_triton_path_keeps_gradients(monkeypatch):
+    """With autograd recording, the Triton path takes the differentiable ops, never the forward-only fused ones,
+    and its gradients equal the PyTorch path's."""
+    model = TransNormerLLM(tiny()).train()
+    ids = torch.randint(0, 256, (2, 20))
+    grads = {}
+    for impl in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with kernels.use_impl(impl):
+            logits = model(ids)
+        F.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1)).backward()
+        grads[impl] = {name: p.grad for name, p in model.named_parameters()}
+        if impl == "torch":
+            calls = spy_fused_launchers(monkeypatch)  # spied from here on: the Triton run must not call them
+    assert calls == {}
+    for name, g in grads["torch"].items():
+        assert_close(name, g, grads["triton"][name], rel=1e-4)

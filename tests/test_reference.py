@@ -128,3 +128,40 @@ def test_srmsnorm_matches_formula():
     assert_close("srmsnorm", expected, y, rel=1e-14)
     xb = x.to(torch.bfloat16)
     assert ref.srmsnorm_ref(xb).dtype == torch.bfloat16
+
+
+def test_add_srmsnorm_matches_composition():
+    x, delta = (torch.randn(2, 3, 67, dtype=torch.float64) for _ in range(2))
+    s, y = ref.add_srmsnorm_ref(x, delta, 1e-6)
+    assert torch.equal(s, x + delta)
+    expected = (x + delta) / torch.sqrt(((x + delta) ** 2).mean(-1, keepdim=True) + 1e-6)
+    assert_close("y", expected, y, rel=1e-14)
+    xb, db = x.bfloat16(), delta.bfloat16()
+    sb, yb = ref.add_srmsnorm_ref(xb, db)
+    assert torch.equal(sb, xb + db) and torch.equal(yb, ref.srmsnorm_ref(xb + db))  # the norm of the rounded sum
+
+
+def test_gated_srmsnorm_matches_composition():
+    o, u = (torch.randn(2, 3, 67, dtype=torch.float64) * 3 for _ in range(2))
+    y = ref.gated_srmsnorm_ref(o, u, 1e-6)
+    assert_close("y", u * o / torch.sqrt((o * o).mean(-1, keepdim=True) + 1e-6), y, rel=1e-14)
+    ob, ub = o.bfloat16(), u.bfloat16()
+    yb = ref.gated_srmsnorm_ref(ob, ub)
+    assert yb.dtype == torch.bfloat16
+    assert torch.equal(yb, ref.gated_srmsnorm_ref(ob.float(), ub.float()).bfloat16())  # one rounding, at the end
+
+
+@pytest.mark.parametrize("slots", [None, [2, 0]], ids=["no-slots", "slots"])
+def test_step_activation_equals_activating_the_inputs(slots):
+    q, k = (torch.randn(2, 3, 8, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 3, 4, dtype=torch.float64)
+    a = -torch.rand(3)
+    slots = None if slots is None else torch.tensor(slots)
+    state = torch.randn(3 if slots is not None else 2, 3, 8, 4, dtype=torch.float64)
+    fused_state, plain_state = state.clone(), state.clone()
+    o = ref.lightning_attn_step_ref(q, k, v, a, fused_state, slots, act="silu")
+    o_plain = ref.lightning_attn_step_ref(torch.nn.functional.silu(q), torch.nn.functional.silu(k), v, a, plain_state,
+                                          slots)
+    assert torch.equal(o, o_plain) and torch.equal(fused_state, plain_state)
+    assert torch.equal(ref.lightning_attn_step_ref(q, k, v, a, state.clone(), slots, act="none"),
+                       ref.lightning_attn_step_ref(q, k, v, a, state.clone(), slots))

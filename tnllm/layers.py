@@ -9,12 +9,15 @@ g GLU width. Attention works in the kernel layout [B, T, H, D] (D = dh, or 2 * d
     x = x + channel_mixer(srmsnorm(x))   # SGLU: l3(l1(x) * l2(x)), no activation
 
 Decode state never lives on a module: the caller passes the layer's fp32 kv tensor and positions.
+
+Decode launches few kernels (docs/kernels.md#fused-decode-ops): every residual add is fused with the norm after
+it (`SimpleRMSNorm.add_norm`; a block hands its last add to the next norm, see `DecoderLayer`), the gate with the
+token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recurrent step.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -30,6 +33,14 @@ class SimpleRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.srmsnorm(x, self.eps)
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)): a residual add and this norm, one kernel on the GPU."""
+        return kernels.add_srmsnorm(x, delta, self.eps)
+
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """gate * self(x), one kernel on the GPU (rounded once, so 16-bit results may differ by rounding)."""
+        return kernels.gated_srmsnorm(x, gate, self.eps)
 
 
 class GLU(nn.Module):
@@ -84,7 +95,7 @@ class NormLinearAttention(nn.Module):
         self.qkvu_proj = nn.Linear(config.dim, 4 * config.hidden_dim, bias=config.bias)
         self.out_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
         self.lrpe = Lrpe(config.n_heads, config.head_dim) if use_lrpe else None
-        self.act = F.silu if config.act == "silu" else (lambda t: t)
+        self.act = config.act  # a key of kernels.ACTIVATIONS
         self.norm = SimpleRMSNorm(config.norm_eps)
 
     def forward(
@@ -101,29 +112,48 @@ class NormLinearAttention(nn.Module):
         (int64 [B]), `kv` is a pool [S, H, dk, dh] and row b continues slot slots[b].
         """
         B, T, _ = x.shape
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]
-        q = self.act(q.view(B, T, self.n_heads, self.head_dim))  # [B, T, H, dh]
-        k = self.act(k.view(B, T, self.n_heads, self.head_dim))
-        v = v.view(B, T, self.n_heads, self.head_dim)
-        if self.lrpe is not None:
-            q, k = self.lrpe(q, k, positions)  # [B, T, H, 2*dh]
-        if kv is None:
-            o, _ = kernels.lightning_attn(q, k, v, log_decay)
-        elif T == 1:
-            o = kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots)[:, None]  # [B, 1, H, dh]
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]: strided views of one output
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # [B, T, H, dh]
+        if kv is not None and T == 1:
+            o = self._step(q, k, v, log_decay, positions, kv, slots)
         else:
-            initial = kv if slots is None else kv.index_select(0, slots)  # [B, H, dk, dh]
-            o, final = kernels.lightning_attn(q, k, v, log_decay, initial_state=initial, output_final_state=True)
-            if slots is None:
-                kv.copy_(final)
-            else:
-                kv.index_copy_(0, slots, final)
-        o = self.norm(o.reshape(B, T, -1))  # [B, T, hd]: one norm over all heads
-        return self.out_proj(u * o)
+            o = self._prefill(q, k, v, log_decay, positions, kv, slots)
+        return self.out_proj(self.norm.gated(o.reshape(B, T, -1), u))  # u * norm(o [B, T, hd]): one norm, all heads
+
+    def _features(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k [B, T, H, dh] as attention sees them: activated, then LRPE ([B, T, H, 2*dh]) on LRPE layers."""
+        act = kernels.ACTIVATIONS[self.act]
+        q, k = act(q), act(k)
+        return (q, k) if self.lrpe is None else self.lrpe(q, k, positions)
+
+    def _step(self, q, k, v, log_decay, positions, kv, slots) -> torch.Tensor:
+        """One decode token: q, k, v [B, 1, H, dh] -> o [B, 1, H, dh]. The step applies the activation to the raw
+        q, k itself; LRPE layers apply it, and LRPE, here first."""
+        act = self.act
+        if self.lrpe is not None:
+            (q, k), act = self._features(q, k, positions), "none"
+        return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=act)[:, None]
+
+    def _prefill(self, q, k, v, log_decay, positions, kv, slots) -> torch.Tensor:
+        """Any number of tokens, q, k, v [B, T, H, dh] -> o [B, T, H, dh]; continues `kv` (and updates it) if given."""
+        q, k = self._features(q, k, positions)
+        if kv is None:
+            return kernels.lightning_attn(q, k, v, log_decay)[0]
+        initial = kv if slots is None else kv.index_select(0, slots)  # [B, H, dk, dh]
+        o, final = kernels.lightning_attn(q, k, v, log_decay, initial_state=initial, output_final_state=True)
+        if slots is None:
+            kv.copy_(final)
+        else:
+            kv.index_copy_(0, slots, final)
+        return o
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: token mixer then channel mixer."""
+    """Pre-norm residual block: token mixer then channel mixer.
+
+    The residual stream travels as a pair (x, delta) whose sum it is: a block leaves its last residual add to the
+    next norm (the next block's token norm, or the model's final norm), which fuses it (`SimpleRMSNorm.add_norm`).
+    """
 
     def __init__(self, config: TNLConfig, layer_idx: int):
         super().__init__()
@@ -132,6 +162,14 @@ class DecoderLayer(nn.Module):
         self.channel_norm = SimpleRMSNorm(config.norm_eps)
         self.channel_mixer = GLU(config.dim, config.glu_dim, config.bias)
 
-    def forward(self, x, log_decay, positions, kv=None, slots=None):
-        x = x + self.token_mixer(self.token_norm(x), log_decay, positions, kv, slots)
-        return x + self.channel_mixer(self.channel_norm(x))
+    def forward(self, x, log_decay, positions, kv=None, slots=None, delta=None):
+        """The stream x + delta [B, T, d] (delta None: x alone) -> the block's output as (x', delta'), x' + delta'.
+
+        log_decay, positions, kv, slots: as NormLinearAttention.
+        """
+        if delta is None:
+            h = self.token_norm(x)
+        else:
+            x, h = self.token_norm.add_norm(x, delta)  # the previous block's last add
+        x, h = self.channel_norm.add_norm(x, self.token_mixer(h, log_decay, positions, kv, slots))
+        return x, self.channel_mixer(h)

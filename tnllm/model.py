@@ -134,15 +134,18 @@ class TransNormerLLM(nn.Module):
         positions = start[:, None] + steps  # [B, T], absolute per sequence (LRPE)
 
         x = self.model.embed_tokens(input_ids) * self.config.embed_scale  # [B, T, d]
+        delta = None  # the residual stream is x + delta: each layer's last add is fused into the next norm
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, self.log_decay[i], positions, None if state is None else state.kv[i], slots)
+            kv = None if state is None else state.kv[i]
+            x, delta = layer(x, self.log_decay[i], positions, kv, slots, delta=delta)
         if slots is not None:
             state.positions.index_copy_(0, slots, start + T)
         elif state is not None:
             state.positions += T
         if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
-        return self.lm_head(self.model.final_norm(x))
+            x, delta = x[:, -logits_to_keep:], delta[:, -logits_to_keep:]
+        _, h = self.model.final_norm.add_norm(x, delta)  # the last layer's residual add and the final norm
+        return self.lm_head(h)
 
 
 def random_model(preset: str, *, seed: int = 0, device: torch.device | str = "cpu",

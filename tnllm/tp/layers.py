@@ -81,6 +81,10 @@ class ShardedSRMSNorm(nn.Module):
         sum_sq = self.tp.all_reduce(sum_sq)  # global
         return (xf * torch.rsqrt(sum_sq / self.full_width + self.eps)).to(x.dtype)
 
+    def gated(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """gate * self(x), as `SimpleRMSNorm.gated`; unfused: the statistics need the all-reduce first."""
+        return gate * self(x)
+
 
 class ShardedEmbedding(nn.Module):
     """Token embedding, rows [vocab_start, vocab_start + weight.shape[0]) of the full table."""
