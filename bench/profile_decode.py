@@ -3,7 +3,8 @@
     python bench/profile_decode.py --device cuda --out bench/results   # H200, about a minute per preset
 
 Per preset (random bf16 weights, batch 1 and --batch):
-* step_ms: one replay of the engine's captured decode step (embedding -> layers -> head -> sampler);
+* step_ms: one replay of the engine's captured decode step (embedding -> layers -> head -> sampler), every row
+  sampling with chat's default settings (the sampling plan chat's replies get);
 * kernels: every kernel of that replay from the profiler (name, calls per step, GPU us per step), so the
   difference between step_ms and the kernels' sum is the time the GPU sits between kernels;
 * linears_only_ms: every Linear of the step (same shapes and weights, bf16) captured back to back with nothing
@@ -34,6 +35,8 @@ from bench.engine_gpu import copy_bandwidth, weight_bytes  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.engine.graphs import capture_cuda_graph  # noqa: E402
 from tnllm.model import random_model  # noqa: E402
+from tnllm.sampling import SamplingParams  # noqa: E402
+from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 
 def replay_ms(replay, n: int = 50) -> float:
@@ -88,9 +91,12 @@ def profile_preset(preset: str, batch: int, bandwidth: float) -> dict:
     model = random_model(preset, device="cuda", dtype=torch.bfloat16)
     engine = Engine(model, None, EngineConfig(max_sessions=max(batch, 1), threaded=False))
     result = {"preset": preset, "hbm_floor_ms": weight_bytes(model) / bandwidth * 1e3, "batches": []}
+    params = SamplingParams(**{**CHAT_DEFAULTS, "seed": 0})
+    for slot in range(1, engine.pool.size + 1):
+        engine.sampler.configure(slot, params, seed=slot, prompt_ids=[])
     for b in sorted({1, batch}):
         slots = list(range(1, b + 1))
-        step = functools.partial(engine.scheduler.decoder.step, slots)
+        step = functools.partial(engine.scheduler.decoder.step, slots, engine.sampler.plan(slots))
         row = {"batch": b, "step_ms": replay_ms(step), "kernels": kernel_table(step)}
         row["kernels_sum_us"] = sum(k["us_per_step"] for k in row["kernels"])
         row["kernels_per_step"] = sum(k["calls_per_step"] for k in row["kernels"])
