@@ -56,6 +56,7 @@ from quant import bnb  # noqa: E402
 from quant.int8 import Int8Linear  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
+from tnllm.memory import peak_rss_bytes  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
 
@@ -214,9 +215,8 @@ def bench_model(args, results: Results, device: torch.device, tok) -> None:
 
 def timed_load(directory: str, method: str, device: str) -> dict:
     """Seconds to load the checkpoint in `directory` onto `device` with `method` ("none": bf16 weights), and this
-    process's peak resident host memory (run it in a fresh process, so the peak is the load's)."""
-    import resource
-
+    process's peak resident host memory (run it in a fresh process, so the peak is the load's: VmHWM starts anew
+    at exec, where getrusage's ru_maxrss would carry the parent's peak over)."""
     start = time.perf_counter()
     if method == "none":
         from tnllm.checkpoint import load_model
@@ -226,7 +226,7 @@ def timed_load(directory: str, method: str, device: str) -> dict:
         model = quant.load_quantized(directory, method, dtype=torch.bfloat16, device=device)
     sync(torch.device(device))
     return {"load_s": time.perf_counter() - start, "weight_gib": model_bytes(model) / 2**30,
-            "peak_host_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_host_mb": peak_rss_bytes() / 2**20}
 
 
 def bench_load(args, results: Results, device: torch.device) -> None:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tnllm.memory import limit_malloc_arenas, malloc_trim, process_rss_bytes
+from tnllm.memory import limit_malloc_arenas, malloc_trim, peak_rss_bytes, process_rss_bytes
 
 glibc_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or process_rss_bytes() is None,
                                  reason="glibc malloc and /proc needed")
@@ -32,3 +32,20 @@ def test_arena_cap_defers_to_the_environment(monkeypatch):
     assert limit_malloc_arenas(2) is False
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     assert limit_malloc_arenas(2) is True
+
+
+@glibc_linux
+def test_peak_rss_keeps_the_high_water_mark_of_a_fresh_process():
+    """A child that touches 300 MiB and frees it reports a peak above 300 MiB while its current RSS falls back;
+    a fresh child that touches nothing reports a small peak (the parent's peak is not inherited)."""
+    import subprocess
+
+    code = ("import sys; sys.path.insert(0, '.'); from tnllm.memory import peak_rss_bytes, process_rss_bytes; "
+            "b = bytearray({n}); del b; print(peak_rss_bytes(), process_rss_bytes())")
+    big = subprocess.run([sys.executable, "-c", code.format(n=300 * 2**20)], capture_output=True, text=True,
+                         check=True).stdout.split()
+    small = subprocess.run([sys.executable, "-c", code.format(n=0)], capture_output=True, text=True,
+                           check=True).stdout.split()
+    peak, now = map(int, big)
+    assert peak > 300 * 2**20 > now
+    assert int(small[0]) < peak - 250 * 2**20 and peak_rss_bytes() >= process_rss_bytes()

@@ -1,5 +1,6 @@
 """Host memory of long-running processes: hand freed heap pages back to the OS (glibc; no-ops elsewhere), and
-read what the process holds (`process_rss_bytes`, the one resident-memory reading of the app and benchmarks).
+read what the process holds (`process_rss_bytes`, the one resident-memory reading of the app and benchmarks, and its
+peak, `peak_rss_bytes`).
 
 glibc keeps freed blocks in its heaps and gives every new thread its own heap ("arena", up to 8 per core).
 The chat server frees large, oddly sized activations from whichever worker thread ran a reply, and the
@@ -34,6 +35,16 @@ def process_rss_bytes() -> int | None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> int | None:
+    """The highest resident set size of this process so far (Linux /proc VmHWM, reset at exec), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError, StopIteration):
         return None
 
 
