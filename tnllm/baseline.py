@@ -59,11 +59,12 @@ def build_llama(config: TNLConfig | LlamaConfig, *, dtype: torch.dtype | str = "
     """A randomly initialised Llama (matched to a `TNLConfig`, or from a `LlamaConfig`), in eval mode.
 
     Initialised under `seed` without disturbing the caller's RNG, so a benchmark's two models and inputs
-    stay reproducible whatever order they are built in.
+    stay reproducible whatever order they are built in. The weights are drawn on `device` (a 7B model never
+    passes through host memory), from that device's generator.
     """
-    dtype = parse_dtype(dtype)
+    dtype, device = parse_dtype(dtype), torch.device(device)
     llama_config = llama_config_for(config, dtype=dtype) if isinstance(config, TNLConfig) else config
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(llama_config)
     return model.to(device=device, dtype=dtype).eval()
