@@ -293,6 +293,12 @@ def render_quant(result: dict) -> str:
     for x in result["model"] + result["prefill"]:
         out.append(f"| {x['method']} | {x['batch']} | {x['context']:,} | {fmt(x.get('decode_ms_per_token'))} | "
                    f"{fmt(x.get('prefill_s'))} | {x['weight_gib']:.2f} | {fmt(x.get('load_s'))} |")
+    if result.get("load"):
+        out += ["", "Loading a checkpoint (bf16 safetensors shards) in a fresh process:", "",
+                "| method | load s | peak host MB | largest shard MB | weights GiB |", "|---|---|---|---|---|"]
+        for x in result["load"]:
+            out.append(f"| {x['method']} | {x['load_s']:.2f} | {x['peak_host_mb']:,.0f} | "
+                       f"{x['largest_shard_mb']:,.0f} | {x['weight_gib']:.2f} |")
     return _with_notes(out, result)
 
 
