@@ -36,6 +36,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype), skipping the call when x already has that dtype: even a no-op `.to` costs about 1 µs of
+    argument parsing, paid several times per layer on the CPU decode path."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def check_shapes(q, k, v, log_decay, initial_state=None, cu_seqlens=None) -> None:
     """Validate the inputs of a prefill call (shared by every implementation); ValueError names them."""
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -246,20 +252,21 @@ def lightning_attn_step_ref(
     """
     check_step_shapes(q, k, v, log_decay, state, slots, act)
     dt = state.dtype
-    qa, ka = (ACTIVATIONS[act](x.to(dt)) for x in (q, k))
+    activation = ACTIVATIONS[act]
+    qa, ka = activation(_cast(q, dt)), activation(_cast(k, dt))
     rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
-    decay = torch.exp(log_decay.to(dt))[:, None, None]  # [H, 1, 1]
-    rows.mul_(decay).add_(ka[..., :, None] * v.to(dt)[..., None, :])  # [B, H, D, E]
+    decay = torch.exp(_cast(log_decay, dt))[:, None, None]  # [H, 1, 1]
+    rows.mul_(decay).add_(ka[..., :, None] * _cast(v, dt)[..., None, :])  # [B, H, D, E]
     o = (qa[..., None, :] @ rows).squeeze(-2)  # [B, H, E]
     if slots is not None:
         state.index_copy_(0, slots, rows)
-    return o.to(q.dtype)
+    return _cast(o, q.dtype)
 
 
 def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """SimpleRMSNorm: x * rsqrt(mean(x^2, -1) + eps), computed in fp32 (fp64 for fp64), no gain."""
     # torch's fused rms_norm without a weight is exactly x * rsqrt(mean(x^2) + eps) (one pass fewer on CPU)
-    return F.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=eps).to(x.dtype)
+    return _cast(F.rms_norm(_cast(x, _compute_dtype(x)), (x.shape[-1],), eps=eps), x.dtype)
 
 
 def check_same_shape(a: torch.Tensor, b: torch.Tensor, names: str) -> None:
@@ -295,7 +302,7 @@ def gated_srmsnorm_ref(o: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -> t
     check_same_shape(o, u, "o and u")
     out = torch.promote_types(o.dtype, u.dtype)
     dt = torch.float64 if out == torch.float64 else torch.float32
-    return (u.to(dt) * F.rms_norm(o.to(dt), (o.shape[-1],), eps=eps)).to(out)
+    return _cast(F.rms_norm(_cast(o, dt), (o.shape[-1],), eps=eps) * u, out)  # the product promotes u to dt
 
 
 def check_int8_linear(x, weight, scales, bias=None) -> None:
