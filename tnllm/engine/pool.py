@@ -22,7 +22,38 @@ class PoolFullError(RuntimeError):
     """Every slot holds a session: close one (or make the pool larger) before opening another."""
 
 
-class StatePool:
+class SlotAllocator:
+    """Slots 1..size handed out from a host free list; `clear(slot)` (a subclass's) empties one when handed out."""
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self.size = size
+        self._free = list(range(size, 0, -1))  # pop() hands out slot 1 first
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        """A free slot, emptied (a fresh state)."""
+        if not self._free:
+            raise PoolFullError(f"all {self.size} session slots are taken")
+        slot = self._free.pop()
+        self.clear(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give a slot back (its content is emptied when it is handed out again)."""
+        if not 1 <= slot <= self.size or slot in self._free:
+            raise ValueError(f"slot {slot} is not held")
+        self._free.append(slot)
+
+    def clear(self, slot: int) -> None:
+        raise NotImplementedError
+
+
+class StatePool(SlotAllocator):
     """`size` session slots (plus the sink) of `model`'s recurrent state, on the model's devices."""
 
     def __init__(self, model: TransNormerLLM, size: int):
@@ -38,33 +69,15 @@ class StatePool:
         return pool
 
     def _attach(self, state: RecurrentState) -> None:
-        self.state, self.size = state, state.batch_size - 1
+        super().__init__(state.batch_size - 1)
+        self.state = state
         self.kv, self.positions = state.kv, state.positions
         self.device = self.positions.device
-        self._free = list(range(self.size, 0, -1))  # pop() hands out slot 1 first
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
 
     @property
     def slot_bytes(self) -> int:
         """Bytes of one session's state (the same at any context length)."""
         return sum(t[0].numel() * t.element_size() for t in self.kv) + 8
-
-    def acquire(self) -> int:
-        """A free slot, zeroed (a fresh state)."""
-        if not self._free:
-            raise PoolFullError(f"all {self.size} session slots are taken")
-        slot = self._free.pop()
-        self.clear(slot)
-        return slot
-
-    def release(self, slot: int) -> None:
-        """Give a slot back (its content is zeroed when it is handed out again)."""
-        if not 1 <= slot <= self.size or slot in self._free:
-            raise ValueError(f"slot {slot} is not held")
-        self._free.append(slot)
 
     def clear(self, slot: int) -> None:
         for t in self.kv:
