@@ -29,16 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import torch
+
+from tnllm.sampling import SamplingParams
+from tnllm.webui.http_client import ChatClient
+from tnllm.webui.runtime import load_runtime
+from tnllm.webui.validation import CHAT_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from tnllm.sampling import SamplingParams  # noqa: E402
-from webui.http_client import ChatClient  # noqa: E402
-from webui.runtime import load_runtime  # noqa: E402
-from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 MESSAGE = "Tell me a long story about a lighthouse keeper and the sea."
 

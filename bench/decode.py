@@ -34,13 +34,9 @@ from pathlib import Path
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode.py` from anywhere
-
-import quant  # noqa: E402
-from bench.engine_gpu import ModuloTokenizer  # noqa: E402
-from tnllm import TransNormerLLM, load_model  # noqa: E402
-from tnllm.baseline import build_llama, load_llama  # noqa: E402
-from tnllm.bench import (  # noqa: E402
+from tnllm import TransNormerLLM, load_model, quant
+from tnllm.baseline import build_llama, load_llama
+from tnllm.bench import (
     BenchRow,
     EngineAdapter,
     baseline_adapters,
@@ -48,11 +44,13 @@ from tnllm.bench import (  # noqa: E402
     print_progress,
     sweep,
 )
-from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
-from tnllm.model import random_model  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for  # noqa: E402
-from webui.validation import CHAT_DEFAULTS  # noqa: E402
+from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype
+from tnllm.model import random_model
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
+from tnllm.webui.validation import CHAT_DEFAULTS
+
+from engine_gpu import ModuloTokenizer
 
 
 def build_tnl(spec: str, dtype: str, device: str) -> TransNormerLLM:

@@ -36,19 +36,19 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from tnllm import TNLConfig, TransNormerLLM
+from tnllm.engine import Engine, EngineConfig, Session
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, split_into_pieces
+from tnllm.engine.scheduler import decode_step
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
+from tnllm.webui.validation import CHAT_DEFAULTS
+
+from serve import stream_in_threads, time_sessions, token_gaps_ms
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bench.serve import stream_in_threads, time_sessions, token_gaps_ms  # noqa: E402
-from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
-from tnllm.engine import Engine, EngineConfig, Session  # noqa: E402
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, split_into_pieces  # noqa: E402
-from tnllm.engine.scheduler import decode_step  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
-from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 # Sampled with chat's defaults (the length is each row's), seeded.

@@ -16,19 +16,17 @@ import datetime
 import json
 import math
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tnllm.bench import timed
+from tnllm.kernels import reference as ref
+from tnllm.kernels import triton_chunk
+from tnllm.kernels.triton_chunk import lightning_attn_triton
+from tnllm.kernels.triton_step import lightning_attn_step_triton
 
-from kernels import reference as ref  # noqa: E402
-from kernels import triton_chunk  # noqa: E402
-from kernels.triton_chunk import lightning_attn_triton  # noqa: E402
-from kernels.triton_step import lightning_attn_step_triton  # noqa: E402
-from tnllm.bench import timed  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

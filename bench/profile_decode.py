@@ -25,18 +25,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from tnllm.engine import Engine, EngineConfig
+from tnllm.engine.graphs import capture_cuda_graph
+from tnllm.model import random_model
+from tnllm.sampling import SamplingParams
+from tnllm.webui.validation import CHAT_DEFAULTS
+
+from engine_gpu import copy_bandwidth, weight_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from bench.engine_gpu import copy_bandwidth, weight_bytes  # noqa: E402
-from tnllm.engine import Engine, EngineConfig  # noqa: E402
-from tnllm.engine.graphs import capture_cuda_graph  # noqa: E402
-from tnllm.model import random_model  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 
 def replay_ms(replay, n: int = 50) -> float:

@@ -13,17 +13,14 @@ import argparse
 import functools
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import quant  # noqa: E402  (after the path fix)
-from quant import bnb  # noqa: E402
-from quant.int8 import Int8Linear  # noqa: E402
-from tnllm.bench import timed  # noqa: E402
+from tnllm import quant
+from tnllm.bench import timed
+from tnllm.quant import bnb
+from tnllm.quant.int8 import Int8Linear
 
 SHAPES = ((2048, 2048), (2048, 5632))  # (in, out): TNL-1B out_proj and l1/l2
 BATCHES = (1, 16)

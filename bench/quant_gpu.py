@@ -43,22 +43,20 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-import kernels  # noqa: E402
-import quant  # noqa: E402
-from bench.engine_gpu import PARAMS, ModuloTokenizer, Results, build, decode_row, section, sync  # noqa: E402
-from quant import bnb  # noqa: E402
-from quant.int8 import Int8Linear  # noqa: E402
-from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
+from tnllm import TNLConfig, TransNormerLLM, kernels, quant  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.memory import peak_rss_bytes  # noqa: E402
+from tnllm.quant import bnb  # noqa: E402
+from tnllm.quant.int8 import Int8Linear  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
+
+from engine_gpu import PARAMS, ModuloTokenizer, Results, build, decode_row, section, sync  # noqa: E402
 
 
 def linear_shapes(cfg: TNLConfig) -> dict[str, tuple[int, int]]:
@@ -149,7 +147,7 @@ def bench_linear(args, results: Results, device: torch.device) -> None:
                            "max_rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),
                            "rel_l2": ((y - ref).norm() / ref.norm()).item()}
                     if method == "int8":
-                        from kernels.triton_int8 import choose_config
+                        from tnllm.kernels.triton_int8 import choose_config
 
                         row["config"] = choose_config(m, n_out, n_in, device)._asdict()
                     results.add("linear", row)
@@ -246,9 +244,11 @@ def bench_load(args, results: Results, device: torch.device) -> None:
         largest = max(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 2**20
         for method in ("none", "int8"):
             with section(results, f"load {method}"):
-                code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); from bench.quant_gpu import timed_load; "
+                code = (f"import json; from quant_gpu import timed_load; "
                         f"print(json.dumps(timed_load({tmp!r}, {method!r}, {str(device)!r})))")
-                out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+                # run from bench/, where `python -c` finds this script as the module quant_gpu
+                out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                     cwd=ROOT / "bench")
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 results.add("load", {"method": "bf16" if method == "none" else method, "preset": args.preset,
                                      "largest_shard_mb": largest, **row})

@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tnllm import load_model, load_tokenizer
+from tnllm.engine import single_reply
+from tnllm.sampling import SamplingParams
+from tnllm.train import read_dialogues
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from tnllm import load_model, load_tokenizer  # noqa: E402  (after the path fix)
-from tnllm.engine import single_reply  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from tnllm.train import read_dialogues  # noqa: E402
 
 MODEL, TOKENIZER, VAL_SLICE = ROOT / "assets/tnl", ROOT / "assets/tokenizer.model", ROOT / "assets/val_slice.jsonl"
 RESULTS = ROOT / "bench/results/sampling-cpu.json"

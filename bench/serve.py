@@ -27,17 +27,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from tnllm import load_model
+from tnllm.bench import percentile
+from tnllm.engine import Engine, EngineConfig, Reply
+from tnllm.sampling import SamplingParams
+from tnllm.tokenizer import tokenizer_for
+from tnllm.webui.validation import CHAT_DEFAULTS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from tnllm import load_model  # noqa: E402
-from tnllm.bench import percentile  # noqa: E402
-from tnllm.engine import Engine, EngineConfig, Reply  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from tnllm.tokenizer import tokenizer_for  # noqa: E402
-from webui.validation import CHAT_DEFAULTS  # noqa: E402
 
 MESSAGES = ["Hi! How was your weekend?", "What is your favourite book, and why?", "Tell me something about the ocean.",
             "Do you like cooking? What do you make?", "Any plans for the summer?", "What did you do today?"]

@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import statistics
-import sys
 import threading
 import time
 import uuid
@@ -41,16 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import httpx
+import torch
+
+from tnllm.bench import percentile, timed
+from tnllm.memory import process_rss_bytes
+from tnllm.webui.http_client import ChatClient
+from tnllm.webui.ui import MALLOC_ARENAS
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402
-import torch  # noqa: E402
-
-from tnllm.bench import percentile, timed  # noqa: E402
-from tnllm.memory import process_rss_bytes  # noqa: E402
-from webui.http_client import ChatClient  # noqa: E402
-from webui.ui import MALLOC_ARENAS  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "soak-cpu.json"
 README = ROOT / "README.md"
@@ -76,7 +75,7 @@ def open_fds() -> int:
 
 
 def launch(runtime, concurrency: int, queue_size: int):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime, concurrency_limit=concurrency, max_size=queue_size)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None, runtime))
@@ -392,7 +391,7 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
     reported; the time from the cancel request to the reply's `finally` on the server, against one prefill
     chunk's time (docs/reliability.md#stop-during-prefill)."""
     from tnllm.engine.engine import PREFILL_BUDGETS
-    from webui.validation import MAX_MESSAGE_CHARS
+    from tnllm.webui.validation import MAX_MESSAGE_CHARS
 
     chunk = PREFILL_BUDGETS["cpu"][1]  # a prompt read alone on the CPU: its engine step's chunk
 
@@ -456,7 +455,8 @@ def render(data: dict) -> str:
                   f"{s['rss_drift_after_1min_mib']:+.1f} MiB | {s['fds_start']} → {s['fds_end']} | "
                   f"{s['chat_sessions_end']} / {s['gradio_sessions_end']} |", "",
                   f"Memory: RSS grows while Gradio accumulates per-session state (history and component copies) up to "
-                  f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in app.py); "
+                  f"its cap of {s.get('gradio_session_capacity', '?')} sessions (`MAX_GRADIO_SESSIONS` in "
+                  "webui/launch.py); "
                   + _after_cap(s) + " The app's own session store keeps at most "
                   f"{s.get('app_session_capacity', 'a fixed number of')} recurrent states. The server shares "
                   f"{env.get('malloc_arenas', MALLOC_ARENAS)} glibc heaps between its threads and returns freed pages "
@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import gradio
 
-    from webui.runtime import load_runtime
+    from tnllm.webui.runtime import load_runtime
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     runtime = load_runtime(args.model, "matched", int8=args.int8, device="cpu")

@@ -30,25 +30,22 @@ import os
 os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast on the lent machines
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import statistics
+import time
+import zlib
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `torchrun bench/tp.py` from the repo root
-
-from tnllm import TNLConfig, TransNormerLLM  # noqa: E402
-from tnllm.bench import timed  # noqa: E402
-from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype  # noqa: E402
-from tnllm.tp import TPGroup, empty_tp_model, init_tp, shard_spec  # noqa: E402
-from tnllm.tp.load import take  # noqa: E402
-from tnllm.tp.serve import DrivenGraph, DrivenModel, Driver, follow, new_graph  # noqa: E402
+from tnllm import TNLConfig, TransNormerLLM
+from tnllm.bench import timed
+from tnllm.checkpoint import default_dtype, dtype_name, parse_dtype
+from tnllm.tp import TPGroup, empty_tp_model, init_tp, shard_spec
+from tnllm.tp.load import take
+from tnllm.tp.serve import DrivenGraph, DrivenModel, Driver, follow, new_graph
 
 PROMPT = 128      # decode starts from a state holding this many tokens
 GREEDY_STEPS = 32

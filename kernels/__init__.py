@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from kernels import reference
+from tnllm.kernels import reference
 
 __all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "int8_linear",
            "use_impl", "backend_for", "reference", "ACTIVATIONS"]
@@ -81,7 +81,7 @@ def _fused_impl(*tensors: torch.Tensor) -> str:
 
 def _triton(module: str, name: str):
     """Lazily import a Triton launcher (kept out of import time so CPU installs never need Triton)."""
-    return getattr(importlib.import_module(f"kernels.{module}"), name)
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
 def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None):

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._device import triton_interpreted
-from kernels.reference import check_shapes
+from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels.reference import check_shapes
 
 __all__ = ["lightning_attn_triton"]
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_int8_linear
+from tnllm.kernels.reference import check_int8_linear
 
 __all__ = ["int8_linear_triton"]
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._device import triton_interpreted
-from kernels.reference import check_same_shape
+from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels.reference import check_same_shape
 
 __all__ = ["srmsnorm_triton", "add_srmsnorm_triton", "gated_srmsnorm_triton"]
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._device import triton_interpreted
-from kernels.reference import check_step_shapes
+from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels.reference import check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from quant import bnb, int8, loader
-from quant.common import QuantOrderError
 from tnllm.checkpoint import load_model, parse_dtype
 from tnllm.model import TransNormerLLM
+from tnllm.quant import bnb, int8, loader
+from tnllm.quant.common import QuantOrderError
 
 METHODS = ("auto", "bnb_int8", "int8", "none")
 

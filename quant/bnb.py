@@ -20,8 +20,8 @@ import logging
 import torch
 from torch import nn
 
-from quant.common import check_not_quantised, reject_float_into_int8, target_linears
 from tnllm.model import TransNormerLLM
+from tnllm.quant.common import check_not_quantised, reject_float_into_int8, target_linears
 
 
 def available() -> bool:

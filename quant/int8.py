@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from quant.common import check_not_quantised, reject_float_into_int8, target_linears
+from tnllm import kernels
 from tnllm.model import TransNormerLLM
+from tnllm.quant.common import check_not_quantised, reject_float_into_int8, target_linears
 
 
 def quantize_weight(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

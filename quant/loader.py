@@ -14,11 +14,11 @@ import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from quant import bnb, int8
-from quant.common import target_linears
 from tnllm.checkpoint import TIED_KEYS, CheckpointError, _iter_file, check_weights, open_checkpoint
 from tnllm.memory import malloc_trim
 from tnllm.model import TransNormerLLM
+from tnllm.quant import bnb, int8
+from tnllm.quant.common import target_linears
 
 DeviceMap = dict[str, int | str | torch.device]
 

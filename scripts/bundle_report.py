@@ -13,22 +13,19 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
-
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from tnllm import load_model, load_tokenizer  # noqa: E402
-from tnllm.baseline import load_llama  # noqa: E402
-from tnllm.checkpoint import sha256_file  # noqa: E402
-from tnllm.engine import single_reply  # noqa: E402
-from tnllm.sampling import SamplingParams  # noqa: E402
-from tnllm.train import dialogue_loss, read_dialogues  # noqa: E402
+from tnllm import load_model, load_tokenizer
+from tnllm.baseline import load_llama
+from tnllm.checkpoint import sha256_file
+from tnllm.engine import single_reply
+from tnllm.sampling import SamplingParams
+from tnllm.train import dialogue_loss, read_dialogues
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"

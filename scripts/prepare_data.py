@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tnllm.data import chitchat_to_turns, split_of
 
-from tnllm.data import chitchat_to_turns, split_of  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPLITS = ("train", "val")
 

@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import sentencepiece as spm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tnllm.data import ASSISTANT, encode_dialogue, render_dialogue, segments_to_text
 
-from tnllm.data import ASSISTANT, encode_dialogue, render_dialogue, segments_to_text  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SEED = 0
 WIDTH = 512  # model width used to price the embedding table

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import sentencepiece as spm
@@ -19,9 +23,27 @@ settings.register_profile("ci", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pytest's `pythonpath` (pyproject.toml)
+
+
+def import_bench_script(name: str) -> ModuleType:
+    """bench/<name>.py as a module. bench/ is a folder of scripts that import their siblings by name (as
+    `python bench/<name>.py` finds them), so bench/ goes on sys.path, after everything else."""
+    folder = str(ROOT / "bench")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    return importlib.import_module(name)
+
+
+def pytest_sessionstart(session):
+    """Stop at once, saying why, unless `tnllm` is installed from this checkout: the tests that run bench/ and
+    scripts/ as scripts (a subprocess each) import the installed package, not the repository root."""
+    probe = "import importlib.util; print(importlib.util.find_spec('tnllm').origin)"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=Path(tempfile.gettempdir()), capture_output=True,
+                           text=True).stdout.strip()
+    if not found or Path(found).resolve() != ROOT / "tnllm" / "__init__.py":
+        pytest.exit(f"tnllm must be installed from {ROOT} (found: {found or 'none'}): run `pip install -e . "
+                    "--no-deps` there (README)", returncode=4)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 requires_triton_interpret = pytest.mark.skipif(
@@ -96,7 +118,7 @@ def tok(tok_file):
 # The Gradio app's handlers over the tiny preset (random weights, float), one runtime per test module.
 @pytest.fixture(scope="module")
 def runtime():
-    from webui.runtime import load_runtime
+    from tnllm.webui.runtime import load_runtime
 
     runtime = load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
     yield runtime
@@ -106,7 +128,7 @@ def runtime():
 @pytest.fixture
 def chat(runtime):
     """The chat handler with its own session store (`chat.store`; its sessions are closed afterwards)."""
-    from webui.chat import SessionStore, make_chat_fn
+    from tnllm.webui.chat import SessionStore, make_chat_fn
 
     store = SessionStore(runtime)
     fn = make_chat_fn(runtime, store)

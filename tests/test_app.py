@@ -18,8 +18,8 @@ pytest.importorskip("transformers")
 
 from tnllm.engine import ReplyStats, single_reply  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
-from webui.chat import chat_view, live_line  # noqa: E402
-from webui.validation import is_stats_message  # noqa: E402
+from tnllm.webui.chat import chat_view, live_line  # noqa: E402
+from tnllm.webui.validation import is_stats_message  # noqa: E402
 
 GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=12, seed=0)
 SEEDED = dict(temperature=0.9, top_p=0.95, top_k=50, repetition_penalty=1.1, max_new_tokens=16, seed=123)
@@ -127,7 +127,7 @@ def test_bad_input_is_a_readable_error(chat):
 
 
 def test_launch_settings_are_safe():
-    import app
+    from tnllm.webui import launch as app
 
     kw = app.launch_kwargs(None, None)
     assert kw["server_name"] is None, "host left to GRADIO_SERVER_NAME (127.0.0.1 unless a Space sets it)"
@@ -144,8 +144,8 @@ def test_launch_settings_are_safe():
 def test_reply_time_limit_ends_the_reply_like_stop(runtime, limit_s):
     """A reply over `max_reply_s` ends at the next yield (a prefill chunk or a token) with "time_limit"; the
     session keeps exactly what its state saw, so the next turn continues without re-reading anything."""
-    from webui.chat import SessionStore, chat_view, make_chat_fn
-    from webui.validation import Limits
+    from tnllm.webui.chat import SessionStore, chat_view, make_chat_fn
+    from tnllm.webui.validation import Limits
 
     store = SessionStore(runtime)
     chat = make_chat_fn(runtime, store, Limits.for_context(runtime.max_context, max_reply_s=limit_s))
@@ -172,7 +172,7 @@ def test_reply_time_limit_ends_the_reply_like_stop(runtime, limit_s):
 # -- over HTTP ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(runtime):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))

@@ -28,8 +28,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 
 @pytest.fixture(scope="module")
 def demo():
-    import app
-    from webui.runtime import load_runtime
+    from tnllm.webui import launch as app
+    from tnllm.webui.runtime import load_runtime
 
     runtime = load_runtime("preset:tiny", "matched", int8=False, device="cpu", max_context=4096)
     demo = app.build_demo(runtime)

@@ -4,9 +4,8 @@ decode, the TP path's `GraphedDecoder` vs eager, the chunk kernel on wide LRPE h
 import pytest
 import torch
 
-import kernels
 from tests.conftest import assert_close, requires_cuda
-from tnllm import TNLConfig, TransNormerLLM
+from tnllm import TNLConfig, TransNormerLLM, kernels
 from tnllm.engine import Engine, EngineConfig
 from tnllm.engine.scheduler import decode_step
 from tnllm.sampling import SamplingParams

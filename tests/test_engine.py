@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-import kernels
-from tests.conftest import ROOT, assert_close, requires_triton_interpret
+from tests.conftest import ROOT, assert_close, import_bench_script, requires_triton_interpret
+from tnllm import kernels
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
@@ -229,7 +229,7 @@ def test_captured_prefill_chunks_equal_eager(model, tok):
 def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
     """bench/engine_gpu.py's correctness check (decode step and prefill chunk, captured vs eager from the same
     state), with the eager stand-in for the capture: it must pass, so a GPU failure means the graphs."""
-    from bench.engine_gpu import _graph_vs_eager
+    _graph_vs_eager = import_bench_script("engine_gpu")._graph_vs_eager
 
     with torch.inference_mode():
         result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)

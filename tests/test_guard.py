@@ -22,8 +22,8 @@ httpx = pytest.importorskip("httpx")
 
 from test_reliability import GREEDY, ROOT, ForwardCounter, wait_idle  # noqa: E402
 
-from webui import guard  # noqa: E402
-from webui.http_client import ChatClient  # noqa: E402
+from tnllm.webui import guard  # noqa: E402
+from tnllm.webui.http_client import ChatClient  # noqa: E402
 
 GRACE_S = 1.0
 LONG = (*GREEDY[:4], 1000, 0)  # a greedy 1,000-token reply: seconds of work on the tiny model
@@ -31,7 +31,7 @@ LONG = (*GREEDY[:4], 1000, 0)  # a greedy 1,000-token reply: seconds of work on 
 
 @pytest.fixture(scope="module")
 def server(runtime):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime, concurrency_limit=2, max_size=16)
     demo.streams.grace_s = GRACE_S

@@ -1,8 +1,9 @@
-"""Import hygiene: CPU-only importability, and our top-level `kernels/` package shadowing PyPI `kernels`.
+"""Import hygiene: CPU-only importability, and the checkout's top-level `kernels/` folder shadowing PyPI `kernels`.
 
-transformers and bitsandbytes optionally import the PyPI `kernels` package (Hugging Face Kernel Hub);
-from the repo root `import kernels` finds ours instead (docs/architecture.md#the-kernels-package-name). These
-checks run the same probe from the repo root and from a neutral directory and require identical results.
+transformers and bitsandbytes optionally import the PyPI `kernels` package (Hugging Face Kernel Hub); from
+the repo root the name `kernels` finds this checkout's folder instead (docs/architecture.md#the-kernels-folder-name;
+the installed package has it as `tnllm.kernels` only). These checks run the same probe from the repo root and
+from a neutral directory and require identical results.
 """
 
 import json
@@ -40,7 +41,8 @@ def _run(code: str, cwd: Path, extra_path: bool) -> subprocess.CompletedProcess:
 
 
 def test_tnllm_and_kernels_import_without_triton_or_cuda():
-    code = ("import sys, tnllm, kernels, tnllm.engine, tnllm.train\n"
+    code = ("import sys, tnllm, tnllm.engine, tnllm.train\n"
+            "from tnllm import kernels\n"
             "assert 'triton' not in sys.modules, 'triton imported at import time'\n"
             "import torch; assert not torch.cuda.is_initialized()\n"
             "print(kernels.backend_for('cpu'))")

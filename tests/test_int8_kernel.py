@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-from kernels import reference as ref
-from quant.int8 import Int8Linear
 from tests.conftest import ROOT, assert_close, requires_cuda, requires_triton_interpret
+from tnllm import kernels
+from tnllm.kernels import reference as ref
+from tnllm.quant.int8 import Int8Linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32: exact fp32 products (no tf32); 16-bit: the output's own rounding (bf16 about 2e-3 rel-L2)
@@ -54,7 +54,7 @@ class TestTriton:
 
     @pytest.mark.parametrize("cfg", [(16, 16, 16, 1), (16, 16, 16, 3), (32, 16, 32, 2)], ids=str)
     def test_forced_configs(self, cfg):
-        from kernels.triton_int8 import Config, _int8_linear
+        from tnllm.kernels.triton_int8 import Config, _int8_linear
 
         cfg = Config(*cfg, GROUP_M=2, num_stages=1)  # (BM, BN, BK, SPLIT_K); any split, not only powers of 2
         for M, dtype in ((5, torch.float32), (70, torch.float16)):  # up to 5 row tiles in groups of 2
@@ -71,7 +71,7 @@ class TestTriton:
             assert kernels.int8_linear(x[:, :0], w, s, b).shape == (2, 0, 29)
 
     def test_signature_matches_reference_twin(self):
-        from kernels.triton_int8 import int8_linear_triton
+        from tnllm.kernels.triton_int8 import int8_linear_triton
 
         def params(f):
             return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
@@ -87,7 +87,7 @@ def test_reference_matches_oracle():
 
 def test_bad_input_errors():
     pytest.importorskip("triton")
-    from kernels.triton_int8 import int8_linear_triton
+    from tnllm.kernels.triton_int8 import int8_linear_triton
 
     x, w, s, b = _inputs(2, 29, 37, torch.float32, bias=True, device="cpu")
     for impl in (ref.int8_linear, int8_linear_triton):
@@ -122,7 +122,7 @@ def test_cuda_int8_linear_matches_dequantised(rows, dtype):
 def test_cuda_every_tile_is_right_and_deterministic():
     # a tile Triton miscompiles gives wrong sums that change from run to run (seen: [256, 128] tiles with the
     # weight as the left dot operand and 3+ stages, triton 3.6); K a multiple of every BK: unmasked loads
-    from kernels.triton_int8 import TILES, _int8_linear
+    from tnllm.kernels.triton_int8 import TILES, _int8_linear
 
     for max_m, tile in TILES:
         for split in (1, 2):

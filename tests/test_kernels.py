@@ -7,9 +7,9 @@ launchers pick 16-wide blocks there so multi-chunk, multi-segment and multi-V-bl
 import pytest
 import torch
 
-import kernels
-from kernels import reference as ref
 from tests.conftest import assert_close, requires_cuda, requires_triton_interpret
+from tnllm import kernels
+from tnllm.kernels import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -27,7 +27,7 @@ def _attn_inputs(B, T, H, D, E, dtype, n_state=None, rate_scale=1.0, device=DEVI
 def lightning_attn_triton(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None,
                           _seg_len=None):
     """The Triton launcher, optionally with a forced segment length (multi-segment paths at tiny T)."""
-    from kernels.triton_chunk import _lightning_attn
+    from tnllm.kernels.triton_chunk import _lightning_attn
 
     return _lightning_attn(q, k, v, log_decay, initial_state, output_final_state, cu_seqlens, _seg_len)
 
@@ -112,7 +112,7 @@ class TestChunk:
     def test_signatures_match_reference_twins(self):
         import inspect
 
-        from kernels import triton_chunk, triton_norm, triton_step
+        from tnllm.kernels import triton_chunk, triton_norm, triton_step
 
         def params(f):
             return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
@@ -189,7 +189,7 @@ class TestStep:
 
     def test_steps_continue_prefill(self):
         """Prefill with the chunk kernel, then decode token by token == one long prefill."""
-        from kernels.triton_step import lightning_attn_step_triton
+        from tnllm.kernels.triton_step import lightning_attn_step_triton
 
         q, k, v, a, _ = _attn_inputs(2, 24, 2, 16, 16, torch.float32)
         o_full, _ = lightning_attn_triton(q, k, v, a)
@@ -241,7 +241,7 @@ class TestFusedNorm:
 
     @pytest.mark.parametrize("shape,dtype", FUSED_NORM_CASES)
     def test_add_srmsnorm(self, shape, dtype):
-        from kernels.triton_norm import srmsnorm_triton
+        from tnllm.kernels.triton_norm import srmsnorm_triton
 
         x = torch.randn(shape, device=DEVICE).to(dtype)
         delta = torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE).to(dtype)[..., 1::2]  # strided columns
@@ -336,7 +336,7 @@ class TestGPUShapes:
 
     def test_add_srmsnorm_bitwise_bf16(self):
         """On the GPU the fused add rounds to nearest even like torch's add, so s and y are bitwise the unfused ones."""
-        from kernels.triton_norm import add_srmsnorm_triton, srmsnorm_triton
+        from tnllm.kernels.triton_norm import add_srmsnorm_triton, srmsnorm_triton
 
         x, delta = (torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         s, y = add_srmsnorm_triton(x, delta)

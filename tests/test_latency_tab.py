@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from tnllm.bench import BenchRow, adapter_for, sweep_rounds  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
-from webui import latency  # noqa: E402
-from webui.latency import (  # noqa: E402
+from tnllm.webui import latency  # noqa: E402
+from tnllm.webui.latency import (  # noqa: E402
     RESULTS,
     RaceStops,
     load_recorded,
@@ -33,7 +33,7 @@ from webui.latency import (  # noqa: E402
     run_benchmark,
     summary_row,
 )
-from webui.validation import MAX_MESSAGE_CHARS  # noqa: E402
+from tnllm.webui.validation import MAX_MESSAGE_CHARS  # noqa: E402
 
 
 def _row(model: str, context: int, decode_ms: float, ttft_ms: float) -> BenchRow:
@@ -224,7 +224,7 @@ def test_race_rejects_bad_numbers_by_name(runtime, filler, new, match):
 # -- over HTTP --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(runtime):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))

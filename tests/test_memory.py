@@ -40,7 +40,7 @@ def test_peak_rss_keeps_the_high_water_mark_of_a_fresh_process():
     a fresh child that touches nothing reports a small peak (the parent's peak is not inherited)."""
     import subprocess
 
-    code = ("import sys; sys.path.insert(0, '.'); from tnllm.memory import peak_rss_bytes, process_rss_bytes; "
+    code = ("from tnllm.memory import peak_rss_bytes, process_rss_bytes; "
             "b = bytearray({n}); del b; print(peak_rss_bytes(), process_rss_bytes())")
     big = subprocess.run([sys.executable, "-c", code.format(n=300 * 2**20)], capture_output=True, text=True,
                          check=True).stdout.split()

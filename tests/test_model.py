@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
 from tests.conftest import assert_close, requires_triton_interpret
-from tnllm import RecurrentState, TNLConfig, TransNormerLLM, lightning_log_decay
+from tnllm import RecurrentState, TNLConfig, TransNormerLLM, kernels, lightning_log_decay
 from tnllm.model import alibi_slopes
 from tnllm.state import SlotState
 
@@ -247,7 +246,7 @@ def test_state_layers_can_live_on_different_devices():
 def spy_fused_launchers(monkeypatch) -> dict[str, int]:
     """Count the calls of the fused Triton launchers (the dispatch looks them up at call time); a step counts
     under "step:<act>"."""
-    from kernels import triton_norm, triton_step
+    from tnllm.kernels import triton_norm, triton_step
 
     calls: dict[str, int] = {}
 

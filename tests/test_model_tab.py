@@ -30,13 +30,13 @@ def leaked_paths(text: str) -> list[str]:
 @pytest.fixture(scope="module")
 def bundled():
     """The default runtime: assets/tnl with assets/tokenizer.model, assets/llama as baseline (float weights)."""
-    from webui.runtime import load_runtime
+    from tnllm.webui.runtime import load_runtime
 
     return load_runtime(None, None, int8=False, device="cpu")
 
 
 def test_tables_have_headers_and_name_the_bundled_files_relative_to_the_repo(bundled):
-    from webui.model_tab import model_card
+    from tnllm.webui.model_tab import model_card
 
     card = model_card(bundled)
     rows = [line for line in card.splitlines() if line.startswith("|")]
@@ -48,10 +48,10 @@ def test_tables_have_headers_and_name_the_bundled_files_relative_to_the_repo(bun
 
 
 def test_a_checkpoint_outside_the_repo_shows_its_name_and_stays_blocked_from_file_serving(runtime, tmp_path):
-    import app
     from tnllm import save_model
-    from webui.model_tab import model_card
-    from webui.runtime import load_runtime
+    from tnllm.webui import launch as app
+    from tnllm.webui.model_tab import model_card
+    from tnllm.webui.runtime import load_runtime
 
     checkpoint = tmp_path / "my-chat-model"
     save_model(runtime.model, checkpoint)
@@ -66,7 +66,7 @@ def test_a_checkpoint_outside_the_repo_shows_its_name_and_stays_blocked_from_fil
 
 def test_served_config_holds_no_server_path(bundled):
     """What any visitor can fetch: GET /config of the launched app (bundled model, its defaults)."""
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(bundled)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None, bundled))
@@ -80,15 +80,15 @@ def test_served_config_holds_no_server_path(bundled):
 
 
 def test_shown_path_of_a_hub_id_is_the_id():
-    from webui.runtime import shown_path
+    from tnllm.webui.runtime import shown_path
 
     assert shown_path("OpenNLPLab/TransNormerLLM-385M") == "OpenNLPLab/TransNormerLLM-385M"
     assert shown_path(Path(ROOT, "assets", "tnl")) == "assets/tnl"
 
 
 def test_model_tab_names_the_8bit_method_and_why():
-    import quant
-    from webui.runtime import load_runtime
+    from tnllm import quant
+    from tnllm.webui.runtime import load_runtime
 
     runtime = load_runtime("preset:tiny", "none", int8=True, device="cpu")
     try:

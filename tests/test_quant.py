@@ -12,15 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-import quant
-from quant import bnb
-from quant.common import QuantOrderError, target_linears
-from quant.int8 import PACKED_MM_MAX_ROWS, Int8Linear
-from quant.loader import stream_weights
 from tests.conftest import ROOT, assert_close, requires_cuda
-from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, save_model
+from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, quant, save_model
 from tnllm.bench import adapter_for
 from tnllm.checkpoint import MANIFEST_FILE, check_weights, open_checkpoint
+from tnllm.quant import bnb
+from tnllm.quant.common import QuantOrderError, target_linears
+from tnllm.quant.int8 import PACKED_MM_MAX_ROWS, Int8Linear
+from tnllm.quant.loader import stream_weights
 
 METHODS = ["int8", pytest.param("bnb_int8", marks=pytest.mark.skipif(not bnb.available(), reason="no bnb"))]
 # Dims multiples of 64 (bitsandbytes CPU kernels; docs/quantization.md#bitsandbytes-on-the-cpu); LRPE on layers 0 and 2.
@@ -199,7 +198,7 @@ def test_auto_choice():
 # whole float model: that shows the probe works.
 LOADER = textwrap.dedent("""
     import sys, threading, time
-    import quant
+    from tnllm import quant
     path, method = sys.argv[1], sys.argv[2]
     if method == "bnb_int8":
         quant.bnb._bnb()  # import bitsandbytes before the baseline: measure the loader, not the import

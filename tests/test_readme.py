@@ -25,7 +25,7 @@ def readme_block(heading: str) -> str:
 
 
 def test_http_api_example_runs_as_written(runtime):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))

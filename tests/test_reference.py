@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import reference as ref
 from tests.conftest import assert_close
+from tnllm.kernels import reference as ref
 
 
 def _inputs(B, T, H, D, E, dtype=torch.float64, rate_scale=1.0):

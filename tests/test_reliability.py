@@ -34,9 +34,9 @@ httpx = pytest.importorskip("httpx")
 from tnllm.checkpoint import CheckpointError, save_model, write_manifest  # noqa: E402
 from tnllm.data import ASSISTANT_PREFIX, HUMAN_PREFIX  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
-from webui import validation as V  # noqa: E402
-from webui.http_client import ChatClient  # noqa: E402
-from webui.validation import message_text  # noqa: E402
+from tnllm.webui import validation as V  # noqa: E402
+from tnllm.webui.http_client import ChatClient  # noqa: E402
+from tnllm.webui.validation import message_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = (0.0, 1.0, 0, 1.0, 12, 0)        # temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed
@@ -168,7 +168,7 @@ def test_accepted_spellings_of_sampling_values():
 
 
 def test_validator_answers_per_input(runtime):
-    from webui.chat import SessionStore, make_validator
+    from tnllm.webui.chat import SessionStore, make_validator
 
     verdicts = make_validator(runtime, SessionStore(runtime))("hi", 5.0, 1.0, 0, 1.0, 12, 1.5)
     by_name = dict(zip(V.FIELDS, verdicts))
@@ -219,7 +219,7 @@ def test_property_chat_handler_never_crashes(chat, text, temperature, top_p, top
 
 # -- 3. numerical faults through the handler --------------------------------------------------------
 def test_nan_weights_give_a_clear_message_not_garbage(runtime):
-    from webui.chat import NUMERICAL_NOTICE, SessionStore, make_chat_fn
+    from tnllm.webui.chat import NUMERICAL_NOTICE, SessionStore, make_chat_fn
 
     poisoned = copy.deepcopy(runtime.model)
     with torch.no_grad():
@@ -235,7 +235,7 @@ def test_nan_weights_give_a_clear_message_not_garbage(runtime):
 
 
 def test_nan_mid_reply_resets_only_that_session(runtime, chat):
-    from webui.chat import NUMERICAL_NOTICE
+    from tnllm.webui.chat import NUMERICAL_NOTICE
 
     alone, _ = run(chat, "my name is Bob", SEEDED, session="B")
     chat.store.drop("B")
@@ -268,7 +268,7 @@ def test_nan_mid_reply_resets_only_that_session(runtime, chat):
 
 
 def test_internal_error_is_curated_and_the_server_state_consistent(runtime, chat):
-    from webui.chat import INTERNAL_NOTICE
+    from tnllm.webui.chat import INTERNAL_NOTICE
 
     def boom(*_):
         raise RuntimeError("CUDA out of memory at /secret/path token=hf_abc")
@@ -289,7 +289,7 @@ def test_internal_error_is_curated_and_the_server_state_consistent(runtime, chat
 @pytest.fixture(scope="module")
 def good_checkpoint(runtime, tmp_path_factory):
     from tnllm.model import random_model
-    from webui.runtime import TOKENIZER_FILE
+    from tnllm.webui.runtime import TOKENIZER_FILE
 
     out = tmp_path_factory.mktemp("ckpt") / "good"
     tok = runtime.tokenizer
@@ -379,7 +379,7 @@ BAD_CHECKPOINTS = {
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_bad_checkpoints_and_tokenizers_are_refused_with_their_message(good_checkpoint, tmp_path, tok_file, case):
-    from webui.runtime import StartupError, load_runtime
+    from tnllm.webui.runtime import StartupError, load_runtime
 
     edit, pattern = BAD_CHECKPOINTS[case]
     bad = variant(good_checkpoint, tmp_path, case)
@@ -389,14 +389,14 @@ def test_bad_checkpoints_and_tokenizers_are_refused_with_their_message(good_chec
 
 
 def test_good_checkpoint_loads(good_checkpoint):
-    from webui.runtime import load_runtime
+    from tnllm.webui.runtime import load_runtime
 
     rt = load_runtime(str(good_checkpoint), "none-such-dir", int8=False, device="cpu")
     assert rt.model.config.vocab_size == rt.tokenizer.vocab_size
 
 
 def test_check_tokenizer_allows_padded_vocabularies(runtime):
-    from webui.runtime import check_tokenizer
+    from tnllm.webui.runtime import check_tokenizer
 
     config = runtime.model.config
     check_tokenizer(dataclasses.replace(config, vocab_size=config.vocab_size + 64), runtime.tokenizer, "padded")
@@ -454,7 +454,7 @@ def test_pinned_gradio_is_outside_every_advisory_range():
 # -- HTTP -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(runtime):
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime, concurrency_limit=4, max_size=64)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None, runtime))
@@ -518,7 +518,7 @@ def test_http_full_queue_answers_busy(runtime):
     from gradio_client import Client
     from gradio_client.utils import QueueError
 
-    import app
+    from tnllm.webui import launch as app
 
     demo = app.build_demo(runtime, concurrency_limit=1, max_size=2)
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_kwargs("127.0.0.1", None))
@@ -635,7 +635,7 @@ def test_http_cancel_10_of_40_others_identical_memory_back(server, fn_index):
 
 
 def test_http_file_access_is_refused(server, runtime, good_checkpoint):
-    import app
+    from tnllm.webui import launch as app
 
     base = server.url.rstrip("/")
     targets = ["/etc/passwd", "../app.py", "app.py", str(ROOT / "app.py"), str(ROOT / "assets/tnl/config.json"),

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 from tnllm.engine import BatchSampler
 from tnllm.sampling import SamplingParams, penalise_seen
-from webui.validation import CHAT_DEFAULTS, RANGES
+from tnllm.webui.validation import CHAT_DEFAULTS, RANGES
 
 SETTING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 METRIC_KEYS = ("rep3", "rep4", "distinct2", "length", "eos", "gen_ll", "ref_nll")

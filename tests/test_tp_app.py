@@ -19,7 +19,7 @@ from tests.conftest import free_port  # noqa: E402
 from tnllm import TNLConfig, TransNormerLLM, load_model, load_tokenizer, save_model  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
-from webui.validation import message_text  # noqa: E402
+from tnllm.webui.validation import message_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEDY = (0.0, 1.0, 0, 1.0, 12, 0)  # temperature, top-p, top-k, repetition penalty, max new tokens, seed

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+from tnllm import kernels
 from tnllm.config import TNLConfig
 
 

@@ -19,10 +19,10 @@ import sentencepiece as spm
 
 from tnllm.checkpoint import resolve
 from tnllm.data import HUMAN, encode_dialogue
+from tnllm.paths import ASSETS
 
 TOKENIZER_FILE = "tokenizer.model"
 # The bundled checkpoints (assets/tnl, assets/llama) share one tokenizer, kept next to them in assets/.
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 BUNDLED_TOKENIZER = ASSETS / TOKENIZER_FILE
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+from tnllm import kernels
 from tnllm.checkpoint import save_model
 from tnllm.config import TNLConfig
 from tnllm.data import IGNORE_INDEX, encode_dialogue

@@ -1,1 +1,2 @@
-"""The Gradio app's parts (app.py wires them): model loading, the chat handler, the latency tab."""
+"""The Gradio app (the subpackage tnllm.webui): `launch.py` wires the parts (model loading, the chat handler, the
+tabs) and serves them; `python app.py` and `tnllm-chat` run it."""

@@ -27,8 +27,8 @@ import gradio as gr
 
 from tnllm.engine import PoolFullError, Reply, ReplyStats, Session, Snapshot
 from tnllm.memory import malloc_trim
-from webui.runtime import CHAT_SESSIONS, Runtime
-from webui.validation import FIELDS, STATS_ID, InputError, Limits, check_request, clean_text
+from tnllm.webui.runtime import CHAT_SESSIONS, Runtime
+from tnllm.webui.validation import FIELDS, STATS_ID, InputError, Limits, check_request, clean_text
 
 __all__ = ["ChatSession", "SessionStore", "Turn", "chat_view", "live_line", "make_chat_fn", "make_validator",
            "session_key", "stats_message"]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
-from webui.components import ServerCheckedNumber, ServerCheckedSlider
-from webui.runtime import BUNDLED_TNL, Runtime
-from webui.validation import CHAT_DEFAULTS, RANGES, InputError, Limits, check_sampling, clean_text
+from tnllm.webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
+from tnllm.webui.components import ServerCheckedNumber, ServerCheckedSlider
+from tnllm.webui.runtime import BUNDLED_TNL, Runtime
+from tnllm.webui.validation import CHAT_DEFAULTS, RANGES, InputError, Limits, check_sampling, clean_text
 
 EXAMPLES = [
     "Hi! How was your weekend?",

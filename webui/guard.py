@@ -2,7 +2,7 @@
 (docs/reliability.md#the-gradio-attack-surface).
 
 The switches Gradio does have are set where they belong: `queue(api_open=False)` in webui.ui (model work only
-through the queue) and the launch settings in app.py. Everything else is here:
+through the queue) and the launch settings in launch.py. Everything else is here:
 
 * `Guard`, an ASGI middleware in front of Gradio's routes (installed by `middleware()` through launch's
   `app_kwargs`):

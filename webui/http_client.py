@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from webui.validation import message_text
+from tnllm.webui.validation import message_text
 
 
 @dataclass

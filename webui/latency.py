@@ -39,12 +39,21 @@ from tnllm.bench import (
     timed,
 )
 from tnllm.engine import Engine, EngineConfig
+from tnllm.paths import RECORDED_RESULTS
 from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
-from webui.runtime import Runtime
-from webui.validation import CHAT_DEFAULTS, MAX_MESSAGE_CHARS, MAX_REPLY_SECONDS, InputError, Limits, check_text, shown
+from tnllm.webui.runtime import Runtime
+from tnllm.webui.validation import (
+    CHAT_DEFAULTS,
+    MAX_MESSAGE_CHARS,
+    MAX_REPLY_SECONDS,
+    InputError,
+    Limits,
+    check_text,
+    shown,
+)
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+RESULTS = RECORDED_RESULTS
 CPU_CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 GPU_CONTEXTS = CPU_CONTEXTS + [32768, 65536, 131072]
 DECODE_STEPS = (4, 64)  # timed decode steps per run (the slider's range; the server checks it too)

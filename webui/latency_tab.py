@@ -6,9 +6,9 @@ from functools import partial
 
 import gradio as gr
 
-from webui.chat import session_key
-from webui.components import ServerCheckedSlider
-from webui.latency import (
+from tnllm.webui.chat import session_key
+from tnllm.webui.components import ServerCheckedSlider
+from tnllm.webui.latency import (
     DECODE_STEPS,
     MEMORY_NOTE,
     PLOT_Y,
@@ -26,8 +26,8 @@ from webui.latency import (
     run_benchmark,
     run_benchmark_in_tab,
 )
-from webui.runtime import Runtime
-from webui.validation import MAX_REPLY_SECONDS
+from tnllm.webui.runtime import Runtime
+from tnllm.webui.validation import MAX_REPLY_SECONDS
 
 LATENCY_API = ("Measure TNL and the Llama baseline at the chosen context lengths (`contexts`: ints or their "
                "strings, from the listed choices), `n_tokens` timed decode steps per run, `repeats` rounds. "

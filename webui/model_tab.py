@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from webui.runtime import Runtime
+from tnllm.webui.runtime import Runtime
 
 
 def _table(rows: dict[str, str]) -> list[str]:

@@ -21,17 +21,16 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from tnllm import TNLConfig, TransNormerLLM, load_model
+from tnllm import TNLConfig, TransNormerLLM, kernels, load_model
 from tnllm.checkpoint import CONFIG_FILE, CheckpointError, default_dtype, parse_dtype
 from tnllm.engine import Engine, EngineConfig
 from tnllm.model import random_model
+from tnllm.paths import ASSETS, ROOT
 from tnllm.sampling import SamplingParams
-from tnllm.tokenizer import ASSETS, BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
+from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
 
 log = logging.getLogger("tnllm.app")
 
-ROOT = ASSETS.parent
 BUNDLED_TNL = ASSETS / "tnl"
 BUNDLED_LLAMA = ASSETS / "llama"
 TOKENIZER_FILE = BUNDLED_TOKENIZER  # (its name here for the tests and scripts that import it)
@@ -109,7 +108,7 @@ def _is_checkpoint(path: Path) -> bool:
 def _quant():
     """The `quant` package, or None (one log line) when it or its dependencies cannot be imported."""
     try:
-        import quant
+        from tnllm import quant
         return quant
     except ImportError as exc:
         log.warning("8-bit weights unavailable (%s): using float weights", exc)
@@ -200,7 +199,7 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
     params = count_parameters(llama)
     if method != "none":
         try:
-            import quant
+            from tnllm import quant
             llama = quant.quantize(llama, method)
         except Exception as exc:  # noqa: BLE001 (any failure: keep a working float baseline)
             log.warning("baseline stays float (8-bit %s failed: %s): latency compares 8-bit TNL to float", method, exc)

@@ -1,4 +1,4 @@
-"""The app's layout: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime` (app.py launches it).
+"""The app's layout: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime` (launch.py serves it).
 
 The chat endpoint gets a Gradio `validator=` (webui.validation.check_request): API callers bypass the
 browser's sliders and textbox limits, so every value is checked on the server before the event is queued.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import gradio as gr
 
 from tnllm.memory import limit_malloc_arenas
-from webui.chat import SessionStore, session_key
-from webui.chat_tab import chat_tab
-from webui.guard import install as install_guard
-from webui.latency_tab import latency_tab
-from webui.model_tab import model_tab
-from webui.runtime import Runtime
-from webui.validation import MAX_REPLY_SECONDS, Limits
+from tnllm.webui.chat import SessionStore, session_key
+from tnllm.webui.chat_tab import chat_tab
+from tnllm.webui.guard import install as install_guard
+from tnllm.webui.latency_tab import latency_tab
+from tnllm.webui.model_tab import model_tab
+from tnllm.webui.runtime import Runtime
+from tnllm.webui.validation import MAX_REPLY_SECONDS, Limits
 
 MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (docs/reliability.md#host-memory)
 HEADER = ("# ⚡ TransNormerLLM chat\nLinear attention with a **constant-size recurrent state**: each reply "
