@@ -6,8 +6,9 @@ Transformer's is its KV-cache step; the table's "timed path" says which) as tabl
 context) run the medians so far, their spread over the rounds, and the recorded reference results of
 `bench/results/decode-*.json` beside them in the plots.
 
-`race` streams both models' greedy replies to one prompt side by side (TNL through an engine, one engine step
-per turn; the Transformer one KV-cache step, argmax and detokenising per turn), giving each model the turn
+`race` streams both models' greedy replies to one prompt side by side, each through an engine of its own, one
+engine step per turn (TNL on its recurrent state; the Transformer on its KV cache through `KVCacheLM`: the same
+scheduler, sampler and detokeniser), giving each model the turn
 whenever its own accumulated compute time is the smaller one, so at any moment both have spent about the same
 time and the faster one shows more text. It ends naming the winner and why each side stopped.
 """
@@ -32,16 +33,15 @@ from tnllm.bench import (
     BenchRow,
     EngineAdapter,
     ModelAdapter,
-    adapter_for,
     baseline_adapters,
     prompt_ids,
     sweep_rounds,
     timed,
 )
 from tnllm.engine import Engine, EngineConfig
+from tnllm.engine.kv_cache import KVCacheLM
 from tnllm.paths import RECORDED_RESULTS
 from tnllm.sampling import SamplingParams
-from tnllm.streaming import TextStreamer
 from tnllm.webui.runtime import Runtime
 from tnllm.webui.validation import (
     CHAT_DEFAULTS,
@@ -347,12 +347,14 @@ class _Runner:
 
 
 class _EngineRunner(_Runner):
-    """TNL as chat runs it: a reply from a threadless engine of its own, one engine step per turn (a prefill
-    chunk, or a token sampled on the device, brought to the host, detokenised and emitted), all on the clock."""
+    """A model as chat runs it: a reply from a threadless engine of its own, one engine step per turn (a prefill
+    chunk, or a token sampled on the device, brought to the host, detokenised and emitted), all on the clock.
+    TNL's engine holds its recurrent state; the Transformer's (`KVCacheLM`) its KV cache, so both sides pay for
+    the same scheduler, sampler and detokeniser."""
 
-    def __init__(self, runtime: Runtime, ids: list[int], max_new_tokens: int):
-        super().__init__("TNL", runtime.device)
-        self.engine = Engine(runtime.model, runtime.tokenizer, EngineConfig(max_sessions=1, threaded=False))
+    def __init__(self, name: str, model, runtime: Runtime, ids: list[int], max_new_tokens: int):
+        super().__init__(name, runtime.device)
+        self.engine = Engine(model, runtime.tokenizer, EngineConfig(max_sessions=1, threaded=False))
         reply = self.engine.open().feed_ids(ids, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens))
         self.events = iter(reply)
 
@@ -366,45 +368,6 @@ class _EngineRunner(_Runner):
 
     def cache_bytes(self) -> int:
         return self.engine.pool.slot_bytes
-
-
-class _StepRunner(_Runner):
-    """The Transformer: its prefill, then per turn one step of its KV cache plus the argmax and the
-    detokenising of the token (what the engine's step includes for TNL), all on the clock."""
-
-    def __init__(self, adapter: ModelAdapter, runtime: Runtime, ids: list[int], max_new_tokens: int):
-        super().__init__(adapter.name, adapter.device)
-        self.adapter, self.eos, self.left = adapter, runtime.tokenizer.eos_id, max_new_tokens
-        self.next_input = torch.tensor([ids], device=adapter.device)  # [1, T]: the prompt, then one token
-        self.streamer = TextStreamer(runtime.tokenizer)
-        self.cache = None
-
-    def advance(self) -> None:
-        _, seconds = timed(self._turn, self.device)
-        self.clock += seconds
-        if self.tokens == 1:
-            self.ttft = self.clock
-
-    def _turn(self) -> None:
-        if self.cache is None:
-            logits, self.cache = self.adapter.prefill(self.next_input)
-        else:
-            logits, self.cache = self.adapter.step(self.next_input, self.cache)
-        token = int(logits[0, -1].argmax())
-        self.tokens, self.left = self.tokens + 1, self.left - 1
-        if token != self.eos:
-            self.text += self.streamer.push(token)
-        if token == self.eos or self.left <= 0:
-            self.finish, self.text = "eos" if token == self.eos else "length", self.text + self.streamer.flush()
-            return
-        self.next_input = torch.tensor([[token]], device=self.device)
-
-    def end(self, why: str) -> None:
-        super().end(why)
-        self.text += self.streamer.flush()
-
-    def cache_bytes(self) -> int:
-        return self.adapter.cache_bytes(self.cache) if self.cache is not None else 0
 
 
 def _line(s: dict) -> str:
@@ -498,7 +461,8 @@ def race(runtime: Runtime, prompt: str, context_tokens: int, max_new_tokens: int
         raise gr.Error("No Transformer baseline is loaded.")
     ids, new = race_ids(runtime, prompt, context_tokens, max_new_tokens)
     started = time.monotonic()
-    runners = [_EngineRunner(runtime, ids, new), _StepRunner(adapter_for(runtime.baseline, "Llama"), runtime, ids, new)]
+    runners = [_EngineRunner("TNL", runtime.model, runtime, ids, new),
+               _EngineRunner("Llama", KVCacheLM(runtime.baseline), runtime, ids, new)]
     while not all(r.done for r in runners):
         active = [r for r in runners if not r.done]
         ended = ("stopped" if stop is not None and stop.is_set()
