@@ -34,6 +34,7 @@ httpx = pytest.importorskip("httpx")
 from tnllm.checkpoint import CheckpointError, save_model, write_manifest  # noqa: E402
 from tnllm.data import ASSISTANT_PREFIX, HUMAN_PREFIX  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
+from tnllm.sampling import MAX_NEW_TOKENS_LIMIT  # noqa: E402
 from tnllm.webui import validation as V  # noqa: E402
 from tnllm.webui.http_client import ChatClient  # noqa: E402
 from tnllm.webui.validation import message_text  # noqa: E402
@@ -176,6 +177,18 @@ def test_validator_answers_per_input(runtime):
     assert not by_name["seed"]["is_valid"] and by_name["message"]["is_valid"] and by_name["top_p"]["is_valid"]
 
 
+def test_reply_length_is_decided_once():
+    """The server accepts the reply lengths SamplingParams accepts; the slider stops at its one named maximum."""
+    from tnllm.webui.chat_tab import sampling_controls
+
+    assert V.RANGES["max_new_tokens"] == (1, MAX_NEW_TOKENS_LIMIT)
+    assert V.check_sampling(0.0, 1.0, 0, 1.0, MAX_NEW_TOKENS_LIMIT, 0).max_new_tokens == MAX_NEW_TOKENS_LIMIT
+    with pytest.raises(V.InputError, match=f"between 1 and {MAX_NEW_TOKENS_LIMIT}"):
+        V.check_sampling(0.0, 1.0, 0, 1.0, MAX_NEW_TOKENS_LIMIT + 1, 0)
+    slider = next(c for c in sampling_controls() if c.label == "Max new tokens")
+    assert (slider.minimum, slider.maximum) == (1, V.MAX_NEW_TOKENS_SLIDER) < (1, MAX_NEW_TOKENS_LIMIT)
+
+
 # -- 1/6. property tests (hypothesis) ----------------------------------------------------------------
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -204,7 +217,7 @@ def test_property_chat_handler_never_crashes(chat, text, temperature, top_p, top
                                             max_new_tokens, seed):
     """Random Unicode and random sampling values: a readable gr.Error or a valid streamed reply, nothing else."""
     if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens > 6:
-        max_new_tokens = 10**9 if max_new_tokens > 1024 else 6  # keep valid replies short
+        max_new_tokens = 10**9 if max_new_tokens > MAX_NEW_TOKENS_LIMIT else 6  # keep valid replies short
     chat.store.drop("default")
     try:
         updates = list(chat(text, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
@@ -487,7 +500,7 @@ def test_http_invalid_requests_get_422_and_no_queue_slot(runtime, server, fn_ind
     try:
         cases = [("   ", GREEDY, "Type a message first"), ("\u200b\u200b", GREEDY, "Type a message first"),
                  ("x" * 9000, GREEDY, "9,000 characters"), ("hi", (5.0, *GREEDY[1:]), "temperature must be"),
-                 ("hi", (*GREEDY[:4], 10**9, 0), "max_new_tokens must be between 1 and 1024"),
+                 ("hi", (*GREEDY[:4], 10**9, 0), f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}"),
                  ("hi", (*GREEDY[:5], 1.5), "seed must be a whole number"),
                  ("hi", (*GREEDY[:5], "abc"), "seed must be a whole number"),
                  ("hi", ("x", -1, 0.5, 1.0, 12, 0), "temperature must be a number")]

@@ -22,7 +22,15 @@ import gradio as gr
 from tnllm.webui.chat import SessionStore, chat_view, make_chat_fn, make_validator, session_key, stats_title
 from tnllm.webui.components import ServerCheckedNumber, ServerCheckedSlider
 from tnllm.webui.runtime import BUNDLED_TNL, Runtime
-from tnllm.webui.validation import CHAT_DEFAULTS, RANGES, InputError, Limits, check_sampling, clean_text
+from tnllm.webui.validation import (
+    CHAT_DEFAULTS,
+    MAX_NEW_TOKENS_SLIDER,
+    RANGES,
+    InputError,
+    Limits,
+    check_sampling,
+    clean_text,
+)
 
 EXAMPLES = [
     "Hi! How was your weekend?",
@@ -43,7 +51,8 @@ def sampling_controls() -> list[gr.components.Component]:
         slider(*RANGES["top_k"], value=CHAT_DEFAULTS["top_k"], step=1, label="Top-k (0 = off)"),
         slider(*RANGES["repetition_penalty"], value=CHAT_DEFAULTS["repetition_penalty"], step=0.05,
                label="Repetition penalty"),
-        slider(*RANGES["max_new_tokens"], value=CHAT_DEFAULTS["max_new_tokens"], step=1, label="Max new tokens"),
+        slider(RANGES["max_new_tokens"][0], MAX_NEW_TOKENS_SLIDER, value=CHAT_DEFAULTS["max_new_tokens"], step=1,
+               label="Max new tokens"),
         ServerCheckedNumber(value=-1, precision=0, step=1, label="Seed (-1 = random)", render=False),
     ]
 

@@ -21,21 +21,26 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from tnllm.sampling import SamplingParams
+from tnllm.sampling import MAX_NEW_TOKENS_LIMIT, SamplingParams
 
 MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB body costs ~nothing)
-MAX_NEW_TOKENS_CAP = 1024    # server-side cap on a reply, for API callers too
 MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
 MAX_REPLY_SECONDS = 120.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
 SHOWN_CHARS = 40             # a refused value is quoted in its error message up to this many characters
+# The server accepts any reply length SamplingParams does (1 to MAX_NEW_TOKENS_LIMIT, bounded further by the context
+# budget and the reply time). The Max new tokens slider stops at an eighth of that: chat replies are a few dozen to
+# a few hundred tokens, and a slider reaching the limit would leave those lengths a few pixels wide. API callers
+# may ask for up to the limit.
+MAX_NEW_TOKENS_SLIDER = MAX_NEW_TOKENS_LIMIT // 8
 
-# Server-side ranges = the UI controls' ranges (app.py builds its sliders from these).
+# Server-side ranges = the UI controls' ranges (webui/chat_tab.py builds its sliders from these), except that
+# the Max new tokens slider stops at MAX_NEW_TOKENS_SLIDER.
 RANGES = {
     "temperature": (0.0, 2.0),
     "top_p": (0.05, 1.0),
     "top_k": (0, 200),
     "repetition_penalty": (1.0, 2.0),
-    "max_new_tokens": (1, MAX_NEW_TOKENS_CAP),
+    "max_new_tokens": (1, MAX_NEW_TOKENS_LIMIT),
 }
 # The Sampling panel's starting values: chosen on held-out prompts by bench/sampling_defaults.py (repetition,
 # end-of-reply rate, fit to human replies; table in BENCHMARKS.md). tests/test_sampling_defaults.py keeps them equal.
