@@ -47,7 +47,7 @@ import torch
 from tnllm.bench import percentile, timed
 from tnllm.memory import process_rss_bytes
 from tnllm.webui.http_client import ChatClient
-from tnllm.webui.ui import MALLOC_ARENAS
+from tnllm.webui.malloc import MALLOC_ARENAS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -460,7 +460,8 @@ def render(data: dict) -> str:
                   + _after_cap(s) + " The app's own session store keeps at most "
                   f"{s.get('app_session_capacity', 'a fixed number of')} recurrent states. The server shares "
                   f"{env.get('malloc_arenas', MALLOC_ARENAS)} glibc heaps between its threads and returns freed pages "
-                  "after every reply (`tnllm.memory`; the drift without them is in docs/reliability.md#host-memory).",
+                  "after every reply (`tnllm.webui.malloc`, `tnllm.memory`; the drift without them is in "
+                  "docs/reliability.md#host-memory).",
                   "",
                   f"Request kinds: {kinds}. Replies still streaming at the end: {s['active_at_end']}. Server-side "
                   f"outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["server_outcomes"].items())) + "."]

@@ -1,4 +1,5 @@
-"""tnllm.memory: freed heap pages really go back to the OS; the arena cap defers to the environment."""
+"""tnllm.memory: freed heap pages really go back to the OS; tnllm.webui.malloc: the arena cap defers to the
+environment."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-from tnllm.memory import limit_malloc_arenas, malloc_trim, peak_rss_bytes, process_rss_bytes
+from tnllm.memory import malloc_trim, peak_rss_bytes, process_rss_bytes
+from tnllm.webui.malloc import limit_malloc_arenas
 
 glibc_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or process_rss_bytes() is None,
                                  reason="glibc malloc and /proc needed")

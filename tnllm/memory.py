@@ -1,12 +1,11 @@
-"""Host memory of long-running processes: hand freed heap pages back to the OS (glibc; no-ops elsewhere), and
-read what the process holds (`process_rss_bytes`, the one resident-memory reading of the app and benchmarks, and its
-peak, `peak_rss_bytes`).
+"""Host memory of any process: hand freed heap pages back to the OS (glibc; a no-op elsewhere), and read what the
+process holds (`process_rss_bytes`, the one resident-memory reading of the app and benchmarks, and its peak,
+`peak_rss_bytes`).
 
-glibc keeps freed blocks in its heaps and gives every new thread its own heap ("arena", up to 8 per core).
-The chat server frees large, oddly sized activations from whichever worker thread ran a reply, and the
-streaming 8-bit loader frees a float copy of every tensor, so resident memory creeps up without any leak.
-Capping the arenas lets threads reuse what others freed; trimming returns the free pages to the OS.
-Measurements: docs/reliability.md#host-memory.
+glibc keeps freed blocks in its heaps. The chat server frees large, oddly sized activations after every reply,
+and the streaming 8-bit loader frees a float copy of every tensor, so resident memory creeps up without any
+leak; trimming returns the free pages to the OS. The server's own heap setting (shared arenas) is
+`tnllm.webui.malloc`. Measurements: docs/reliability.md#host-memory.
 """
 
 from __future__ import annotations
@@ -15,10 +14,8 @@ import ctypes
 import ctypes.util
 import os
 
-_M_ARENA_MAX = -8  # mallopt parameter number (malloc.h)
 
-
-def _libc() -> ctypes.CDLL | None:
+def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
@@ -26,7 +23,7 @@ def _libc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
-_LIBC = _libc()
+GLIBC = _glibc()  # the C library when it is glibc (has malloc_trim and mallopt), else None
 
 
 def process_rss_bytes() -> int | None:
@@ -50,15 +47,4 @@ def peak_rss_bytes() -> int | None:
 
 def malloc_trim() -> bool:
     """Return the free pages of every heap to the OS (glibc `malloc_trim(0)`); False where unavailable."""
-    return bool(_LIBC.malloc_trim(0)) if _LIBC is not None else False
-
-
-def limit_malloc_arenas(n: int) -> bool:
-    """Cap the heaps glibc creates from now on at `n` (`mallopt(M_ARENA_MAX, n)`); True if applied.
-
-    Threads then share heaps, so memory one worker frees is reused by the next instead of idling in a
-    heap of its own. Call early, before worker threads start; MALLOC_ARENA_MAX in the environment wins.
-    """
-    if _LIBC is None or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    return bool(_LIBC.mallopt(_M_ARENA_MAX, n))
+    return bool(GLIBC.malloc_trim(0)) if GLIBC is not None else False

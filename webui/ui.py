@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import gradio as gr
 
-from tnllm.memory import limit_malloc_arenas
 from tnllm.webui.chat import SessionStore, session_key
 from tnllm.webui.chat_tab import chat_tab
 from tnllm.webui.guard import install as install_guard
 from tnllm.webui.latency_tab import latency_tab
+from tnllm.webui.malloc import MALLOC_ARENAS, limit_malloc_arenas
 from tnllm.webui.model_tab import model_tab
 from tnllm.webui.runtime import Runtime
 from tnllm.webui.validation import MAX_REPLY_SECONDS, Limits
 
-MALLOC_ARENAS = 2  # glibc heaps shared by all threads of the server (docs/reliability.md#host-memory)
 HEADER = ("# ⚡ TransNormerLLM chat\nLinear attention with a **constant-size recurrent state**: each reply "
           "costs the same per token however long the chat gets, and the history is never re-read.")
 
@@ -27,7 +26,7 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
     """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`.
 
     `max_reply_s`: a reply's wall-clock limit (prefill included), after which it ends as if stopped."""
-    limit_malloc_arenas(MALLOC_ARENAS)  # before Gradio's worker threads start (tnllm.memory)
+    limit_malloc_arenas(MALLOC_ARENAS)  # before Gradio's worker threads start (tnllm.webui.malloc)
     store = SessionStore(runtime)
     limits = Limits.for_context(runtime.max_context, max_reply_s)
     with gr.Blocks(title="TransNormerLLM chat", delete_cache=(3600, 3600)) as demo:
