@@ -46,6 +46,7 @@ import torch
 
 from tnllm.bench import percentile, timed
 from tnllm.memory import process_rss_bytes
+from tnllm.webui import gradio_internals as gi
 from tnllm.webui.http_client import ChatClient
 from tnllm.webui.malloc import MALLOC_ARENAS
 
@@ -206,14 +207,14 @@ def probe_burst(demo, url: str, fn: int, seed: int = 0) -> dict:
         problems = [p for p in pool.map(lambda k: abuser.send(k, random.Random(rng.random())), kinds) if p]
     abuser.close()
     settle = time.perf_counter()
-    while (store.active or len(demo._queue)) and time.perf_counter() - settle < 120:
+    while (store.active or gi.queued_events(demo)) and time.perf_counter() - settle < 120:
         time.sleep(0.1)
     settled_s = time.perf_counter() - settle
     check = ChatClient(url, fn).chat("hello again", (0.0, 1.0, 0, 1.0, 16, 0))  # a well-behaved client after it
     gc.collect()
     return {"requests": dict(Counter(kinds)), "unexpected": len(problems), "unexpected_samples": problems[:5],
             "rss_before_mib": before, "rss_after_mib": rss_mib(), "idle_after_s": settled_s,
-            "generators_left": store.active, "iterators_left": len(demo.server_app.iterators),
+            "generators_left": store.active, "iterators_left": gi.open_iterators(demo),
             "client_after": check.outcome}
 
 
@@ -363,7 +364,7 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
     t0 = time.perf_counter()
 
     def sample() -> tuple[float, float, int, int, int]:
-        return (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), len(demo.state_holder.session_data))
+        return (time.perf_counter() - t0, rss_mib(), open_fds(), len(store), gi.gradio_sessions(demo))
 
     def sampler():
         while time.perf_counter() < deadline:

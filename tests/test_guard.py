@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from test_reliability import GREEDY, ROOT, ForwardCounter, wait_idle  # noqa: E402
 
+from tnllm.webui import gradio_internals as gi  # noqa: E402
 from tnllm.webui import guard  # noqa: E402
 from tnllm.webui.http_client import ChatClient  # noqa: E402
 
@@ -92,7 +93,7 @@ def test_direct_routes_do_not_run_model_work(server, runtime, route):
     finally:
         calls.remove()
     assert calls.n == 0, "no model work outside the queue"
-    assert server.sessions.active == 0 and not server.server_app.iterators, "no orphaned reply generator"
+    assert server.sessions.active == 0 and not gi.open_iterators(server), "no orphaned reply generator"
 
 
 def test_gradio_client_still_works_through_the_queue(server):
@@ -137,7 +138,7 @@ def test_unlistened_events_of_other_functions_are_dropped(server, runtime):
     finally:
         calls.remove()
     assert calls.n == frozen, "the benchmark kept running for nobody"
-    assert not server._queue.pending_event_ids_session.get("latency")
+    assert not gi.session_event_ids(server, "latency")
 
 
 # -- 4. the server owns the chat history -------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_malformed_protocol_requests_get_a_clean_4xx(server, case):
     assert len(r.content) < 300 and "Traceback" not in r.text and "detail" in r.json()
 
 
-# -- the Gradio internals webui.guard relies on ---------------------------------------------------------------
+# -- the Gradio routes webui.guard matches -------------------------------------------------------------------
 def _paths(routes) -> set[str]:
     """Every route path, through FastAPI's included routers (Gradio's API router has the /gradio_api prefix)."""
     paths = set()
@@ -271,16 +272,14 @@ def _paths(routes) -> set[str]:
 
 
 def test_gradio_internals_the_guard_relies_on(server):
-    """If a Gradio upgrade renames a route or a queue attribute, the guard would silently stop guarding."""
+    """If a Gradio upgrade renames a route, the guard would silently stop guarding it."""
     paths = _paths(server.server_app.routes)
     for path in ("/queue/join", "/queue/data", "/cancel", "/upload", "/upload_progress", "/component_server",
                  "/dev/reload", "/proxy={url_path:path}", "/heartbeat/{session_hash}", "/run/{api_name}",
                  "/api/{api_name}", "/call/{api_name}", "/call/{api_name}/{event_id}"):
         assert guard.PREFIX + path in paths, path
     assert any(m.cls is guard.Guard for m in server.server_app.user_middleware), "installed through app_kwargs"
-    queue = server._queue
-    assert isinstance(queue.pending_event_ids_session, dict) and isinstance(queue.event_ids_to_events, dict)
-    assert callable(queue.clean_events) and server.api_open is False and not server.proxy_urls
+    assert server.api_open is False and not server.proxy_urls  # (the queue state it reads: test_gradio_internals)
 
 
 def test_stream_tracker():
@@ -298,21 +297,3 @@ def test_stream_tracker():
     assert t.listening("a"), "the grace restarts when the last stream closes"
     time.sleep(0.06)
     assert not t.listening("a")
-
-
-def test_serialized_joins_keep_their_order():
-    import asyncio
-
-    class Queue:
-        async def push(self, i):
-            await asyncio.sleep(0.01 * (3 - i))
-            order.append(i)
-
-    order, queue = [], Queue()
-    guard.serialize_joins(queue)
-
-    async def main():
-        await asyncio.gather(*(queue.push(i) for i in range(3)))
-
-    asyncio.run(main())
-    assert order == [0, 1, 2]

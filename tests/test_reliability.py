@@ -35,6 +35,7 @@ from tnllm.checkpoint import CheckpointError, save_model, write_manifest  # noqa
 from tnllm.data import ASSISTANT_PREFIX, HUMAN_PREFIX  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
 from tnllm.sampling import MAX_NEW_TOKENS_LIMIT  # noqa: E402
+from tnllm.webui import gradio_internals as gi  # noqa: E402
 from tnllm.webui import validation as V  # noqa: E402
 from tnllm.webui.http_client import ChatClient  # noqa: E402
 from tnllm.webui.validation import message_text  # noqa: E402
@@ -507,7 +508,7 @@ def test_http_invalid_requests_get_422_and_no_queue_slot(runtime, server, fn_ind
         for message, controls, expected in cases:
             result = c.chat(message, controls)
             assert result.status == 422 and expected in result.error, (message[:20], controls, result)
-            assert len(server._queue) == 0
+            assert gi.queued_events(server) == 0
     finally:
         calls.remove()
     assert calls.n == 0, "no model work for rejected requests"

@@ -16,11 +16,14 @@ through the queue) and the launch settings in launch.py. Everything else is here
     - tracks which sessions have their result stream open (`StreamTracker`) and, twice the grace after a
       join, drops the events of a session nobody listens to, exactly as Gradio does when a stream
       disconnects (queued events leave the queue, a running one ends at its next yield).
-* `serialize_joins`: admits one join at a time, so the queue bound is exact.
+* `install` also serialises queue joins (`gradio_internals.serialize_joins`), so the queue bound is exact.
+
+Gradio's private state (function ids, a session's events, dropping them, the Blocks behind a request) is read
+only through `tnllm.webui.gradio_internals`, which tests/test_gradio_internals.py pins.
 
 The chat reply asks `StreamTracker.listening` after every prefill chunk and token (webui.chat), so a reply
 nobody reads ends within one step as "abandoned", before the sweep would end it as "cancelled".
-tests/test_guard.py attacks each point over HTTP and pins the Gradio internals used here.
+tests/test_guard.py attacks each point over HTTP and pins the Gradio routes matched here.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from urllib.parse import parse_qs
 
 from starlette.middleware import Middleware
 
-__all__ = ["LISTEN_GRACE_S", "Guard", "StreamTracker", "install", "middleware", "serialize_joins"]
+from tnllm.webui import gradio_internals as gi
+
+__all__ = ["LISTEN_GRACE_S", "Guard", "StreamTracker", "install", "middleware"]
 
 LISTEN_GRACE_S = 5.0          # a join's result stream must open within this long (clients open it right after)
 FORGET_AFTER_S = 600.0        # a session's stream record is dropped this long after its last stream closed
@@ -93,28 +98,16 @@ class StreamTracker:
 def install(demo, store) -> StreamTracker:
     """Wire the guard's parts into a built demo: the stream tracker (`demo.streams`, asked by the chat reply
     through `store.listening`) and serialised joins. Call after `demo.queue(...)`."""
-    demo.streams = StreamTracker()
-    store.listening = demo.streams.listening
-    serialize_joins(demo._queue)
-    return demo.streams
+    tracker = StreamTracker()
+    gi.attach(demo, "streams", tracker)
+    store.listening = tracker.listening
+    gi.serialize_joins(demo)
+    return tracker
 
 
 def middleware() -> list[Middleware]:
     """The launch's `app_kwargs["middleware"]` (Gradio's App is a FastAPI app built with **app_kwargs)."""
     return [Middleware(Guard)]
-
-
-def serialize_joins(queue) -> None:
-    """Gradio 6.26 checks `max_size` before awaiting the validator and enqueues after it, so a burst of
-    simultaneous requests all pass the check and the bound is exceeded. Admitting one request at a time
-    (validation takes milliseconds) makes the bound exact: the rest get HTTP 503 "Queue is full"."""
-    push, lock = queue.push, asyncio.Lock()
-
-    async def serialized_push(*args, **kwargs):
-        async with lock:
-            return await push(*args, **kwargs)
-
-    queue.push = serialized_push
 
 
 class Refused(Exception):
@@ -141,7 +134,7 @@ def _check_session(value, required: bool) -> None:
 def _check_fn_index(blocks, value, required: bool) -> None:
     if value is None and not required:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value not in blocks.fns:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in gi.function_ids(blocks):
         raise Refused(422, "fn_index must be the id of one of this app's functions.")
 
 
@@ -164,7 +157,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        blocks = scope["app"].get_blocks()
+        blocks = gi.blocks_of(scope)
         tracker: StreamTracker | None = getattr(blocks, "streams", None)
         if tracker is not None:
             tracker.watching = True
@@ -219,7 +212,7 @@ class Guard:
         session = body.get("session_hash")
         _check_session(session, required=True)
         _check_fn_index(blocks, body.get("fn_index"), required=True)
-        if body.get("event_id") not in blocks._queue.pending_event_ids_session.get(session, ()):
+        if body.get("event_id") not in gi.session_event_ids(blocks, session):
             raise Refused(404, "No such event in this session.")
 
     async def _stream(self, blocks, tracker, route: str, scope, receive, send):
@@ -230,8 +223,7 @@ class Guard:
             session = query.get("session_hash", [None])[0] if route == "/queue/data" else route.split("/", 2)[2]
             _check_session(session, required=True)
         else:  # /call/<api>/<event_id>: the event names its session while it is queued or running
-            event = blocks._queue.event_ids_to_events.get(route.rsplit("/", 1)[-1])
-            session = event.session_hash if event is not None else None
+            session = gi.event_session(blocks, route.rsplit("/", 1)[-1])
         if tracker is None or session is None or route.startswith("/heartbeat/"):
             return await self.app(scope, receive, send)
         tracker.opened(session)
@@ -259,17 +251,17 @@ class Guard:
             event_id = json.loads(b"".join(chunks)).get("event_id")
         except (ValueError, AttributeError):
             return  # a direct /run call's result (only queue=False functions answer there)
-        event = blocks._queue.event_ids_to_events.get(event_id)
-        if event is not None:
-            tracker.joined(event.session_hash)
+        session = gi.event_session(blocks, event_id)
+        if session is not None:
+            tracker.joined(session)
             # twice the grace: the chat reply's own check (every step) ends it first, as "abandoned"
-            asyncio.get_running_loop().call_later(2 * tracker.grace_s, _sweep, blocks, tracker, event.session_hash)
+            asyncio.get_running_loop().call_later(2 * tracker.grace_s, _sweep, blocks, tracker, session)
 
 
 def _sweep(blocks, tracker: StreamTracker, session: str) -> None:
     """Drop a session's events if nobody has listened for its results: Gradio's own disconnect path."""
     if not tracker.listening(session):
-        asyncio.ensure_future(blocks._queue.clean_events(session_hash=session))
+        asyncio.ensure_future(gi.drop_session_events(blocks, session))
 
 
 async def _answer(send, status: int, detail: str) -> None:

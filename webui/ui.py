@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from tnllm.webui import gradio_internals as gi
 from tnllm.webui.chat import SessionStore, session_key
 from tnllm.webui.chat_tab import chat_tab
 from tnllm.webui.guard import install as install_guard
@@ -43,7 +44,7 @@ def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 
             store.drop(session_key(request))
 
         demo.unload(forget)
-    demo.sessions = store  # for tests and debugging
+    gi.attach(demo, "sessions", store)  # for the tests and the soak
     # api_open=False: the /run/<api> and /api/<api> routes refuse queued functions (HTTP 404), so model work
     # only runs through the queue, behind the validator and within the concurrency limit.
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_size, api_open=False)
