@@ -28,6 +28,7 @@ from tnllm.model import random_model
 from tnllm.paths import ASSETS, ROOT
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
+from tnllm.webui.validation import default_max_context
 
 log = logging.getLogger("tnllm.app")
 
@@ -257,7 +258,7 @@ def load_runtime(model: str | None = None, baseline: str | None = None, *, int8:
     engine = start_engine(tnl, tokenizer, source)
     llama, baseline_info = load_baseline(baseline, tnl, device=dev, dtype=torch_dtype, method=info.pop("_method"))
     info["licence / data"] = _notes(source, info)
-    limit = max_context or (131072 if dev.type == "cuda" else 16384)
+    limit = max_context or default_max_context(dev.type)
     return Runtime(tnl, tokenizer, llama, dev, limit, info, baseline_info, model_path=source, engine=engine)
 
 
@@ -280,5 +281,5 @@ def load_tp_runtime(model, source: str, baseline: str | None, *, max_context: in
             "tokenizer": _tokenizer_row(tokenizer)}
     llama, baseline_info = load_baseline(baseline, model, device=device, dtype=dtype)
     info["licence / data"] = _notes(source, info)
-    limit = max_context or (131072 if device.type == "cuda" else 16384)
+    limit = max_context or default_max_context(device.type)
     return Runtime(model, tokenizer, llama, device, limit, info, baseline_info, model_path=source, engine=engine)

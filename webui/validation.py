@@ -62,6 +62,17 @@ class InputError(ValueError):
         self.fields = fields or {"message": message}
 
 
+# Context tokens a conversation may hold before the server refuses a turn (`--max-context` overrides), per
+# device: the recurrent state does not grow, so the limit is about the time to read a prompt, which a GPU does
+# far faster.
+DEFAULT_MAX_CONTEXT = {"cuda": 131072, "cpu": 16384}
+
+
+def default_max_context(device_type: str) -> int:
+    """The context limit of a server on a device of this type ("cuda", "cpu", ...; others take the CPU's)."""
+    return DEFAULT_MAX_CONTEXT.get(device_type, DEFAULT_MAX_CONTEXT["cpu"])
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one chat turn may use: message size, context, and the reply's wall-clock time (prefill included;
@@ -69,7 +80,7 @@ class Limits:
 
     max_chars: int = MAX_MESSAGE_CHARS
     max_input_tokens: int = MAX_INPUT_TOKENS
-    max_context: int = 16384
+    max_context: int = DEFAULT_MAX_CONTEXT["cpu"]
     max_reply_s: float = MAX_REPLY_SECONDS
 
     @classmethod
