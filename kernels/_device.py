@@ -1,5 +1,5 @@
 """Where a Triton launch runs: the one interpreter check of the Triton launchers (triton_chunk, triton_norm,
-triton_step)."""
+triton_step, triton_int8)."""
 
 from __future__ import annotations
 

@@ -20,13 +20,13 @@ never syncs with the host and never autotunes, so it can be captured in a CUDA g
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from tnllm.kernels._device import triton_interpreted
 from tnllm.kernels.reference import check_int8_linear
 
 __all__ = ["int8_linear_triton"]
@@ -119,10 +119,6 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _interpreting(device: torch.device) -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" or device.type == "cpu"
-
-
 @functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
 def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
     """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes).
@@ -132,7 +128,7 @@ def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
     Under the interpreter: 16-wide tiles and 2 K slices for M <= 16, so that tests at small shapes walk several
     K steps, N tiles and slices.
     """
-    if _interpreting(device):
+    if triton_interpreted(device):
         return Config(16, 16, 16, SPLIT_K=2 if M <= DECODE_MAX_M and K > 32 else 1, GROUP_M=2, num_stages=1)
     cfg = next(tile for max_m, tile in TILES if max_m is None or M <= max_m)
     programs = triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
@@ -173,7 +169,7 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None):
         return y.copy_((torch.zeros_like(scales) if bias is None else bias).expand(M, N)).reshape(*x.shape[:-1], N)
     cfg = config or choose_config(M, N, K, x.device)
     b = scales if bias is None else bias  # `scales`: an unused placeholder
-    f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting(x.device))
+    f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
     ws = y if cfg.SPLIT_K == 1 else torch.empty(cfg.SPLIT_K, M, N, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.SPLIT_K)
     _int8_mm_kernel[grid](
@@ -182,7 +178,7 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None):
         EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
         F32=f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.SPLIT_K > 1:
-        BN = min(triton.next_power_of_2(N), 16 if _interpreting(x.device) else 1024)
+        BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
         _splitk_reduce_kernel[(M, triton.cdiv(N, BN))](ws, scales, b, y, M, N, y.stride(0), SPLIT_K=cfg.SPLIT_K,
                                                        BN=BN, HAS_BIAS=bias is not None, num_warps=4)
     return y.reshape(*x.shape[:-1], N)
