@@ -20,15 +20,21 @@ __all__ = ["srmsnorm_triton", "add_srmsnorm_triton", "gated_srmsnorm_triton"]
 
 
 @triton.jit
-def _norm_fwd_kernel(x, y, r, N, eps, BN: tl.constexpr):
-    i_m = tl.program_id(0).to(tl.int64)
+def _inv_rms(p, N, eps, BN: tl.constexpr):
+    # rsqrt(mean(row²) + eps) of the N values at p, in BN-wide blocks (fp32)
     o_n = tl.arange(0, BN)
     b_ss = tl.zeros([BN], dtype=tl.float32)
     for i0 in range(0, N, BN):
-        m_n = i0 + o_n < N
-        b_x = tl.load(x + i_m * N + i0 + o_n, mask=m_n, other=0.).to(tl.float32)
+        b_x = tl.load(p + i0 + o_n, mask=i0 + o_n < N, other=0.).to(tl.float32)
         b_ss += b_x * b_x
-    b_r = 1.0 / tl.sqrt(tl.sum(b_ss, axis=0) / N + eps)
+    return 1.0 / tl.sqrt(tl.sum(b_ss, axis=0) / N + eps)
+
+
+@triton.jit
+def _norm_fwd_kernel(x, y, r, N, eps, BN: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    o_n = tl.arange(0, BN)
+    b_r = _inv_rms(x + i_m * N, N, eps, BN)
     tl.store(r + i_m, b_r)
     for i0 in range(0, N, BN):
         m_n = i0 + o_n < N
@@ -90,12 +96,7 @@ def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr):
     # y = u * o * rsqrt(mean(o²) + eps), fp32 inside, rounded once at the store
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
-    b_ss = tl.zeros([BN], dtype=tl.float32)
-    for i0 in range(0, N, BN):
-        m_n = i0 + o_n < N
-        b_o = tl.load(o + i_m * s_om + i0 + o_n, mask=m_n, other=0.).to(tl.float32)
-        b_ss += b_o * b_o
-    b_r = 1.0 / tl.sqrt(tl.sum(b_ss, axis=0) / N + eps)
+    b_r = _inv_rms(o + i_m * s_om, N, eps, BN)
     for i0 in range(0, N, BN):
         m_n = i0 + o_n < N
         b_o = tl.load(o + i_m * s_om + i0 + o_n, mask=m_n, other=0.).to(tl.float32)
