@@ -38,6 +38,7 @@ import torch
 
 from tnllm.engine import Engine, EngineConfig
 from tnllm.engine.graphs import capture_cuda_graph
+from tnllm.engine.kv_cache import kv_cache_bytes
 from tnllm.memory import process_rss_bytes
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams
@@ -116,7 +117,7 @@ class LlamaAdapter(ModelAdapter):
         return out.logits, out.cache
 
     def cache_bytes(self, cache) -> int:
-        return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+        return kv_cache_bytes(cache)
 
 
 class LlamaStaticAdapter(LlamaAdapter):
@@ -319,9 +320,13 @@ class StepRun:
         _check_warmup(context_len, warmup)
         self.adapter, self.position = adapter, context_len - warmup
         self.ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
-        _, self.cache = adapter.prefill(self.ids[:, :self.position])
+        self._prefill()
         for _ in range(warmup):
             self.step()
+
+    def _prefill(self) -> None:
+        """Read the ids before `position` into a fresh cache."""
+        _, self.cache = self.adapter.prefill(self.ids[:, :self.position])
 
     def step(self) -> torch.Tensor:
         """One decode step: the next prompt id into the cache; its logits [1, 1, V]."""
@@ -337,19 +342,16 @@ class StaticStepRun(StepRun):
     """A `StepRun` on a `LlamaStaticAdapter`: the cache is preallocated for the whole run, and on CUDA each step
     copies the next id into a static input and replays one captured step."""
 
-    def __init__(self, adapter: LlamaStaticAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
-        _check_warmup(context_len, warmup)
-        self.adapter, self.position = adapter, context_len - warmup
-        self.ids = prompt_ids(adapter.vocab_size, context_len + n_tokens, seed, adapter.device)  # [1, T + n]
-        _, self.cache = adapter.prefill(self.ids[:, :self.position], max_cache_len=context_len + n_tokens)
+    def _prefill(self) -> None:
+        """Read the ids before `position` into a cache preallocated for every id of the run; then set up the step
+        (on CUDA: captured)."""
+        model = self.adapter.model
+        _, self.cache = self.adapter.prefill(self.ids[:, :self.position], max_cache_len=self.ids.shape[1])
         self.token = self.ids[:, self.position:self.position + 1].clone()  # [1, 1] static input
-        forward = lambda: adapter.model(self.token, cache=self.cache, use_cache=True, logits_to_keep=1).logits  # noqa: E731
-        self.run = forward
-        self.path = "static-cache"
-        if adapter.device.type == "cuda":
+        forward = lambda: model(self.token, cache=self.cache, use_cache=True, logits_to_keep=1).logits  # noqa: E731
+        self.run, self.path = forward, "static-cache"
+        if self.adapter.device.type == "cuda":
             self.run, self.path = self._captured(forward), "static-cache-graph"
-        for _ in range(warmup):
-            self.step()
 
     def _captured(self, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """`forward` as a graph replay returning its static logits; the warm-up calls advance the cache, so its

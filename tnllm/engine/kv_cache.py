@@ -29,7 +29,7 @@ class KVCachePool(SlotAllocator):
     @property
     def slot_bytes(self) -> int:
         """Bytes of the largest cache held now (a KV cache grows with its context)."""
-        return max((_cache_bytes(c) for c in self.caches if c is not None), default=0)
+        return max((kv_cache_bytes(c) for c in self.caches if c is not None), default=0)
 
     def clear(self, slot: int) -> None:
         self.caches[slot] = None
@@ -58,7 +58,8 @@ class KVRows:
         return len(self.slots)
 
 
-def _cache_bytes(cache) -> int:
+def kv_cache_bytes(cache) -> int:
+    """Bytes of the keys and values a transformers `Cache` holds."""
     return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
 
 
