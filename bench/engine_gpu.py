@@ -14,7 +14,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 * paths: "engine-graph" (captured decode per batch bucket, sampler inside), "engine-graph-sampler-outside",
   "engine-eager", and "graph-replay" (the captured step and the id transfer alone: no scheduler, no events);
 * interleave: --interleave-sessions decode while a --interleave-prompt-token prompt arrives; their gaps during
-  its prefill against before, per prefill budget (chunk) in --budgets;
+  its prefill against before, per prefill budget (chunk) in --budgets, with the chunks packed into the decode
+  steps' forward and read beside them (--packing);
 * check: graph vs eager logits and states of one step (fp32 copy of the 1B preset; tiny in --smoke), rel-L2.
 
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
@@ -282,14 +283,16 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
             finally:
                 engine.shutdown()
     for budget in (int(b) for b in args.budgets.split(",")):
-        with section(results, f"{preset} interleave budget {budget}"):
-            engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1,
-                                                     prefill_budget=budget), eos_ids=set())
-            try:
-                figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
-                results.add("interleave", {"preset": preset, **figures})
-            finally:
-                engine.shutdown()
+        for packing in args.packing.split(","):
+            with section(results, f"{preset} interleave budget {budget} packing {packing}"):
+                engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1,
+                                                         prefill_budget=budget, pack_chunks=packing == "on"),
+                                eos_ids=set())
+                try:
+                    figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
+                    results.add("interleave", {"preset": preset, "packed": packing == "on", **figures})
+                finally:
+                    engine.shutdown()
 
 
 @contextlib.contextmanager
@@ -314,6 +317,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--budgets", default="256,512,1024",
                         help="prefill budgets (tokens per step: the captured chunk) to interleave")
+    parser.add_argument("--packing", default="on,off",
+                        help="interleave with the prompt's chunks inside the decode steps (on) and beside them (off)")
     parser.add_argument("--interleave-sessions", type=int, default=8)
     parser.add_argument("--interleave-prompt", type=int, default=32768)
     parser.add_argument("--check-preset", default="tnl-1b")

@@ -243,12 +243,13 @@ def render_engine(result: dict) -> str:
                    f"{x['aggregate_tok_s']:,.0f} | {x.get('commit', '')} |")
     if result.get("interleave"):
         out += ["", "A long prompt arriving while sessions decode (their ms/token during its prefill vs before):", "",
-                "| preset | decoding sessions | prompt tokens | prefill chunk | prefill s | ms/token before → during | "
-                "ratio | code |", "|---|---|---|---|---|---|---|---|"]
+                "| preset | decoding sessions | prompt tokens | prefill chunk | chunk read | prefill s | "
+                "ms/token before → during | ratio | code |", "|---|---|---|---|---|---|---|---|---|"]
         for x in result["interleave"]:
+            read = {True: "in the decode step", False: "beside it"}.get(x.get("packed", False))
             out.append(f"| {x['preset']} | {x['decoding_sessions']} | {x['prompt_tokens']:,} | {x['prefill_budget']:,}"
-                       f" | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → {x['ms_per_token_during']:.1f} | "
-                       f"{x['ratio']:.2f}× | {x.get('commit', '')} |")
+                       f" | {read} | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → "
+                       f"{x['ms_per_token_during']:.1f} | {x['ratio']:.2f}× | {x.get('commit', '')} |")
     for check in result.get("checks") or []:
         out.append(f"\nGraph vs eager: {check}")
     return _with_notes(out, result)

@@ -16,7 +16,7 @@ from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
 from tnllm.engine.sampler import GENERAL, SamplePlan
 from tnllm.sampling import SamplingParams, filter_logits
-from tnllm.state import SlotState
+from tnllm.state import PackedSlotState, SlotState
 
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12)
 SAMPLED = SamplingParams(temperature=1.2, top_k=50, top_p=0.95, repetition_penalty=1.3, max_new_tokens=12)
@@ -96,6 +96,67 @@ def test_triton_step_through_slots_equals_reference():
     assert_close("pool", expected_pool, pool, rel=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=requires_triton_interpret)])
+@torch.inference_mode()
+def test_packed_row_equals_the_decode_step_and_the_chunk_apart(model, impl):
+    """One packed forward (decode tokens of slots 1, 4, 3 and an 11-token chunk of slot 5, every slot with a
+    history) == the decode step and the chunk run one after the other: logits, states and positions."""
+    pool = model.allocate_state(6)
+    model(torch.randint(3, 400, (4, 7)), SlotState(pool.kv, pool.positions, torch.tensor([1, 3, 4, 5])))
+    packed = pool.clone()
+    decode_slots, chunk_slot = torch.tensor([1, 4, 3]), torch.tensor([5])
+    tokens, chunk = torch.randint(3, 400, (3, 1)), torch.randint(3, 400, (1, 11))
+    with kernels.use_impl(impl):
+        apart = torch.cat([model(tokens, SlotState(pool.kv, pool.positions, decode_slots))[:, -1],
+                           model(chunk, SlotState(pool.kv, pool.positions, chunk_slot), logits_to_keep=1)[:, -1]])
+        row = torch.cat([tokens[:, 0], chunk[0]])[None]  # [1, 3 + 11]
+        together = model(row, PackedSlotState(packed.kv, packed.positions, torch.cat([decode_slots, chunk_slot]), 3))
+    assert together.shape == (1, 4, 400)
+    assert_close("logits", apart, together[0], rel=1e-5)
+    for layer_apart, layer_packed in zip(pool.kv, packed.kv):
+        assert_close("state", layer_apart, layer_packed, rel=1e-5)
+    assert packed.positions.tolist() == pool.positions.tolist() == [0, 8, 0, 8, 8, 18]
+    with pytest.raises(ValueError, match="n_decode"):
+        model(row[:, :3], PackedSlotState(packed.kv, packed.positions, torch.cat([decode_slots, chunk_slot]), 3))
+
+
+def test_packing_prompt_chunks_into_decode_steps_changes_no_reply(model, tok, overlap):
+    """Eager engine: prompts arriving while others decode read inside the decode steps (`packed_step`), and every
+    reply (greedy and seeded sampling) equals the engine that reads them apart."""
+    def run(pack_chunks):
+        engine = make_engine(model, tok, overlap=overlap, pack_chunks=pack_chunks)
+        params = [GREEDY, SamplingParams(**{**SAMPLED.__dict__, "seed": 9}), GREEDY]
+        replies = [engine.open().feed_ids(prompt(4, 40), params[0])]
+        engine.step()
+        replies += [engine.open().feed_ids(prompt(n, 40 + n), p) for n, p in ((37, params[1]), (23, params[2]))]
+        engine.run_until_idle()
+        return [r.sampled for r in replies]
+
+    assert run(pack_chunks=True) == run(pack_chunks=False)
+
+
+def test_prompt_chunks_ride_in_the_captured_decode_step(model, tok, overlap):
+    """With graph stand-ins, a prompt read while others decode takes the packed graph for its full chunks
+    (16 ids) and a prefill piece for the rest; greedy replies == argmax loop."""
+    engine = make_engine(model, tok, overlap=overlap)
+    decoder = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=6, capture=replay_eagerly)
+    prefill = PrefillGraphs(model, engine.pool, max_chunk=16, capture=replay_eagerly)
+    engine.scheduler.decoder, engine.scheduler.prefill_graph = decoder, prefill
+    pieces = []
+    for size, piece in prefill.pieces.items():
+        piece.replay = (lambda replay, size: lambda: (pieces.append(size), replay()))(piece.replay, size)
+    prompts = [prompt(5, 50), prompt(6, 51), prompt(40, 52)]
+    replies = [engine.open().feed_ids(ids, GREEDY) for ids in prompts[:2]]
+    engine.step()  # both short prompts read alone
+    replies.append(engine.open().feed_ids(prompts[2], GREEDY))
+    engine.run_until_idle()
+    assert {key[2] for key in decoder.graphs} == {0, 16}, "decode graphs and the packed one for 16-id chunks"
+    # 5 and 6 ids alone: 4 + 1, 4 + 2; then 40 beside decoding: two 16-id chunks packed, the last 8 a piece
+    assert pieces == [4, 1, 4, 2, 8]
+    for reply, ids in zip(replies, prompts):
+        assert reply.sampled == argmax_loop(model, ids, 12)
+
+
 # -- greedy correctness and isolation -------------------------------------------------------------------
 def test_greedy_equals_full_forward_argmax(model, tok, overlap):
     ids = prompt(37, 1)  # 3 prefill chunks of 16
@@ -152,9 +213,14 @@ def test_threaded_engine_serves_concurrent_consumers(model, tok, overlap):
 
 
 def replay_eagerly(run, warmup):
-    """A CPU stand-in for a CUDA graph: replay = run again into the static output."""
+    """A CPU stand-in for a CUDA graph: replay = run again into the static output(s)."""
     out = run()
-    return (lambda: out.copy_(run())), out
+
+    def replay():
+        for static, fresh in zip(*((o,) if isinstance(o, torch.Tensor) else o for o in (out, run()))):
+            static.copy_(fresh)
+
+    return replay, out
 
 
 @pytest.mark.parametrize("sample_in_graph", [True, False])
@@ -200,7 +266,7 @@ def test_prefill_pieces_are_a_binary_decomposition():
 def test_captured_prefill_chunks_equal_eager(model, tok):
     """Prefill chunks through the `PrefillGraphs` stand-in (static ids and slot buffers per piece, replayed
     back to back), two prompts interleaved with a decoding session: greedy == argmax loop."""
-    engine = make_engine(model, tok)
+    engine = make_engine(model, tok, pack_chunks=False)
     graphs = PrefillGraphs(model, engine.pool, max_chunk=16, capture=replay_eagerly)
     replays = []
 

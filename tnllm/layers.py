@@ -105,16 +105,21 @@ class NormLinearAttention(nn.Module):
         positions: torch.Tensor,
         kv: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        n_decode: int | None = None,
     ) -> torch.Tensor:
         """x [B, T, d]; log_decay [H] fp32; positions [B, T]; kv [B, H, dk, dh] fp32 or None.
 
         With `kv`, attention continues from it and writes the new state back into it in place. With `slots`
-        (int64 [B]), `kv` is a pool [S, H, dk, dh] and row b continues slot slots[b].
+        (int64 [B]), `kv` is a pool [S, H, dk, dh] and row b continues slot slots[b]. With `n_decode`, x is one
+        packed row (`PackedSlotState`): tokens t < n_decode are decode tokens of slots[t], the rest a chunk of
+        slots[n_decode].
         """
         B, T, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]: strided views of one output
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # [B, T, H, dh]
-        if kv is not None and T == 1:
+        if n_decode is not None:
+            o = self._packed(q, k, v, log_decay, positions, kv, slots, n_decode)
+        elif kv is not None and T == 1:
             o = self._step(q, k, v, log_decay, positions, kv, slots)
         else:
             o = self._prefill(q, k, v, log_decay, positions, kv, slots)
@@ -133,6 +138,16 @@ class NormLinearAttention(nn.Module):
         if self.lrpe is not None:
             (q, k), act = self._features(q, k, positions), "none"
         return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=act)[:, None]
+
+    def _packed(self, q, k, v, log_decay, positions, kv, slots, n_decode) -> torch.Tensor:
+        """One packed row, q, k, v [1, T, H, dh]: the first n_decode tokens take the step (one per slot), the
+        rest continue slot slots[n_decode] as a chunk -> o [1, T, H, dh]."""
+        n = n_decode
+        step = (t[0, :n, None] for t in (q, k, v))  # each [n, 1, H, dh]: token t as batch row t
+        o_step = self._step(*step, log_decay, positions[0, :n, None], kv, slots[:n])  # [n, 1, H, dh]
+        chunk = (t[:, n:] for t in (q, k, v))  # each [1, C, H, dh]
+        o_chunk = self._prefill(*chunk, log_decay, positions[:, n:], kv, slots[n:])  # [1, C, H, dh]
+        return torch.cat([o_step.transpose(0, 1), o_chunk], dim=1)  # [1, n + C, H, dh]
 
     def _prefill(self, q, k, v, log_decay, positions, kv, slots) -> torch.Tensor:
         """Any number of tokens, q, k, v [B, T, H, dh] -> o [B, T, H, dh]; continues `kv` (and updates it) if given."""
@@ -162,14 +177,14 @@ class DecoderLayer(nn.Module):
         self.channel_norm = SimpleRMSNorm(config.norm_eps)
         self.channel_mixer = GLU(config.dim, config.glu_dim, config.bias)
 
-    def forward(self, x, log_decay, positions, kv=None, slots=None, delta=None):
+    def forward(self, x, log_decay, positions, kv=None, slots=None, delta=None, n_decode=None):
         """The stream x + delta [B, T, d] (delta None: x alone) -> the block's output as (x', delta'), x' + delta'.
 
-        log_decay, positions, kv, slots: as NormLinearAttention.
+        log_decay, positions, kv, slots, n_decode: as NormLinearAttention.
         """
         if delta is None:
             h = self.token_norm(x)
         else:
             x, h = self.token_norm.add_norm(x, delta)  # the previous block's last add
-        x, h = self.channel_norm.add_norm(x, self.token_mixer(h, log_decay, positions, kv, slots))
+        x, h = self.channel_norm.add_norm(x, self.token_mixer(h, log_decay, positions, kv, slots, n_decode))
         return x, self.channel_mixer(h)

@@ -134,3 +134,20 @@ class SlotState:
     @property
     def batch_size(self) -> int:
         return self.slots.shape[0]
+
+
+@dataclass
+class PackedSlotState(SlotState):
+    """Decode rows and one prompt chunk packed into ONE batch row, so one forward reads the weights once for both.
+
+    The model's input is [1, n_decode + C]: token b < n_decode is one decode token of slot `slots[b]`, and the
+    last C tokens are a prompt chunk continuing slot `slots[n_decode]`. Linears and norms see n_decode + C rows;
+    attention takes the recurrent step for the decode tokens and the chunked path for the chunk. The forward
+    returns logits at the end of each segment: [1, n_decode + 1, V].
+    """
+
+    n_decode: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return 1

@@ -47,7 +47,9 @@ class EngineConfig:
     captured decode per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the
     sampler inside the captured step; prefill_graph: chunks up to `prefill_budget` ids captured too (None = with
     cuda_graphs); overlap: hand out a step's ids while the next step runs on the GPU (None = with cuda_graphs;
-    see tnllm/engine/scheduler.py); threaded: run steps on an engine thread."""
+    see tnllm/engine/scheduler.py); pack_chunks: a prompt chunk read while others decode rides in the decode
+    step's forward (one read of the weights for both; see tnllm/engine/scheduler.py); threaded: run steps on an
+    engine thread."""
 
     max_sessions: int = 16
     prefill_budget: int | None = None
@@ -56,6 +58,7 @@ class EngineConfig:
     sample_in_graph: bool = True
     prefill_graph: bool | None = None
     overlap: bool | None = None
+    pack_chunks: bool = True
     threaded: bool = True
 
 
@@ -82,7 +85,7 @@ class Engine:
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
         overlap = config.overlap if config.overlap is not None else graphs
         self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph,
-                                   overlap)
+                                   overlap, config.pack_chunks)
         self.threaded = config.threaded
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], Future]] = []

@@ -6,6 +6,8 @@ sink slot 0, and the whole slot buffer is rewritten every replay (a static buffe
 slots of an earlier, larger batch). Each graph holds embedding -> layers -> head, and (by default) the
 sampler, so a step is one replay; with `sample_in_graph=False` the graph ends at the logits and the
 sampler runs eagerly after it (measured by bench/engine_gpu.py). Batches above the largest bucket run eager.
+The packed step (decode rows plus a prompt chunk of `prefill_budget` ids in one forward) is captured the same
+way, per (bucket, plan, chunk length), with the chunk's slot after the bucket's rows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from tnllm.engine.pool import SINK_SLOT, StatePool
 from tnllm.engine.sampler import GENERAL, BatchSampler, SamplePlan
-from tnllm.engine.scheduler import decode_step
+from tnllm.engine.scheduler import decode_step, packed_step
 from tnllm.model import TransNormerLLM
 
 
@@ -45,8 +47,10 @@ def capture_cuda_graph(run: Callable[[], torch.Tensor], warmup: int) -> tuple[Ca
 @dataclass
 class _Captured:
     replay: Callable[[], None]
-    slots: torch.Tensor    # static int64 [b] input
-    out: torch.Tensor      # static output: ids [b], or logits [b, V] without the sampler
+    slots: torch.Tensor    # static int64 [b] input ([b + 1] for a packed step: the chunk's slot last)
+    out: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # static output: ids [b], or logits [b, V] without the
+    #                        sampler; a packed step adds the chunk's last logits [1, V]
+    chunk: torch.Tensor | None = None  # static int64 [1, C] input of a packed step
 
 
 class DecodeGraphs:
@@ -66,15 +70,22 @@ class DecodeGraphs:
         self.sizes = bucket_sizes(max_batch)
         self.graphs: dict[tuple[int, SamplePlan | None], _Captured] = {}
 
-    def captured(self, n: int, plan: SamplePlan = GENERAL) -> _Captured:
-        """The graph serving n rows under `plan` (captured now if it is the first such step)."""
-        key = (self.bucket(n), plan if self.sample_in_graph else None)
+    def captured(self, n: int, plan: SamplePlan = GENERAL, chunk: int = 0) -> _Captured:
+        """The graph serving n rows under `plan` (captured now if it is the first such step); with `chunk` > 0,
+        the packed step that also reads a prompt chunk of that many ids (`packed_step`)."""
+        key = (self.bucket(n), plan if self.sample_in_graph else None, chunk)
         if key not in self.graphs:
             # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
-            slots = torch.full((key[0],), SINK_SLOT, dtype=torch.long, device=self.pool.device)
-            run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph, plan)  # noqa: E731
+            bucket, device = key[0], self.pool.device
+            slots = torch.full((bucket + (1 if chunk else 0),), SINK_SLOT, dtype=torch.long, device=device)
+            ids = torch.zeros(1, chunk, dtype=torch.long, device=device) if chunk else None
+            if chunk:
+                run = lambda: packed_step(self.model, self.pool, self.sampler, slots, ids,  # noqa: E731
+                                          self.sample_in_graph, plan)
+            else:
+                run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph, plan)  # noqa: E731
             replay, out = self.capture(run, self.warmup)
-            self.graphs[key] = _Captured(replay, slots, out)
+            self.graphs[key] = _Captured(replay, slots, out, ids)
         return self.graphs[key]
 
     def covers(self, n: int) -> bool:
@@ -95,10 +106,29 @@ class DecodeGraphs:
         staged = torch.tensor(padded, dtype=torch.long, pin_memory=self.pool.device.type == "cuda")
         captured.slots.copy_(staged, non_blocking=True)
         captured.replay()
+        return self._sampled(captured.out[:n], captured.slots[:n], plan)
+
+    def packed_step(self, slots: list[int], plan: SamplePlan, chunk: list[int],
+                    chunk_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step` for the rows of `slots` plus a prompt chunk read into `chunk_slot`, as one replay of the packed
+        graph for len(chunk) ids: (next ids [n], the chunk's last logits [1, V], valid until the next replay)."""
+        n = len(slots)
+        captured = self.captured(n, plan, len(chunk))
+        bucket = captured.slots.shape[0] - 1
+        staged = torch.tensor(slots + [SINK_SLOT] * (bucket - n) + [chunk_slot] + chunk, dtype=torch.long,
+                              pin_memory=self.pool.device.type == "cuda")  # fresh per step, as in `step`
+        captured.slots.copy_(staged[:bucket + 1], non_blocking=True)
+        captured.chunk.copy_(staged[None, bucket + 1:], non_blocking=True)
+        captured.replay()
+        decoded, chunk_logits = captured.out
+        return self._sampled(decoded[:n], captured.slots[:n], plan), chunk_logits
+
+    def _sampled(self, out: torch.Tensor, slots: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+        """A replay's decode rows as ids: the graph's own when it samples, else the sampler's on its logits."""
         if self.sample_in_graph:
-            return captured.out[:n]
+            return out
         with torch.inference_mode():
-            return self.sampler.sample(captured.out[:n], captured.slots[:n], plan)
+            return self.sampler.sample(out, slots, plan)
 
 
 def piece_sizes(max_chunk: int) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tnllm.model import TransNormerLLM
-from tnllm.state import RecurrentState, SlotState
+from tnllm.state import PackedSlotState, RecurrentState, SlotState
 
 SINK_SLOT = 0
 
@@ -24,6 +24,8 @@ class PoolFullError(RuntimeError):
 
 class SlotAllocator:
     """Slots 1..size handed out from a host free list; `clear(slot)` (a subclass's) empties one when handed out."""
+
+    supports_packing = False  # a subclass with `packed_rows(slots, n_decode)` sets it (see StatePool)
 
     def __init__(self, size: int):
         if size < 1:
@@ -90,9 +92,15 @@ class StatePool(SlotAllocator):
             t[dst].copy_(t[src])
         self.positions[dst] = self.positions[src]
 
+    supports_packing = True
+
     def rows(self, slots: torch.Tensor) -> SlotState:
         """The model's view of the given slots (int64 [B] on the pool's device) as batch rows."""
         return SlotState(self.kv, self.positions, slots)
+
+    def packed_rows(self, slots: torch.Tensor, n_decode: int) -> PackedSlotState:
+        """One packed row: decode tokens of slots[:n_decode], then a prompt chunk of slots[n_decode]."""
+        return PackedSlotState(self.kv, self.positions, slots, n_decode)
 
     def read(self, slot: int) -> RecurrentState:
         """A copy of one slot as a batch-1 `RecurrentState`."""

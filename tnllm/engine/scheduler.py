@@ -5,8 +5,10 @@
       2. launch the device work: ONE decode step for every decoding reply (rows = their slots; the pool is
          updated in place), prefill chunks of waiting prompts, at most `prefill_budget` tokens per step while
          any reply decodes, so that a long prompt delays the decoding replies by one chunk per step instead of
-         its whole length (on CUDA, chunks up to that size replay captured graphs: `PrefillGraphs`), and
-         `solo_prefill_budget` when none does; one batched sampling call (decode rows inside the decode step;
+         its whole length, and `solo_prefill_budget` when none does. While replies decode, the oldest prompt's
+         chunk rides in the decode step's own forward (`packed_step`: one row of decode tokens and the chunk),
+         so the step reads the weights once for both; on CUDA that packed step is a captured graph for chunks
+         of exactly `prefill_budget` ids, and other chunks replay captured prefill pieces (`PrefillGraphs`); one batched sampling call (decode rows inside the decode step;
          prompts that finished their prefill here) and ONE device -> host copy of all sampled ids;
       3. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
 
@@ -46,6 +48,20 @@ def decode_step(model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, s
     return sampler.sample(logits, slots, plan) if sample else logits
 
 
+@torch.inference_mode()
+def packed_step(model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, slots: torch.Tensor,
+                chunk_ids: torch.Tensor, sample: bool = True,
+                plan: SamplePlan = GENERAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_step` for the rows of slots[:-1] and a prompt chunk `chunk_ids` [1, C] read into slot slots[-1], in
+    ONE forward, so the step reads the weights once for both: (next ids [n], or logits [n, V] with
+    `sample=False`; the chunk's last logits [1, V])."""
+    n = slots.shape[0] - 1
+    tokens = torch.cat([sampler.last_token[slots[:n]], chunk_ids[0]])[None]  # [1, n + C]
+    logits = model(tokens, pool.packed_rows(slots, n))[0]  # [n + 1, V]
+    decode = sampler.sample(logits[:n], slots[:n], plan) if sample else logits[:n]
+    return decode, logits[n:]
+
+
 @dataclass
 class Launched:
     """One step's device work, launched: its rows and their sampled ids on the way to the host."""
@@ -65,13 +81,15 @@ class Scheduler:
     """The active replies and `step()`. Not thread-safe: the engine calls it from one thread, under its lock."""
 
     def __init__(self, model: TransNormerLLM, pool: StatePool, sampler: BatchSampler, eos_ids: set[int],
-                 prefill_budgets: tuple[int, int], decoder=None, prefill_graph=None, overlap: bool = False):
+                 prefill_budgets: tuple[int, int], decoder=None, prefill_graph=None, overlap: bool = False,
+                 pack_chunks: bool = True):
         self.model, self.pool, self.sampler = model, pool, sampler
         self.eos_ids, self.closing_eos = eos_ids, model.config.eos_token_id
         self.prefill_budget, self.solo_prefill_budget = prefill_budgets  # while others decode, and alone
         self.decoder = decoder  # CUDA graphs (`DecodeGraphs`), or None: eager `decode_step`
         self.prefill_graph = prefill_graph  # captured chunks (`PrefillGraphs`), or None: eager chunks
         self.overlap = overlap
+        self.pack_chunks = pack_chunks and pool.supports_packing  # decode rows and a prompt chunk in one forward
         self.active: list[Reply] = []
         self.in_flight: Launched | None = None  # with overlap: the launched step whose ids are not handled yet
         self.steps = 0
@@ -118,10 +136,18 @@ class Scheduler:
         self.steps += 1
         decoding = [r for r in self.active if not r.prefilling and r.launched < r.params.max_new_tokens]
         parts, rows = [], []
+        ready, ready_logits = [], []
+        budget = self.prefill_budget if decoding else self.solo_prefill_budget
         if decoding:
             slots = [r.session.slot for r in decoding]
             plan = self.sampler.plan(slots)
-            if self.decoder is not None and self.decoder.covers(len(slots)):
+            reader, chunk = self._packable_chunk(len(slots), budget)
+            if reader is not None:
+                ids, logits = self._packed(slots, plan, chunk, reader.session.slot)
+                parts.append(ids)
+                self._advance_prompt(reader, len(chunk), logits, ready, ready_logits)
+                budget -= len(chunk)
+            elif self.decoder is not None and self.decoder.covers(len(slots)):
                 parts.append(self.decoder.step(slots, plan))
             else:
                 parts.append(decode_step(self.model, self.pool, self.sampler, self.slots(slots), plan=plan))
@@ -129,7 +155,7 @@ class Scheduler:
                 reply.fed_sampled += 1  # the step reads the reply's last sampled id...
                 reply.launched += 1     # ...and samples the next
             rows += decoding
-        ready, ready_logits = self._prefill(self.prefill_budget if decoding else self.solo_prefill_budget)
+        self._prefill(budget, ready, ready_logits)
         if ready:
             slots = [r.session.slot for r in ready]
             parts.append(self.sampler.sample(torch.cat(ready_logits), self.slots(slots), self.sampler.plan(slots)))
@@ -147,10 +173,41 @@ class Scheduler:
         done.record()
         return Launched(rows, host, done)
 
-    def _prefill(self, budget: int) -> tuple[list[Reply], list[torch.Tensor]]:
-        """Prefill chunks within `budget` tokens, oldest prompt first; returns the replies whose prompt is now
-        fully read and their last logits [1, V]."""
-        ready, ready_logits = [], []
+    def _packable_chunk(self, n_decode: int, budget: int) -> tuple[Reply | None, list[int]]:
+        """The oldest prompt's next chunk when it can ride in the decode step's forward (`packed_step`): eager
+        steps pack any chunk; captured steps pack chunks of exactly `budget` ids (the captured packed length),
+        so a prompt's shorter last chunk reads beside the decode step. (None, []) when nothing packs."""
+        reader = next((r for r in self.active if r.prefilling), None)
+        if not self.pack_chunks or reader is None:
+            return None, []
+        chunk = reader.prompt[reader.fed:reader.fed + budget]
+        if self.decoder is not None and not (self.decoder.covers(n_decode) and len(chunk) == budget):
+            return None, []
+        return reader, chunk
+
+    def _packed(self, slots: list[int], plan: SamplePlan, chunk: list[int],
+                chunk_slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch the decode rows of `slots` and `chunk` (read into `chunk_slot`) as one forward."""
+        if self.decoder is not None:
+            return self.decoder.packed_step(slots, plan, chunk, chunk_slot)
+        chunk_ids = torch.tensor([chunk], device=self.pool.device)  # [1, C]
+        return packed_step(self.model, self.pool, self.sampler, self.slots(slots + [chunk_slot]), chunk_ids,
+                           plan=plan)
+
+    def _advance_prompt(self, reply: Reply, n: int, logits: torch.Tensor, ready: list[Reply],
+                        ready_logits: list[torch.Tensor]) -> None:
+        """Count a launched chunk of n prompt ids; a reply whose prompt is now fully read joins `ready` with its
+        last logits [1, V], the others report progress."""
+        reply.fed += n
+        reply.stats.prefilled = reply.fed
+        if reply.fed == len(reply.prompt):
+            ready.append(reply)
+            ready_logits.append(logits)
+        else:
+            reply.emit()  # prefill progress
+
+    def _prefill(self, budget: int, ready: list[Reply], ready_logits: list[torch.Tensor]) -> None:
+        """Prefill chunks within `budget` tokens, oldest prompt first (see `_advance_prompt`)."""
         for reply in [r for r in self.active if r.prefilling]:
             if budget <= 0:
                 break
@@ -161,15 +218,8 @@ class Scheduler:
             else:
                 chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
                 logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
-            reply.fed += n
-            reply.stats.prefilled = reply.fed
             budget -= n
-            if reply.fed == len(reply.prompt):
-                ready.append(reply)
-                ready_logits.append(logits)
-            else:
-                reply.emit()  # prefill progress
-        return ready, ready_logits
+            self._advance_prompt(reply, n, logits, ready, ready_logits)
 
     def _accept(self, reply: Reply, token: int) -> None:
         """Host side of one sampled id."""

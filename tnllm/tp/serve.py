@@ -291,6 +291,8 @@ class DrivenPool(StatePool):
     """The engine's slot pool under tensor parallelism: every rank holds its heads' share of each slot, and
     every change to a slot (clear, copy, read, write, a forward over slots) is a command all ranks run."""
 
+    supports_packing = False  # a packed forward is not among the commands the ranks run
+
     def __init__(self, model: DrivenModel, size: int):
         self.driver = model.driver
         super().__init__(model, size)  # model.allocate_state: a DrivenState, allocated on every rank
