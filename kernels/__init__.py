@@ -11,6 +11,8 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
     gated_srmsnorm(o, u, eps=1e-6)   u * srmsnorm(o): the token mixer's gated norm
     int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
+    draw_from_head(values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn) -> ids [B]
+        one exact seeded sample per row from its N largest logits (temperature, top-k, top-p, exponential race)
 
 This module is the ONLY place that decides between Triton (CUDA tensors, Triton importable) and the
 PyTorch reference (everything else). Tests force a path with `use_impl("torch" | "triton")`; under
@@ -34,7 +36,7 @@ import torch
 from tnllm.kernels import reference
 
 __all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "int8_linear",
-           "use_impl", "backend_for", "reference", "ACTIVATIONS"]
+           "draw_from_head", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
 
 ACTIVATIONS = reference.ACTIVATIONS  # the q/k activations lightning_attn_step applies, by name
 
@@ -134,3 +136,11 @@ def int8_linear(x, weight, scales, bias=None):
     if backend_for(x.device) == "triton":
         return _triton("triton_int8", "int8_linear_triton")(x, weight, scales, bias)
     return reference.int8_linear(x, weight, scales, bias)
+
+
+def draw_from_head(values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn):
+    """One seeded sample per row from its sorted head of logits. See `kernels.reference.draw_from_head_ref`."""
+    args = (values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn)
+    if backend_for(values.device) == "triton":
+        return _triton("triton_sample", "draw_from_head_triton")(*args)
+    return reference.draw_from_head_ref(*args)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tnllm.sampling import drop_outside_nucleus
+
 __all__ = [
     "lightning_attn_naive",
     "lightning_attn_chunked",
@@ -28,6 +30,10 @@ __all__ = [
     "check_shapes",
     "check_step_shapes",
     "check_same_shape",
+    "mix32",
+    "noise_key",
+    "log_exponential_noise",
+    "draw_from_head_ref",
 ]
 
 
@@ -339,3 +345,56 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     dt = _compute_dtype(x)
     y = F.linear(x.to(dt), weight.to(dt)) * scales.to(dt)  # [..., N]
     return (y if bias is None else y + bias.to(dt)).to(x.dtype)
+
+
+# -- sampling: the exact draw from a row's head ------------------------------------------------------------
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves)."""
+    low = (x & 0xFFFF) * c
+    high = (((x >> 16) * c) & 0xFFFF) << 16
+    return (low + high) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def noise_key(seed: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """The 32-bit key [B] of each row's next draw from its seed [B] (int64, < 2^62) and drawn count [B]."""
+    return mix32(mix32(mix32(seed & MASK32) ^ (seed >> 32)) ^ (drawn & MASK32))
+
+
+def log_exponential_noise(token_hash: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """log E, E ~ Exp(1), per token: token_hash [B, N] (mix32 of the token ids) and the rows' keys [B, 1]."""
+    bits = mix32(token_hash ^ key)  # uniform 32-bit
+    uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # (0, 1), 24 bits: exact in fp32
+    return torch.log(-torch.log(uniform))
+
+
+def draw_from_head_ref(values: torch.Tensor, candidates: torch.Tensor, vocab_hash: torch.Tensor,
+                       temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+                       drawn: torch.Tensor) -> torch.Tensor:
+    """One exact sample per row from the head of its distribution: argmax over the kept candidates of
+    (logit / temperature - log E) (the exponential race), E from the row's (seed, drawn) and the token id.
+
+    Args:
+        values: [B, N] fp32, each row's N largest logits sorted descending; candidates: [B, N] int64 their ids.
+            Every token a row keeps must be among them (0 < top_k <= N; top-p then normalises over the top-k).
+        vocab_hash: [V] int64, mix32 of every token id; temperature [B] > 0, top_k [B] int64, top_p [B] fp32,
+            seed [B] int64 (< 2^62), drawn [B] int64 (tokens the row drew before).
+    Returns:
+        ids [B] int64.
+    """
+    tempered = values / temperature[:, None]  # [B, N]
+    drop = drop_outside_nucleus(tempered, top_k, top_p, torch.logsumexp(tempered, dim=-1, keepdim=True))
+    noise = log_exponential_noise(vocab_hash[candidates], noise_key(seed, drawn)[:, None])
+    scores = tempered.masked_fill(drop, float("-inf")) - noise
+    return candidates.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]

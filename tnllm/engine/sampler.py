@@ -14,27 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tnllm import kernels
+from tnllm.kernels.reference import log_exponential_noise, mix32, noise_key
 from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits, penalise_seen
 
-MASK32 = 0xFFFFFFFF
 NOT_FINITE = -1  # the id reported for a row whose logits hold NaN/inf
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (16-bit halves)."""
-    low = (x & 0xFFFF) * c
-    high = (((x >> 16) * c) & 0xFFFF) << 16
-    return (low + high) & MASK32
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
 
 HEAD = 256  # candidates kept by the head path: top-k of at most this many needs no full sort of the vocabulary
 
@@ -87,12 +71,9 @@ class BatchSampler:
     def log_exponential_noise(self, slots: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         """log E, E ~ Exp(1) [B, V] (or [B, N] for the given token ids [B, N]): determined by each slot's seed,
         its drawn count and the token id, so any subset of a row's tokens sees the noise of the whole row."""
-        seed, drawn = self.seed[slots], self.drawn[slots]  # [B]
-        row_key = mix32(mix32(mix32(seed & MASK32) ^ (seed >> 32)) ^ (drawn & MASK32))[:, None]  # [B, 1]
+        key = noise_key(self.seed[slots], self.drawn[slots])[:, None]  # [B, 1]
         token_hash = self.vocab_hash[None, :] if token_ids is None else self.vocab_hash[token_ids]
-        bits = mix32(token_hash ^ row_key)  # uniform 32-bit
-        uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # (0, 1), 24 bits: exact in fp32
-        return torch.log(-torch.log(uniform))
+        return log_exponential_noise(token_hash, key)
 
     def plan(self, slots: list[int]) -> SamplePlan:
         """The cheapest `SamplePlan` that serves these slots' current settings."""
@@ -121,26 +102,31 @@ class BatchSampler:
         if plan.draw:
             temperature = self.temperature[slots]
             sampling = temperature > 0
-            tempered = logits / torch.where(sampling, temperature, 1.0)[:, None]
-            ids = torch.where(sampling, self._draw(tempered, slots, plan), ids)
+            ids = torch.where(sampling, self._draw(logits, torch.where(sampling, temperature, 1.0), slots, plan), ids)
         ids = torch.where(finite, ids, 0)  # a valid id for the table updates; reported as NOT_FINITE below
         self.last_token.index_copy_(0, slots, ids)
         self.drawn.index_add_(0, slots, torch.ones_like(ids))
         self.seen.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.bool))
         return torch.where(finite, ids, NOT_FINITE)
 
-    def _draw(self, tempered: torch.Tensor, slots: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-        """argmax over the kept tokens of (logit - log E): an exact sample of the filtered distribution."""
+    def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, slots: torch.Tensor,
+              plan: SamplePlan) -> torch.Tensor:
+        """argmax over the kept tokens of (logit / temperature - log E): an exact sample of the filtered
+        distribution. temperature [B] > 0 (rows that do not sample pass 1: their draw is discarded)."""
         top_k, top_p = self.top_k[slots], self.top_p[slots]
-        if plan.head or plan.probe:
+        if plan.head:
+            # Every sampling row keeps at most HEAD tokens, all among its HEAD largest logits (tempering keeps
+            # the order): one fused draw on them (kernels.draw_from_head).
+            values, candidates = torch.topk(logits, min(HEAD, logits.shape[1]))  # [B, HEAD], sorted
+            return kernels.draw_from_head(values, candidates, self.vocab_hash, temperature, top_k, top_p,
+                                          self.seed[slots], self.drawn[slots])
+        tempered = logits / temperature[:, None]
+        if plan.probe:
             values, candidates = torch.topk(tempered, min(HEAD, tempered.shape[1]))  # [B, HEAD], sorted
-            # With plan.head every sampling row has top-k > 0, so the whole-row normaliser (used when top-k is
-            # off) only reaches rows whose draw is discarded: the head's own stands in for it.
-            row_norm = torch.logsumexp(values if plan.head else tempered, dim=-1, keepdim=True)
-            drop = drop_outside_nucleus(values, top_k, top_p, row_norm)
+            drop = drop_outside_nucleus(values, top_k, top_p, torch.logsumexp(tempered, dim=-1, keepdim=True))
             # When the head's last candidate is dropped, so is every token after it (top-k and top-p cut a
             # sorted row at one point): the head holds every kept token.
-            if plan.head or bool((drop[:, -1] & (top_k <= values.shape[1])).all()):
+            if bool((drop[:, -1] & (top_k <= values.shape[1])).all()):
                 scores = values.masked_fill(drop, float("-inf")) - self.log_exponential_noise(slots, candidates)
                 return candidates.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
         filtered = filter_logits(tempered, torch.ones_like(top_p), top_k, top_p)
