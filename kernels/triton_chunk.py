@@ -140,7 +140,10 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
 def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, F32: tl.constexpr):
-    # hs[s] = Σ_{j in s} λ^f_j b_jᵀ c_j ; f_j = eos-1-j (forward) or j-bos+1 (reverse)
+    # hs[s] = Σ_{j in s} λ^f_j b_jᵀ c_j ; f_j = eos-1-j (forward) or j-bos+1 (reverse). Walked chunk by chunk
+    # in processing order, h <- λ^m h + Σ_j λ^(chunk-local f_j) b_jᵀ c_j, as in _chunk_kernel: the decayed b is
+    # rounded to b.dtype for the dot, and a power of λ over the whole segment (down to λ^L) would round away
+    # small decays near λ = 1 (docs/kernels.md#final-state-precision-near-λ--1); chunk-local powers stay >= λ^BT.
     i_kv, i_sh = tl.program_id(0), tl.program_id(1)
     NV: tl.constexpr = triton.cdiv(V, BV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -152,17 +155,24 @@ def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.conste
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    for t0 in range(bos, eos, BT):
-        o_tok = t0 + o_t.to(tl.int64)
-        m_t = o_tok < eos
+    n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
+    for i_c in range(n_c):
         if REVERSE:
-            e_k = o_tok - bos + 1
+            t0 = bos + (n_c - 1 - i_c) * BT
         else:
-            e_k = eos - 1 - o_tok
+            t0 = bos + i_c * BT
+        n_m = tl.minimum(eos - t0, BT).to(tl.int32)
+        m_t = o_t < n_m
+        o_tok = t0 + o_t.to(tl.int64)
+        if REVERSE:
+            e_k = o_t + 1
+        else:
+            e_k = n_m - 1 - o_t
         d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
         b_b = tl.load(b + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_c = tl.load(c + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_h += _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+        b_h = b_h * tl.exp2(b_ld * n_m.to(tl.float32)) \
+            + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
     p_h = hs + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
 

@@ -109,6 +109,26 @@ class TestChunk:
         assert_close("o", o_r, o, rel=TOL[torch.float32])
         assert_close("final", f_r, f, rel=TOL[torch.float32])
 
+    def test_segment_states_keep_weak_decay(self):
+        """Near λ = 1 a segmented call's final state (forward segment states) and d initial_state (reverse ones)
+        are as accurate as a one-segment call: the segment kernel decays chunk by chunk, so the decayed 16-bit
+        k it multiplies is within λ^BT of k, never λ^L (rounding that power away cost 7x the error). fp16: the
+        interpreter rounds it to nearest like the GPU does bf16 (its bf16 cast truncates)."""
+        q, k, v, _, s0 = _attn_inputs(1, 512, 2, 16, 16, torch.float16, n_state=1)
+        a = torch.full((2,), -1e-6, device=DEVICE)
+        do = torch.randn(1, 512, 2, 16, device=DEVICE).half().double()  # exact in fp16: no rounding of dO
+        df = torch.randn(1, 2, 16, 16, device=DEVICE).half().double()
+        s0_r = s0.double().requires_grad_()
+        o_r, f_r = ref.lightning_attn_naive(q.double(), k.double(), v.double(), a, initial_state=s0_r,
+                                            output_final_state=True)
+        ((o_r * do).sum() + (f_r * df).sum()).backward()
+        for seg in (None, 128):
+            s0_t = s0.clone().requires_grad_()
+            o, f = lightning_attn_triton(q, k, v, a, initial_state=s0_t, output_final_state=True, _seg_len=seg)
+            ((o.double() * do).sum() + (f.double() * df).sum()).backward()
+            assert_close(f"final seg={seg}", f_r, f, rel=2.5e-5)  # one segment: 9e-6; whole-segment powers: 6e-5
+            assert_close(f"ds0 seg={seg}", s0_r.grad, s0_t.grad, rel=2.5e-5)
+
     def test_signatures_match_reference_twins(self):
         import inspect
 

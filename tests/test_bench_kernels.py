@@ -1,0 +1,93 @@
+"""bench/kernels.py on the CPU: the --tiny smoke run under Triton's interpreter, its sections, the partial JSON and the
+budget (docs/benchmarks.md#kernel-benchmark). fla and lightning-attn are absent here: their rows say so."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+SECTIONS = ["wide", "decode", "agree", "near1", "prefill"]
+
+
+def _bench_kernels():
+    """bench/kernels.py as a module under its own name (a top-level `kernels` package exists too)."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "k.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU host
+    proc = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--out", str(out), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_tiny_run_fills_every_section(tmp_path):
+    result, stdout = _run(tmp_path)
+    assert list(result["sections"]) == ["ceilings", *SECTIONS]
+    for name in SECTIONS:
+        entry = result["sections"][name]
+        assert entry["status"] == "done" and entry["elapsed_s"] > 0, (name, entry)
+        assert f"== section {name}: done in " in stdout
+    assert result["total_s"] >= sum(result["sections"][n]["elapsed_s"] for n in SECTIONS)
+    ours = [r for r in result["rows"] if r["impl"] == "ours"]
+    assert [(r["dk"], r["dv"]) for r in ours] == [(16, 16), (16, 16), (32, 16)]  # prefill, then the wide row
+    assert all(r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["first_fwd_s"] > 0 for r in ours)
+    assert [(r["impl"], r["B"]) for r in result["decode"] if r["impl"] == "ours"] == [("ours", 1), ("ours", 4)]
+    assert set(result["agreement"]) == {"B1-N128-H2-dk32-dv32", "B1-N128-H2-dk64-dv32"}
+    for entry in result["agreement"].values():
+        assert entry["ref32_vs_ref64"]["o"] < 1e-6
+        assert entry["ours"]["vs_ref64"]["o"] < 2e-2  # bf16 in the interpreter (its bf16 cast truncates)
+        assert set(entry["ours"]["vs_ref64"]) == {"o", "dq", "dk", "dv"}
+    near1 = result["near1"]["B1-N256-H2-dk16-dv16"]
+    for ld in ("log_decay=-1e-06", "log_decay=-1e-05"):
+        e = near1[ld]
+        # fp16 in the interpreter; forced segments are as precise as one segment (the segment kernel decays per chunk)
+        assert e["ours_8_segments"]["final"] < 1.5 * e["ours_one_segment"]["final"] < 2e-4
+        assert e["ours_8_segments"]["ds0"] < 1.5 * e["ours_one_segment"]["ds0"]
+    for module, name, sections in (("fla", "fla", ("wide", "agree", "near1", "prefill")),
+                                   ("lightning_attn", "official", ("wide", "agree", "prefill"))):
+        if importlib.util.find_spec(module) is None:
+            assert all(name in result["sections"][s]["unavailable"] for s in sections)
+            assert all(result["agreement"][key][name] == "unavailable" for key in result["agreement"])
+    assert "| section | status | s |" in stdout
+
+
+def test_spent_budget_skips_sections_but_writes_the_json(tmp_path):
+    result, stdout = _run(tmp_path, "--budget-s", "0", "--sections", "decode,agree")
+    assert [result["sections"][n]["status"] for n in ("decode", "agree")] == ["skipped: budget of 0 s spent"] * 2
+    assert result["decode"] == [] and result["agreement"] == {} and result["ceilings"]
+    assert "== section agree: skipped" in stdout
+
+
+def test_unknown_section_is_refused():
+    proc = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--sections", "wide,nope"], cwd=ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
+
+
+def test_failing_section_is_recorded_and_saved_before_the_next(tmp_path):
+    """A section that raises is recorded with its error; the JSON on disk already holds it (partial results)."""
+    bk = _bench_kernels()
+    out = tmp_path / "k.json"
+    args = type("Args", (), {"budget_s": 1e9, "out": str(out)})()
+    result = {"ceilings": {"copy_TBps": 2.0, "matmul_TFps": 1.0}, "sections": {}, "rows": [],
+              "decode": [{"impl": "ours", "B": 64, "state_GBps": 1500.0}]}
+
+    def boom():
+        raise RuntimeError("out of memory")
+
+    bk.run_section(result, "agree", boom, {}, args)
+    saved = json.loads(out.read_text())
+    assert saved["sections"]["agree"]["status"].startswith("error: RuntimeError('out of memory')")
+    assert saved["sections"]["agree"]["unavailable"] == ["fla", "official"]
+    assert saved["decode"][0]["state_pct_copy"] == pytest.approx(75.0)  # 1.5 TB/s of a 2 TB/s copy
