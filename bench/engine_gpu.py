@@ -230,8 +230,10 @@ def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int)
     ids = torch.randint(3, engine.model.config.vocab_size, (prompt_tokens,),
                         generator=torch.Generator().manual_seed(9)).tolist()
     start = time.perf_counter()
-    newcomer.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)).wait()
+    reply = newcomer.feed_ids(ids, SamplingParams(max_new_tokens=1, **PARAMS)).wait()
     end = time.perf_counter()  # its first (and only) token: the prefill is over
+    if reply.finish_reason != "length":
+        raise RuntimeError(f"the long prompt's reply ended with {reply.finish_reason!r}")
     for t in threads:
         t.join()
     before, during = [], []

@@ -2,6 +2,7 @@
 isolation of concurrent sessions, multi-turn, cancel, time limit, stop strings, NaN isolation, fork/save/load,
 chunked prefill interleaved with decoding, and the GPU benchmark script's CPU smoke mode."""
 
+import copy
 import subprocess
 import sys
 import threading
@@ -101,11 +102,14 @@ def test_triton_step_through_slots_equals_reference():
 def test_packed_row_equals_the_decode_step_and_the_chunk_apart(model, impl):
     """One packed forward (decode tokens of slots 1, 4, 3 and an 11-token chunk of slot 5, every slot with a
     history) == the decode step and the chunk run one after the other: logits, states and positions."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"  # else the interpreter
+    model = copy.deepcopy(model).to(device)
     pool = model.allocate_state(6)
-    model(torch.randint(3, 400, (4, 7)), SlotState(pool.kv, pool.positions, torch.tensor([1, 3, 4, 5])))
+    ids = torch.randint(3, 400, (4, 7), device=device)
+    model(ids, SlotState(pool.kv, pool.positions, torch.tensor([1, 3, 4, 5], device=device)))
     packed = pool.clone()
-    decode_slots, chunk_slot = torch.tensor([1, 4, 3]), torch.tensor([5])
-    tokens, chunk = torch.randint(3, 400, (3, 1)), torch.randint(3, 400, (1, 11))
+    decode_slots, chunk_slot = torch.tensor([1, 4, 3], device=device), torch.tensor([5], device=device)
+    tokens, chunk = torch.randint(3, 400, (3, 1), device=device), torch.randint(3, 400, (1, 11), device=device)
     with kernels.use_impl(impl):
         apart = torch.cat([model(tokens, SlotState(pool.kv, pool.positions, decode_slots))[:, -1],
                            model(chunk, SlotState(pool.kv, pool.positions, chunk_slot), logits_to_keep=1)[:, -1]])

@@ -142,7 +142,7 @@ class TransNormerLLM(nn.Module):
                                  f"n_decode={n_decode}, {T} tokens, {slots.shape[0]} slots")
             positions = torch.cat([start[:n_decode], start[n_decode] + steps[:T - n_decode]])[None]  # [1, T]
             advance = torch.ones_like(start)  # [n_decode + 1]: each decode slot reads 1 token...
-            advance[-1] = T - n_decode        # ...and the chunk's slot the chunk
+            advance[-1:].fill_(T - n_decode)  # ...and the chunk's slot the chunk (a fill: no host copy)
 
         x = self.model.embed_tokens(input_ids) * self.config.embed_scale  # [B, T, d]
         delta = None  # the residual stream is x + delta: each layer's last add is fused into the next norm
