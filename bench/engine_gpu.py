@@ -6,8 +6,8 @@
 Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 * hbm_floor_ms: the step's bytes (weights + every session's fp32 state read and written) / the copy bandwidth
   measured in the same run (a device-to-device copy of --copy-gib, read + write counted);
-* decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled (not timed),
-  then replies of --tokens tokens (eos ignored) read by one consumer thread each, as chat reads them
+* decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled and a 4-token
+  reply each (not timed: graphs of that batch and plan get captured), then replies of --tokens tokens (eos ignored) read by one consumer thread each, as chat reads them
   (sampling, detokenising, events included). decode_ms_per_token = median gap between two tokens of a
   session; aggregate_tok_s = tokens of all sessions / wall time of the decode. Batch 1 at each --contexts,
   and --sessions concurrent sessions at the first context;
@@ -132,6 +132,9 @@ def decode_row(engine: Engine, contexts: list[int], tokens: int) -> tuple[float,
     """(median ms between two tokens of a session, aggregate tok/s) of one `tokens`-long reply per session,
     all at once, in sessions already holding `contexts` tokens (each reads only its 2 pending ids first)."""
     sessions = prefilled_sessions(engine, contexts)
+    # An untimed round first: the step graph of this batch size and sampling plan is captured on first use, as in
+    # a server that has been running; the timed round measures the steady state.
+    time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS)) for s in sessions])
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
     tok_s, gaps, total = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
     for s in sessions:
