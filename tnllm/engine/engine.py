@@ -31,11 +31,11 @@ from tnllm.streaming import TextStreamer
 from tnllm.tokenizer import Tokenizer
 
 # Prompt tokens read per step, per device: (while other sessions decode, while none does). While others decode,
-# each step's chunk delays their next token by about one read of the weights whatever its size below a few
-# hundred ids: on an H200 at the 7B shape, a 32k-token prompt arriving while 8 sessions decode raised their
-# ms/token 1.99x with 32-token chunks, 2.08x with 128 and 2.36x with 256, and took 8.5 / 2.7 / 1.6 s to read
-# (bench/results/engine-h200.json, docs/engine.md#chunked-prefill). Alone, a prompt reads in large chunks.
-# The CPU keeps 512 for both (a chunk there costs its compute, not its launches).
+# each step's chunk rides in their decode step (packed) and delays their next token by its compute: on an H200 at
+# the 7B shape, a 32k-token prompt arriving while 8 sessions decode raised their ms/token 1.31x with 128-token
+# chunks (read in 1.8 s) and 1.71x with 256 (1.2 s) (bench/results/engine-h200.json, docs/engine.md#chunked-prefill).
+# Alone, a prompt reads in large chunks. The CPU keeps 512 for both (a chunk there costs its compute, not its
+# launches).
 PREFILL_BUDGETS = {"cuda": (128, 4096), "cpu": (512, 512)}
 
 
