@@ -2,19 +2,29 @@
 
 Notation: M rows of x (tokens), K input features, N output features; q [N, K] int8, s [N] per-row scales.
 
-The int8 tile is loaded, converted to x's dtype in registers and fed to `tl.dot` (fp32 accumulation); the scale
-and bias are applied once to the accumulator, so no float copy of the weight ever exists. One kernel, a few
-fixed tiles chosen on the host from M (docs/quantization.md#cuda-kernel):
+Kinds of launch (`Config.kind`), one chosen on the host from (M, N, K) by `choose_config` through the table
+`CONFIGS` (docs/quantization.md#cuda-kernel):
 
-* decode (M <= 16): bound by reading the weight once. A 16-row tile (rows past M re-read valid rows and are not
-  stored), 64-wide N tiles, and the K loop split over up to 8 programs so that about 4 per SM are in flight; each
-  slice writes fp32 partial sums and a second small kernel adds them, scales, adds the bias and casts;
-* larger M (prefill): a tiled GEMM bound by the tensor cores, row tiles visited in groups of GROUP_M so that
-  neighbouring programs share weight tiles in L2; K is split as well while the tiles alone leave SMs idle.
+* "dot": the int8 tile is loaded, converted to x's dtype in registers and fed to `tl.dot` (fp32 accumulation),
+  `x @ qᵀ` over a [BM, BN] tile. Decode (M <= 16) uses a 16-row tile (rows past M re-read valid rows and are not
+  stored); larger M visits row tiles in groups of GROUP_M so neighbouring programs share weight tiles in L2;
+* "dot_t": the same with the operands swapped, `(q @ xᵀ)ᵀ`: the converted weight is the left operand, so at
+  decode sizes its BN rows fill the tensor cores' long side instead of x's padded 16 rows;
+* "gemv": no tensor cores. A program owns BN output rows and BM rows of x, loads each [BN, BK] int8 tile once
+  (contiguous along K: 16-byte loads), converts it to fp32 and multiplies it with the BM x rows broadcast,
+  reducing along K per tile; "gemv_once" accumulates [BM, BN, BK] products and reduces once after the loop;
+* "deq": the weight dequantised (q · s, rounded once to x's dtype) into a workspace by a small kernel, then
+  one cuBLAS `F.linear` with the bias: for prefill, where the product is bound by the tensor cores.
 
-The launcher allocates only the output (and, for split-K, a workspace whose size depends on the shapes alone),
-never syncs with the host and never autotunes, so it can be captured in a CUDA graph once each shape ran once
-(Triton compiles on first use). M is not a specialisation key, so decode batch sizes share one compiled kernel.
+The K loop of "dot", "dot_t" and "gemv" can be split over SPLIT_K programs: each slice writes fp32 partial sums
+and a second small kernel adds them, scales, adds the bias and casts (deterministic, no atomics). `magic`
+converts int8 with integer adds and a float subtraction (the 1.5·2²³ trick) instead of the conversion
+instruction, whose throughput can bound a kernel that converts every weight byte.
+
+The launcher allocates only the output (and, for split-K or "deq", a workspace whose size depends on the shapes
+alone), never syncs with the host and never autotunes, so it can be captured in a CUDA graph once each shape ran
+once (Triton compiles on first use). M and the split are not specialisation keys, so decode batch sizes share
+one compiled kernel per tile.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -32,13 +43,44 @@ from tnllm.kernels.reference import check_int8_linear
 __all__ = ["int8_linear_triton"]
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KINDS = ("dot", "dot_t", "gemv", "gemv_once", "deq")
 
 
-@triton.jit(do_not_specialize=["M"])
-def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr):
-    # y[m, n] = s[n] Σ_k x[m, k] q[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of SPLIT_K K-slices
+@triton.jit
+def _int8_to(q, DT: tl.constexpr, MAGIC: tl.constexpr):
+    # int8 -> DT, exact (|q| <= 127). MAGIC: integer add + float subtract, no int->float conversion instruction:
+    # the bits 0x4B400000 + q read as fp32 are 1.5·2²³ + q exactly; bf16 is then the fp32's top half.
+    if MAGIC:
+        f = (q.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        if DT == tl.bfloat16:
+            r = (f.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        else:
+            r = f.to(DT)
+    else:
+        r = q.to(DT)
+    return r
+
+
+@triton.jit
+def _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled (+ bias) into y, or fp32 partial sums [split, M, N]
+    m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
+    if PARTIAL:  # _splitk_reduce_kernel finishes
+        tl.store(y + (pid_k * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], acc, mask=m_y)
+    else:
+        r_n = o_n % N
+        acc *= tl.load(s + r_n).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b + r_n).to(tl.float32)[None, :]
+        tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr, PARTIAL: tl.constexpr,
+                    SWAP: tl.constexpr, MAGIC: tl.constexpr):
+    # y[m, n] = s[n] Σ_k x[m, k] q[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = GROUP_M * n_n  # programs per group of GROUP_M row tiles
@@ -51,8 +93,11 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym,
     r_n = (o_n % N).to(tl.int64)
     p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, SPLIT_K * BK):
+    if SWAP:
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, split_k * BK):
         if EVEN_K:
             b_x = tl.load(p_x + k0)
             b_q = tl.load(p_w + k0)
@@ -62,18 +107,49 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym,
             b_q = tl.load(p_w + k0, mask=m_k, other=0)
         if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
             b_x = b_x.to(tl.float32)
-            b_w = b_q.to(tl.float32)
+        b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
+        if SWAP:
+            acc_t = tl.dot(b_w, tl.trans(b_x), acc_t, input_precision="ieee")  # [BN, BM]
         else:
-            b_w = b_q.to(b_x.dtype)  # exact: |q| <= 127
-        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
-    m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
-    if SPLIT_K == 1:
-        acc *= tl.load(s + r_n).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b + r_n).to(tl.float32)[None, :]
-        tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
-    else:  # fp32 partial sums [SPLIT_K, M, N]; _splitk_reduce_kernel finishes
-        tl.store(y + (pid_k * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], acc, mask=m_y)
+            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
+    if SWAP:
+        acc = tl.trans(acc_t)
+    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
+
+
+@triton.jit(do_not_specialize=["M", "split_k"])
+def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr):
+    # y[m, n] as above without tensor cores: each [BN, BK] int8 tile is loaded once for BM rows of x
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    n_m = tl.cdiv(M, BM)
+    pid_m, pid_n = pid % n_m, pid // n_m  # row blocks of one weight tile run side by side: they share it in L2
+    o_m, o_n, o_k = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
+    r_m = (o_m % M).to(tl.int64)
+    r_n = (o_n % N).to(tl.int64)
+    p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
+    p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
+    if REDUCE_ONCE:
+        acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, split_k * BK):
+        if EVEN_K:
+            b_x = tl.load(p_x + k0)
+            b_q = tl.load(p_w + k0)
+        else:
+            m_k = o_k[None, :] < K - k0
+            b_x = tl.load(p_x + k0, mask=m_k, other=0.)
+            b_q = tl.load(p_w + k0, mask=m_k, other=0)
+        prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
+        if REDUCE_ONCE:
+            acc3 += prod
+        else:
+            acc += tl.sum(prod, axis=2)
+    if REDUCE_ONCE:
+        acc = tl.sum(acc3, axis=2)
+    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -90,8 +166,22 @@ def _splitk_reduce_kernel(ws, s, b, y, M, N, s_ym, SPLIT_K: tl.constexpr, BN: tl
     tl.store(y + i_m * s_ym + o_n, acc.to(y.dtype.element_ty), mask=m_n)
 
 
+@triton.jit
+def _dequant_kernel(w, s, out, N, K, s_wn, BN: tl.constexpr, BK: tl.constexpr):
+    # out[n, k] = q[n, k] · s[n], rounded once to out's dtype
+    o_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (o_n[:, None] < N) & (o_k[None, :] < K)
+    q = tl.load(w + o_n.to(tl.int64)[:, None] * s_wn + o_k[None, :], mask=m, other=0)
+    sc = tl.load(s + o_n, mask=o_n < N, other=0.).to(tl.float32)
+    tl.store(out + o_n.to(tl.int64)[:, None] * K + o_k[None, :], (q.to(tl.float32) * sc[:, None]).to(
+        out.dtype.element_ty), mask=m)
+
+
 class Config(NamedTuple):
-    """One launch configuration: tile [BM, BN] x BK, K split in SPLIT_K slices, Triton warps and stages."""
+    """One launch: `kind` (KINDS), tile [BM, BN] x BK, K split in SPLIT_K slices (0: `auto_split` picks),
+    Triton warps and stages, `magic` int8 conversion. "gemv" kinds: BM rows of x per program (any power of 2);
+    "dot" kinds: BM >= 16. "deq": [BN, BK] tiles of the dequantising kernel (BM, SPLIT_K unused)."""
     BM: int
     BN: int
     BK: int
@@ -99,19 +189,52 @@ class Config(NamedTuple):
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 4
+    kind: str = "dot"
+    magic: bool = False
 
 
-# (largest M, tile) by M; `choose_config` adds the K split. Chosen on an H200 (triton 3.6) over the tnl-7b shapes,
-# timed as CUDA-graph replays over weights too large for L2, every candidate first checked for correct and
-# run-to-run identical results (docs/quantization.md#cuda-kernel).
-TILES = (
-    (16, Config(16, 64, 128, num_warps=4, num_stages=5)),  # decode: bound by reading the weight
-    (32, Config(32, 64, 128, num_warps=4, num_stages=4)),
-    (64, Config(64, 128, 64, num_warps=4, num_stages=4)),
-    (512, Config(128, 128, 64, num_warps=4, num_stages=4)),
-    (None, Config(256, 128, 64, num_warps=8, num_stages=4)),  # prefill: bound by the tensor cores
-)
-DECODE_MAX_M = TILES[0][0]
+def config_src(cfg: Config) -> str:
+    """`cfg` as the Python source the `CONFIGS` table uses (fields at their default left out)."""
+    extra = [f'{k}="{v}"' if isinstance(v, str) else f"{k}={v!r}" for k, v in cfg._asdict().items()
+             if k not in ("BM", "BN", "BK") and v != Config._field_defaults[k]]
+    return f"Config({', '.join([str(cfg.BM), str(cfg.BN), str(cfg.BK), *extra])})"
+
+
+# M buckets: a product with M rows uses the first bucket >= M (None: any larger M).
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512, None)
+# Shape classes by N and K (the tnl-7b Linears fall in distinct classes: qkvu_proj n16k.k4k, out_proj n4k.k4k,
+# l1/l2 n12k.k4k, l3 n4k.kbig, lm_head nbig.k4k).
+N_CLASSES = ((4096, "n4k"), (12288, "n12k"), (16384, "n16k"), (None, "nbig"))
+K_CLASSES = ((4096, "k4k"), (None, "kbig"))
+
+
+def shape_class(N: int, K: int) -> str:
+    """The `CONFIGS` shape class of an [N, K] weight, e.g. "n16k.k4k"."""
+    n = next(name for top, name in N_CLASSES if top is None or N <= top)
+    k = next(name for top, name in K_CLASSES if top is None or K <= top)
+    return f"{n}.{k}"
+
+
+def m_bucket(M: int) -> int | None:
+    return next(top for top in M_BUCKETS if top is None or M <= top)
+
+
+# (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. Rows for measured shapes
+# are printed by bench/int8_sweep.py in this format. The "*" rows are the tiles chosen on an H200 (triton 3.6)
+# over the tnl-7b shapes, timed as CUDA-graph replays over weights too large for L2, with the split left to
+# `auto_split` (docs/quantization.md#cuda-kernel).
+CONFIGS: dict[tuple[int | None, str], Config] = {
+    (1, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
+    (2, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
+    (4, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
+    (8, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
+    (16, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),  # decode: bound by reading the weight
+    (32, "*"): Config(32, 64, 128, SPLIT_K=0),
+    (64, "*"): Config(64, 128, 64, SPLIT_K=0),
+    (512, "*"): Config(128, 128, 64, SPLIT_K=0),
+    (None, "*"): Config(256, 128, 64, SPLIT_K=0, num_warps=8),  # prefill: bound by the tensor cores
+}
+DECODE_MAX_M = 16
 
 
 @functools.cache
@@ -119,24 +242,34 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
-def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
-    """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes).
-
-    The tile comes from `TILES` by M. K is then split in 2, 4 or 8 slices while the programs do not yet reach
-    4 per SM (decode: more loads in flight) or 1 per SM (GEMM tiles), keeping at least 8 BK steps per slice.
-    Under the interpreter: 16-wide tiles and 2 K slices for M <= 16, so that tests at small shapes walk several
-    K steps, N tiles and slices.
-    """
-    if triton_interpreted(device):
-        return Config(16, 16, 16, SPLIT_K=2 if M <= DECODE_MAX_M and K > 32 else 1, GROUP_M=2, num_stages=1)
-    cfg = next(tile for max_m, tile in TILES if max_m is None or M <= max_m)
+def auto_split(cfg: Config, M: int, N: int, K: int, device: torch.device) -> int:
+    """K slices while the tiles leave SMs idle: 2, 4 or 8 while the programs do not yet reach 4 per SM (M <= 16:
+    more loads in flight) or 1 per SM (GEMM tiles), keeping at least 8 BK steps per slice."""
     programs = triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
     target = (4 if M <= DECODE_MAX_M else 1) * _sm_count(device)
     steps, split = triton.cdiv(K, cfg.BK), 1
     while split < 8 and programs * split < target and steps // (2 * split) >= 8:
         split *= 2
-    return cfg._replace(SPLIT_K=split)
+    return split
+
+
+@functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
+def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
+    """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes):
+    the `CONFIGS` row of (m_bucket(M), shape_class(N, K)), else of (m_bucket(M), "*"); SPLIT_K 0 -> `auto_split`.
+
+    Under the interpreter the row's kind with 16-wide tiles (BM <= 16) and 2 K slices for M <= 16, so that tests
+    at small shapes walk several K steps, N tiles and slices.
+    """
+    bucket = m_bucket(M)
+    cfg = CONFIGS.get((bucket, shape_class(N, K))) or CONFIGS[(bucket, "*")]
+    if triton_interpreted(device):
+        split = 2 if M <= DECODE_MAX_M and K > 32 and cfg.kind != "deq" else 1
+        bm = 16 if cfg.kind in ("dot", "dot_t") else min(cfg.BM, 16)
+        return cfg._replace(BM=bm, BN=16, BK=16, SPLIT_K=split, GROUP_M=2, num_stages=1)
+    if cfg.SPLIT_K == 0:
+        cfg = cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, device))
+    return cfg
 
 
 def int8_linear_triton(x, weight, scales, bias=None):
@@ -146,39 +279,78 @@ def int8_linear_triton(x, weight, scales, bias=None):
         x: [..., K] bf16, fp16 or fp32 (fp32 products are exact fp32, no tf32); any leading shape.
         weight: [N, K] int8 with a contiguous last dim; scales: [N] float; bias: None or [N] float.
     Returns:
-        y: [..., N] in x.dtype. Allocates only y (and a split-K workspace sized by the shapes); no host sync.
+        y: [..., N] in x.dtype. Allocates only y (and a workspace sized by the shapes); no host sync.
     """
     return _int8_linear(x, weight, scales, bias)
 
 
-def _int8_linear(x, weight, scales, bias=None, config: Config | None = None):
+def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, warmup: bool = False):
+    """`int8_linear_triton` with an optional forced `config` (bench/int8_sweep.py, tests). warmup: compile the
+    kernels this call would launch and launch nothing (returns None)."""
+    x2 = _rows(x, weight, scales, bias)
+    (M, K), N = x2.shape, weight.shape[0]
+    if M == 0 or N == 0 or K == 0:
+        if warmup:
+            return None
+        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if M and N:
+            y.copy_((torch.zeros_like(scales) if bias is None else bias).expand(M, N))
+        return y.reshape(*x.shape[:-1], N)
+    cfg = config or choose_config(M, N, K, x.device)
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
+    if cfg.SPLIT_K == 0:
+        cfg = cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, x.device))
+    if cfg.kind == "deq":
+        return _deq_linear(x2, weight, scales, bias, cfg, warmup, x.shape)
+    b = scales if bias is None else bias  # `scales`: an unused placeholder
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
+    split = cfg.SPLIT_K
+    ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
+                  PARTIAL=split > 1, MAGIC=cfg.magic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x2, weight, scales, b, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), split)
+    if cfg.kind in ("dot", "dot_t"):
+        f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
+        kernel, grid = _int8_mm_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
+        meta = dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
+    else:
+        kernel, grid = _int8_gemv_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
+        meta = dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
+    _launch(kernel, grid, args, meta, warmup)
+    if split > 1:
+        BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
+        _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, scales, b, y, M, N, y.stride(0)),
+                dict(SPLIT_K=split, BN=BN, HAS_BIAS=bias is not None, num_warps=4), warmup)
+    return None if warmup else y.reshape(*x.shape[:-1], N)
+
+
+def _rows(x, weight, scales, bias):
+    """The checked inputs' x as [M, K] rows with a contiguous last dim (a view when x is contiguous)."""
     check_int8_linear(x, weight, scales, bias)
     if x.dtype not in DTYPES:
         raise TypeError(f"int8_linear_triton supports x in {[str(d) for d in DTYPES]}, got {x.dtype}")
     if weight.stride(1) != 1:
         raise ValueError("weight needs a contiguous last dim (K)")
+    x2 = x.reshape(-1, weight.shape[1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _launch(kernel, grid, args, meta, warmup):
+    if warmup:
+        kernel.warmup(*args, grid=grid, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def _deq_linear(x2, weight, scales, bias, cfg, warmup, shape):
+    """kind "deq": w = q · s in x's dtype (a workspace [N, K]), then y = F.linear(x, w, bias) on cuBLAS."""
     N, K = weight.shape
-    x2 = x.reshape(-1, K)  # [M, K] (a view when x is contiguous)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
-    if M == 0 or N == 0:
-        return y.reshape(*x.shape[:-1], N)
-    if K == 0:
-        return y.copy_((torch.zeros_like(scales) if bias is None else bias).expand(M, N)).reshape(*x.shape[:-1], N)
-    cfg = config or choose_config(M, N, K, x.device)
-    b = scales if bias is None else bias  # `scales`: an unused placeholder
-    f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
-    ws = y if cfg.SPLIT_K == 1 else torch.empty(cfg.SPLIT_K, M, N, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), cfg.SPLIT_K)
-    _int8_mm_kernel[grid](
-        x2, weight, scales, b, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, SPLIT_K=cfg.SPLIT_K, GROUP_M=cfg.GROUP_M,
-        EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
-        F32=f32, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.SPLIT_K > 1:
-        BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
-        _splitk_reduce_kernel[(M, triton.cdiv(N, BN))](ws, scales, b, y, M, N, y.stride(0), SPLIT_K=cfg.SPLIT_K,
-                                                       BN=BN, HAS_BIAS=bias is not None, num_warps=4)
-    return y.reshape(*x.shape[:-1], N)
+    w = torch.empty(N, K, dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(N, cfg.BN), triton.cdiv(K, cfg.BK))
+    _launch(_dequant_kernel, grid, (weight, scales, w, N, K, weight.stride(0)),
+            dict(BN=cfg.BN, BK=cfg.BK, num_warps=cfg.num_warps), warmup)
+    if warmup:
+        return None
+    y = F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+    return y.reshape(*shape[:-1], N)

@@ -7,6 +7,7 @@ dot is wrong, triton 3.9); the native bf16 path is covered by the CUDA tests.
 
 import inspect
 import json
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,20 @@ def _oracle(x, w, s, b):
     return y if b is None else y + b.double()
 
 
+try:  # a Triton kernel storing `_int8_to` of 256 int8 values (a jit helper must be a module-level name)
+    import triton
+    import triton.language as tl
+
+    from tnllm.kernels.triton_int8 import _int8_to
+
+    @triton.jit
+    def _convert_kernel(q, out, MAGIC: tl.constexpr):
+        i = tl.arange(0, 256)
+        tl.store(out + i, _int8_to(tl.load(q + i), out.dtype.element_ty, MAGIC))
+except ImportError:
+    _convert_kernel = None
+
+
 @requires_triton_interpret
 class TestTriton:
     @pytest.mark.parametrize("M", [1, 3, 17, 70])
@@ -70,6 +85,60 @@ class TestTriton:
             assert_close("strided x", _oracle(xt, w, s, b), kernels.int8_linear(xt, w, s, b))
             assert kernels.int8_linear(x[:, :0], w, s, b).shape == (2, 0, 29)
 
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "deq"])
+    @pytest.mark.parametrize("magic", [False, True], ids=["cvt", "magic"])
+    @pytest.mark.parametrize("M", [1, 17])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+    def test_every_kind_matches_oracle(self, kind, magic, M, dtype):
+        # odd N and K: partial N tiles and masked K steps; splits 1 and 3 (3 K slices of 3 steps: one past the end
+        # on the last); gemv: 4 rows of x per program (M = 17: 5 row blocks, the last re-reading valid rows)
+        from tnllm.kernels.triton_int8 import Config, _int8_linear
+
+        bm = 16 if kind in ("dot", "dot_t") else 4
+        for split, bias in ((1, True), (3, False)):
+            x, w, s, b = _inputs(M, 45, 70, dtype, bias)
+            if dtype == torch.bfloat16:  # the model's form: bf16 x with bf16 scales; here also fp32 scales
+                s = s.float()
+            cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind, magic=magic)
+            y = _int8_linear(x, w, s, b, config=cfg)
+            assert y.dtype == dtype and y.shape == (M, 45)
+            assert_close(f"{cfg}", _oracle(x, w, s, b), y, rel=TOL[dtype])
+
+    def test_gemv_row_blocks(self):
+        from tnllm.kernels.triton_int8 import Config, _int8_linear
+
+        for bm, M in ((1, 3), (2, 3), (8, 5), (16, 17)):
+            x, w, s, b = _inputs(M, 29, 37, torch.float32, bias=True)
+            cfg = Config(bm, 8, 16, SPLIT_K=2, num_stages=1, kind="gemv")
+            assert_close(f"M={M} {cfg}", _oracle(x, w, s, b), _int8_linear(x, w, s, b, config=cfg))
+
+    def test_magic_conversion_is_exact(self):
+        # every int8 value, converted to each float dtype by the magic-number path (and by a cast, where the
+        # interpreter converts right: not int8 -> bf16, which it bitcasts)
+        q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for magic in (True, False) if dtype != torch.bfloat16 or DEVICE == "cuda" else (True,):
+                out = torch.empty(256, dtype=dtype, device=DEVICE)
+                _convert_kernel[(1,)](q, out, MAGIC=magic)
+                assert torch.equal(out.float(), q.float()), (dtype, magic)
+
+    def test_chosen_kind_runs(self, monkeypatch):
+        # choose_config keeps a CONFIGS row's kind under the interpreter (small tiles): each kind through the
+        # public entry point, a shape class's own row over the "*" row
+        from tnllm.kernels import triton_int8 as ti
+
+        for kind in ("dot", "dot_t", "gemv", "gemv_once", "deq"):
+            rows = dict(ti.CONFIGS)
+            rows[(4, ti.shape_class(29, 37))] = ti.Config(2, 64, 256, SPLIT_K=4, kind=kind)
+            monkeypatch.setattr(ti, "CONFIGS", rows)
+            ti.choose_config.cache_clear()
+            cfg = ti.choose_config(3, 29, 37, torch.device(DEVICE))
+            assert cfg.kind == kind and (DEVICE == "cuda" or cfg.BK == 16)
+            assert ti.choose_config(5, 29, 37, torch.device(DEVICE)).kind == ti.CONFIGS[(8, "*")].kind
+            x, w, s, b = _inputs(3, 29, 37, torch.float32, bias=True)
+            assert_close(kind, _oracle(x, w, s, b), ti.int8_linear_triton(x, w, s, b))
+        ti.choose_config.cache_clear()
+
     def test_signature_matches_reference_twin(self):
         from tnllm.kernels.triton_int8 import int8_linear_triton
 
@@ -83,6 +152,47 @@ def test_reference_matches_oracle():
     x, w, s, b = _inputs(4, 29, 37, torch.float32, bias=True, device="cpu")
     assert_close("reference", _oracle(x, w, s, b), ref.int8_linear(x, w, s, b))
     assert ref.int8_linear(x.double(), w, s.double(), b.double()).dtype == torch.float64
+
+
+def test_config_table():
+    pytest.importorskip("triton")
+    from tnllm.kernels import triton_int8 as ti
+
+    # the tnl-7b Linears (qkvu_proj, out_proj, l1/l2, l3, lm_head) each have a class of their own
+    classes = {ti.shape_class(n, k) for n, k in ((16384, 4096), (4096, 4096), (11008, 4096), (4096, 11008),
+                                                 (64000, 4096))}
+    assert len(classes) == 5
+    assert [ti.m_bucket(m) for m in (1, 2, 3, 16, 17, 512, 513, 4096)] == [1, 2, 4, 16, 32, 512, None, None]
+    for bucket in ti.M_BUCKETS:  # every bucket has a fallback row
+        assert (bucket, "*") in ti.CONFIGS
+    for cfg in ti.CONFIGS.values():
+        assert cfg.kind in ti.KINDS
+        assert eval(ti.config_src(cfg), {"Config": ti.Config}) == cfg  # the sweep prints rows in this form
+    cfg = ti.Config(4, 32, 512, SPLIT_K=2, num_warps=8, num_stages=1, kind="gemv", magic=True)
+    assert ti.config_src(cfg) == 'Config(4, 32, 512, SPLIT_K=2, num_warps=8, num_stages=1, kind="gemv", magic=True)'
+
+
+def test_sweep_tiny_on_cpu(tmp_path):
+    """bench/int8_sweep.py --tiny: every kind through the sweep in the interpreter; rows checked and timed,
+    a best row per (shape, M), the table printed in CONFIGS' format."""
+    pytest.importorskip("triton")
+    from tnllm.kernels import triton_int8 as ti
+
+    out = tmp_path / "sweep.json"
+    run = subprocess.run([sys.executable, "bench/int8_sweep.py", "--tiny", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert not data["notes"] and not any(data["skipped"].values())
+    rows = data["rows"]
+    assert {r["shape"] for r in rows} == {"square", "odd"} and {r["M"] for r in rows} == {1, 3, 40}
+    assert {r["kind"] for r in rows if r["method"] == "candidate"} == set(ti.KINDS)
+    assert not [r for r in rows if "error" in r or not r["ok"]]
+    assert all(r["us"] > 0 and r["max_rel_err"] < 1e-2 for r in rows if r["method"] != "bf16")
+    assert len(data["best"]) == 6
+    table = eval("{\n" + "\n".join(data["table"][1:]) + "\n}", {"Config": ti.Config})  # the CONFIGS format
+    assert set(table) >= {(1, "*"), (4, "*"), (64, "*")} and all(isinstance(c, ti.Config) for c in table.values())
+    assert data["table"][0] in run.stdout
 
 
 def test_bad_input_errors():
@@ -122,9 +232,12 @@ def test_cuda_int8_linear_matches_dequantised(rows, dtype):
 def test_cuda_every_tile_is_right_and_deterministic():
     # a tile Triton miscompiles gives wrong sums that change from run to run (seen: [256, 128] tiles with the
     # weight as the left dot operand and 3+ stages, triton 3.6); K a multiple of every BK: unmasked loads
-    from tnllm.kernels.triton_int8 import TILES, _int8_linear
+    from tnllm.kernels.triton_int8 import CONFIGS, Config, _int8_linear
 
-    for max_m, tile in TILES:
+    extra = [Config(16, 64, 256, kind="dot_t"), Config(1, 32, 512, num_stages=1, kind="gemv", magic=True),
+             Config(2, 16, 256, num_stages=1, kind="gemv_once"), Config(16, 64, 128, magic=True)]
+    tiles = [(b, c) for (b, _), c in CONFIGS.items()] + [(16, c) for c in extra]
+    for max_m, tile in tiles:
         for split in (1, 2):
             x, w, s, b = _inputs(min(max_m or 600, 600), 1000, 4096, torch.bfloat16, bias=True)
             cfg = tile._replace(SPLIT_K=split)
