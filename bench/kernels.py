@@ -4,6 +4,7 @@ from the same run.
 
     python bench/kernels.py                       # every section on the GPU -> bench/results/kernels-h200.json
     python bench/kernels.py --sections decode     # some sections only (names below, run in the order given)
+    python bench/kernels.py --out new.json && python bench/report.py --merge new.json   # fold a partial run in
     python bench/kernels.py --sweep               # also try launch configs of our chunk kernel first
     TRITON_INTERPRET=1 python bench/kernels.py --tiny --out /tmp/k.json   # CPU smoke test of this script
 
@@ -556,16 +557,24 @@ def main():
                                for r in result["rows"]]}))
 
 
+def copy_bw(result, item):
+    """Bytes/s of the copy ceiling of the run `item` comes from: a file merged by bench/report.py --merge lists its
+    runs under "runs" and tags each item with its run's index; a single run has one ceiling."""
+    runs = result.get("runs")
+    ceilings = runs[item["run"]]["ceilings"] if runs and "run" in item else result["ceilings"]
+    return ceilings["copy_TBps"] * 1e12
+
+
 def derive(result):
     """Add Mtok/s, % of memory floor and ratios vs each anchor (same run) to every row, and to every decode row its
-    state traffic as a % of the copy ceiling. Idempotent (also run on partial files by bench/report.py)."""
-    bw = result["ceilings"]["copy_TBps"] * 1e12
+    state traffic as a % of the copy ceiling. Idempotent (also run on partial and merged files by bench/report.py)."""
     by_shape = {}
     for r in result["rows"]:
         by_shape.setdefault((r["B"], r["N"], r["dk"], r["dv"]), {})[r["impl"]] = r
     for r in result["rows"]:
         if "fwd_ms" not in r:
             continue
+        bw = copy_bw(result, r)
         toks = r["B"] * r["N"]
         r["fwd_Mtok_s"] = toks / r["fwd_ms"] / 1e3
         for mode in ("fwd", "fwdbwd"):
@@ -578,12 +587,13 @@ def derive(result):
                 r[f"fwd_speedup_vs_{other}"] = o["fwd_ms"] / r["fwd_ms"]
                 if "fwdbwd_ms" in o and "fwdbwd_ms" in r:
                     r[f"fwdbwd_speedup_vs_{other}"] = o["fwdbwd_ms"] / r["fwdbwd_ms"]
-    _derive_decode(result["decode"] if "decode" in result else [], bw)
+    _derive_decode(result)
 
 
-def _derive_decode(rows, bw):
+def _derive_decode(result):
     """state_pct_copy: the decode step's state read + write bytes per second as a % of the copy ceiling."""
-    for r in rows:
+    for r in result.get("decode") or []:
+        bw = copy_bw(result, r)
         if "state_GBps" in r and not math.isnan(bw):
             r["state_pct_copy"] = 100 * r["state_GBps"] * 1e9 / bw
 

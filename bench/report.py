@@ -6,6 +6,13 @@ the engine runs bench/results/engine-h200.json and bench/results/serve-cpu.json
 section whose JSON is missing says it is not measured yet.
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
+    python bench/report.py --merge NEW.json [--merged-out FILE]   # fold a new kernel run into --json, then render
+
+--merge: bench/kernels.py runs its sections one by one and may skip some for its time budget, so a new run is
+folded into the previous kernels file section by section (merge_kernel_runs): a section the new run completed
+replaces the old one; a section it skipped (or left partial, or failed) keeps the old rows it did not measure
+again. The merged file lists every run under "runs" and tags each row with the run it came from, so each table
+of BENCHMARKS.md names its run's date. The merged JSON overwrites --json unless --merged-out names another file.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,8 +30,9 @@ HEADER = """# Benchmarks
 Date: {date}. Hardware: {device}. Software: torch {torch}, triton {triton}, fla-core {fla}, lightning-attn
 {official}. Command (repo root, wheels installed on the machine, see bench/kernels.py):
 
-    python bench/kernels.py --sweep        # then: python bench/report.py
+    python bench/kernels.py --sweep --out new.json    # then: python bench/report.py --merge new.json
 
+(a section the new run skipped for its time budget keeps the previous run's rows; each table names its run).
 Protocol (docs/benchmarks.md#kernel-benchmark): bf16 inputs, fp32 state, H={H}, ALiBi rates 2^(-8(h+1)/H),
 B·N = 65,536 tokens (131,072 at N=128k, B=1); `triton.testing.do_bench` median (warm-up 25 ms, rep 100 ms,
 L2 flushed); every kernel in its native layout, pre-built. Ceilings measured in the same run: device copy
@@ -50,13 +59,206 @@ def not_measured(title: str, results: str, command: str) -> str:
     return f"\n## {title}\n\nNot measured yet: no {results}. Command: `{command}`.\n"
 
 
+# ---- the kernel benchmark (bench/kernels.py): its sections, merging runs, rendering ----
+
+# bench/kernels.py's sections (its SECTIONS, in its run order, plus the optional --sweep) and the JSON parts
+# holding each one's items: a list part (rows, decode, sweep) takes a predicate on the item, a dict part
+# (correctness, agreement, near1: keyed by shape) one on the key. prefill and wide share rows and correctness,
+# split by dk = dv.
+KERNEL_SECTIONS = ("wide", "decode", "agree", "near1", "prefill")
+
+
+def _wide_key(key: str) -> bool:
+    """Whether a shape key such as "B8-N8192-H32-dk256-dv128" has dk != dv."""
+    m = re.search(r"dk(\d+)-dv(\d+)$", key)
+    return bool(m) and m[1] != m[2]
+
+
+SECTION_PARTS = {
+    "sweep": {"sweep": None},
+    "wide": {"rows": lambda x: x["dk"] != x["dv"], "correctness": _wide_key},
+    "decode": {"decode": None},
+    "agree": {"agreement": None},
+    "near1": {"near1": None},
+    "prefill": {"rows": lambda x: x["dk"] == x["dv"], "correctness": lambda key: not _wide_key(key)},
+}
+LIST_PARTS = ("rows", "decode", "sweep")
+DICT_PARTS = ("correctness", "agreement", "near1")
+# What a run records about itself (the top level of its JSON); a merged file keeps one per run under "runs".
+RUN_META = ("date", "device", "torch", "triton", "fla_version", "lightning_attn_version", "ceilings", "config",
+            "budget_s", "total_s", "anchor_errors")
+
+
+def _item_id(part: str, item: dict):
+    """What a newer run's item replaces in an older run: the same shape (every impl of it), the same decode batch."""
+    if part == "rows":
+        return tuple(item.get(k) for k in ("B", "N", "H", "dk", "dv"))
+    if part == "decode":
+        return item.get("B")
+    return None  # the sweep: all or nothing
+
+
+def _section_items(r: dict, name: str) -> dict:
+    """part -> the items of section `name` in result `r` (a list, or a dict keyed by shape)."""
+    out = {}
+    for part, belongs in SECTION_PARTS[name].items():
+        if part in LIST_PARTS:
+            out[part] = [x for x in r.get(part) or [] if belongs is None or belongs(x)]
+        else:
+            out[part] = {k: v for k, v in (r.get(part) or {}).items() if belongs is None or belongs(k)}
+    return out
+
+
+def _has_items(items: dict) -> bool:
+    return any(bool(v) for v in items.values())
+
+
+def _sections(r: dict) -> dict:
+    """The run's section entries; a file written before runs recorded them gets "done" entries for the sections it
+    holds data of (marked inferred)."""
+    if "sections" in r:
+        return r["sections"]
+    names = (["ceilings"] if r.get("ceilings") else []) + [n for n in SECTION_PARTS
+                                                           if _has_items(_section_items(r, n))]
+    return {name: {"status": "done", "inferred": True} for name in names}
+
+
+def _stamp(items: dict, run: int) -> dict:
+    """Copies of the items, each tagged with the index of its run (an item already tagged keeps its tag)."""
+    out = {}
+    for part, v in items.items():
+        if isinstance(v, list):
+            out[part] = [{"run": run, **x} for x in v]
+        else:
+            out[part] = {k: {"run": run, **e} if isinstance(e, dict) else e for k, e in v.items()}
+    return out
+
+
+def merge_kernel_runs(old: dict, new: dict) -> dict:
+    """`new` (one bench/kernels.py run, possibly partial) folded into `old` (the previous results file: one run, or
+    an earlier merge), section by section:
+
+    * the new run completed the section (status "done"): its items replace the old ones;
+    * otherwise (partial, skipped for the budget, failed, or not run): the new items win, and the old items it did
+      not measure again stay (a prefill shape is replaced with all its impls, a decode row by batch size);
+      with no new item the old section entry stays too, noting the new run's status as "latest_status".
+
+    The result's top level describes the newest run; "runs" lists every run's date, device, versions, ceilings and
+    launch config (oldest first), and every item and section entry carries "run", its index there. % of floor
+    and speed-ups are derived per run (bench/kernels.py derive): a shape's impls always come from one run."""
+    old_runs = old.get("runs") or [{k: old.get(k) for k in RUN_META}]
+    new_meta = {k: new.get(k) for k in RUN_META}
+    if "runs" in new:
+        raise ValueError("the new file is itself a merge: merge single runs of bench/kernels.py into it")
+    if new_meta in old_runs:
+        raise ValueError(f"this run ({new_meta['date']}, {new_meta['total_s']} s) is already merged in")
+    runs = [*old_runs, new_meta]
+    i_new, i_old = len(runs) - 1, len(old_runs) - 1  # untagged items of the old file are from its newest run
+    merged = {k: v for k, v in new.items() if k not in (*LIST_PARTS, *DICT_PARTS, "sections")}
+    merged.update(runs=runs, sections={}, **{p: [] for p in LIST_PARTS}, **{p: {} for p in DICT_PARTS})
+    old_sec, new_sec = _sections(old), _sections(new)
+    names = [*new_sec, *(n for n in old_sec if n not in new_sec)]
+    for name in names + [n for n in SECTION_PARTS if n not in names]:
+        new_entry, old_entry = new_sec.get(name), old_sec.get(name)
+        new_items = _stamp(_section_items(new, name), i_new) if name in SECTION_PARTS else {}
+        old_items = _stamp(_section_items(old, name), i_old) if name in SECTION_PARTS else {}
+        done = bool(new_entry) and new_entry.get("status") == "done"
+        for part, items in new_items.items():
+            kept = _merge_part(part, items, old_items[part], done)
+            if isinstance(kept, list):
+                merged[part] += kept
+            else:
+                merged[part].update(kept)
+        entry = _merged_entry(new_entry, old_entry, done or _has_items(new_items), i_new, i_old)
+        if entry:
+            merged["sections"][name] = entry
+    merged["rows"].sort(key=lambda x: (x["dk"] != x["dv"], x["N"]))  # as bench/kernels.py saves them
+    merged["decode"].sort(key=lambda x: x["B"])
+    return merged
+
+
+def _merge_part(part: str, new, old, done: bool):
+    """One part of one section: the new items alone when the new run completed the section, else the new items
+    and the old ones it did not measure again (same shape / batch; the sweep is all or nothing)."""
+    if done:
+        return new
+    if isinstance(new, dict):
+        return {**{k: v for k, v in old.items() if k not in new}, **new}
+    ids = {_item_id(part, x) for x in new}
+    return new if None in ids else new + [x for x in old if _item_id(part, x) not in ids]
+
+
+def _merged_entry(new_entry, old_entry, new_measured: bool, i_new: int, i_old: int):
+    """A section's entry in the merged file: the new run's when it measured something there (or the old file has
+    no entry: ceilings are always new), else the old one, with the new run's status as "latest_status"."""
+    if new_entry and (new_measured or not old_entry):
+        return {**new_entry, "run": i_new}
+    if new_measured:  # items in a new file that records no entry for them
+        return {"status": "done", "inferred": True, "run": i_new}
+    if not old_entry:
+        return None
+    entry = {**old_entry, "run": old_entry.get("run", i_old)}
+    if new_entry:
+        entry["latest_status"] = new_entry.get("status")
+    return entry
+
+
+def _runs(r: dict) -> list[dict]:
+    """Every run the file holds (one unless merged)."""
+    return r.get("runs") or [{k: r.get(k) for k in RUN_META}]
+
+
+def _run_of(r: dict, item: dict) -> int:
+    return item.get("run", len(_runs(r)) - 1) if isinstance(item, dict) else len(_runs(r)) - 1
+
+
+def _run_label(r: dict, i: int) -> str:
+    """"2026-12-01" for a single-run file; "run 2 (2026-12-01)" when runs are merged (runs table in the header)."""
+    runs = _runs(r)
+    date = runs[i].get("date") or "date not recorded"
+    return date if len(runs) == 1 else f"run {i + 1} ({date})"
+
+
+def _from_line(r: dict, items) -> str:
+    """The run(s) a table's items come from."""
+    idx = sorted({_run_of(r, x) for x in items})
+    return "Run: " + ", ".join(_run_label(r, i) for i in idx) + "."
+
+
+def _not_measured(r: dict, name: str, what: str = "") -> str:
+    """One line for a section with nothing to show: its status in this run when it has one."""
+    status = _sections(r).get(name, {}).get("status")
+    why = f" ({status})" if status and status != "done" else ""
+    return f"{what or 'Not measured'} in this run{why}. Command: `python bench/kernels.py --sections {name}`."
+
+
+def _skipped_line(r: dict, name: str) -> list[str]:
+    """Shapes the section skipped for the budget (a partial section), as a line; none otherwise."""
+    skipped = _sections(r).get(name, {}).get("skipped_for_budget")
+    return [f"Skipped for the time budget in the {name} section: {', '.join(skipped)}."] if skipped else []
+
+
 def _prefill_lines(r: dict) -> list[str]:
-    """The prefill / training table: one row per (shape, impl), ours' speed-ups over each anchor."""
-    out = ["## Prefill / training (ms, lower is better)", "",
-           "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
-           "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |", "|" + "---|" * 12]
-    ours = {(x["B"], x["N"], x["dk"]): x for x in r["rows"] if x["impl"] == "ours"}
-    for x in r["rows"]:
+    """The prefill / training table: one row per (shape, impl), ours' speed-ups over each anchor; the dk = dv rows
+    (section prefill) and the dk=256/dv=128 rows (section wide) side by side, each part named when absent."""
+    out = ["## Prefill / training (ms, lower is better)", ""]
+    rows = r.get("rows") or []
+    notes = []
+    for name, label, has in (("prefill", "dk = dv rows", any(x["dk"] == x["dv"] for x in rows)),
+                             ("wide", "dk=256/dv=128 rows", any(x["dk"] != x["dv"] for x in rows))):
+        if not has:
+            notes.append(_not_measured(r, name, f"{label} (section `{name}`): not measured"))
+        notes += _skipped_line(r, name)
+    if not rows:
+        return out + notes
+    multi = len({_run_of(r, x) for x in rows}) > 1
+    out += [_from_line(r, rows), *notes, "",
+            "| N | B | dk/dv | impl | fwd | fwd+bwd | fwd Mtok/s | % fwd floor | % fwd+bwd floor | "
+            "ours faster (fwd) | ours faster (fwd+bwd) | peak GiB (fwd+bwd, over inputs) |"
+            + (" run |" if multi else ""),
+            "|" + "---|" * (13 if multi else 12)]
+    ours = {(x["B"], x["N"], x["dk"]): x for x in rows if x["impl"] == "ours"}
+    for x in rows:
         o = ours.get((x["B"], x["N"], x["dk"]), {})
         sf = "" if x["impl"] == "ours" else fmt(o.get(f"fwd_speedup_vs_{x['impl']}"), "{:.2f}×")
         sb = "" if x["impl"] == "ours" else fmt(o.get(f"fwdbwd_speedup_vs_{x['impl']}"), "{:.2f}×")
@@ -64,20 +266,29 @@ def _prefill_lines(r: dict) -> list[str]:
         out.append(f"| {x['N']} | {x['B']} | {x['dk']}/{x['dv']} | {x['impl']}{err} | {fmt(x.get('fwd_ms'))} | "
                    f"{fmt(x.get('fwdbwd_ms'))} | {fmt(x.get('fwd_Mtok_s'), '{:.1f}')} | "
                    f"{fmt(x.get('fwd_pct_floor'), '{:.0f}%')} | {fmt(x.get('fwdbwd_pct_floor'), '{:.0f}%')} | "
-                   f"{sf} | {sb} | {fmt(x.get('peak_extra_GiB'), '{:.2f}')} |")
+                   f"{sf} | {sb} | {fmt(x.get('peak_extra_GiB'), '{:.2f}')} |"
+                   + (f" {_run_label(r, _run_of(r, x))} |" if multi else ""))
     return out
 
 
 def _decode_step_lines(r: dict, H) -> list[str]:
-    """The decode-step table (none when the run has no decode rows)."""
-    if not r.get("decode"):
-        return []
-    out = ["", f"## Decode step (H={H}, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay "
-           "of 10 steps)", "", "| B | impl | µs | state GB/s (read+write) |", "|---|---|---|---|"]
-    for x in sorted(r["decode"], key=lambda x: (x["B"], x["impl"])):
-        out.append(f"| {x['B']} | {x['impl']} | {fmt(x.get('us'), '{:.1f}')} | "
-                   f"{fmt(x.get('state_GBps'), '{:.0f}')} |")
-    out.append("\nours updates the state in place; fla `fused_recurrent_simple_gla` writes a new final state.")
+    """The decode-step table: µs per step, the state's read + write GB/s and that as a % of the copy ceiling."""
+    rows = r.get("decode") or []
+    modes = {x.get("mode") for x in rows if "mode" in x}
+    how = "CUDA-graph replay of 10 steps" if modes <= {"cuda-graph"} else f"mode {', '.join(sorted(modes))}"
+    out = ["", f"## Decode step (H={H}, D=E={rows[0]['dk'] if rows else 128}, bf16 q/k/v, fp32 state; µs per step, "
+           f"{how})", ""]
+    if not rows:
+        return out + [_not_measured(r, "decode")]
+    out += [_from_line(r, rows), "", "| B | impl | µs | state GB/s (read+write) | % of copy ceiling |",
+            "|---|---|---|---|---|"]
+    for x in sorted(rows, key=lambda x: (x["B"], x["impl"])):
+        err = f" ({x['error'][:60]})" if "error" in x else ""
+        out.append(f"| {x['B']} | {x['impl']}{err} | {fmt(x.get('us'), '{:.1f}')} | "
+                   f"{fmt(x.get('state_GBps'), '{:.0f}')} | {fmt(x.get('state_pct_copy'), '{:.0f}%')} |")
+    out.append("\nours updates the state in place; fla `fused_recurrent_simple_gla` writes a new final state. "
+               "% of copy ceiling: the state's bytes per second against the device copy of the same run; at small "
+               "B the state fits in L2, so only B ≥ 64 measures HBM.")
     return out
 
 
@@ -85,18 +296,102 @@ def _correctness_lines(r: dict) -> list[str]:
     """The correctness table: rel-L2 of ours and fla vs the fp32 reference (none when not recorded)."""
     if not r.get("correctness"):
         return []
+    entries = dict(sorted(r["correctness"].items(), key=lambda kv: _shape_order(kv[0])))
+    multi = len({_run_of(r, c) for c in entries.values()}) > 1
     out = ["", "## Correctness (bf16 inputs, first sequence of each shape, initial state given; rel-L2 vs "
-           "the fp32 chunked reference)", "", "| shape | impl | o | final | dq | dk | dv |",
-           "|---|---|---|---|---|---|---|"]
-    for key, c in r["correctness"].items():
+           "the fp32 chunked reference)", "", _from_line(r, entries.values()), "",
+           "| shape | impl | o | final | dq | dk | dv |" + (" run |" if multi else ""),
+           "|" + "---|" * (8 if multi else 7)]
+    for key, c in entries.items():
+        run = f" {_run_label(r, _run_of(r, c))} |" if multi else ""
+        if "error" in c:
+            out.append(f"| {key} | error: {c['error'][:80]} | | | | | |{run}")
         for impl in ("ours", "fla"):
             if impl in c:
                 e = c[impl]
                 out.append(f"| {key} | {impl} | " + " | ".join(fmt(e.get(n), "{:.2e}") for n in
-                                                             ("o", "final", "dq", "dk", "dv")) + " |")
+                                                             ("o", "final", "dq", "dk", "dv")) + f" |{run}")
         if "ours_vs_fla_full_o" in c:
             out.append(f"| {key} | ours vs fla (full batch, o) | {fmt(c['ours_vs_fla_full_o'], '{:.2e}')} "
-                       "| | | | |")
+                       f"| | | | |{run}")
+    return out
+
+
+def _shape_order(key: str):
+    """Shape keys as the rows are ordered: dk = dv first, then by N."""
+    m = re.search(r"N(\d+)", key)
+    return _wide_key(key), int(m[1]) if m else 0
+
+
+ERROR_NAMES = ("o", "final", "dq", "dk", "dv", "ds0")
+
+
+def _error_cells(errs, names) -> str:
+    """The rel-L2 cells of one comparison; "unavailable" or an error message spans the first cell."""
+    if not isinstance(errs, dict):
+        return f"{errs} |" + " |" * (len(names) - 1)
+    if "error" in errs:
+        return f"{errs['error'][:80]} |" + " |" * (len(names) - 1)
+    return " | ".join(fmt(errs.get(n), "{:.2e}") for n in names) + " |"
+
+
+def _names_present(comparisons) -> list[str]:
+    """The outputs (o, final, dq, dk, dv, ds0) any of the comparisons has, in that order."""
+    seen = {n for c in comparisons if isinstance(c, dict) for n in c}
+    return [n for n in ERROR_NAMES if n in seen]
+
+
+def _agreement_lines(r: dict) -> list[str]:
+    """ours / official / fla against the fp64 and fp32 references and against each other (section agree)."""
+    out = ["", "## Agreement: ours vs official lightning-attn vs fla (rel-L2, lower is closer)", ""]
+    entries = r.get("agreement") or {}
+    if not entries:
+        return out + [_not_measured(r, "agree")]
+    rows = []  # (shape, impl, vs, errors)
+    for key, e in entries.items():
+        rows.append((key, "fp32 reference", "fp64 reference", e.get("ref32_vs_ref64", {})))
+        for impl in ("ours", "official", "fla"):
+            got = e.get(impl, "not recorded")
+            if isinstance(got, dict) and ("vs_ref64" in got or "vs_ref32" in got):
+                rows += [(key, impl, f"{ref} reference", got.get(f"vs_ref{ref[2:]}", {})) for ref in ("fp64", "fp32")]
+            else:
+                rows.append((key, impl, "", got))
+        for pair in ("ours_vs_official", "ours_vs_fla", "official_vs_fla"):
+            if pair in e:
+                rows.append((key, *pair.split("_vs_"), e[pair]))
+    names = _names_present(x[3] for x in rows)
+    inputs = sorted({e.get("inputs") for e in entries.values() if e.get("inputs")})
+    out += [f"Inputs: {'; '.join(inputs) or 'not recorded'}; one sequence per shape. References: the chunked PyTorch "
+            "reference in fp64 and in fp32 on the same bf16 inputs. " + _from_line(r, entries.values()),
+            *_skipped_line(r, "agree"), "", "| shape | impl | vs | " + " | ".join(names) + " |",
+            "|" + "---|" * (3 + len(names))]
+    out += [f"| {key} | {impl} | {vs} | " + _error_cells(errs, names) for key, impl, vs, errs in rows]
+    return out
+
+
+NEAR1_IMPLS = {"ref32": "fp32 reference", "ours": "ours (as planned)", "ours_one_segment": "ours, one segment",
+               "ours_8_segments": "ours, 8 segments", "fla": "fla"}
+
+
+def _near1_lines(r: dict) -> list[str]:
+    """Precision at λ ≈ 1 (section near1): every output's rel-L2 against the fp64 reference, per log λ and impl."""
+    out = ["", "## Precision near λ = 1 (rel-L2 against the fp64 reference, lower is better)", ""]
+    entries = r.get("near1") or {}
+    if not entries:
+        return out + [_not_measured(r, "near1")]
+    rows = []  # (shape, log λ, impl, errors)
+    notes = []
+    for key, e in entries.items():
+        notes.append(f"{key}: {e.get('inputs', 'inputs not recorded')}; as planned {e.get('segments_per_sequence')} "
+                     f"segment(s) of {e.get('segment_len')} tokens per sequence.")
+        for ld, by_impl in e.items():
+            if ld.startswith("log_decay="):
+                rows += [(key, ld.removeprefix("log_decay="), NEAR1_IMPLS.get(impl, impl), errs)
+                         for impl, errs in by_impl.items()]
+    names = _names_present(x[3] for x in rows)
+    out += [*notes, _from_line(r, entries.values()), "", "| shape | log λ | impl | " + " | ".join(names) + " |",
+            "|" + "---|" * (3 + len(names))]
+    out += [f"| {key} | {ld} | {impl} | " + _error_cells(errs, names) for key, ld, impl, errs in rows]
     return out
 
 
@@ -105,35 +400,79 @@ def _sweep_lines(r: dict) -> list[str]:
     if not r.get("sweep"):
         return []
     out = ["", "## Our launch-config sweep (ms; the best fwd+bwd sum is the default in triton_chunk._CFG)", "",
-           "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
+           _from_line(r, r["sweep"]), "", "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
     for x in r["sweep"]:
         out.append(f"| {x['B']}×{x['N']} | {x['dk']}/{x['dv']} | `{x['cfg']}` | {fmt(x.get('fwd_ms'))} | "
                    f"{fmt(x.get('fwdbwd_ms'))} |")
     return out
 
 
-def _missing_lines(r: dict) -> list[str]:
-    """A note naming the tables this run lacks (the wide row, the decode step) and the command for them."""
-    missing = [name for name, ok in (("dk=256/dv=128 anchors row", any(x["dk"] != x["dv"] for x in r["rows"])),
-                                     ("decode step table", bool(r.get("decode")))) if not ok]
-    if not missing:
+def _section_status_lines(r: dict) -> list[str]:
+    """Each section's status and seconds in the run it comes from (a section no run ran: "not run")."""
+    sections = _sections(r)
+    out = ["", "## Kernel benchmark sections (status and seconds of each)", "",
+           "| section | status | s | run |", "|---|---|---|---|"]
+    for name in [*sections, *(n for n in ("ceilings", *KERNEL_SECTIONS) if n not in sections)]:
+        e = sections.get(name)
+        if e is None:
+            out.append(f"| {name} | not run | — | |")
+            continue
+        status = e.get("status", "not recorded")
+        if e.get("inferred"):
+            status += " (inferred: the file predates section statuses)"
+        if e.get("skipped_for_budget"):
+            status += f" (skipped for the budget: {', '.join(e['skipped_for_budget'])})"
+        if e.get("latest_status"):
+            status += f"; latest run: {e['latest_status']}"
+        if e.get("unavailable"):
+            status += f"; unavailable: {', '.join(e['unavailable'])}"
+        out.append(f"| {name} | {status} | {fmt(e.get('elapsed_s'), '{:.1f}')} | {_run_label(r, _run_of(r, e))} |")
+    return out
+
+
+def _runs_lines(r: dict) -> list[str]:
+    """For a merged file: every run it holds, with its device, versions, ceilings and launch config."""
+    runs = _runs(r)
+    if len(runs) == 1:
         return []
-    return ["", f"Not measured yet in this run: {', '.join(missing)}. "
-            "Command: `python bench/kernels.py --sections wide,decode --out <file>`."]
+    out = ["", f"This file merges {len(runs)} runs (`python bench/report.py --merge`); each table names the run its "
+           "rows come from, and % of floor uses that run's copy ceiling. The header above describes the newest.", "",
+           "| run | date | device | torch | triton | fla-core | lightning-attn | copy TB/s | matmul TF/s | "
+           "launch config |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, x in enumerate(runs):
+        c = x.get("ceilings") or {}
+        out.append(f"| {i + 1} | {x.get('date') or 'not recorded'} | {x.get('device')} | {x.get('torch')} | "
+                   f"{x.get('triton')} | {x.get('fla_version')} | {x.get('lightning_attn_version')} | "
+                   f"{fmt(c.get('copy_TBps'), '{:.2f}')} | {fmt(c.get('matmul_TFps'), '{:.0f}')} | "
+                   f"`{x.get('config')}` |")
+    return out
 
 
 def render(r: dict) -> str:
-    """The kernel benchmark's part of BENCHMARKS.md: header, then its tables."""
-    H = r["rows"][0]["H"] if r["rows"] else "?"
+    """The kernel benchmark's part of BENCHMARKS.md: header, then its tables; a section the file lacks gets a
+    one-line "not measured in this run"."""
+    H = next((x["H"] for x in (r.get("rows") or []) + (r.get("decode") or []) if "H" in x), "?")
     out = [HEADER.format(date=run_date(r), device=r["device"], torch=r["torch"], triton=r["triton"],
                          fla=r.get("fla_version"), official=r.get("lightning_attn_version"), H=H,
                          copy=r["ceilings"]["copy_TBps"], mm=r["ceilings"]["matmul_TFps"], config=r.get("config"))]
-    out += _prefill_lines(r)
+    out += _runs_lines(r)
+    out += ([""] if len(_runs(r)) > 1 else []) + _prefill_lines(r)
     out += _decode_step_lines(r, H)
     out += _correctness_lines(r)
+    out += _agreement_lines(r)
+    out += _near1_lines(r)
     out += _sweep_lines(r)
-    out += _missing_lines(r)
+    out += _section_status_lines(r)
     return "\n".join(out) + "\n"
+
+
+def merge_kernel_files(old: Path, new: Path, out: Path) -> dict:
+    """merge_kernel_runs of two JSON files (derived columns recomputed per run), written to `out`."""
+    merged = merge_kernel_runs(json.loads(old.read_text()), json.loads(new.read_text()))
+    _bench_module("kernels").derive(merged)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 def render_training(sweep: dict) -> str:
@@ -326,8 +665,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default=str(ROOT / "bench/results/kernels-h200.json"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--merge", metavar="NEW_JSON",
+                   help="a new bench/kernels.py run to fold into --json section by section before rendering")
+    p.add_argument("--merged-out", metavar="FILE", help="write the merged kernels JSON here (default: over --json)")
     a = p.parse_args()
-    Path(a.out).write_text(render_all(ROOT / "bench/results", Path(a.json)))
+    kernels_json = Path(a.json)
+    if a.merge:
+        target = Path(a.merged_out or a.json)
+        try:
+            merged = merge_kernel_files(kernels_json, Path(a.merge), target)
+        except ValueError as e:
+            p.error(str(e))
+        print(f"merged {a.merge} into {target}: " + ", ".join(
+            f"{name} {_run_label(merged, e['run'])}" for name, e in merged["sections"].items()))
+        kernels_json = target
+    Path(a.out).write_text(render_all(ROOT / "bench/results", kernels_json))
 
 
 def render_all(results: Path, kernels_json: Path) -> str:

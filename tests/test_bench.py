@@ -266,6 +266,170 @@ def test_report_says_not_measured_for_missing_json(tmp_path):
     assert "budget" not in text
 
 
+def _kernel_run(date, copy_tbps, sections, rows=(), decode=(), correctness=None, agreement=None, total_s=100.0):
+    """A bench/kernels.py result as it writes one (sections=None: a file from before runs recorded sections)."""
+    run = {"date": date, "device": "NVIDIA H200", "torch": "2.11", "triton": "3.6", "fla_version": "0.6.0",
+           "lightning_attn_version": "0.0.5", "ceilings": {"copy_TBps": copy_tbps, "matmul_TFps": 700.0},
+           "config": {"BT": 64}, "budget_s": 280.0, "total_s": total_s, "anchor_errors": {}, "rows": list(rows),
+           "decode": list(decode), "correctness": correctness or {}, "agreement": agreement or {}, "near1": {}}
+    if sections is not None:
+        run["sections"] = sections
+    return run
+
+
+def _prefill_row(impl, B, N, dk, fwd_ms):
+    return {"impl": impl, "B": B, "N": N, "H": 32, "dk": dk, "dv": 128, "dtype": "bf16", "fwd_ms": fwd_ms,
+            "fwdbwd_ms": 4 * fwd_ms}
+
+
+def _shape(B, N, dk):
+    return f"B{B}-N{N}-H32-dk{dk}-dv128"
+
+
+def _correct(o):
+    return {"ours": {"o": o, "final": o, "dq": o, "dk": o, "dv": o}, "fla": {"o": o}}
+
+
+SKIPPED = "skipped: budget of 280 s spent"
+
+
+def _old_kernel_run():
+    """The full older run: prefill N = 2k and 8k, the wide row, decode B = 1 and 64; no section statuses."""
+    rows = [_prefill_row(impl, B, N, dk, ms) for B, N, dk in ((32, 2048, 128), (8, 8192, 128), (8, 8192, 256))
+            for impl, ms in (("ours", 1.0), ("fla", 1.5))]
+    decode = [{"impl": "ours", "B": B, "H": 32, "dk": 128, "dv": 128, "mode": "cuda-graph", "us": 5.0,
+               "state_GBps": 2000.0} for B in (1, 64)]
+    return _kernel_run("2031-01-01", 4.0, None, rows, decode,
+                       {_shape(B, N, dk): _correct(1e-3) for B, N, dk in ((32, 2048, 128), (8, 8192, 128),
+                                                                           (8, 8192, 256))})
+
+
+def _new_kernel_run():
+    """A partial newer run: wide done, decode skipped, agree partial, near1 skipped, prefill partial (8k skipped)."""
+    agree = {"inputs": "bf16, ALiBi rates, no initial state", "ref32_vs_ref64": {"o": 2e-7, "dq": 2e-7},
+             "ours": {"vs_ref64": {"o": 3e-3, "dq": 3.3e-3}, "vs_ref32": {"o": 3e-3, "dq": 3.3e-3}},
+             "official": {"vs_ref64": {"o": 1.8e-3, "dq": 2.7e-3}, "vs_ref32": {"o": 1.8e-3, "dq": 2.7e-3}},
+             "fla": "unavailable", "ours_vs_official": {"o": 3.3e-3, "dq": 3.5e-3}}
+    sections = {"ceilings": {"status": "done", "elapsed_s": 0.3},
+                "wide": {"unavailable": [], "status": "done", "elapsed_s": 200.0},
+                "decode": {"unavailable": [], "status": SKIPPED},
+                "agree": {"unavailable": ["fla"], "status": "partial", "elapsed_s": 60.0,
+                          "skipped_for_budget": [_shape(1, 8192, 256)]},
+                "near1": {"unavailable": [], "status": SKIPPED},
+                "prefill": {"unavailable": [], "status": "partial", "elapsed_s": 20.0,
+                            "skipped_for_budget": [_shape(8, 8192, 128)]}}
+    rows = [_prefill_row(impl, B, N, dk, ms) for B, N, dk in ((32, 2048, 128), (8, 8192, 256))
+            for impl, ms in (("ours", 0.8), ("fla", 1.6))]
+    return _kernel_run("2031-02-02", 5.0, sections, rows, (),
+                       {_shape(32, 2048, 128): _correct(2e-3), _shape(8, 8192, 256): _correct(2e-3)},
+                       {_shape(1, 8192, 128): agree})
+
+
+def test_report_renders_a_partial_kernel_run(tmp_path):
+    """Sections a run skipped (or never ran) read "not measured in this run" with its status; the others render:
+    the wide row beside the prefill rows, the agreement table, the section statuses and seconds."""
+    report = _report()
+    (tmp_path / "kernels.json").write_text(json.dumps(_new_kernel_run()))
+    text = report.render_all(tmp_path, tmp_path / "kernels.json")
+    kernels = text.split("## Bundled-model training throughput")[0]
+    assert "Date: 2031-02-02. Hardware: NVIDIA H200." in kernels and "merges" not in kernels
+    prefill = kernels.split("## Prefill / training")[1].split("\n## ")[0]
+    assert "Run: 2031-02-02." in prefill
+    assert "Skipped for the time budget in the prefill section: B8-N8192-H32-dk128-dv128." in prefill
+    assert "| 8192 | 8 | 256/128 | fla | 1.600 | 6.400 | 41.0 |" in prefill  # 65,536 tokens in 1.6 ms
+    assert "| 0.50× |" not in prefill and "| 2.00× | 2.00× |" in prefill  # ours 0.8 ms vs fla 1.6 ms
+    assert "% of copy ceiling" not in kernels  # no decode table: the decode section was skipped
+    assert ("## Decode step (H=32, D=E=128, bf16 q/k/v, fp32 state; µs per step, CUDA-graph replay of 10 steps)\n\n"
+            f"Not measured in this run ({SKIPPED}). Command: `python bench/kernels.py --sections decode`.") in kernels
+    assert f"## Precision near λ = 1 (rel-L2 against the fp64 reference, lower is better)\n\nNot measured in this " \
+           f"run ({SKIPPED})." in kernels
+    agree = kernels.split("## Agreement")[1].split("\n## ")[0]
+    assert "| shape | impl | vs | o | dq |" in agree  # only the outputs recorded (no initial state: no final, ds0)
+    assert "| B1-N8192-H32-dk128-dv128 | official | fp64 reference | 1.80e-03 | 2.70e-03 |" in agree
+    assert "| B1-N8192-H32-dk128-dv128 | ours | official | 3.30e-03 | 3.50e-03 |" in agree
+    assert "| B1-N8192-H32-dk128-dv128 | fla |  | unavailable | |" in agree
+    assert "Skipped for the time budget in the agree section: B1-N8192-H32-dk256-dv128." in agree
+    status = kernels.split("## Kernel benchmark sections")[1]
+    assert "| wide | done | 200.0 | 2031-02-02 |" in status
+    assert f"| near1 | {SKIPPED} | — | 2031-02-02 |" in status
+    assert "| agree | partial (skipped for the budget: B1-N8192-H32-dk256-dv128); unavailable: fla | 60.0 |" in status
+    # a file with no section at all: every table says so, nothing fails
+    (tmp_path / "kernels.json").write_text(json.dumps(_kernel_run("2031-03-03", 4.0, {})))
+    text = report.render_all(tmp_path, tmp_path / "kernels.json")
+    assert text.count("not measured in this run") == 2 and text.count("Not measured in this run") == 3
+    assert "| prefill | not run | — | |" in text
+
+
+def test_merge_keeps_what_a_partial_run_skipped(tmp_path):
+    """A section the new run completed replaces the old one; one it skipped keeps the old rows (tagged with their
+    run); a partial one keeps the old shapes it did not measure again; % of floor uses each run's own ceiling."""
+    report = _report()
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_old_kernel_run()))
+    new.write_text(json.dumps(_new_kernel_run()))
+    merged = report.merge_kernel_files(old, new, tmp_path / "merged.json")
+    assert json.loads((tmp_path / "merged.json").read_text()) == json.loads(json.dumps(merged))
+    assert [r["date"] for r in merged["runs"]] == ["2031-01-01", "2031-02-02"] and merged["date"] == "2031-02-02"
+    assert merged["ceilings"]["copy_TBps"] == 5.0
+    by_shape = {(x["N"], x["dk"], x["impl"]): x for x in merged["rows"]}
+    assert len(merged["rows"]) == 6
+    assert by_shape[(2048, 128, "ours")]["fwd_ms"] == 0.8 and by_shape[(2048, 128, "ours")]["run"] == 1
+    assert by_shape[(8192, 128, "ours")]["fwd_ms"] == 1.0 and by_shape[(8192, 128, "ours")]["run"] == 0  # kept
+    assert by_shape[(8192, 256, "fla")]["fwd_ms"] == 1.6  # wide: done in the new run, replaced
+    # % of floor: the same bytes over each run's own copy rate (4 TB/s old, 5 TB/s new)
+    floor = 65536 * 32 * 2 * (2 * 128 + 2 * 128) / 1e12 * 1e3  # ms at 1 TB/s
+    assert by_shape[(8192, 128, "ours")]["fwd_pct_floor"] == pytest.approx(100 * floor / 4.0 / 1.0)
+    assert by_shape[(2048, 128, "ours")]["fwd_pct_floor"] == pytest.approx(100 * floor / 5.0 / 0.8)
+    assert [(x["B"], x["run"]) for x in merged["decode"]] == [(1, 0), (64, 0)]  # decode skipped: the old rows stay
+    assert merged["decode"][1]["state_pct_copy"] == pytest.approx(50.0)  # 2 TB/s of the old run's 4 TB/s
+    assert {k: c["run"] for k, c in merged["correctness"].items()} == {
+        _shape(32, 2048, 128): 1, _shape(8, 8192, 128): 0, _shape(8, 8192, 256): 1}
+    sections = merged["sections"]
+    assert sections["decode"] == {"status": "done", "inferred": True, "run": 0, "latest_status": SKIPPED}
+    assert sections["prefill"]["status"] == "partial" and sections["prefill"]["run"] == 1
+    assert sections["near1"] == {"unavailable": [], "status": SKIPPED, "run": 1}
+
+    text = report.render(merged)
+    assert "This file merges 2 runs" in text and "| 1 | 2031-01-01 | NVIDIA H200 |" in text
+    prefill = text.split("## Prefill / training")[1].split("\n## ")[0]
+    assert "Run: run 1 (2031-01-01), run 2 (2031-02-02)." in prefill and "| run |" in prefill
+    assert "| 8192 | 8 | 128/128 | ours | 1.000 |" in prefill and prefill.count("| run 1 (2031-01-01) |") == 2
+    decode = text.split("## Decode step")[1].split("\n## ")[0]
+    assert "Run: run 1 (2031-01-01)." in decode and "| 64 | ours | 5.0 | 2000 | 50% |" in decode
+    assert f"| decode | done (inferred: the file predates section statuses); latest run: {SKIPPED} | — | " \
+           "run 1 (2031-01-01) |" in text
+
+    with pytest.raises(ValueError, match="already merged"):
+        report.merge_kernel_runs(merged, _new_kernel_run())
+    # a third run that completes prefill replaces the kept 8k shape too
+    third = _kernel_run("2031-03-03", 4.5, {"prefill": {"status": "done", "elapsed_s": 9.0}},
+                        [_prefill_row("ours", 32, 2048, 128, 0.7)], (), {_shape(32, 2048, 128): _correct(1e-3)})
+    again = report.merge_kernel_runs(merged, third)
+    assert [(x["N"], x["dk"], x["impl"], x["run"]) for x in again["rows"]] == [
+        (2048, 128, "ours", 2), (8192, 256, "ours", 1), (8192, 256, "fla", 1)]
+    assert set(again["correctness"]) == {_shape(32, 2048, 128), _shape(8, 8192, 256)}
+    assert again["sections"]["decode"]["run"] == 0 and again["sections"]["wide"]["run"] == 1
+
+
+def test_merge_command_writes_the_merged_file_and_the_report(tmp_path):
+    """`bench/report.py --merge NEW --merged-out FILE`: the previous file is left alone; merging twice is refused."""
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_old_kernel_run()))
+    new.write_text(json.dumps(_new_kernel_run()))
+    before = old.read_text()
+    cmd = [sys.executable, "bench/report.py", "--json", str(old), "--merge", str(new), "--out", str(tmp_path / "B.md")]
+    proc = subprocess.run([*cmd, "--merged-out", str(tmp_path / "m.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert old.read_text() == before
+    assert "decode run 1 (2031-01-01)" in proc.stdout and "prefill run 2 (2031-02-02)" in proc.stdout
+    assert len(json.loads((tmp_path / "m.json").read_text())["runs"]) == 2
+    assert "This file merges 2 runs" in (tmp_path / "B.md").read_text()
+    proc = subprocess.run([*cmd[:3], str(tmp_path / "m.json"), *cmd[4:]], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "already merged" in proc.stderr
+
+
 def test_percentile_interpolates_linearly_between_closest_ranks():
     """The one percentile of the benchmarks: position q * (n - 1) of the sorted samples, interpolated."""
     assert percentile([4, 1, 3, 2], 0.5) == 2.5

@@ -22,6 +22,14 @@ def _bench_kernels():
     return module
 
 
+def _report():
+    """bench/report.py as a module (it renders and merges this script's JSON)."""
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run(tmp_path, *args):
     out = tmp_path / "k.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, even on a GPU host
@@ -60,6 +68,19 @@ def test_tiny_run_fills_every_section(tmp_path):
             assert all(name in result["sections"][s]["unavailable"] for s in sections)
             assert all(result["agreement"][key][name] == "unavailable" for key in result["agreement"])
     assert "| section | status | s |" in stdout
+    text = _report().render(result)  # BENCHMARKS.md's renderer reads every section this writer fills
+    assert "not measured in this run" not in text.lower()
+    assert "| 128 | 2 | 32/16 | ours |" in text and "| 1 | ours | " in text  # the wide row; decode B = 1
+    assert "| B1-N128-H2-dk64-dv32 | ours | fp64 reference |" in text
+    assert "| B1-N256-H2-dk16-dv16 | -1e-06 | ours, 8 segments |" in text
+    assert "| near1 | done; unavailable: fla |" in text or "| near1 | done |" in text
+
+
+def test_report_knows_the_sections():
+    """bench/report.py's merge splits the JSON by these sections: the same names as the writer's."""
+    report, bk = _report(), _bench_kernels()
+    assert report.KERNEL_SECTIONS == bk.SECTIONS
+    assert set(report.SECTION_PARTS) == {*bk.SECTIONS, "sweep"}
 
 
 def test_spent_budget_skips_sections_but_writes_the_json(tmp_path):

@@ -113,21 +113,37 @@ class TestChunk:
         """Near λ = 1 a segmented call's final state (forward segment states) and d initial_state (reverse ones)
         are as accurate as a one-segment call: the segment kernel decays chunk by chunk, so the decayed 16-bit
         k it multiplies is within λ^BT of k, never λ^L (rounding that power away cost 7x the error). fp16: the
-        interpreter rounds it to nearest like the GPU does bf16 (its bf16 cast truncates)."""
-        q, k, v, _, s0 = _attn_inputs(1, 512, 2, 16, 16, torch.float16, n_state=1)
+        interpreter rounds it to nearest like the GPU does bf16 (its bf16 cast truncates).
+
+        The bound is relative to the one-segment call on the same device, not a fixed number: its own error
+        depends on how the device's dots round (interpreter 8.7e-6, H200 tensor cores 3.5e-5 on the final
+        state), while a segmented call must stay within 1.5x of it (+ 1e-6 for rounding noise); the
+        whole-segment powers gave 7x (6.3e-5 against 8.7e-6 in the interpreter, seg=128)."""
+        T = 512
+        q, k, v, _, s0 = _attn_inputs(1, T, 2, 16, 16, torch.float16, n_state=1)
         a = torch.full((2,), -1e-6, device=DEVICE)
-        do = torch.randn(1, 512, 2, 16, device=DEVICE).half().double()  # exact in fp16: no rounding of dO
+        do = torch.randn(1, T, 2, 16, device=DEVICE).half().double()  # exact in fp16: no rounding of dO
         df = torch.randn(1, 2, 16, 16, device=DEVICE).half().double()
         s0_r = s0.double().requires_grad_()
         o_r, f_r = ref.lightning_attn_naive(q.double(), k.double(), v.double(), a, initial_state=s0_r,
                                             output_final_state=True)
         ((o_r * do).sum() + (f_r * df).sum()).backward()
-        for seg in (None, 128):
+
+        def errors(seg):
+            """rel-L2 of the final state and d initial_state against fp64, with segments of `seg` tokens."""
             s0_t = s0.clone().requires_grad_()
             o, f = lightning_attn_triton(q, k, v, a, initial_state=s0_t, output_final_state=True, _seg_len=seg)
             ((o.double() * do).sum() + (f.double() * df).sum()).backward()
-            assert_close(f"final seg={seg}", f_r, f, rel=2.5e-5)  # one segment: 9e-6; whole-segment powers: 6e-5
-            assert_close(f"ds0 seg={seg}", s0_r.grad, s0_t.grad, rel=2.5e-5)
+            return {name: ((got.double() - want).norm() / want.norm()).item()
+                    for name, want, got in (("final", f_r, f), ("ds0", s0_r.grad, s0_t.grad))}
+
+        one = errors(T)  # one segment per sequence: the device's own rounding of this call
+        for name, e in one.items():  # sanity: inputs exact in fp16, fp32 state: well under one fp16 rounding
+            assert e < 2.0 ** -11, f"{name} one segment: rel-L2 {e:.3e}"
+        for seg in (None, 128):  # as planned, and forced to 4 segments
+            for name, e in errors(seg).items():
+                limit = 1.5 * one[name] + 1e-6
+                assert e <= limit, f"{name} seg={seg}: rel-L2 {e:.3e} > {limit:.3e} (one segment {one[name]:.3e})"
 
     def test_signatures_match_reference_twins(self):
         import inspect
