@@ -219,20 +219,56 @@ def m_bucket(M: int) -> int | None:
     return next(top for top in M_BUCKETS if top is None or M <= top)
 
 
-# (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. Rows for measured shapes
-# are printed by bench/int8_sweep.py in this format. The "*" rows are the tiles chosen on an H200 (triton 3.6)
-# over the tnl-7b shapes, timed as CUDA-graph replays over weights too large for L2, with the split left to
-# `auto_split` (docs/quantization.md#cuda-kernel).
+# (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
+# output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
+# as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
+# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 and 64 rows were not swept
+# (docs/quantization.md#cuda-kernel).
 CONFIGS: dict[tuple[int | None, str], Config] = {
-    (1, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
-    (2, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
-    (4, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
-    (8, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),
-    (16, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=5),  # decode: bound by reading the weight
+    (1, "n16k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # qkvu_proj M=1: 24.1 us bf16 34.5 us
+    (2, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=2: 22.4 us bf16 34.2 us
+    (4, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=4: 21.1 us bf16 34.3 us
+    (8, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=8: 21.3 us bf16 34.5 us
+    (16, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=16: 21.8 us bf16 34.6 us
+    (512, "n16k.k4k"): Config(1, 32, 256, kind="deq"),  # qkvu_proj M=512: 141.0 us bf16 90.2 us
+    (None, "n16k.k4k"): Config(1, 32, 256, kind="deq"),  # qkvu_proj M=4096: 839.0 us bf16 695.9 us
+    (1, "n4k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv_once", magic=True),  # out_proj M=1: 8.7 us bf16 13.4 us
+    (2, "n4k.k4k"): Config(16, 128, 128, SPLIT_K=8, num_warps=8, num_stages=3),  # out_proj M=2: 10.1 us bf16 13.2 us
+    (4, "n4k.k4k"): Config(16, 128, 128, SPLIT_K=8, num_warps=8, num_stages=3),  # out_proj M=4: 10.1 us bf16 13.2 us
+    (8, "n4k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=5),  # out_proj M=8: 9.7 us bf16 13.2 us
+    (16, "n4k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=5),  # out_proj M=16: 9.7 us bf16 13.3 us
+    (512, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=512: 37.3 us bf16 24.2 us
+    (None, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=4096: 202.4 us bf16 171.1 us
+    (1, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # l1/l2 M=1: 18.8 us bf16 24.9 us
+    (2, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=2: 18.6 us bf16 25.4 us
+    (4, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=4: 17.5 us bf16 25.7 us
+    (8, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=8: 17.6 us bf16 25.3 us
+    (16, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=16: 18.4 us bf16 25.5 us
+    (512, "n12k.k4k"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l1/l2 M=512: 94.8 us bf16 59.5 us
+    (None, "n12k.k4k"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l1/l2 M=4096: 564.8 us bf16 470.7 us
+    (1, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=1: 18.3 us bf16 28.2 us
+    (2, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=2: 17.5 us bf16 28.1 us
+    (4, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=4: 17.5 us bf16 28.3 us
+    (8, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=8: 17.4 us bf16 28.4 us
+    (16, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=16: 17.5 us bf16 29.1 us
+    (512, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=512: 94.1 us bf16 59.5 us
+    (None, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=4096: 528.9 us bf16 442.9 us
+    (1, "nbig.k4k"): Config(16, 256, 256, SPLIT_K=2, num_warps=8, num_stages=2),  # lm_head M=1: 72.9 us bf16 144.5 us
+    (2, "nbig.k4k"): Config(16, 256, 128, num_warps=8, num_stages=3),  # lm_head M=2: 68.8 us bf16 126.2 us
+    (4, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=4: 68.0 us bf16 126.5 us
+    (8, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=8: 68.2 us bf16 127.7 us
+    (16, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=16: 68.6 us bf16 128.7 us
+    (512, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=512: 548.6 us bf16 344.3 us
+    (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
+    (1, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3),  # M=1: geomean 1.070x of each shape's best
+    (2, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3, magic=True),  # M=2: geomean 1.121x of each shape's best
+    (4, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3, magic=True),  # M=4: geomean 1.134x of each shape's best
+    (8, "*"): Config(16, 128, 128, SPLIT_K=4, num_stages=3, magic=True),  # M=8: geomean 1.146x of each shape's best
+    (16, "*"): Config(16, 128, 128, SPLIT_K=4, num_stages=3, magic=True),  # M=16: geomean 1.152x of each shape's best
+    (512, "*"): Config(1, 32, 256, kind="deq"),  # M=512: geomean 1.001x of each shape's best
+    (None, "*"): Config(1, 32, 256, kind="deq"),  # M=4096: geomean 1.004x of each shape's best
     (32, "*"): Config(32, 64, 128, SPLIT_K=0),
     (64, "*"): Config(64, 128, 64, SPLIT_K=0),
-    (512, "*"): Config(128, 128, 64, SPLIT_K=0),
-    (None, "*"): Config(256, 128, 64, SPLIT_K=0, num_warps=8),  # prefill: bound by the tensor cores
 }
 DECODE_MAX_M = 16
 
