@@ -265,8 +265,9 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     """bench/quant_gpu.py --dry-run: every section's code path on the CPU (the int8 kernel in the interpreter)."""
     pytest.importorskip("triton")
     out = tmp_path / "quant.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # CPU tensors: the interpreter, on a GPU machine too
     run = subprocess.run([sys.executable, "bench/quant_gpu.py", "--dry-run", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads(out.read_text())
     assert not [n for n in data["notes"] if "failed" in n], data["notes"]
