@@ -58,6 +58,30 @@ def _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN: tl.constexpr):
     return bos, eos, i_n, is_first, is_last
 
 
+@triton.jit
+def _chunk_span(bos, eos, i_c, n_c, o_t, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """The i_c-th of a segment's n_c chunks in processing order (last chunk first when REVERSE): its tokens
+    o_tok [BT] (int64), its length n_m and the mask of its real tokens m_t [BT]."""
+    if REVERSE:
+        t0 = bos + (n_c - 1 - i_c) * BT
+    else:
+        t0 = bos + i_c * BT
+    n_m = tl.minimum(eos - t0, BT).to(tl.int32)
+    return t0 + o_t.to(tl.int64), n_m, o_t < n_m
+
+
+@triton.jit
+def _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE: tl.constexpr, F32: tl.constexpr):
+    """The state after one chunk: h <- λ^n_m h + Σ_j λ^f_j b_jᵀ c_j, f_j the distance of token j to the chunk's
+    far end (its last token, or its first when REVERSE), within the chunk: every power of λ stays >= λ^BT."""
+    if REVERSE:
+        e_k = o_t + 1
+    else:
+        e_k = n_m - 1 - o_t
+    d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
+    return b_h * tl.exp2(b_ld * n_m.to(tl.float32)) + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+
+
 # one fused GPU kernel: its branches are compile-time constants, so it is not split into helpers
 @triton.jit(do_not_specialize=["T", "NS", "L"])
 def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,  # noqa: C901, PLR0912, PLR0915
@@ -93,13 +117,7 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
 
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
     for i_c in range(n_c):
-        if REVERSE:
-            t0 = bos + (n_c - 1 - i_c) * BT
-        else:
-            t0 = bos + i_c * BT
-        n_m = tl.minimum(eos - t0, BT).to(tl.int32)
-        m_t = o_t < n_m
-        o_tok = t0 + o_t.to(tl.int64)
+        o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
         p_a = a + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
         p_b = b + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
         p_c = c + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
@@ -108,12 +126,9 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
         b_c = tl.load(p_c, mask=m_t[:, None] & m_v[None, :], other=0.)
         if REVERSE:
             e_q = n_m - 1 - o_t
-            e_k = o_t + 1
         else:
             e_q = o_t + 1
-            e_k = n_m - 1 - o_t
         d_q = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_q, 0).to(tl.float32)), 0.)
-        d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
 
         b_A = _dot(b_a, tl.trans(b_b), F32) * b_D
         b_o = _dot(b_A.to(b_c.dtype), b_c, F32)
@@ -123,8 +138,7 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
             b_o += tl.dot(b_a.to(tl.float32) * d_q[:, None], b_h)
         p_o = o + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        b_h = b_h * tl.exp2(b_ld * n_m.to(tl.float32)) \
-            + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+        b_h = _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE, F32)
 
     if STORE_FINAL:
         p_f = hf + (i_n.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
@@ -141,9 +155,9 @@ def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.conste
                       BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, F32: tl.constexpr):
     # hs[s] = Σ_{j in s} λ^f_j b_jᵀ c_j ; f_j = eos-1-j (forward) or j-bos+1 (reverse). Walked chunk by chunk
-    # in processing order, h <- λ^m h + Σ_j λ^(chunk-local f_j) b_jᵀ c_j, as in _chunk_kernel: the decayed b is
-    # rounded to b.dtype for the dot, and a power of λ over the whole segment (down to λ^L) would round away
-    # small decays near λ = 1 (docs/kernels.md#final-state-precision-near-λ--1); chunk-local powers stay >= λ^BT.
+    # in processing order with `_carry_state`, as _chunk_kernel: the decayed b is rounded to b.dtype for the dot,
+    # and a power of λ over the whole segment (down to λ^L) would round away small decays near λ = 1
+    # (docs/kernels.md#final-state-precision-near-λ--1); chunk-local powers stay >= λ^BT.
     i_kv, i_sh = tl.program_id(0), tl.program_id(1)
     NV: tl.constexpr = triton.cdiv(V, BV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -157,22 +171,10 @@ def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.conste
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
     for i_c in range(n_c):
-        if REVERSE:
-            t0 = bos + (n_c - 1 - i_c) * BT
-        else:
-            t0 = bos + i_c * BT
-        n_m = tl.minimum(eos - t0, BT).to(tl.int32)
-        m_t = o_t < n_m
-        o_tok = t0 + o_t.to(tl.int64)
-        if REVERSE:
-            e_k = o_t + 1
-        else:
-            e_k = n_m - 1 - o_t
-        d_k = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_k, 0).to(tl.float32)), 0.)
+        o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
         b_b = tl.load(b + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_c = tl.load(c + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        b_h = b_h * tl.exp2(b_ld * n_m.to(tl.float32)) \
-            + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
+        b_h = _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE, F32)
     p_h = hs + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
     tl.store(p_h, b_h, mask=m_k[:, None] & m_v[None, :])
 

@@ -75,6 +75,19 @@ def _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS: tl.constexpr,
         tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
 
 
+@triton.jit
+def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
+    """The x tile [BM, BK] and int8 weight tile [BN, BK] at K offset k0 (columns past K read as 0)."""
+    if EVEN_K:
+        b_x = tl.load(p_x + k0)
+        b_q = tl.load(p_w + k0)
+    else:
+        m_k = o_k[None, :] < K - k0
+        b_x = tl.load(p_x + k0, mask=m_k, other=0.)
+        b_q = tl.load(p_w + k0, mask=m_k, other=0)
+    return b_x, b_q
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -98,13 +111,7 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
-        if EVEN_K:
-            b_x = tl.load(p_x + k0)
-            b_q = tl.load(p_w + k0)
-        else:
-            m_k = o_k[None, :] < K - k0
-            b_x = tl.load(p_x + k0, mask=m_k, other=0.)
-            b_q = tl.load(p_w + k0, mask=m_k, other=0)
+        b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
             b_x = b_x.to(tl.float32)
         b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
@@ -135,13 +142,7 @@ def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
-        if EVEN_K:
-            b_x = tl.load(p_x + k0)
-            b_q = tl.load(p_w + k0)
-        else:
-            m_k = o_k[None, :] < K - k0
-            b_x = tl.load(p_x + k0, mask=m_k, other=0.)
-            b_q = tl.load(p_w + k0, mask=m_k, other=0)
+        b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
             acc3 += prod
