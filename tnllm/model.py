@@ -127,22 +127,17 @@ class TransNormerLLM(nn.Module):
         if state is not None and state.batch_size != B:
             raise ValueError(f"state holds {state.batch_size} sequences but input_ids has batch {B}")
         slots = getattr(state, "slots", None)
-        n_decode = state.n_decode if isinstance(state, PackedSlotState) else None
-        steps = torch.arange(T, device=input_ids.device)
+        packed = state if isinstance(state, PackedSlotState) else None
         if state is None:
             start = torch.zeros(B, dtype=torch.long, device=input_ids.device)
         else:
             start = state.positions if slots is None else state.positions[slots]
-        if n_decode is None:
-            positions = start[:, None] + steps  # [B, T], absolute per sequence (LRPE)
+        if packed is None:
+            positions = start[:, None] + torch.arange(T, device=input_ids.device)  # [B, T], absolute (LRPE)
             advance = T
-        else:  # one row: n_decode single tokens, then a chunk of T - n_decode tokens
-            if not 0 < n_decode < T or slots.shape[0] != n_decode + 1:
-                raise ValueError(f"a packed row holds n_decode >= 1 decode tokens and a chunk after them: got "
-                                 f"n_decode={n_decode}, {T} tokens, {slots.shape[0]} slots")
-            positions = torch.cat([start[:n_decode], start[n_decode] + steps[:T - n_decode]])[None]  # [1, T]
-            advance = torch.ones_like(start)  # [n_decode + 1]: each decode slot reads 1 token...
-            advance[-1:].fill_(T - n_decode)  # ...and the chunk's slot the chunk (a fill: no host copy)
+        else:  # one row: n_decode single tokens, then a chunk
+            positions, advance = packed.layout(start, T)
+        n_decode = None if packed is None else packed.n_decode
 
         x = self.model.embed_tokens(input_ids) * self.config.embed_scale  # [B, T, d]
         delta = None  # the residual stream is x + delta: each layer's last add is fused into the next norm
@@ -153,8 +148,8 @@ class TransNormerLLM(nn.Module):
             state.positions.index_copy_(0, slots, start + advance)
         elif state is not None:
             state.positions += T
-        if n_decode is not None:  # the end of every segment: each decode token and the chunk's last token
-            x, delta = (torch.cat([t[:, :n_decode], t[:, -1:]], dim=1) for t in (x, delta))  # [1, n_decode + 1, d]
+        if packed is not None:
+            x, delta = packed.segment_ends(x), packed.segment_ends(delta)  # [1, n_decode + 1, d]
         elif logits_to_keep > 0:
             x, delta = x[:, -logits_to_keep:], delta[:, -logits_to_keep:]
         _, h = self.model.final_norm.add_norm(x, delta)  # the last layer's residual add and the final norm

@@ -151,3 +151,20 @@ class PackedSlotState(SlotState):
     @property
     def batch_size(self) -> int:
         return 1
+
+    def layout(self, start: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions [1, T] of the row's tokens, tokens each slot reads [n_decode + 1]) from the slots' positions
+        before the forward, start [n_decode + 1]."""
+        n = self.n_decode
+        if not 0 < n < T or self.slots.shape[0] != n + 1:
+            raise ValueError(f"a packed row holds n_decode >= 1 decode tokens and a chunk after them: got "
+                             f"n_decode={n}, {T} tokens, {self.slots.shape[0]} slots")
+        positions = torch.cat([start[:n], start[n] + torch.arange(T - n, device=start.device)])[None]  # [1, T]
+        advance = torch.ones_like(start)  # each decode slot reads 1 token...
+        advance[-1:].fill_(T - n)  # ...and the chunk's slot the chunk (a fill: no host copy, so capturable)
+        return positions, advance
+
+    def segment_ends(self, t: torch.Tensor) -> torch.Tensor:
+        """t [1, T, ...] at the end of every segment, [1, n_decode + 1, ...]: each decode token and the chunk's
+        last token."""
+        return torch.cat([t[:, :self.n_decode], t[:, -1:]], dim=1)

@@ -78,12 +78,14 @@ class DecodeGraphs:
             # Warm-up and capture run real steps: every row points at the sink, so no session's state moves.
             bucket, device = key[0], self.pool.device
             slots = torch.full((bucket + (1 if chunk else 0),), SINK_SLOT, dtype=torch.long, device=device)
-            ids = torch.zeros(1, chunk, dtype=torch.long, device=device) if chunk else None
             if chunk:
+                ids = torch.zeros(1, chunk, dtype=torch.long, device=device)
                 run = lambda: packed_step(self.model, self.pool, self.sampler, slots, ids,  # noqa: E731
                                           self.sample_in_graph, plan)
             else:
-                run = lambda: decode_step(self.model, self.pool, self.sampler, slots, self.sample_in_graph, plan)  # noqa: E731
+                ids = None
+                run = lambda: decode_step(self.model, self.pool, self.sampler, slots,  # noqa: E731
+                                          self.sample_in_graph, plan)
             replay, out = self.capture(run, self.warmup)
             self.graphs[key] = _Captured(replay, slots, out, ids)
         return self.graphs[key]

@@ -58,6 +58,8 @@ class SlotAllocator:
 class StatePool(SlotAllocator):
     """`size` session slots (plus the sink) of `model`'s recurrent state, on the model's devices."""
 
+    supports_packing = True
+
     def __init__(self, model: TransNormerLLM, size: int):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
@@ -91,8 +93,6 @@ class StatePool(SlotAllocator):
         for t in self.kv:
             t[dst].copy_(t[src])
         self.positions[dst] = self.positions[src]
-
-    supports_packing = True
 
     def rows(self, slots: torch.Tensor) -> SlotState:
         """The model's view of the given slots (int64 [B] on the pool's device) as batch rows."""

@@ -8,8 +8,9 @@
          its whole length, and `solo_prefill_budget` when none does. While replies decode, the oldest prompt's
          chunk rides in the decode step's own forward (`packed_step`: one row of decode tokens and the chunk),
          so the step reads the weights once for both; on CUDA that packed step is a captured graph for chunks
-         of exactly `prefill_budget` ids, and other chunks replay captured prefill pieces (`PrefillGraphs`); one batched sampling call (decode rows inside the decode step;
-         prompts that finished their prefill here) and ONE device -> host copy of all sampled ids;
+         of exactly `prefill_budget` ids, and other chunks replay captured prefill pieces (`PrefillGraphs`);
+         one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
+         here) and ONE device -> host copy of all sampled ids;
       3. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
 
 With `overlap` (CUDA), step 3 handles the ids of the PREVIOUS step while the GPU runs the one just launched,
