@@ -7,10 +7,10 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 * hbm_floor_ms: the step's bytes (weights + every session's fp32 state read and written) / the copy bandwidth
   measured in the same run (a device-to-device copy of --copy-gib, read + write counted);
 * decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled and a 4-token
-  reply each (not timed: graphs of that batch and plan get captured), then replies of --tokens tokens (eos ignored) read by one consumer thread each, as chat reads them
-  (sampling, detokenising, events included). decode_ms_per_token = median gap between two tokens of a
-  session; aggregate_tok_s = tokens of all sessions / wall time of the decode. Batch 1 at each --contexts,
-  and --sessions concurrent sessions at the first context;
+  reply each (not timed: graphs of that batch and plan get captured), then replies of --tokens tokens (eos
+  ignored) read by one consumer thread each, as chat reads them (sampling, detokenising, events included).
+  decode_ms_per_token = median gap between two tokens of a session; aggregate_tok_s = tokens of all sessions /
+  wall time of the decode. Batch 1 at each --contexts, and --sessions concurrent sessions at the first context;
 * paths: "engine-graph" (captured decode per batch bucket, sampler inside), "engine-graph-sampler-outside",
   "engine-eager", and "graph-replay" (the captured step and the id transfer alone: no scheduler, no events);
 * interleave: --interleave-sessions decode while a --interleave-prompt-token prompt arrives; their gaps during

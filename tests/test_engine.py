@@ -146,9 +146,7 @@ def test_prompt_chunks_ride_in_the_captured_decode_step(model, tok, overlap):
     decoder = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=6, capture=replay_eagerly)
     prefill = PrefillGraphs(model, engine.pool, max_chunk=16, capture=replay_eagerly)
     engine.scheduler.decoder, engine.scheduler.prefill_graph = decoder, prefill
-    pieces = []
-    for size, piece in prefill.pieces.items():
-        piece.replay = (lambda replay, size: lambda: (pieces.append(size), replay()))(piece.replay, size)
+    pieces = count_piece_replays(prefill)
     prompts = [prompt(5, 50), prompt(6, 51), prompt(40, 52)]
     replies = [engine.open().feed_ids(ids, GREEDY) for ids in prompts[:2]]
     engine.step()  # both short prompts read alone
@@ -216,6 +214,21 @@ def test_threaded_engine_serves_concurrent_consumers(model, tok, overlap):
         assert text == tok.decode(sampled)
 
 
+def count_piece_replays(graphs: PrefillGraphs) -> list[int]:
+    """Make each captured prefill piece of `graphs` note its size when replayed; the list the sizes go to."""
+    replays = []
+
+    def counted(replay, size):
+        def run():
+            replays.append(size)
+            replay()
+        return run
+
+    for size, piece in graphs.pieces.items():
+        piece.replay = counted(piece.replay, size)
+    return replays
+
+
 def replay_eagerly(run, warmup):
     """A CPU stand-in for a CUDA graph: replay = run again into the static output(s)."""
     out = run()
@@ -272,16 +285,7 @@ def test_captured_prefill_chunks_equal_eager(model, tok):
     back to back), two prompts interleaved with a decoding session: greedy == argmax loop."""
     engine = make_engine(model, tok, pack_chunks=False)
     graphs = PrefillGraphs(model, engine.pool, max_chunk=16, capture=replay_eagerly)
-    replays = []
-
-    def counted(replay, size):
-        def run():
-            replays.append(size)
-            replay()
-        return run
-
-    for size, piece in graphs.pieces.items():
-        piece.replay = counted(piece.replay, size)
+    replays = count_piece_replays(graphs)
     engine.scheduler.prefill_graph = graphs
     prompts = [prompt(8, 5), prompt(40, 6), prompt(33, 7)]
     first = engine.open().feed_ids(prompts[0], GREEDY)
