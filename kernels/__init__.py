@@ -11,8 +11,9 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
     gated_srmsnorm(o, u, eps=1e-6)   u * srmsnorm(o): the token mixer's gated norm
     int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
-    draw_from_head(values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn) -> ids [B]
-        one exact seeded sample per row from its N largest logits (temperature, top-k, top-p, exponential race)
+    sample_rows(logits, slots, tables, *, penalty, draw, head) -> ids [B]   one exact seeded sample (or the argmax)
+        per row of logits [B, V] from its slot's settings (penalty, temperature, top-k, top-p); the slots'
+        tables (`reference.SlotTables`) updated in place
 
 This module is the ONLY place that decides between Triton (CUDA tensors, Triton importable) and the
 PyTorch reference (everything else). Tests force a path with `use_impl("torch" | "triton")`; under
@@ -36,7 +37,7 @@ import torch
 from tnllm.kernels import reference
 
 __all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "int8_linear",
-           "draw_from_head", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
+           "sample_rows", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
 
 ACTIVATIONS = reference.ACTIVATIONS  # the q/k activations lightning_attn_step applies, by name
 
@@ -138,9 +139,9 @@ def int8_linear(x, weight, scales, bias=None):
     return reference.int8_linear(x, weight, scales, bias)
 
 
-def draw_from_head(values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn):
-    """One seeded sample per row from its sorted head of logits. See `kernels.reference.draw_from_head_ref`."""
-    args = (values, candidates, vocab_hash, temperature, top_k, top_p, seed, drawn)
-    if backend_for(values.device) == "triton":
-        return _triton("triton_sample", "draw_from_head_triton")(*args)
-    return reference.draw_from_head_ref(*args)
+def sample_rows(logits, slots, tables, *, penalty: bool, draw: bool, head: int):
+    """A batch's next ids from its slots' settings, the slots' tables updated. See `kernels.reference.sample_rows_ref`."""
+    kwargs = dict(penalty=penalty, draw=draw, head=head)
+    if backend_for(logits.device) == "triton":
+        return _triton("triton_sample", "sample_rows_triton")(logits, slots, tables, **kwargs)
+    return reference.sample_rows_ref(logits, slots, tables, **kwargs)

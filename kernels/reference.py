@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tnllm.sampling import drop_outside_nucleus
+from typing import NamedTuple
+
+from tnllm.sampling import drop_outside_nucleus, penalise_seen
 
 __all__ = [
     "lightning_attn_naive",
@@ -398,3 +400,60 @@ def draw_from_head_ref(values: torch.Tensor, candidates: torch.Tensor, vocab_has
     noise = log_exponential_noise(vocab_hash[candidates], noise_key(seed, drawn)[:, None])
     scores = tempered.masked_fill(drop, float("-inf")) - noise
     return candidates.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+# -- sampling: a whole batch's next ids from the head of each row ------------------------------------------
+NOT_FINITE = -1  # the id reported for a row whose logits hold NaN/inf
+
+
+class SlotTables(NamedTuple):
+    """The engine sampler's per-slot device tables (S slots, V tokens) that `sample_rows` reads and updates."""
+
+    temperature: torch.Tensor  # [S] fp32, 0 = greedy
+    top_k: torch.Tensor        # [S] int64, 0 = off
+    top_p: torch.Tensor        # [S] fp32, 1 = off
+    penalty: torch.Tensor      # [S] fp32 repetition penalty, 1 = off
+    seed: torch.Tensor         # [S] int64 < 2^62
+    drawn: torch.Tensor        # [S] int64: tokens the slot drew before
+    last_token: torch.Tensor   # [S] int64: the slot's last id
+    seen: torch.Tensor         # [S, V] bool: the ids under the slot's repetition penalty
+    vocab_hash: torch.Tensor   # [V] int64: mix32 of every token id
+
+
+def record_draws(ids: torch.Tensor, finite: torch.Tensor, slots: torch.Tensor, tables: SlotTables) -> torch.Tensor:
+    """Write each row's id into its slot's tables (last token, drawn count, penalty set) and return the ids [B],
+    NOT_FINITE where `finite` [B] is False (such a row records id 0, a valid id, in its tables)."""
+    ids = torch.where(finite, ids, 0)
+    tables.last_token.index_copy_(0, slots, ids)
+    tables.drawn.index_add_(0, slots, torch.ones_like(ids))
+    tables.seen.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.bool))
+    return torch.where(finite, ids, NOT_FINITE)
+
+
+def sample_rows_ref(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTables, *, penalty: bool, draw: bool,
+                    head: int) -> torch.Tensor:
+    """Each row's next id, sampled by its slot's settings, and the slots' tables updated (`record_draws`).
+
+    Args:
+        logits: [B, V] any float dtype; slots: [B] int64 rows of `tables`.
+        penalty: apply the rows' repetition penalties (False: every row's is 1).
+        draw: some row samples (False: every row is greedy, temperature 0).
+        head: every sampling row keeps at most `head` tokens (0 < top_k <= head), so the `head` largest logits
+            hold every kept token and the draw needs no sort of the vocabulary (`draw_from_head_ref`).
+    Returns:
+        ids [B] int64, NOT_FINITE for a row whose logits hold NaN/inf. Greedy rows take the (penalised) argmax.
+    """
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if penalty:
+        logits = penalise_seen(logits, tables.seen[slots], tables.penalty[slots])
+    ids = logits.argmax(dim=-1)
+    if draw:
+        temperature = tables.temperature[slots]
+        sampling = temperature > 0
+        values, candidates = torch.topk(logits, min(head, logits.shape[1]))  # [B, head], sorted
+        drawn = draw_from_head_ref(values, candidates, tables.vocab_hash, torch.where(sampling, temperature, 1.0),
+                                   tables.top_k[slots], tables.top_p[slots], tables.seed[slots],
+                                   tables.drawn[slots])
+        ids = torch.where(sampling, drawn, ids)
+    return record_draws(ids, finite, slots, tables)

@@ -15,7 +15,7 @@ from tnllm import kernels
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
-from tnllm.engine.sampler import GENERAL, SamplePlan
+from tnllm.engine.sampler import GENERAL, HEAD, SMALL_HEAD, SamplePlan, head_size
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import PackedSlotState, SlotState
 
@@ -307,7 +307,8 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
 
     with torch.inference_mode():
         result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)
-    assert result["pass_1e-5"] and result["logits_rel_l2"] == result["prefill_logits_rel_l2"] == 0.0, result
+    # Not bit-exact: the stand-in pads 3 rows to the bucket of 4, and the CPU's matmul may block 4 rows otherwise.
+    assert result["pass_1e-5"] and max(result["logits_rel_l2"], result["prefill_logits_rel_l2"]) < 1e-6, result
     assert result["prefill_pieces"] == [32, 4, 1] and result["pieces_vs_one_chunk_logits_rel_l2"] < 1e-5
 
 
@@ -328,7 +329,7 @@ def test_sampler_is_exact_and_its_shortcuts_draw_the_same_ids(params):
         sampler.configure(slot, params, seed=slot, prompt_ids=[])
     slots = list(range(1, n + 1))
     plan = sampler.plan(slots)
-    assert plan.head == (params.top_k > 0) and plan.probe == (params.top_k == 0)
+    assert plan.head == head_size([params.top_k]) and plan.probe == (params.top_k == 0)
     assert plan.penalty == (params.repetition_penalty != 1.0) and plan.draw
 
     def draw(plan):
@@ -348,11 +349,13 @@ def test_sampler_is_exact_and_its_shortcuts_draw_the_same_ids(params):
 def test_sampler_plans_follow_the_batch_settings():
     sampler = BatchSampler(5, 300, "cpu")
     sampler.configure(1, SamplingParams(temperature=0), 0, [])
-    assert sampler.plan([1]) == SamplePlan(penalty=False, draw=False, head=False, probe=False)
+    assert sampler.plan([1]) == SamplePlan(penalty=False, draw=False, head=0, probe=False)
     sampler.configure(2, SamplingParams(temperature=0.7, top_k=40, repetition_penalty=1.1), 0, [])
-    assert sampler.plan([1, 2]) == SamplePlan(penalty=True, draw=True, head=True, probe=False)
+    assert sampler.plan([1, 2]) == SamplePlan(penalty=True, draw=True, head=SMALL_HEAD, probe=False)
+    sampler.configure(4, SamplingParams(temperature=0.7, top_k=HEAD), 0, [])
+    assert sampler.plan([2, 4]).head == HEAD
     sampler.configure(3, SamplingParams(temperature=0.7, top_k=257), 0, [])  # beyond the head
-    assert sampler.plan([2, 3]) == SamplePlan(penalty=True, draw=True, head=False, probe=True)
+    assert sampler.plan([2, 3]) == SamplePlan(penalty=True, draw=True, head=0, probe=True)
     gpu = BatchSampler(5, 300, "meta")
     gpu.configure(3, SamplingParams(temperature=0.7, top_p=0.9), 0, [])
     assert not gpu.plan([3]).probe, "off the CPU the checked head syncs: never planned"

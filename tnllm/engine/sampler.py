@@ -5,7 +5,9 @@ A draw is argmax(probs / E) = argmax(logit - log E) with E ~ Exponential(1) per 
 a counter-based hash of (the reply's seed, how many tokens it has drawn, token id), so a seeded reply gets
 the same tokens whichever sessions share its batch, and the whole sampler can be captured in a CUDA graph.
 Greedy rows (temperature 0) take the argmax. Temperature, top-k, top-p and the repetition penalty are the
-ones of `tnllm.sampling` (one implementation: `penalise_seen`, `filter_logits`).
+ones of `tnllm.sampling` (one implementation: `penalise_seen`, `filter_logits`). Batches whose kept tokens lie
+in a head of each row (every sampling row has 0 < top_k <= HEAD) or that are all greedy take `kernels.sample_rows`
+(two Triton kernels on CUDA); the others sort the vocabulary here.
 """
 
 from __future__ import annotations
@@ -15,12 +17,20 @@ from dataclasses import dataclass
 import torch
 
 from tnllm import kernels
-from tnllm.kernels.reference import log_exponential_noise, mix32, noise_key
+from tnllm.kernels.reference import NOT_FINITE, SlotTables, log_exponential_noise, mix32, noise_key, record_draws
 from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits, penalise_seen
 
-NOT_FINITE = -1  # the id reported for a row whose logits hold NaN/inf
+__all__ = ["BatchSampler", "SamplePlan", "GENERAL", "NOT_FINITE", "HEAD", "SMALL_HEAD", "head_size"]
 
 HEAD = 256  # candidates kept by the head path: top-k of at most this many needs no full sort of the vocabulary
+SMALL_HEAD = 64  # the head when every sampling row keeps at most this many (chat's top-k): a quarter of the sort
+
+
+def head_size(top_ks: list[int]) -> int:
+    """The head that holds every kept token of rows with these top-k values (0 < k <= HEAD), or 0 for none."""
+    if not top_ks or not all(0 < k <= HEAD for k in top_ks):
+        return 0
+    return SMALL_HEAD if max(top_ks) <= SMALL_HEAD else HEAD
 
 
 @dataclass(frozen=True)
@@ -28,14 +38,14 @@ class SamplePlan:
     """What a batch's sampling needs, decided on the host from its rows' settings (no sync): each variant is
     its own code path and, on CUDA, its own captured graph.
 
-    penalty: some row has a repetition penalty; draw: some row samples (temperature > 0); head: every sampling
-    row keeps at most HEAD tokens (0 < top_k <= HEAD), so a top-k of HEAD candidates holds every kept token and
-    the vocabulary is never sorted; probe: try that head anyway and check it (a host sync: CPU only, where a
-    full sort costs ~0.6 ms a row)."""
+    penalty: some row has a repetition penalty; draw: some row samples (temperature > 0); head: > 0 when every
+    sampling row keeps at most that many tokens (0 < top_k <= head, `head_size`), so the head of each row holds
+    every kept token and the vocabulary is never sorted; probe: try a HEAD anyway and check it (a host sync:
+    CPU only, where a full sort costs ~0.6 ms a row)."""
 
     penalty: bool = True
     draw: bool = True
-    head: bool = False
+    head: int = 0
     probe: bool = False
 
 
@@ -79,13 +89,18 @@ class BatchSampler:
         """The cheapest `SamplePlan` that serves these slots' current settings."""
         settings = [self.settings[s] for s in slots]
         drawing = [p for p in settings if p.temperature > 0]
-        head = bool(drawing) and all(0 < p.top_k <= min(HEAD, self.vocab_size) for p in drawing)
+        head = head_size([p.top_k for p in drawing])
         return SamplePlan(penalty=any(p.repetition_penalty != 1.0 for p in settings), draw=bool(drawing),
                           head=head, probe=bool(drawing) and not head and self.device.type == "cpu")
 
     @property
     def vocab_size(self) -> int:
         return self.seen.shape[1]
+
+    @property
+    def tables(self) -> SlotTables:
+        return SlotTables(self.temperature, self.top_k, self.top_p, self.penalty, self.seed, self.drawn,
+                          self.last_token, self.seen, self.vocab_hash)
 
     def sample(self, logits: torch.Tensor, slots: torch.Tensor, plan: SamplePlan = GENERAL) -> torch.Tensor:
         """One id per row of logits [B, V] (int64 [B], on the device; NOT_FINITE where a row has NaN/inf).
@@ -94,34 +109,26 @@ class BatchSampler:
         updated in place. `plan` (from `plan(host slots)`) skips what no row needs; GENERAL (the default) serves
         any settings. No host sync unless `plan.probe`: capturable in a CUDA graph.
         """
+        if plan.head or not plan.draw:
+            return kernels.sample_rows(logits, slots, self.tables, penalty=plan.penalty, draw=plan.draw,
+                                       head=plan.head)
         logits = logits.float()
         finite = torch.isfinite(logits).all(dim=-1)  # [B]
         if plan.penalty:
             logits = penalise_seen(logits, self.seen[slots], self.penalty[slots])
-        ids = logits.argmax(dim=-1)
-        if plan.draw:
-            temperature = self.temperature[slots]
-            sampling = temperature > 0
-            ids = torch.where(sampling, self._draw(logits, torch.where(sampling, temperature, 1.0), slots, plan), ids)
-        ids = torch.where(finite, ids, 0)  # a valid id for the table updates; reported as NOT_FINITE below
-        self.last_token.index_copy_(0, slots, ids)
-        self.drawn.index_add_(0, slots, torch.ones_like(ids))
-        self.seen.index_put_((slots, ids), torch.ones_like(ids, dtype=torch.bool))
-        return torch.where(finite, ids, NOT_FINITE)
+        temperature = self.temperature[slots]
+        sampling = temperature > 0
+        drawn = self._draw(logits, torch.where(sampling, temperature, 1.0), slots, plan.probe)
+        ids = torch.where(sampling, drawn, logits.argmax(dim=-1))
+        return record_draws(ids, finite, slots, self.tables)
 
-    def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, slots: torch.Tensor,
-              plan: SamplePlan) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, temperature: torch.Tensor, slots: torch.Tensor, probe: bool) -> torch.Tensor:
         """argmax over the kept tokens of (logit / temperature - log E): an exact sample of the filtered
-        distribution. temperature [B] > 0 (rows that do not sample pass 1: their draw is discarded)."""
+        distribution, sorting the whole vocabulary unless `probe` finds the kept tokens in each row's HEAD.
+        temperature [B] > 0 (rows that do not sample pass 1: their draw is discarded)."""
         top_k, top_p = self.top_k[slots], self.top_p[slots]
-        if plan.head:
-            # Every sampling row keeps at most HEAD tokens, all among its HEAD largest logits (tempering keeps
-            # the order): one fused draw on them (kernels.draw_from_head).
-            values, candidates = torch.topk(logits, min(HEAD, logits.shape[1]))  # [B, HEAD], sorted
-            return kernels.draw_from_head(values, candidates, self.vocab_hash, temperature, top_k, top_p,
-                                          self.seed[slots], self.drawn[slots])
         tempered = logits / temperature[:, None]
-        if plan.probe:
+        if probe:
             values, candidates = torch.topk(tempered, min(HEAD, tempered.shape[1]))  # [B, HEAD], sorted
             drop = drop_outside_nucleus(values, top_k, top_p, torch.logsumexp(tempered, dim=-1, keepdim=True))
             # When the head's last candidate is dropped, so is every token after it (top-k and top-p cut a
