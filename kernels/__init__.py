@@ -140,7 +140,7 @@ def int8_linear(x, weight, scales, bias=None):
 
 
 def sample_rows(logits, slots, tables, *, penalty: bool, draw: bool, head: int):
-    """A batch's next ids from its slots' settings, the slots' tables updated. See `kernels.reference.sample_rows_ref`."""
+    """A batch's next ids from its slots' settings, their tables updated. See `kernels.reference.sample_rows_ref`."""
     kwargs = dict(penalty=penalty, draw=draw, head=head)
     if backend_for(logits.device) == "triton":
         return _triton("triton_sample", "sample_rows_triton")(logits, slots, tables, **kwargs)

@@ -13,10 +13,10 @@ nothing can overflow however long the sequence (the paper's "robust" form, arXiv
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
-
-from typing import NamedTuple
 
 from tnllm.sampling import drop_outside_nucleus, penalise_seen
 
