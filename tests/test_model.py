@@ -307,3 +307,42 @@ def test_training_on_the_triton_path_keeps_gradients(monkeypatch):
     assert calls == {}
     for name, g in grads["torch"].items():
         assert_close(name, g, grads["triton"][name], rel=1e-4)
+
+
+def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
+    """`pack_weights`: same logits (fp64, so only the matmul grouping could differ), l1/l2 still load and save
+    as before; training, a dtype change and quantisation-style replacement fall back to two matmuls."""
+    from tnllm.checkpoint import load_model, save_model
+
+    config = tiny(bias=True)
+    model = TransNormerLLM(config).double().eval()
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    inference = torch.no_grad()
+    with inference:
+        want = model(ids)
+        model.pack_weights()
+        glu = model.model.layers[0].channel_mixer
+        assert glu._packed() is not None
+        assert_close("packed logits", want, model(ids), rel=1e-12)
+        # Loading fills the packed buffer in place; the two products and the one agree on the new weights.
+        fresh = TransNormerLLM(config).double().state_dict()
+        model.load_state_dict(fresh)
+        assert glu._packed() is not None and torch.equal(glu._packed()[0][:config.glu_dim], fresh[
+            "model.layers.0.channel_mixer.l1.weight"])
+        save_model(model, tmp_path / "m")
+        reloaded = load_model(tmp_path / "m", dtype=torch.float32)
+        assert_close("saved packed model", reloaded(ids).double(), model(ids), rel=1e-5)
+    # Training: gradients reach l1 and l2 (the unpacked path), and the buffer stays for the next inference.
+    model.train()
+    model(ids).sum().backward()
+    assert glu._l12 is not None
+    assert glu.l1.weight.grad is not None and glu.l2.weight.grad is not None
+    # Replaced l2 (as quantisation does): the stale buffer is dropped, forward uses the modules.
+    glu.l2 = torch.nn.Linear(config.dim, config.glu_dim, bias=True).double()
+    with torch.no_grad():
+        assert glu._packed() is None and glu._l12 is None
+        model(ids)
+    # A dtype change makes new tensors: unpacked, and correct.
+    model.pack_weights()
+    model.float()
+    assert model.model.layers[0].channel_mixer._packed() is None

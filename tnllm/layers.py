@@ -18,6 +18,7 @@ token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tnllm import kernels
@@ -51,9 +52,49 @@ class GLU(nn.Module):
         self.l1 = nn.Linear(dim, glu_dim, bias=bias)
         self.l2 = nn.Linear(dim, glu_dim, bias=bias)
         self.l3 = nn.Linear(glu_dim, dim, bias=bias)
+        self._l12: tuple[torch.Tensor, torch.Tensor | None] | None = None  # `pack`'s buffers: weight [2g, d], bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.l3(self.l1(x) * self.l2(x))
+        packed = self._packed()
+        if packed is None:
+            return self.l3(self.l1(x) * self.l2(x))
+        a, b = F.linear(x, *packed).chunk(2, dim=-1)  # each [..., g]
+        return self.l3(a * b)
+
+    @torch.no_grad()
+    def pack(self) -> None:
+        """Put l1's and l2's weights (and biases) in one buffer, l1 first, so that forward reads x once and runs one
+        matmul for both (at decode, one larger matrix-vector product streams its weights faster than two). l1
+        and l2 stay parameters, now views into that buffer: loading a state dict fills it, saving sees them as
+        before. Moving or converting the module, replacing l1 or l2 (quantisation), or a forward that autograd
+        records (training) unpacks: the two products again."""
+        if not type(self.l1) is type(self.l2) is nn.Linear:
+            return
+        g = self.l1.out_features
+        weight = torch.cat([self.l1.weight, self.l2.weight])  # [2g, d]
+        self.l1.weight.data, self.l2.weight.data = weight[:g], weight[g:]
+        bias = None
+        if self.l1.bias is not None:
+            bias = torch.cat([self.l1.bias, self.l2.bias])  # [2g]
+            self.l1.bias.data, self.l2.bias.data = bias[:g], bias[g:]
+        self._l12 = (weight, bias)
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`pack`'s buffers while l1 and l2 still live in them and autograd does not record, else None."""
+        if self._l12 is None:
+            return None
+        weight, bias = self._l12
+        l1, l2 = self.l1, self.l2
+        live = (type(l1) is type(l2) is nn.Linear and l1.weight.data_ptr() == weight.data_ptr()
+                and l2.weight.data_ptr() == weight[l1.out_features:].data_ptr()
+                and (bias is None or (l1.bias.data_ptr() == bias.data_ptr()
+                                      and l2.bias.data_ptr() == bias[l1.out_features:].data_ptr())))
+        if not live:
+            self._l12 = None  # l1 or l2 moved or was replaced: the buffer is stale, let it go
+            return None
+        if torch.is_grad_enabled() and l1.weight.requires_grad:
+            return None  # gradients must reach l1 and l2 themselves
+        return weight, bias
 
 
 class Lrpe(nn.Module):

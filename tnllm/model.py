@@ -110,6 +110,12 @@ class TransNormerLLM(nn.Module):
         layer_devices = [layer.token_mixer.out_proj.weight.device for layer in self.model.layers]
         return RecurrentState.allocate(self.config, batch_size, self.model.embed_tokens.weight.device, layer_devices)
 
+    def pack_weights(self) -> None:
+        """Run each channel mixer's l1 and l2 as one matmul from here on (`GLU.pack`; outputs equal up to the
+        matmul's rounding)."""
+        for layer in self.model.layers:
+            layer.channel_mixer.pack()
+
     def num_parameters(self) -> int:
         """Parameter count with tied weights counted once."""
         return sum(p.numel() for p in self.parameters())
