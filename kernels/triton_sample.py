@@ -1,15 +1,19 @@
-"""Triton sampling of a whole batch in two kernels: penalty, NaN check, head selection, draw, table updates.
+"""Triton sampling of a whole batch in a few kernels: penalty, NaN check, head selection, draw, table updates.
 
 Notation: B rows, V tokens, K the head (each row's K largest logits; K = 1 when every row is greedy), NB vocabulary
-blocks of BLOCK_V tokens.
+blocks, W keys sorted by one program (W = max(SORT_WIDTH, 4K) tokens per block, W / K lists per merge).
 
 The PyTorch twin (`reference.sample_rows_ref`) takes about forty launches a step (a cast, the finiteness check,
 the penalty, an argmax, a multi-pass top-k, the 32-bit hash as two dozen int64 ops, three table updates), which at
 decode time cost more than the arithmetic. Here:
 
     _block_head_kernel  [B, NB]  one block of a row: penalised fp32 logits, finite flag, the block's K best keys
-    _pick_kernel        [B]      merge the NB * K keys, the row's K best; greedy id or the exponential race;
+    _merge_kernel       [B, NB/G] (while more than G = W / K lists are left) G lists of K keys -> their K best
+    _pick_kernel        [B]      the last <= G lists -> the row's K best keys; greedy id or the exponential race;
                                  last token, drawn count and penalty set of the row's slot updated
+
+Greedy batches (K = 1) take blocks of BLOCK_V tokens and no sort: a max per block, a max over the blocks. Small
+sorts in many programs beat one large sort: a bitonic sort of n keys takes log2(n)(log2(n) + 1)/2 passes.
 
 A key is one int64 that sorts like (logit, -token id): the logit's order-preserving 32-bit integer in the high
 word, (2^32 - 1 - id) in the low one, so one sort of keys orders values and breaks ties towards the lower id as
@@ -29,8 +33,11 @@ from tnllm.kernels.reference import NOT_FINITE, SlotTables
 
 __all__ = ["sample_rows_triton"]
 
-BLOCK_V = 2048  # vocabulary tokens per block program (a block's sort runs in registers)
-MAX_HEAD = 1024  # the merge sorts NB * K keys in one program per row
+BLOCK_V = 2048  # vocabulary tokens per block program of a greedy batch (a max, no sort)
+SORT_WIDTH = 512  # keys one program sorts, at least (see W above)
+NUM_WARPS = 4
+MAX_HEAD = 1024
+_NOT_FINITE = tl.constexpr(NOT_FINITE)
 
 
 @triton.jit
@@ -83,6 +90,17 @@ def _block_head_kernel(logits, slots, seen, penalty, keys, finite, V, NB, s_l, s
 
 
 @triton.jit
+def _merge_kernel(keys_in, keys_out, NB_IN, NB_OUT, G: tl.constexpr, K: tl.constexpr):
+    b = tl.program_id(0)
+    group = tl.program_id(1)
+    i = tl.arange(0, G * K)
+    lists = group * G + i // K
+    merged = tl.load(keys_in + (b * NB_IN + group * G) * K + i, mask=lists < NB_IN, other=-(2**63))
+    ranked = tl.sort(merged, descending=True)
+    tl.store(keys_out + (b * NB_OUT + group) * K + tl.arange(0, K), tl.max(tl.reshape(ranked, (G, K)), axis=0))
+
+
+@triton.jit
 def _race(v, cand, valid, t, k, p, s, d, vocab_hash, K: tl.constexpr):
     """The exponential race over a row's head: v [K] fp32 logits sorted descending, cand [K] their ids (valid
     marks real ones); temperature t, top-k k (> 0), top-p p, seed s, drawn count d -> the drawn id."""
@@ -108,12 +126,14 @@ def _race(v, cand, valid, t, k, p, s, d, vocab_hash, K: tl.constexpr):
 
 @triton.jit
 def _pick_kernel(keys, finite, slots, temperature, top_k, top_p, seed, drawn, last_token, seen, vocab_hash, out,
-                 V, NB, s_seen, DRAW: tl.constexpr, K: tl.constexpr, NB_POW2: tl.constexpr):
+                 V, NB, NF, s_seen, DRAW: tl.constexpr, K: tl.constexpr, NB_POW2: tl.constexpr,
+                 NF_POW2: tl.constexpr):
     b = tl.program_id(0)
-    blocks = tl.arange(0, NB_POW2)
-    ok = tl.min(tl.load(finite + b * NB + blocks, mask=blocks < NB, other=1).to(tl.int32), axis=0) != 0
+    flags = tl.arange(0, NF_POW2)
+    ok = tl.min(tl.load(finite + b * NF + flags, mask=flags < NF, other=1).to(tl.int32), axis=0) != 0
     slot = tl.load(slots + b)
     if K == 1:
+        blocks = tl.arange(0, NB_POW2)
         best = tl.max(tl.load(keys + b * NB + blocks, mask=blocks < NB, other=-(2**63)), axis=0)
         ids = 0xFFFFFFFF - (best & 0xFFFFFFFF)
     else:
@@ -135,12 +155,12 @@ def _pick_kernel(keys, finite, slots, temperature, top_k, top_p, seed, drawn, la
     tl.store(last_token + slot, ids)
     tl.store(drawn + slot, tl.load(drawn + slot) + 1)
     tl.store(seen + slot * s_seen + ids, 1)
-    tl.store(out + b, tl.where(ok, ids, NOT_FINITE))
+    tl.store(out + b, tl.where(ok, ids, _NOT_FINITE))
 
 
 def sample_rows_triton(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTables, *, penalty: bool, draw: bool,
                        head: int) -> torch.Tensor:
-    """`reference.sample_rows_ref` in two kernels: ids [B] int64 (see there for the arguments)."""
+    """`reference.sample_rows_ref` in a few kernels: ids [B] int64 (see there for the arguments)."""
     B, V = logits.shape
     K = 1 if not draw else triton.next_power_of_2(head)
     if logits.stride(-1) != 1 or tables.seen.stride(-1) != 1 or tables.seen.shape[1] != V:
@@ -148,15 +168,21 @@ def sample_rows_triton(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTa
                          f"{tuple(logits.shape)} and {tuple(tables.seen.shape)}")
     if K > MAX_HEAD or V >= 2**32:
         raise ValueError(f"head must be at most {MAX_HEAD} and the vocabulary below 2^32 tokens, got {head} and {V}")
-    block = max(K, min(BLOCK_V, triton.next_power_of_2(V)))
-    nb = triton.cdiv(V, block)
+    width = max(SORT_WIDTH, 4 * K)
+    block = min(BLOCK_V if K == 1 else width, max(triton.next_power_of_2(V), K))
+    nb = nf = triton.cdiv(V, block)
     keys = torch.empty(B, nb, K, dtype=torch.int64, device=logits.device)  # [B, NB, K]
-    finite = torch.empty(B, nb, dtype=torch.uint8, device=logits.device)  # [B, NB]: 1 = all finite
+    finite = torch.empty(B, nf, dtype=torch.uint8, device=logits.device)  # [B, NB]: 1 = all finite
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     seen = tables.seen.view(torch.uint8)  # bool storage, read and written as bytes
     _block_head_kernel[(B, nb)](logits, slots, seen, tables.penalty, keys, finite, V, nb, logits.stride(0),
-                                seen.stride(0), PENALTY=penalty, K=K, BLOCK=block, num_warps=4)
+                                seen.stride(0), PENALTY=penalty, K=K, BLOCK=block, num_warps=NUM_WARPS)
+    group = width // K
+    while K > 1 and nb > group:
+        merged = torch.empty(B, triton.cdiv(nb, group), K, dtype=torch.int64, device=logits.device)
+        _merge_kernel[(B, merged.shape[1])](keys, merged, nb, merged.shape[1], G=group, K=K, num_warps=NUM_WARPS)
+        keys, nb = merged, merged.shape[1]
     _pick_kernel[(B,)](keys, finite, slots, tables.temperature, tables.top_k, tables.top_p, tables.seed, tables.drawn,
-                       tables.last_token, seen, tables.vocab_hash, out, V, nb, seen.stride(0), DRAW=draw, K=K,
-                       NB_POW2=triton.next_power_of_2(nb), num_warps=4)
+                       tables.last_token, seen, tables.vocab_hash, out, V, nb, nf, seen.stride(0), DRAW=draw, K=K,
+                       NB_POW2=triton.next_power_of_2(nb), NF_POW2=triton.next_power_of_2(nf), num_warps=NUM_WARPS)
     return out

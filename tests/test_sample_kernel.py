@@ -18,11 +18,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """Under the interpreter, 128-token vocabulary blocks: the same multi-block merge at shapes CI can afford (a
-    sort of 2048 keys per program takes minutes there); on CUDA the real block size."""
+    """Under the interpreter, small blocks and sorts: the same merge levels at shapes CI can afford (a sort of
+    2048 keys per program takes minutes there); on CUDA the real sizes."""
     if DEVICE == "cpu":
         from tnllm.kernels import triton_sample
         monkeypatch.setattr(triton_sample, "BLOCK_V", 128)
+        monkeypatch.setattr(triton_sample, "SORT_WIDTH", 64)
 
 
 def random_tables(S: int, V: int, head: int, seed: int) -> ref.SlotTables:
@@ -60,7 +61,7 @@ def untied_logits(B: int, V: int, dtype: torch.dtype, g: torch.Generator) -> tor
 
 @requires_triton_interpret
 @pytest.mark.parametrize("B,V,head,penalty,draw,dtype", [
-    (5, 700, SMALL_HEAD, True, True, torch.float32),    # chat's plan over several vocabulary blocks
+    (5, 1500, SMALL_HEAD, True, True, torch.float32),   # chat's plan: vocabulary blocks, a merge level
     (1, 513, HEAD, False, True, torch.float32),         # one row, two head-sized blocks and one token
     (5, 250, HEAD, True, True, torch.bfloat16),         # fewer tokens than the block (and than the head)
     (4, 50, SMALL_HEAD, True, True, torch.bfloat16),    # fewer tokens than the head
