@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--widths", default="256,512,1024")
-    parser.add_argument("--warps", default="4,8")
+    parser.add_argument("--warps", default="4,8", help="0: the launcher's own choice")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "sampler-h200.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -77,10 +77,11 @@ def main() -> None:
             for impl, width, warps in variants:
                 op = reference.sample_rows_ref if impl == "torch" else triton_sample.sample_rows_triton
                 if impl == "triton":
-                    triton_sample.SORT_WIDTH, triton_sample.NUM_WARPS = width, warps
-                got = op(logits, slots, copy.deepcopy(tables), **kwargs)
+                    triton_sample.SORT_WIDTH, triton_sample.NUM_WARPS = width, warps or None
+                got = op(logits, slots, copy.deepcopy(tables), **kwargs)  # from the same tables as `want`
+                timed = copy.deepcopy(tables)  # replays advance drawn counts and penalty sets
                 row = {"plan": plan, "batch": batch, "impl": impl, "sort_width": width, "num_warps": warps,
-                       "us": replay_us(functools.partial(op, logits, slots, tables, **kwargs)),
+                       "us": replay_us(functools.partial(op, logits, slots, timed, **kwargs)),
                        "equal_to_torch": bool(torch.equal(got, want))}
                 result["rows"].append(row)
                 print(json.dumps(row), flush=True)

@@ -34,8 +34,10 @@ from tnllm.kernels.reference import NOT_FINITE, SlotTables
 __all__ = ["sample_rows_triton"]
 
 BLOCK_V = 2048  # vocabulary tokens per block program of a greedy batch (a max, no sort)
-SORT_WIDTH = 512  # keys one program sorts, at least (see W above)
-NUM_WARPS = 4
+# Measured on an H200 (bench/results/sampler-h200.json): chat's head of 64 at W = 256 takes 17 us a step at batch
+# 1 (one 2048-key sort per row took 90), and sorts of 1024 keys run faster on 8 warps than on 4.
+SORT_WIDTH = 256  # keys one program sorts, at least (see W above)
+NUM_WARPS: int | None = None  # None: 8 for sorts of 1024 keys or more, else 4
 MAX_HEAD = 1024
 _NOT_FINITE = tl.constexpr(NOT_FINITE)
 
@@ -169,6 +171,7 @@ def sample_rows_triton(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTa
     if K > MAX_HEAD or V >= 2**32:
         raise ValueError(f"head must be at most {MAX_HEAD} and the vocabulary below 2^32 tokens, got {head} and {V}")
     width = max(SORT_WIDTH, 4 * K)
+    warps = NUM_WARPS or (8 if width >= 1024 else 4)
     block = min(BLOCK_V if K == 1 else width, max(triton.next_power_of_2(V), K))
     nb = nf = triton.cdiv(V, block)
     keys = torch.empty(B, nb, K, dtype=torch.int64, device=logits.device)  # [B, NB, K]
@@ -176,13 +179,13 @@ def sample_rows_triton(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTa
     out = torch.empty(B, dtype=torch.long, device=logits.device)
     seen = tables.seen.view(torch.uint8)  # bool storage, read and written as bytes
     _block_head_kernel[(B, nb)](logits, slots, seen, tables.penalty, keys, finite, V, nb, logits.stride(0),
-                                seen.stride(0), PENALTY=penalty, K=K, BLOCK=block, num_warps=NUM_WARPS)
+                                seen.stride(0), PENALTY=penalty, K=K, BLOCK=block, num_warps=warps)
     group = width // K
     while K > 1 and nb > group:
         merged = torch.empty(B, triton.cdiv(nb, group), K, dtype=torch.int64, device=logits.device)
-        _merge_kernel[(B, merged.shape[1])](keys, merged, nb, merged.shape[1], G=group, K=K, num_warps=NUM_WARPS)
+        _merge_kernel[(B, merged.shape[1])](keys, merged, nb, merged.shape[1], G=group, K=K, num_warps=warps)
         keys, nb = merged, merged.shape[1]
     _pick_kernel[(B,)](keys, finite, slots, tables.temperature, tables.top_k, tables.top_p, tables.seed, tables.drawn,
                        tables.last_token, seen, tables.vocab_hash, out, V, nb, nf, seen.stride(0), DRAW=draw, K=K,
-                       NB_POW2=triton.next_power_of_2(nb), NF_POW2=triton.next_power_of_2(nf), num_warps=NUM_WARPS)
+                       NB_POW2=triton.next_power_of_2(nb), NF_POW2=triton.next_power_of_2(nf), num_warps=warps)
     return out

@@ -50,6 +50,9 @@ requires_triton_interpret = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
+# For tests that run the Triton path on CPU tensors: only the interpreter can (a GPU machine without it cannot).
+requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                          reason="runs Triton on CPU tensors: needs TRITON_INTERPRET=1")
 
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, *, rel: float = 1e-5, atol: float = 0.0):

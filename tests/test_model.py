@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close, requires_triton_interpret
+from tests.conftest import assert_close, requires_interpreter
 from tnllm import RecurrentState, TNLConfig, TransNormerLLM, kernels, lightning_log_decay
 from tnllm.model import alibi_slopes
 from tnllm.state import SlotState
@@ -264,7 +264,7 @@ def spy_fused_launchers(monkeypatch) -> dict[str, int]:
     return calls
 
 
-@requires_triton_interpret
+@requires_interpreter
 @pytest.mark.parametrize("pooled", [False, True], ids=["recurrent-state", "slot-state"])
 def test_fused_decode_equals_torch_path(monkeypatch, pooled):
     """Prefill, then decode token by token: the Triton path (fused decode ops, under the interpreter) gives the
@@ -289,7 +289,7 @@ def test_fused_decode_equals_torch_path(monkeypatch, pooled):
                      "step:none": 2 * 4}  # LRPE layers activate (and rotate) q, k before the step
 
 
-@requires_triton_interpret
+@requires_interpreter
 def test_training_on_the_triton_path_keeps_gradients(monkeypatch):
     """With autograd recording, the Triton path takes the differentiable ops, never the forward-only fused ones,
     and its gradients equal the PyTorch path's."""
