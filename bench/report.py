@@ -7,12 +7,16 @@ section whose JSON is missing says it is not measured yet.
 
     python bench/report.py [--json bench/results/kernels-h200.json] [--out BENCHMARKS.md]
     python bench/report.py --merge NEW.json [--merged-out FILE]   # fold a new kernel run into --json, then render
+    python bench/report.py --fold NEW.json --into bench/results/engine-h200.json --commit SHA   # then render
 
 --merge: bench/kernels.py runs its sections one by one and may skip some for its time budget, so a new run is
 folded into the previous kernels file section by section (merge_kernel_runs): a section the new run completed
 replaces the old one; a section it skipped (or left partial, or failed) keeps the old rows it did not measure
 again. The merged file lists every run under "runs" and tags each row with the run it came from, so each table
 of BENCHMARKS.md names its run's date. The merged JSON overwrites --json unless --merged-out names another file.
+
+--fold: a run of a row-based benchmark (bench/engine_gpu.py, bench/quant_gpu.py) that measured some rows again
+replaces those rows of the recorded file and keeps the others (fold_rows); each row names the code it ran.
 """
 
 from __future__ import annotations
@@ -566,6 +570,45 @@ def _commands(result: dict) -> str:
     return ("Command: " if len(commands) == 1 else "Commands: ") + "; ".join(f"`{c}`" for c in commands)
 
 
+# The fields that name an item of a row-based result file (the rest are its measurements), per list.
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context"),
+            "interleave": ("preset", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
+            "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context"),
+            "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
+            "load": ("method", "preset")}
+
+
+def fold_rows(old: dict, new: dict, commit: str) -> dict:
+    """`new` (one run) folded into `old` (a recorded file of the same benchmark): every new item, tagged with
+    `commit`, replaces the old item of the same name (IDENTITY); old items not measured again stay, with their
+    own commit. The run's metadata (date, versions) is the new one's; commands and notes accumulate."""
+    folded = {**old, **{k: v for k, v in new.items() if k not in IDENTITY and k not in ("command", "notes")}}
+    for part, fields in IDENTITY.items():
+        fresh = [{**x, "commit": commit} for x in new.get(part) or []]
+        names = {tuple(x.get(f) for f in fields) for x in fresh}
+        kept = [x for x in old.get(part) or [] if tuple(x.get(f) for f in fields) not in names]
+        if part in old or fresh:
+            folded[part] = kept + fresh
+    commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
+    folded["command"] = commands + [f"{new['command']} (rows of code {commit})"]
+    folded["notes"] = list(dict.fromkeys((old.get("notes") or []) + (new.get("notes") or [])))
+    return folded
+
+
+def render_sampler(result: dict) -> str:
+    """bench/sampler.py: the batch sampler per step, fused Triton op vs its PyTorch twin."""
+    out = ["", f"## Batch sampler per decode step ({result['device']}, vocabulary {result['vocab']:,}, bf16 logits)",
+           "", f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. µs = one CUDA-graph replay "
+           "of the op (repetition penalty on; greedy, chat's top-k 40 = a 64-token head, top-k 256); W = keys one "
+           "program sorts; warps `auto` = the launcher's choice; same ids = equal to the twin's on the same input.",
+           "", "| plan | batch | impl | W | warps | µs | same ids |", "|---|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        warps = "" if x["impl"] == "torch" else x["num_warps"] or "auto"
+        out.append(f"| {x['plan']} | {x['batch']} | {x['impl']} | {x['sort_width'] or ''} | {warps} | "
+                   f"{x['us']:.1f} | {'yes' if x['equal_to_torch'] else 'NO'} |")
+    return "\n".join(out) + "\n"
+
+
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
     out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
@@ -668,7 +711,17 @@ def main():
     p.add_argument("--merge", metavar="NEW_JSON",
                    help="a new bench/kernels.py run to fold into --json section by section before rendering")
     p.add_argument("--merged-out", metavar="FILE", help="write the merged kernels JSON here (default: over --json)")
+    p.add_argument("--fold", metavar="NEW_JSON", help="a run of bench/engine_gpu.py or bench/quant_gpu.py to fold "
+                   "into --into (rows measured again are replaced), before rendering")
+    p.add_argument("--into", metavar="FILE", help="the recorded file --fold updates in place")
+    p.add_argument("--commit", help="the code the --fold run measured (short hash)")
     a = p.parse_args()
+    if a.fold:
+        if not (a.into and a.commit):
+            p.error("--fold needs --into and --commit")
+        into = Path(a.into)
+        folded = fold_rows(json.loads(into.read_text()), json.loads(Path(a.fold).read_text()), a.commit)
+        into.write_text(json.dumps(folded, indent=1) + "\n")
     kernels_json = Path(a.json)
     if a.merge:
         target = Path(a.merged_out or a.json)
@@ -708,6 +761,7 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("sampling-cpu", "Chat sampling defaults (CPU)", render_sampling, "python bench/sampling_defaults.py"),
             ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
             ("quant-h200", "8-bit weights on the GPU", render_quant, "python bench/quant_gpu.py"),
+            ("sampler-h200", "Batch sampler per decode step", render_sampler, "python bench/sampler.py"),
             ("app-h200", "The app over HTTP against its engine", render_app,
              "python bench/app_http.py --device cuda --out bench/results/app-h200.json"),
             ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,

@@ -446,3 +446,17 @@ def test_percentile_interpolates_linearly_between_closest_ranks():
         assert percentile(samples, 0.5) == pytest.approx(statistics.median(samples))
         deciles = statistics.quantiles(samples, n=10, method="inclusive")
         assert [percentile(samples, i / 10) for i in range(1, 10)] == pytest.approx(deciles)
+
+
+def test_fold_rows_replaces_what_was_measured_again_and_keeps_the_rest():
+    report = _report()
+    old = {"command": "first", "date": "d1", "notes": ["a"],
+           "rows": [{"preset": "p", "quant": "none", "path": "x", "batch": 1, "context": 0, "ms": 5.0, "commit": "old"},
+                    {"preset": "p", "quant": "none", "path": "x", "batch": 16, "context": 0, "ms": 6.0,
+                     "commit": "old"}], "interleave": []}
+    new = {"command": "second", "date": "d2", "notes": ["b"],
+           "rows": [{"preset": "p", "quant": "none", "path": "x", "batch": 1, "context": 0, "ms": 4.0}]}
+    folded = report.fold_rows(old, new, "new")
+    assert folded["date"] == "d2" and folded["notes"] == ["a", "b"]
+    assert folded["command"] == ["first", "second (rows of code new)"]
+    assert sorted((r["batch"], r["ms"], r["commit"]) for r in folded["rows"]) == [(1, 4.0, "new"), (16, 6.0, "old")]
