@@ -3,11 +3,12 @@
     W [out, in] float  ->  q = round(W / s) in int8,  s[o] = max_i |W[o, i]| / 127   (per output row)
     y = (x @ q^T) * s + b                                # activations stay float: weight-only
 
-On CUDA, decode-sized inputs go through `kernels.int8_linear` (a Triton kernel that dequantises the int8 tile
-in registers, docs/quantization.md#cuda-kernel) and larger ones dequantise the weight for cuBLAS (see
-`_use_int8_kernel`). On CPU a decode-sized matmul runs as `aten._weight_int8pack_mm`
-(int8 weight read directly, no float copy of W; fp32 activations computed in bf16); larger inputs (prefill)
-and other devices use `F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the measured crossover).
+On CUDA, every input goes through `kernels.int8_linear` (a Triton kernel that dequantises the int8 tile in
+registers for decode-sized inputs, or the weight into a workspace for cuBLAS for larger ones,
+docs/quantization.md#cuda-kernel; see `_use_int8_kernel`). On CPU a decode-sized matmul runs as
+`aten._weight_int8pack_mm` (int8 weight read directly, no float copy of W; fp32 activations computed in bf16);
+larger inputs (prefill) and other devices use `F.linear(x, q.to(x.dtype)) * s` (see `_use_packed_mm` for the
+measured crossover).
 """
 
 from __future__ import annotations
@@ -44,18 +45,15 @@ def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
     return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
-KERNEL_MAX_ROWS = 512
-
-
 def _use_int8_kernel(x: torch.Tensor, rows: int) -> bool:
-    """The Triton kernel on CUDA up to KERNEL_MAX_ROWS rows, else the dequantised weight through F.linear (cuBLAS).
+    """The Triton launcher on CUDA at every size: its table (kernels/triton_int8.py CONFIGS) dequantises in
+    registers up to 16 rows and, from 512 rows on, into a workspace in one pass for cuBLAS ("deq" kind).
 
-    Measured per tnl-7b Linear on an H200 (bench/results/quant-h200.json, µs, bf16 / kernel / dequantise +
-    cuBLAS): the kernel wins at decode sizes (l3 at 16 rows 28.8 / 18.3) and stays well ahead of dequantising up
-    to 512 rows (l1 at 512 rows 59.9 / 149.2 / 192.3: converting the weight costs a full extra pass each call);
-    at 4096 rows cuBLAS on the dequantised weight wins (470.6 / 852.2 / 709.8). Between 512 and 4096 rows the
-    crossover is not measured."""
-    return x.is_cuda and rows <= KERNEL_MAX_ROWS
+    Measured on an H200 at the tnl-7b shapes (ms per call, bf16 weight / "deq" / the float fallback
+    `F.linear(x, q.to(x.dtype)) * s`): q|k|v|u at 4096 rows 0.70 / 0.84 / 1.04, at 16384 rows the fallback
+    1.30x bf16 (2.77 / 3.60) and l1 1.37x (2.01 / 2.75): its two extra passes (convert, then scale the output)
+    cost more than the one dequantising pass, so large inputs no longer take it on CUDA."""
+    return x.is_cuda
 
 
 class Int8Linear(nn.Module):

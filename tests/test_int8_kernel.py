@@ -172,6 +172,12 @@ def test_config_table():
     assert ti.config_src(cfg) == 'Config(4, 32, 512, SPLIT_K=2, num_warps=8, num_stages=1, kind="gemv", magic=True)'
 
 
+# A GPU script's CPU run in the interpreter: what CI can run of it. A GPU machine runs the script itself (and its
+# Triton 3.6 interpreter cannot run the int8 kernel: "only 0-dimensional arrays can be converted").
+interpreter_run_of_a_gpu_script = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine runs the script")
+
+
+@interpreter_run_of_a_gpu_script
 def test_sweep_tiny_on_cpu(tmp_path):
     """bench/int8_sweep.py --tiny: every kind through the sweep in the interpreter; rows checked and timed,
     a best row per (shape, M), the table printed in CONFIGS' format."""
@@ -261,8 +267,7 @@ def test_cuda_graph_capture(rows):
     assert_close("replayed", _oracle(x, w, s, b), y, rel=TOL[torch.bfloat16])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the benchmark itself runs on a GPU machine (and Triton 3.6's "
-                    "interpreter there cannot run the int8 kernel: 'only 0-dimensional arrays can be converted')")
+@interpreter_run_of_a_gpu_script
 def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     """bench/quant_gpu.py --dry-run: every section's code path on the CPU (the int8 kernel in the interpreter)."""
     pytest.importorskip("triton")
