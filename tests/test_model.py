@@ -327,8 +327,9 @@ def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
         # Loading fills the packed buffer in place; the two products and the one agree on the new weights.
         fresh = TransNormerLLM(config).double().state_dict()
         model.load_state_dict(fresh)
-        assert glu._packed() is not None and torch.equal(glu._packed()[0][:config.glu_dim], fresh[
+        assert glu._packed() is not None and torch.equal(glu._packed().weight[:config.glu_dim], fresh[
             "model.layers.0.channel_mixer.l1.weight"])
+        assert not any(".l12" in k or "_l12" in k for k in model.state_dict())
         save_model(model, tmp_path / "m")
         reloaded = load_model(tmp_path / "m", dtype=torch.float32)
         assert_close("saved packed model", reloaded(ids).double(), model(ids), rel=1e-5)

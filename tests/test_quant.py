@@ -279,3 +279,19 @@ def test_cuda_device_map_auto(saved, method):
     with torch.no_grad():
         rel, top1 = logits_error(model(IDS), q(IDS.cuda()).float().cpu())
     assert rel <= 0.03 and top1 >= 0.95
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_MM_MAX_ROWS + 5])
+def test_packed_int8_glu_equals_its_two_products(saved, rows):
+    """`pack_weights` on an int8 model: l1 and l2 become one Int8Linear of twice the outputs (their int8 weights,
+    scales and views joined), with the logits of the two separate products, at decode and prefill sizes."""
+    _, directory = saved
+    q = quant.load_quantized(directory, "int8")
+    ids = IDS[:1, :rows] if rows <= IDS.shape[1] else torch.randint(0, 256, (1, rows))
+    with torch.no_grad():
+        want = q(ids)
+        q.pack_weights()
+        packed = q.model.layers[0].channel_mixer._packed()
+        assert type(packed) is Int8Linear and packed.weight.shape == (2 * CONFIG.glu_dim, CONFIG.dim)
+        assert_close("packed int8 logits", want, q(ids), rel=1e-6)
+        assert set(q.state_dict()) == set(quant.load_quantized(directory, "int8").state_dict())

@@ -17,8 +17,9 @@ token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recu
 
 from __future__ import annotations
 
+import copy
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tnllm import kernels
@@ -44,6 +45,9 @@ class SimpleRMSNorm(nn.Module):
         return kernels.gated_srmsnorm(x, gate, self.eps)
 
 
+PACKED_TENSORS = ("weight", "scales", "bias")  # what `GLU.pack` joins: float Linears' and 8-bit ones' tensors
+
+
 class GLU(nn.Module):
     """Channel mixer ("SGLU" in the paper): l3(l1(x) * l2(x)); the released models use no activation."""
 
@@ -52,49 +56,60 @@ class GLU(nn.Module):
         self.l1 = nn.Linear(dim, glu_dim, bias=bias)
         self.l2 = nn.Linear(dim, glu_dim, bias=bias)
         self.l3 = nn.Linear(glu_dim, dim, bias=bias)
-        self._l12: tuple[torch.Tensor, torch.Tensor | None] | None = None  # `pack`'s buffers: weight [2g, d], bias
+        object.__setattr__(self, "_l12", None)  # `pack`'s module of l1 and l2 (not a submodule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed()
         if packed is None:
             return self.l3(self.l1(x) * self.l2(x))
-        a, b = F.linear(x, *packed).chunk(2, dim=-1)  # each [..., g]
+        a, b = packed(x).chunk(2, dim=-1)  # each [..., g]
         return self.l3(a * b)
 
     @torch.no_grad()
     def pack(self) -> None:
-        """Put l1's and l2's weights (and biases) in one buffer, l1 first, so that forward reads x once and runs one
-        matmul for both (at decode, one larger matrix-vector product streams its weights faster than two). l1
-        and l2 stay parameters, now views into that buffer: loading a state dict fills it, saving sees them as
-        before. Moving or converting the module, replacing l1 or l2 (quantisation), or a forward that autograd
-        records (training) unpacks: the two products again."""
-        if not type(self.l1) is type(self.l2) is nn.Linear:
-            return
-        g = self.l1.out_features
-        weight = torch.cat([self.l1.weight, self.l2.weight])  # [2g, d]
-        self.l1.weight.data, self.l2.weight.data = weight[:g], weight[g:]
-        bias = None
-        if self.l1.bias is not None:
-            bias = torch.cat([self.l1.bias, self.l2.bias])  # [2g]
-            self.l1.bias.data, self.l2.bias.data = bias[:g], bias[g:]
-        self._l12 = (weight, bias)
-
-    def _packed(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """`pack`'s buffers while l1 and l2 still live in them and autograd does not record, else None."""
-        if self._l12 is None:
-            return None
-        weight, bias = self._l12
+        """Put l1's and l2's tensors in one module of their type with twice the outputs, l1 first, so that forward
+        reads x once and runs one product for both (at decode, one larger matrix-vector product streams its
+        weights faster than two). Serves float Linears and 8-bit ones alike (`weight`, `scales`, `bias`). l1 and
+        l2 keep their tensors, now views into the packed ones: loading a state dict fills them, saving sees them
+        as before. Moving or converting the module, replacing l1 or l2, or a forward that autograd records
+        (training) unpacks: the two products again."""
         l1, l2 = self.l1, self.l2
-        live = (type(l1) is type(l2) is nn.Linear and l1.weight.data_ptr() == weight.data_ptr()
-                and l2.weight.data_ptr() == weight[l1.out_features:].data_ptr()
-                and (bias is None or (l1.bias.data_ptr() == bias.data_ptr()
-                                      and l2.bias.data_ptr() == bias[l1.out_features:].data_ptr())))
+        if type(l1) is not type(l2) or not hasattr(l1, "out_features"):
+            return
+        g = l1.out_features
+        packed = copy.copy(l1)  # same class and settings; its own tensor tables below
+        packed._parameters, packed._buffers = dict(l1._parameters), dict(l1._buffers)
+        packed.out_features = 2 * g
+        for name in PACKED_TENSORS:
+            first, second = getattr(l1, name, None), getattr(l2, name, None)
+            if first is None:
+                continue
+            both = torch.cat([first, second])  # [2g, ...]
+            if isinstance(first, nn.Parameter):
+                setattr(packed, name, nn.Parameter(both, requires_grad=first.requires_grad))
+                first.data, second.data = both[:g], both[g:]
+            else:
+                setattr(packed, name, both)
+                setattr(l1, name, both[:g])
+                setattr(l2, name, both[g:])
+        object.__setattr__(self, "_l12", packed)  # not a submodule: never saved, loaded or moved
+
+    def _packed(self) -> nn.Module | None:
+        """`pack`'s module while l1 and l2 still live in its tensors and autograd does not record, else None."""
+        packed = self._l12
+        if packed is None:
+            return None
+        l1, l2, g = self.l1, self.l2, self.l1.out_features
+        live = type(l1) is type(l2) is type(packed) and all(
+            getattr(l1, name) is None or (getattr(l1, name).data_ptr() == getattr(packed, name).data_ptr()
+                                          and getattr(l2, name).data_ptr() == getattr(packed, name)[g:].data_ptr())
+            for name in PACKED_TENSORS if hasattr(l1, name))
         if not live:
-            self._l12 = None  # l1 or l2 moved or was replaced: the buffer is stale, let it go
+            object.__setattr__(self, "_l12", None)  # l1 or l2 moved or was replaced: let the stale tensors go
             return None
         if torch.is_grad_enabled() and l1.weight.requires_grad:
             return None  # gradients must reach l1 and l2 themselves
-        return weight, bias
+        return packed
 
 
 class Lrpe(nn.Module):
