@@ -12,7 +12,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
   decode_ms_per_token = median gap between two tokens of a session; aggregate_tok_s = tokens of all sessions /
   wall time of the decode. Batch 1 at each --contexts, and --sessions concurrent sessions at the first context;
 * paths: "engine-graph" (captured decode per batch bucket, sampler inside), "engine-graph-sampler-outside",
-  "engine-eager", and "graph-replay" (the captured step and the id transfer alone: no scheduler, no events);
+  "engine-eager", and "graph-replay" (the captured step with chat's sampling plan and the id transfer alone, the
+  host waiting for each: no scheduler, no events, no step ahead);
 * interleave: --interleave-sessions decode while a --interleave-prompt-token prompt arrives; their gaps during
   its prefill against before, per prefill budget (chunk) in --budgets, with the chunks packed into the decode
   steps' forward and read beside them (--packing);
@@ -144,14 +145,17 @@ def decode_row(engine: Engine, contexts: list[int], tokens: int) -> tuple[float,
 
 
 def graph_replay_ms(engine: Engine, batch: int, tokens: int) -> float:
-    """The captured step and the id transfer back to back, no scheduler: the floor the engine adds host work to.
-    Needs a threadless graph engine (nothing else steps it)."""
+    """The captured step (chat's sampling plan) and the id transfer back to back, no scheduler and no step ahead:
+    what one step costs when the host waits for it. Needs a threadless graph engine (nothing else steps it)."""
     slots = list(range(1, batch + 1))
+    for slot in slots:
+        engine.sampler.configure(slot, SamplingParams(**PARAMS), seed=slot, prompt_ids=[])
+    plan = engine.sampler.plan(slots)
     for _ in range(3):
-        engine.scheduler.decoder.step(slots).tolist()
+        engine.scheduler.decoder.step(slots, plan).tolist()
     start = time.perf_counter()
     for _ in range(tokens):
-        engine.scheduler.decoder.step(slots).tolist()
+        engine.scheduler.decoder.step(slots, plan).tolist()
     return (time.perf_counter() - start) / tokens * 1e3
 
 
