@@ -7,7 +7,7 @@ the same tokens whichever sessions share its batch, and the whole sampler can be
 Greedy rows (temperature 0) take the argmax. Temperature, top-k, top-p and the repetition penalty are the
 ones of `tnllm.sampling` (one implementation: `penalise_seen`, `filter_logits`). Batches whose kept tokens lie
 in a head of each row (every sampling row has 0 < top_k <= HEAD) or that are all greedy take `kernels.sample_rows`
-(two Triton kernels on CUDA); the others sort the vocabulary here.
+(a few Triton kernels on CUDA); the others sort the vocabulary here.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class BatchSampler:
 
     @property
     def tables(self) -> SlotTables:
+        """The per-slot device tables, as `kernels.sample_rows` reads and updates them."""
         return SlotTables(self.temperature, self.top_k, self.top_p, self.penalty, self.seed, self.drawn,
                           self.last_token, self.seen, self.vocab_hash)
 
