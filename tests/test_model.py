@@ -317,12 +317,14 @@ def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
     config = tiny(bias=True)
     model = TransNormerLLM(config).double().eval()
     ids = torch.randint(0, config.vocab_size, (2, 9))
-    inference = torch.no_grad()
-    with inference:
+    with torch.no_grad():
         want = model(ids)
         model.pack_weights()
         glu = model.model.layers[0].channel_mixer
         assert glu._packed() is not None
+        packed = glu._l12
+        model.pack_weights()  # a second engine on the same model: the pack is kept, not rebuilt
+        assert glu._l12 is packed
         assert_close("packed logits", want, model(ids), rel=1e-12)
         # Loading fills the packed buffer in place; the two products and the one agree on the new weights.
         fresh = TransNormerLLM(config).double().state_dict()

@@ -74,8 +74,8 @@ class GLU(nn.Module):
         as before. Moving or converting the module, replacing l1 or l2, or a forward that autograd records
         (training) unpacks: the two products again."""
         l1, l2 = self.l1, self.l2
-        if type(l1) is not type(l2) or not hasattr(l1, "out_features"):
-            return
+        if self._live_pack() is not None or type(l1) is not type(l2) or not hasattr(l1, "out_features"):
+            return  # packed already (another engine on this model), or nothing to pack
         g = l1.out_features
         packed = copy.copy(l1)  # same class and settings; its own tensor tables below
         packed._parameters, packed._buffers = dict(l1._parameters), dict(l1._buffers)
@@ -94,8 +94,8 @@ class GLU(nn.Module):
                 setattr(l2, name, both[g:])
         object.__setattr__(self, "_l12", packed)  # not a submodule: never saved, loaded or moved
 
-    def _packed(self) -> nn.Module | None:
-        """`pack`'s module while l1 and l2 still live in its tensors and autograd does not record, else None."""
+    def _live_pack(self) -> nn.Module | None:
+        """`pack`'s module while l1 and l2 still live in its tensors, else None (and a stale one is let go)."""
         packed = self._l12
         if packed is None:
             return None
@@ -107,9 +107,13 @@ class GLU(nn.Module):
         if not live:
             object.__setattr__(self, "_l12", None)  # l1 or l2 moved or was replaced: let the stale tensors go
             return None
-        if torch.is_grad_enabled() and l1.weight.requires_grad:
-            return None  # gradients must reach l1 and l2 themselves
         return packed
+
+    def _packed(self) -> nn.Module | None:
+        """The live pack when autograd does not record through l1 (gradients must reach l1 and l2 themselves)."""
+        if torch.is_grad_enabled() and self.l1.weight.requires_grad:
+            return None
+        return self._live_pack()
 
 
 class Lrpe(nn.Module):
