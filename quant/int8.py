@@ -45,7 +45,7 @@ def _use_packed_mm(x: torch.Tensor, rows: int) -> bool:
     return x.device.type == "cpu" and rows <= PACKED_MM_MAX_ROWS
 
 
-def _use_int8_kernel(x: torch.Tensor, rows: int) -> bool:
+def _use_int8_kernel(x: torch.Tensor) -> bool:
     """The Triton launcher on CUDA at every size: its table (kernels/triton_int8.py CONFIGS) dequantises in
     registers up to 16 rows and, from 512 rows on, into a workspace in one pass for cuBLAS ("deq" kind).
 
@@ -91,7 +91,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x.dtype."""
         rows = x.numel() // self.in_features
-        if _use_int8_kernel(x, rows):  # the Triton kernel (or its PyTorch twin where Triton is missing)
+        if _use_int8_kernel(x):  # the Triton kernel (or its PyTorch twin where Triton is missing)
             return kernels.int8_linear(x, self.weight, self.scales, self.bias)
         if _use_packed_mm(x, rows):
             # Its fp32 kernel is 5-40x slower than the bf16 one, so fp32 activations go through bf16
