@@ -430,6 +430,17 @@ def record_draws(ids: torch.Tensor, finite: torch.Tensor, slots: torch.Tensor, t
     return torch.where(finite, ids, NOT_FINITE)
 
 
+def penalised_logits(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTables,
+                     penalty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits [B, V] with the rows' repetition penalties applied when `penalty`, finite [B]: the row's raw
+    logits hold no NaN/inf): what every sampling path starts from."""
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    if penalty:
+        logits = penalise_seen(logits, tables.seen[slots], tables.penalty[slots])
+    return logits, finite
+
+
 def sample_rows_ref(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTables, *, penalty: bool, draw: bool,
                     head: int) -> torch.Tensor:
     """Each row's next id, sampled by its slot's settings, and the slots' tables updated (`record_draws`).
@@ -443,10 +454,7 @@ def sample_rows_ref(logits: torch.Tensor, slots: torch.Tensor, tables: SlotTable
     Returns:
         ids [B] int64, NOT_FINITE for a row whose logits hold NaN/inf. Greedy rows take the (penalised) argmax.
     """
-    logits = logits.float()
-    finite = torch.isfinite(logits).all(dim=-1)  # [B]
-    if penalty:
-        logits = penalise_seen(logits, tables.seen[slots], tables.penalty[slots])
+    logits, finite = penalised_logits(logits, slots, tables, penalty)
     ids = logits.argmax(dim=-1)
     if draw:
         temperature = tables.temperature[slots]

@@ -17,8 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from tnllm import kernels
-from tnllm.kernels.reference import NOT_FINITE, SlotTables, log_exponential_noise, mix32, noise_key, record_draws
-from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits, penalise_seen
+from tnllm.kernels.reference import (
+    NOT_FINITE,
+    SlotTables,
+    log_exponential_noise,
+    mix32,
+    noise_key,
+    penalised_logits,
+    record_draws,
+)
+from tnllm.sampling import SamplingParams, drop_outside_nucleus, filter_logits
 
 __all__ = ["BatchSampler", "SamplePlan", "GENERAL", "NOT_FINITE", "HEAD", "SMALL_HEAD", "head_size"]
 
@@ -113,10 +121,7 @@ class BatchSampler:
         if plan.head or not plan.draw:
             return kernels.sample_rows(logits, slots, self.tables, penalty=plan.penalty, draw=plan.draw,
                                        head=plan.head)
-        logits = logits.float()
-        finite = torch.isfinite(logits).all(dim=-1)  # [B]
-        if plan.penalty:
-            logits = penalise_seen(logits, self.seen[slots], self.penalty[slots])
+        logits, finite = penalised_logits(logits, slots, self.tables, plan.penalty)
         temperature = self.temperature[slots]
         sampling = temperature > 0
         drawn = self._draw(logits, torch.where(sampling, temperature, 1.0), slots, plan.probe)
