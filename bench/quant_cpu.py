@@ -71,6 +71,7 @@ def run_model(path: str, device: str, reps: int, context: int = 256) -> list[dic
         if method == "bnb_int8" and not bnb.available():
             continue
         model = quant.load_quantized(path, method=method, device=device)
+        model.pack_weights()  # as the engine does: the layout chat decodes with
         state = model.allocate_state(1)
         model(torch.randint(3, model.config.vocab_size, (1, context), device=device), state, logits_to_keep=1)
         token = torch.tensor([[5]], device=device)

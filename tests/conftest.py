@@ -138,3 +138,9 @@ def chat(runtime):
     fn.store = store
     yield fn
     store.close()
+
+
+def pack_glus(model) -> None:
+    """`GLU.pack` on every layer: what `pack_weights` does on CUDA, run on any device."""
+    for layer in model.model.layers:
+        layer.channel_mixer.pack()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_close, requires_interpreter
+from tests.conftest import assert_close, pack_glus, requires_interpreter
 from tnllm import RecurrentState, TNLConfig, TransNormerLLM, kernels, lightning_log_decay
 from tnllm.model import alibi_slopes
 from tnllm.state import SlotState
@@ -310,8 +310,9 @@ def test_training_on_the_triton_path_keeps_gradients(monkeypatch):
 
 
 def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
-    """`pack_weights`: same logits (fp64, so only the matmul grouping could differ), l1/l2 still load and save
-    as before; training, a dtype change and quantisation-style replacement fall back to two matmuls."""
+    """`GLU.pack` (`pack_weights` on CUDA): same logits (fp64, so only the matmul grouping could differ), l1/l2
+    still load and save as before; training, a dtype change and quantisation-style replacement fall back to two
+    matmuls."""
     from tnllm.checkpoint import load_model, save_model
 
     config = tiny(bias=True)
@@ -319,11 +320,11 @@ def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
     ids = torch.randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         want = model(ids)
-        model.pack_weights()
+        pack_glus(model)
         glu = model.model.layers[0].channel_mixer
         assert glu._packed() is not None
         packed = glu._l12
-        model.pack_weights()  # a second engine on the same model: the pack is kept, not rebuilt
+        pack_glus(model)  # a second engine on the same model: the pack is kept, not rebuilt
         assert glu._l12 is packed
         assert_close("packed logits", want, model(ids), rel=1e-12)
         # Loading fills the packed buffer in place; the two products and the one agree on the new weights.
@@ -346,6 +347,6 @@ def test_packed_glu_equals_two_matmuls_and_unpacks_when_it_must(tmp_path):
         assert glu._packed() is None and glu._l12 is None
         model(ids)
     # A dtype change makes new tensors: unpacked, and correct.
-    model.pack_weights()
+    pack_glus(model)
     model.float()
     assert model.model.layers[0].channel_mixer._packed() is None

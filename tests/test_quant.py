@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT, assert_close, requires_cuda
+from tests.conftest import ROOT, assert_close, pack_glus, requires_cuda
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, quant, save_model
 from tnllm.bench import adapter_for
 from tnllm.checkpoint import MANIFEST_FILE, check_weights, open_checkpoint
+from tnllm.linear import Linear
 from tnllm.quant import bnb
 from tnllm.quant.common import QuantOrderError, target_linears
 from tnllm.quant.int8 import PACKED_MM_MAX_ROWS, Int8Linear
@@ -55,7 +56,7 @@ def test_logits_close_to_float(saved, method):
     layers = {n.rsplit(".", 1)[-1]: m for n, m in q.named_modules() if n.startswith("model.layers.")}
     assert all(layers[name].weight.dtype == torch.int8 for name in QUANTISED)
     assert q.lm_head.weight is q.model.embed_tokens.weight and q.lm_head.weight.dtype == torch.float32
-    assert type(q.lm_head) is nn.Linear and not q.training
+    assert type(q.lm_head) is Linear and not q.training
 
 
 def test_methods_agree_and_none_is_float(saved):
@@ -283,14 +284,14 @@ def test_cuda_device_map_auto(saved, method):
 
 @pytest.mark.parametrize("rows", [1, PACKED_MM_MAX_ROWS + 5])
 def test_packed_int8_glu_equals_its_two_products(saved, rows):
-    """`pack_weights` on an int8 model: l1 and l2 become one Int8Linear of twice the outputs (their int8 weights,
+    """`GLU.pack` on an int8 model: l1 and l2 become one Int8Linear of twice the outputs (their int8 weights,
     scales and views joined), with the logits of the two separate products, at decode and prefill sizes."""
     _, directory = saved
     q = quant.load_quantized(directory, "int8")
     ids = IDS[:1, :rows] if rows <= IDS.shape[1] else torch.randint(0, 256, (1, rows))
     with torch.no_grad():
         want = q(ids)
-        q.pack_weights()
+        pack_glus(q)
         packed = q.model.layers[0].channel_mixer._packed()
         assert type(packed) is Int8Linear and packed.weight.shape == (2 * CONFIG.glu_dim, CONFIG.dim)
         assert_close("packed int8 logits", want, q(ids), rel=1e-6)

@@ -24,6 +24,7 @@ from torch import nn
 
 from tnllm import kernels
 from tnllm.config import TNLConfig
+from tnllm.linear import Linear
 
 
 class SimpleRMSNorm(nn.Module):
@@ -53,9 +54,9 @@ class GLU(nn.Module):
 
     def __init__(self, dim: int, glu_dim: int, bias: bool):
         super().__init__()
-        self.l1 = nn.Linear(dim, glu_dim, bias=bias)
-        self.l2 = nn.Linear(dim, glu_dim, bias=bias)
-        self.l3 = nn.Linear(glu_dim, dim, bias=bias)
+        self.l1 = Linear(dim, glu_dim, bias=bias)
+        self.l2 = Linear(dim, glu_dim, bias=bias)
+        self.l3 = Linear(glu_dim, dim, bias=bias)
         object.__setattr__(self, "_l12", None)  # `pack`'s module of l1 and l2 (not a submodule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,8 @@ class NormLinearAttention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.qkvu_proj = nn.Linear(config.dim, 4 * config.hidden_dim, bias=config.bias)
-        self.out_proj = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+        self.qkvu_proj = Linear(config.dim, 4 * config.hidden_dim, bias=config.bias)
+        self.out_proj = Linear(config.hidden_dim, config.dim, bias=config.bias)
         self.lrpe = Lrpe(config.n_heads, config.head_dim) if use_lrpe else None
         self.act = config.act  # a key of kernels.ACTIVATIONS
         self.norm = SimpleRMSNorm(config.norm_eps)

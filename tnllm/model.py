@@ -17,6 +17,7 @@ from torch import nn
 
 from tnllm.config import TNLConfig
 from tnllm.layers import DecoderLayer, Lrpe, SimpleRMSNorm
+from tnllm.linear import Linear, pack_linears_for_cpu
 from tnllm.state import PackedSlotState, RecurrentState, SlotState
 
 
@@ -68,7 +69,7 @@ class TransNormerLLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = TransNormerModel(config)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         # Fixed decay rates: recomputed, never loaded or saved.
@@ -111,10 +112,15 @@ class TransNormerLLM(nn.Module):
         return RecurrentState.allocate(self.config, batch_size, self.model.embed_tokens.weight.device, layer_devices)
 
     def pack_weights(self) -> None:
-        """Run each channel mixer's l1 and l2 as one matmul from here on (`GLU.pack`; outputs equal up to the
-        matmul's rounding)."""
+        """Lay the weights out for inference on their device (outputs equal up to the matmul's rounding): on
+        CUDA each channel mixer's l1 and l2 run as one product (`GLU.pack`: one matrix-vector product streams the
+        weights faster than two); on the CPU every fp32 Linear gets a oneDNN copy of its weight
+        (`Linear.pack_for_cpu`: 1.5-3x faster products at every row count, for twice the float weights' memory).
+        Training, moving or reloading the model falls back to the plain products."""
+        pack_linears_for_cpu(self)
         for layer in self.model.layers:
-            layer.channel_mixer.pack()
+            if layer.channel_mixer.l1.weight.device.type == "cuda":
+                layer.channel_mixer.pack()
 
     def num_parameters(self) -> int:
         """Parameter count with tied weights counted once."""

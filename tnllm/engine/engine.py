@@ -69,10 +69,9 @@ class Engine:
                  eos_ids: set[int] | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.pool = pool_for(model, config.max_sessions)
-        if self.pool.device.type == "cuda":
-            # One matrix-vector product for the GLU's l1 and l2 streams their weights faster than two; on the
-            # CPU a matmul costs its arithmetic, and the fp32 CPU path stays the bit-exact reference.
-            model.pack_weights()
+        pack = getattr(model, "pack_weights", None)  # the device's fast layout for the products, where it has one
+        if pack is not None:
+            pack()
         defaults = PREFILL_BUDGETS.get(self.pool.device.type, PREFILL_BUDGETS["cpu"])
         budget = config.prefill_budget or defaults[0]
         solo_budget = config.solo_prefill_budget or defaults[1]
