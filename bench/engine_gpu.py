@@ -53,6 +53,7 @@ from serve import stream_in_threads, time_sessions, token_gaps_ms
 ROOT = Path(__file__).resolve().parents[1]
 
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
+CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
 PARAMS = {**{k: v for k, v in CHAT_DEFAULTS.items() if k != "max_new_tokens"}, "seed": 0}
 
@@ -193,32 +194,45 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
               "state_rel_l2": state_err}
     # A captured prefill chunk of CHECK_CHUNK ids (several pieces) against the same pieces run eagerly, from slot 1's
     # state; beside it, for information, one eager chunk of all the ids (another grouping of the sums: in fp32 on
-    # a GPU the chunk kernel's dots run in tf32, so groupings differ by about 1e-3).
-    chunk = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, capture=capture)
-    saved = engine.pool.read(1)
-    chunk_ids = torch.randint(3, model.config.vocab_size, (CHECK_CHUNK,), generator=torch.Generator().manual_seed(1))
+    # a GPU the chunk kernel's dots run in tf32, so groupings differ by about 1e-3). Then the same chunk read
+    # together with chunks of CHECK_BATCHED ids into slots 2 and 3 (batched pieces), each against its eager pieces.
+    chunk = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, max_batch=4, capture=capture)
+    generator = torch.Generator().manual_seed(1)
+    chunks = [(torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist(), slot)
+              for slot, n in enumerate((CHECK_CHUNK, *CHECK_BATCHED), start=1)]
+    saved = {slot: engine.pool.read(slot) for _, slot in chunks}
 
-    def eager(pieces: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        engine.pool.write(1, saved)
+    def eager(ids: list[int], slot: int, pieces: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        engine.pool.write(slot, saved[slot])
         start = 0
         for size in pieces:
-            piece = chunk_ids[start:start + size].to(device)[None]  # [1, size]
-            logits = model(piece, engine.pool.rows(slot_ids[:1]), logits_to_keep=1)[:, -1].clone()
+            piece = torch.tensor([ids[start:start + size]], device=device)  # [1, size]
+            logits = model(piece, engine.pool.rows(slot_ids[slot - 1:slot]), logits_to_keep=1)[:, -1].clone()
             start += size
-        return logits, [t[1].clone() for t in engine.pool.kv]
+        return logits, [t[slot].clone() for t in engine.pool.kv]
+
+    def restore() -> None:
+        for slot, state in saved.items():
+            engine.pool.write(slot, state)
 
     pieces = split_into_pieces(CHECK_CHUNK, chunk.sizes)
-    one_logits, one_state = eager([CHECK_CHUNK])
-    eager_logits_p, eager_state_p = eager(pieces)
-    engine.pool.write(1, saved)
-    graph_chunk = chunk.run(chunk_ids.tolist(), 1)
+    one_logits, one_state = eager(chunks[0][0], 1, [CHECK_CHUNK])
+    wanted = [eager(ids, slot, split_into_pieces(len(ids), chunk.sizes)) for ids, slot in chunks]
+    restore()
+    graph_chunk = chunk.run(chunks[:1])[0]
     result["prefill_pieces"] = pieces
-    result["prefill_logits_rel_l2"] = rel(graph_chunk, eager_logits_p)
-    result["prefill_state_rel_l2"] = max(rel(t[1], e) for t, e in zip(engine.pool.kv, eager_state_p))
-    result["pieces_vs_one_chunk_logits_rel_l2"] = rel(eager_logits_p, one_logits)
-    result["pieces_vs_one_chunk_state_rel_l2"] = max(rel(a, b) for a, b in zip(eager_state_p, one_state))
-    result["pass_1e-5"] = all(result[k] <= 1e-5 for k in ("logits_rel_l2", "state_rel_l2", "prefill_logits_rel_l2",
-                                                           "prefill_state_rel_l2"))
+    result["prefill_logits_rel_l2"] = rel(graph_chunk, wanted[0][0])
+    result["prefill_state_rel_l2"] = max(rel(t[1], e) for t, e in zip(engine.pool.kv, wanted[0][1]))
+    result["pieces_vs_one_chunk_logits_rel_l2"] = rel(wanted[0][0], one_logits)
+    result["pieces_vs_one_chunk_state_rel_l2"] = max(rel(a, b) for a, b in zip(wanted[0][1], one_state))
+    restore()
+    batched = chunk.run(chunks)
+    result["prefill_batched_logits_rel_l2"] = max(rel(got, want[0]) for got, want in zip(batched, wanted))
+    result["prefill_batched_state_rel_l2"] = max(rel(t[slot], e) for (_, slot), want in zip(chunks, wanted)
+                                                 for t, e in zip(engine.pool.kv, want[1]))
+    result["pass_1e-5"] = all(result[k] <= 1e-5 for k in (
+        "logits_rel_l2", "state_rel_l2", "prefill_logits_rel_l2", "prefill_state_rel_l2",
+        "prefill_batched_logits_rel_l2", "prefill_batched_state_rel_l2"))
     return result
 
 

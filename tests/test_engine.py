@@ -214,18 +214,24 @@ def test_threaded_engine_serves_concurrent_consumers(model, tok, overlap):
         assert text == tok.decode(sampled)
 
 
-def count_piece_replays(graphs: PrefillGraphs) -> list[int]:
-    """Make each captured prefill piece of `graphs` note its size when replayed; the list the sizes go to."""
+def count_piece_replays(graphs: PrefillGraphs, rows: bool = False) -> list:
+    """Make each captured prefill piece of `graphs` (those captured now and later) note its size, or (size, batch
+    bucket) with `rows`, when replayed; the list they go to."""
     replays = []
+    piece = graphs.piece
 
-    def counted(replay, size):
-        def run():
-            replays.append(size)
-            replay()
-        return run
+    def counted(size: int, n: int):
+        captured = piece(size, n)
+        if not getattr(captured, "counted", False):
+            replay, captured.counted = captured.replay, True
 
-    for size, piece in graphs.pieces.items():
-        piece.replay = counted(piece.replay, size)
+            def run():
+                replays.append((size, captured.slots.shape[0]) if rows else size)
+                replay()
+            captured.replay = run
+        return captured
+
+    graphs.piece = counted
     return replays
 
 
@@ -297,7 +303,30 @@ def test_captured_prefill_chunks_equal_eager(model, tok):
     for reply, ids in zip(replies, prompts):
         assert reply.sampled == argmax_loop(model, ids, 12)
     with pytest.raises(ValueError, match="1 to 16 ids"):
-        graphs.run(list(range(3, 20)), slot=1)
+        graphs.run([(list(range(3, 20)), 1)])
+    with pytest.raises(ValueError, match="one chunk per slot"):
+        graphs.run([([3], 1), ([4], 1)])
+
+
+def test_waiting_prompts_read_together_in_batched_pieces(model, tok):
+    """Five prompts arriving at once read in one step: one replay per piece size, batched over the prompts whose
+    binary decomposition holds it (pad rows on the sink), instead of a forward per prompt; greedy == argmax loop,
+    and sampled replies equal their solo runs."""
+    engine = make_engine(model, tok, pack_chunks=False, solo_prefill_budget=64)
+    graphs = PrefillGraphs(model, engine.pool, max_chunk=16, max_batch=6, capture=replay_eagerly)
+    replays = count_piece_replays(graphs, rows=True)
+    engine.scheduler.prefill_graph = graphs
+    prompts = [prompt(n, 60 + n) for n in (5, 2, 16, 7, 3)]
+    params = [GREEDY, GREEDY, SamplingParams(**{**SAMPLED.__dict__, "seed": 9}), GREEDY, GREEDY]
+    replies = [engine.open().feed_ids(ids, p) for ids, p in zip(prompts, params)]
+    engine.step()
+    assert all(not r.prefilling for r in replies), "every prompt read in the first step"
+    # 5 = 4 + 1, 2, 16, 7 = 4 + 2 + 1, 3 = 2 + 1: sizes 16 (1 row), 4 (2 rows), 2 (3 rows, bucket 4), 1 (3 rows)
+    assert replays == [(16, 1), (4, 2), (2, 4), (1, 4)]
+    engine.run_until_idle()
+    for i in (0, 1, 3, 4):
+        assert replies[i].sampled == argmax_loop(model, prompts[i], 12)
+    assert replies[2].sampled == solo_ids(model, tok, prompts[2], params[2])
 
 
 def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
@@ -308,7 +337,8 @@ def test_gpu_benchmarks_graph_vs_eager_check_runs_on_the_cpu(model):
     with torch.inference_mode():
         result = _graph_vs_eager(model, "tiny", torch.device("cpu"), 3, capture=replay_eagerly)
     # Not bit-exact: the stand-in pads 3 rows to the bucket of 4, and the CPU's matmul may block 4 rows otherwise.
-    assert result["pass_1e-5"] and max(result["logits_rel_l2"], result["prefill_logits_rel_l2"]) < 1e-6, result
+    assert result["pass_1e-5"] and max(result["logits_rel_l2"], result["prefill_logits_rel_l2"],
+                                       result["prefill_batched_logits_rel_l2"]) < 1e-6, result
     assert result["prefill_pieces"] == [32, 4, 1] and result["pieces_vs_one_chunk_logits_rel_l2"] < 1e-5
 
 

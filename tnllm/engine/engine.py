@@ -84,7 +84,7 @@ class Engine:
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
                    if graphs else None)
         prefill_graph = config.prefill_graph if config.prefill_graph is not None else graphs
-        chunk_graph = PrefillGraphs(model, self.pool, budget) if prefill_graph else None
+        chunk_graph = PrefillGraphs(model, self.pool, budget, config.max_sessions) if prefill_graph else None
         eos = {model.config.eos_token_id} if eos_ids is None else set(eos_ids)
         overlap = config.overlap if config.overlap is not None else graphs
         self.scheduler = Scheduler(model, self.pool, self.sampler, eos, (budget, solo_budget), decoder, chunk_graph,

@@ -151,51 +151,92 @@ def split_into_pieces(n: int, sizes: list[int]) -> list[int]:
 @dataclass
 class _Piece:
     replay: Callable[[], None]
-    ids: torch.Tensor   # static int64 [1, size] input
-    slot: torch.Tensor  # static int64 [1] input
-    out: torch.Tensor   # static logits [1, V]
+    ids: torch.Tensor    # static int64 [b, size] input
+    slots: torch.Tensor  # static int64 [b] input
+    out: torch.Tensor    # static logits [b, V]
 
 
 class PrefillGraphs:
-    """`run(ids, slot) -> logits [1, V]` for up to `max_chunk` prompt ids of one session, by graph replays.
+    """`run(chunks) -> logits`: prompt chunks of up to `max_chunk` ids, each continuing its own slot, by graph
+    replays.
 
     An eager chunk launches a few hundred kernels from Python; for chunks of a chat message's size that launch
-    time exceeds the chunk's GPU work, so the prompt's reader and every decoding session wait on the host. Each
-    power of two below `max_chunk` (and `max_chunk`) is captured once; a chunk of n ids replays the pieces of n's
-    binary decomposition back to back (37 ids: 32, 4, 1), each continuing the slot's state. Chunks longer than
-    `max_chunk` run eagerly (there the GPU work dominates). `capture` as in `DecodeGraphs`.
+    time exceeds the chunk's GPU work, so the prompt's reader and every decoding session wait on the host. A
+    chunk of n ids replays the pieces of n's binary decomposition (37 ids: 32, 4, 1), each continuing the slot's
+    state; the pieces are every power of two below `max_chunk` and `max_chunk`. Chunks of several sessions read
+    together: for each piece size, largest first, ONE replay of a [b, size] graph serves every chunk whose
+    decomposition holds that size (so each chunk's pieces still run in order), b being the batch bucket
+    (`bucket_sizes(max_batch)`) of that many chunks, its pad rows on the sink slot. Sixteen new two-id prompts are
+    one replay instead of sixteen forwards, each reading every weight. The pieces of one row are captured when
+    the engine starts (a lone chat message never waits for a capture); batched ones the first time a step needs
+    them. Chunks longer than `max_chunk` run eagerly (there the GPU work dominates). `capture` as in
+    `DecodeGraphs`.
     """
 
-    def __init__(self, model: TransNormerLLM, pool: StatePool, max_chunk: int, warmup: int = 2,
+    def __init__(self, model: TransNormerLLM, pool: StatePool, max_chunk: int, max_batch: int = 1, warmup: int = 2,
                  capture=capture_cuda_graph):
         if pool.device.type != "cuda" and capture is capture_cuda_graph:
             raise ValueError(f"CUDA graphs need a CUDA model, got device {pool.device}")
+        self.model, self.pool, self.warmup, self.capture = model, pool, warmup, capture
         self.max_chunk, self.sizes, self.device = max_chunk, piece_sizes(max_chunk), pool.device
-        self.pieces = {size: self._capture(model, pool, size, capture, warmup) for size in self.sizes}
+        self.buckets = bucket_sizes(max_batch)
+        self.pieces: dict[tuple[int, int], _Piece] = {}
+        for size in self.sizes:
+            self.piece(size, 1)
 
-    @staticmethod
-    def _capture(model: TransNormerLLM, pool: StatePool, size: int, capture, warmup: int) -> _Piece:
-        ids = torch.zeros(1, size, dtype=torch.long, device=pool.device)
-        slot = torch.full((1,), SINK_SLOT, dtype=torch.long, device=pool.device)  # warm-up and capture: the sink
-        replay, out = capture(lambda: model(ids, pool.rows(slot), logits_to_keep=1)[:, -1], warmup)  # [1, V]
-        return _Piece(replay, ids, slot, out)
+    def piece(self, size: int, rows: int) -> _Piece:
+        """The captured [b, size] piece for `rows` chunks (b: the bucket of `rows`), captured now if new."""
+        key = (size, next(b for b in self.buckets if b >= rows))
+        if key not in self.pieces:
+            ids = torch.zeros(key[1], size, dtype=torch.long, device=self.device)
+            slots = torch.full((key[1],), SINK_SLOT, dtype=torch.long, device=self.device)  # capture: the sink
+            replay, out = self.capture(lambda: self.model(ids, self.pool.rows(slots), logits_to_keep=1)[:, -1],
+                                       self.warmup)  # [b, V]
+            self.pieces[key] = _Piece(replay, ids, slots, out)
+        return self.pieces[key]
 
     def covers(self, n: int) -> bool:
         return n <= self.max_chunk
 
-    def run(self, ids: list[int], slot: int) -> torch.Tensor:
-        """Read `ids` (1 to `max_chunk` of them) into `slot`; a copy of the last position's logits [1, V]."""
-        if not 1 <= len(ids) <= self.max_chunk:
-            raise ValueError(f"captured prefill reads 1 to {self.max_chunk} ids, got {len(ids)}")
-        # One upload of the ids and the slot: a fresh (pinned) host tensor per call, kept alive by the caching
-        # host allocator until its copy has run, so nothing queued can see it overwritten.
-        staged = torch.tensor(ids + [slot], dtype=torch.long, pin_memory=self.device.type == "cuda").to(
-            self.device, non_blocking=True)  # [n + 1]
+    def run(self, chunks: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        """Read each chunk's ids (1 to `max_chunk`) into its slot (one chunk per slot), `max_batch` chunks at a
+        time; per chunk, a copy of its last position's logits [1, V]."""
+        if len({slot for _, slot in chunks}) != len(chunks):
+            raise ValueError("captured prefill reads one chunk per slot")
+        for ids, _ in chunks:
+            if not 1 <= len(ids) <= self.max_chunk:
+                raise ValueError(f"captured prefill reads 1 to {self.max_chunk} ids, got {len(ids)}")
+        most = self.buckets[-1]
+        return [last for i in range(0, len(chunks), most) for last in self._run_batch(chunks[i:i + most])]
+
+    def _run_batch(self, chunks: list[tuple[list[int], int]]) -> list[torch.Tensor]:
+        """`run` for at most `max_batch` chunks."""
+        plans = [split_into_pieces(len(ids), self.sizes) for ids, _ in chunks]
+        fed = [0] * len(chunks)
+        # Every replay's ids and slots (pad rows included) go up in ONE upload: a fresh (pinned) host tensor per
+        # call, kept alive by the caching host allocator until its copy has run, so nothing queued sees it change.
+        replays, flat = [], []
+        for size in sorted({size for plan in plans for size in plan}, reverse=True):
+            rows = [i for i, plan in enumerate(plans) if size in plan]
+            rows.sort(key=lambda i: plans[i][-1] != size)  # chunks that end with this piece first
+            piece = self.piece(size, len(rows))
+            pad = piece.slots.shape[0] - len(rows)
+            for i in rows:
+                flat += chunks[i][0][fed[i]:fed[i] + size]
+                fed[i] += size
+            flat += [0] * (pad * size) + [chunks[i][1] for i in rows] + [SINK_SLOT] * pad
+            replays.append((piece, rows, sum(plans[i][-1] == size for i in rows)))
+        staged = torch.tensor(flat, dtype=torch.long, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
+        logits: list[torch.Tensor | None] = [None] * len(chunks)
         start = 0
-        for size in split_into_pieces(len(ids), self.sizes):
-            piece = self.pieces[size]
-            piece.ids.copy_(staged[None, start:start + size])
-            piece.slot.copy_(staged[-1:])
+        for piece, rows, ending in replays:
+            b, size = piece.ids.shape
+            piece.ids.copy_(staged[start:start + b * size].view(b, size))
+            piece.slots.copy_(staged[start + b * size:start + b * size + b])
+            start += b * size + b
             piece.replay()
-            start += size
-        return piece.out.clone()
+            ends = piece.out[:ending].clone()  # [ending, V]: before a later replay of this piece overwrites it
+            for j, i in enumerate(rows[:ending]):
+                logits[i] = ends[j:j + 1]
+        return logits

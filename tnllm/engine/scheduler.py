@@ -8,7 +8,8 @@
          its whole length, and `solo_prefill_budget` when none does. While replies decode, the oldest prompt's
          chunk rides in the decode step's own forward (`packed_step`: one row of decode tokens and the chunk),
          so the step reads the weights once for both; on CUDA that packed step is a captured graph for chunks
-         of exactly `prefill_budget` ids, and other chunks replay captured prefill pieces (`PrefillGraphs`);
+         of exactly `prefill_budget` ids, and other chunks replay captured prefill pieces (`PrefillGraphs`),
+         the chunks of every waiting prompt together;
          one batched sampling call (decode rows inside the decode step; prompts that finished their prefill
          here) and ONE device -> host copy of all sampled ids;
       3. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
@@ -208,19 +209,25 @@ class Scheduler:
             reply.emit()  # prefill progress
 
     def _prefill(self, budget: int, ready: list[Reply], ready_logits: list[torch.Tensor]) -> None:
-        """Prefill chunks within `budget` tokens, oldest prompt first (see `_advance_prompt`)."""
+        """Prefill chunks within `budget` tokens, oldest prompt first (see `_advance_prompt`): the chunks the
+        captured pieces cover read together (`PrefillGraphs.run`), the others one eager forward each."""
+        captured: list[tuple[Reply, list[int]]] = []
         for reply in [r for r in self.active if r.prefilling]:
             if budget <= 0:
                 break
             n = min(budget, len(reply.prompt) - reply.fed)
             ids = reply.prompt[reply.fed:reply.fed + n]
-            if self.prefill_graph is not None and self.prefill_graph.covers(n):
-                logits = self.prefill_graph.run(ids, reply.session.slot)
-            else:
-                chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
-                logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
             budget -= n
+            if self.prefill_graph is not None and self.prefill_graph.covers(n):
+                captured.append((reply, ids))
+                continue
+            chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
+            logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
             self._advance_prompt(reply, n, logits, ready, ready_logits)
+        if captured:
+            logits = self.prefill_graph.run([(ids, reply.session.slot) for reply, ids in captured])
+            for (reply, ids), last in zip(captured, logits, strict=True):
+                self._advance_prompt(reply, len(ids), last, ready, ready_logits)
 
     def _accept(self, reply: Reply, token: int) -> None:
         """Host side of one sampled id."""
