@@ -42,7 +42,7 @@ import torch
 
 from tnllm import TNLConfig, TransNormerLLM
 from tnllm.engine import Engine, EngineConfig, Session
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, split_into_pieces
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, replay_eagerly, split_into_pieces
 from tnllm.engine.scheduler import decode_step
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
@@ -195,8 +195,11 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     # A captured prefill chunk of CHECK_CHUNK ids (several pieces) against the same pieces run eagerly, from slot 1's
     # state; beside it, for information, one eager chunk of all the ids (another grouping of the sums: in fp32 on
     # a GPU the chunk kernel's dots run in tf32, so groupings differ by about 1e-3). Then the same chunk read
-    # together with chunks of CHECK_BATCHED ids into slots 2 and 3 (batched pieces), each against its eager pieces.
+    # together with chunks of CHECK_BATCHED ids into slots 2 and 3 (batched pieces) against the same batched pieces
+    # run eagerly; beside it, for information, against each chunk's pieces alone (the chunk kernel splits a batch
+    # of rows into fewer segments than one row: another grouping).
     chunk = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, max_batch=4, capture=capture)
+    chunk_eager = PrefillGraphs(model, engine.pool, CHECK_MAX_CHUNK, max_batch=4, capture=replay_eagerly)
     generator = torch.Generator().manual_seed(1)
     chunks = [(torch.randint(3, model.config.vocab_size, (n,), generator=generator).tolist(), slot)
               for slot, n in enumerate((CHECK_CHUNK, *CHECK_BATCHED), start=1)]
@@ -226,10 +229,14 @@ def _graph_vs_eager(model: TransNormerLLM, preset: str, device: torch.device, ba
     result["pieces_vs_one_chunk_logits_rel_l2"] = rel(wanted[0][0], one_logits)
     result["pieces_vs_one_chunk_state_rel_l2"] = max(rel(a, b) for a, b in zip(wanted[0][1], one_state))
     restore()
+    batched_eager = chunk_eager.run(chunks)
+    eager_states = {slot: [t[slot].clone() for t in engine.pool.kv] for _, slot in chunks}
+    restore()
     batched = chunk.run(chunks)
-    result["prefill_batched_logits_rel_l2"] = max(rel(got, want[0]) for got, want in zip(batched, wanted))
-    result["prefill_batched_state_rel_l2"] = max(rel(t[slot], e) for (_, slot), want in zip(chunks, wanted)
-                                                 for t, e in zip(engine.pool.kv, want[1]))
+    result["prefill_batched_logits_rel_l2"] = max(rel(got, want) for got, want in zip(batched, batched_eager))
+    result["prefill_batched_state_rel_l2"] = max(rel(t[slot], e) for _, slot in chunks
+                                                 for t, e in zip(engine.pool.kv, eager_states[slot]))
+    result["batched_vs_alone_logits_rel_l2"] = max(rel(got, want[0]) for got, want in zip(batched, wanted))
     result["pass_1e-5"] = all(result[k] <= 1e-5 for k in (
         "logits_rel_l2", "state_rel_l2", "prefill_logits_rel_l2", "prefill_state_rel_l2",
         "prefill_batched_logits_rel_l2", "prefill_batched_state_rel_l2"))

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, assert_close, import_bench_script, requires_tri
 from tnllm import kernels
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
 from tnllm.engine.engine import PREFILL_BUDGETS
-from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, split_into_pieces
+from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, replay_eagerly, split_into_pieces
 from tnllm.engine.sampler import GENERAL, HEAD, SMALL_HEAD, SamplePlan, head_size
 from tnllm.sampling import SamplingParams, filter_logits
 from tnllm.state import PackedSlotState, SlotState
@@ -233,17 +233,6 @@ def count_piece_replays(graphs: PrefillGraphs, rows: bool = False) -> list:
 
     graphs.piece = counted
     return replays
-
-
-def replay_eagerly(run, warmup):
-    """A CPU stand-in for a CUDA graph: replay = run again into the static output(s)."""
-    out = run()
-
-    def replay():
-        for static, fresh in zip(*((o,) if isinstance(o, torch.Tensor) else o for o in (out, run()))):
-            static.copy_(fresh)
-
-    return replay, out
 
 
 @pytest.mark.parametrize("sample_in_graph", [True, False])
