@@ -254,18 +254,6 @@ def bench_load(args, results: Results, device: torch.device) -> None:
                                      "largest_shard_mb": largest, **row})
 
 
-def _splitk_reduce(choice: str | None) -> str | None:
-    """The int8 launcher's split-K reduction for this run: `choice`, or the launcher's default (None without
-    Triton)."""
-    try:
-        from tnllm.kernels import triton_int8
-    except ImportError:
-        return None
-    if choice:
-        triton_int8.SPLITK_REDUCE = choice
-    return triton_int8.SPLITK_REDUCE
-
-
 def print_table(data: dict) -> None:
     print("\nlinear (us per call; GB/s of weight bytes; max rel err vs dequantise-then-matmul)")
     print(f"{'shape':<10} {'rows':>5} {'method':<9} {'us':>9} {'eager_us':>9} {'GB/s':>7} {'max_rel_err':>11}")
@@ -299,8 +287,6 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="decode tokens per session and row")
     parser.add_argument("--prefill-tokens", type=int, default=32768)
     parser.add_argument("--sections", default="linear,model,load")
-    parser.add_argument("--splitk-reduce", choices=("last_slice", "kernel"), default=None,
-                        help="how the int8 kernel adds split-K partial sums (default: the launcher's SPLITK_REDUCE)")
     parser.add_argument("--shard-gib", type=float, default=5.0,
                         help="shard size of the checkpoint the load section writes")
     args = parser.parse_args()
@@ -322,8 +308,7 @@ def main() -> None:
         "bench": "quant_gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "torch": torch.__version__, "triton": triton and triton.__version__, "bnb": bnb.available(),
-        "command": "python " + " ".join(sys.argv), "preset": args.preset,
-        "splitk_reduce": _splitk_reduce(args.splitk_reduce)})
+        "command": "python " + " ".join(sys.argv), "preset": args.preset})
     results.data.update(linear=[], model=[], prefill=[], load=[])
     if cuda and kernels.backend_for(device) != "triton":
         results.add("notes", "Triton not importable: int8 rows use the PyTorch reference")
