@@ -16,15 +16,13 @@ Kinds of launch (`Config.kind`), one chosen on the host from (M, N, K) by `choos
 * "deq": the weight dequantised (q · s, rounded once to x's dtype) into a workspace by a small kernel, then
   one cuBLAS `F.linear` with the bias: for prefill, where the product is bound by the tensor cores.
 
-The K loop of "dot", "dot_t" and "gemv" can be split over SPLIT_K programs: each slice writes fp32 partial sums,
-and the tile's last slice to finish (an atomic arrival count per tile) adds them up in slice order, scales, adds
-the bias and casts, so the result does not depend on which slice came last and no second kernel is launched
-(`SPLITK_REDUCE`; "kernel" = the separate `_splitk_reduce_kernel`, bit-equal). `magic`
+The K loop of "dot", "dot_t" and "gemv" can be split over SPLIT_K programs: each slice writes fp32 partial sums
+and a second small kernel adds them, scales, adds the bias and casts (deterministic, no atomics). `magic`
 converts int8 with integer adds and a float subtraction (the 1.5·2²³ trick) instead of the conversion
 instruction, whose throughput can bound a kernel that converts every weight byte.
 
 The launcher allocates only the output (and, for split-K or "deq", a workspace whose size depends on the shapes
-alone; split-K's arrival counts are one zeroed table per device), never syncs with the host and never autotunes, so it can be captured in a CUDA graph once each shape ran
+alone), never syncs with the host and never autotunes, so it can be captured in a CUDA graph once each shape ran
 once (Triton compiles on first use). M and the split are not specialisation keys, so decode batch sizes share
 one compiled kernel per tile.
 """
@@ -64,36 +62,17 @@ def _int8_to(q, DT: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, s, b, y, ws, locks, tile, o_m, o_n, M, N, s_ym, pid_k, split_k, HAS_BIAS: tl.constexpr,
-              PARTIAL: tl.constexpr, REDUCE_LAST: tl.constexpr):
-    # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled (+ bias) into y; with PARTIAL, fp32 partial sums of
-    # the pid_k-th K slice into ws [split, M, N], which the tile's last slice adds up (REDUCE_LAST) or
-    # _splitk_reduce_kernel does
+def _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
+    # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled (+ bias) into y, or fp32 partial sums [split, M, N]
     m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
-    if PARTIAL:
-        p_ws = ws + o_m.to(tl.int64)[:, None] * N + o_n[None, :]  # slice 0; slice i is i * M * N further
-        tl.store(p_ws + pid_k * M * N, acc, mask=m_y)
-        if REDUCE_LAST:
-            tl.debug_barrier()  # every thread's partial sums are written before the tile's count moves
-            arrived = tl.atomic_add(locks + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == split_k - 1:  # the last slice to arrive adds up all of them (its own included)
-                total = tl.zeros_like(acc)
-                for i in range(split_k):  # in slice order: the sum does not depend on which slice came last
-                    total += tl.load(p_ws + i * M * N, mask=m_y, other=0., cache_modifier=".cg")
-                tl.atomic_xchg(locks + tile, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-                _store_scaled(total, s, b, y, o_m, o_n, N, s_ym, m_y, HAS_BIAS)
+    if PARTIAL:  # _splitk_reduce_kernel finishes
+        tl.store(y + (pid_k * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], acc, mask=m_y)
     else:
-        _store_scaled(acc, s, b, y, o_m, o_n, N, s_ym, m_y, HAS_BIAS)
-
-
-@triton.jit
-def _store_scaled(acc, s, b, y, o_m, o_n, N, s_ym, m_y, HAS_BIAS: tl.constexpr):
-    # y[o_m, o_n] = acc · s (+ b), cast to y's dtype
-    r_n = o_n % N
-    acc *= tl.load(s + r_n).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b + r_n).to(tl.float32)[None, :]
-    tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
+        r_n = o_n % N
+        acc *= tl.load(s + r_n).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b + r_n).to(tl.float32)[None, :]
+        tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
 
 
 @triton.jit
@@ -110,10 +89,10 @@ def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_mm_kernel(x, w, s, b, y, ws, locks, M, N, K, s_xm, s_wn, s_ym, split_k,
+def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr, PARTIAL: tl.constexpr,
-                    REDUCE_LAST: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr):
+                    SWAP: tl.constexpr, MAGIC: tl.constexpr):
     # y[m, n] = s[n] Σ_k x[m, k] q[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -142,14 +121,13 @@ def _int8_mm_kernel(x, w, s, b, y, ws, locks, M, N, K, s_xm, s_wn, s_ym, split_k
             acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
     if SWAP:
         acc = tl.trans(acc_t)
-    _epilogue(acc, s, b, y, ws, locks, pid, o_m, o_n, M, N, s_ym, pid_k, split_k, HAS_BIAS, PARTIAL, REDUCE_LAST)
+    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_gemv_kernel(x, w, s, b, y, ws, locks, M, N, K, s_xm, s_wn, s_ym, split_k,
+def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_LAST: tl.constexpr,
-                      REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr):
     # y[m, n] as above without tensor cores: each [BN, BK] int8 tile is loaded once for BM rows of x
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m = tl.cdiv(M, BM)
@@ -172,7 +150,7 @@ def _int8_gemv_kernel(x, w, s, b, y, ws, locks, M, N, K, s_xm, s_wn, s_ym, split
             acc += tl.sum(prod, axis=2)
     if REDUCE_ONCE:
         acc = tl.sum(acc3, axis=2)
-    _epilogue(acc, s, b, y, ws, locks, pid, o_m, o_n, M, N, s_ym, pid_k, split_k, HAS_BIAS, PARTIAL, REDUCE_LAST)
+    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -296,20 +274,6 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
 DECODE_MAX_M = 16
 
 
-# How split-K partial sums are added up: "last_slice", the tile's last K slice to finish adds them (a per-tile
-# arrival count in `_tile_locks`, zeroed again by that slice: no second kernel, so nothing more to launch), or
-# "kernel", `_splitk_reduce_kernel` after the product.
-SPLITK_REDUCE = "last_slice"
-LOCKS = 1 << 16
-
-
-@functools.cache
-def _tile_locks(device: torch.device) -> torch.Tensor:
-    """The per-tile arrival counts of "last_slice" split-K, int32 [LOCKS], zero between launches. One table per
-    device: launches on one stream run one after another (concurrent streams would need tables of their own)."""
-    return torch.zeros(LOCKS, dtype=torch.int32, device=device)
-
-
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -378,25 +342,20 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, war
         return _deq_linear(x2, weight, scales, bias, cfg, warmup, x.shape)
     b = scales if bias is None else bias  # `scales`: an unused placeholder
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
-    split, tiles = cfg.SPLIT_K, triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN)
+    split = cfg.SPLIT_K
     ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    reduce_last = split > 1 and SPLITK_REDUCE == "last_slice"
-    if reduce_last and tiles > LOCKS:
-        raise ValueError(f"split-K over {tiles} tiles: at most {LOCKS} (a larger table in _tile_locks)")
-    locks = _tile_locks(x.device) if reduce_last else ws  # `ws`: an unused placeholder
     common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
-                  PARTIAL=split > 1, REDUCE_LAST=reduce_last, MAGIC=cfg.magic, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    args = (x2, weight, scales, b, y, ws, locks, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), split)
+                  PARTIAL=split > 1, MAGIC=cfg.magic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x2, weight, scales, b, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), split)
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
-        kernel, grid = _int8_mm_kernel, (tiles, split)
+        kernel, grid = _int8_mm_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
         meta = dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
     else:
-        kernel, grid = _int8_gemv_kernel, (tiles, split)
+        kernel, grid = _int8_gemv_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
         meta = dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
     _launch(kernel, grid, args, meta, warmup)
-    if split > 1 and not reduce_last:
+    if split > 1:
         BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
         _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, scales, b, y, M, N, y.stride(0)),
                 dict(SPLIT_K=split, BN=BN, HAS_BIAS=bias is not None, num_warps=4), warmup)

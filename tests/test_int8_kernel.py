@@ -252,29 +252,6 @@ def test_cuda_every_tile_is_right_and_deterministic():
             assert torch.equal(y, _int8_linear(x, w, s, b, config=cfg)), f"{cfg}: not run-to-run identical"
 
 
-@pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kind", ["dot", "gemv"])
-def test_split_k_sums_added_by_the_last_slice_equal_the_reduce_kernel(monkeypatch, kind):
-    """"last_slice" split-K (the tile's last K slice adds the partial sums up) against `_splitk_reduce_kernel`:
-    bit-equal (both add the slices in order), the arrival counts zero again after every launch, and on CUDA the
-    same result over repeated launches (a slice reading partial sums before they land would show here)."""
-    from tnllm.kernels import triton_int8 as ti
-
-    M, N, K, repeats = (3, 45, 70, 1) if DEVICE == "cpu" else (5, 3000, 4096, 20)
-    x, w, s, b = _inputs(M, N, K, torch.bfloat16, bias=True)
-    for split in (2, 3, 8):
-        cfg = ti.Config(16 if kind == "dot" else 4, 16 if DEVICE == "cpu" else 128, 16 if DEVICE == "cpu" else 128,
-                        SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind)
-        monkeypatch.setattr(ti, "SPLITK_REDUCE", "kernel")
-        want = ti._int8_linear(x, w, s, b, config=cfg)
-        monkeypatch.setattr(ti, "SPLITK_REDUCE", "last_slice")
-        for _ in range(repeats):
-            assert torch.equal(ti._int8_linear(x, w, s, b, config=cfg), want), f"{cfg}"
-        assert not ti._tile_locks(x.device).any(), "arrival counts left non-zero"
-        assert_close(f"{cfg}", _oracle(x, w, s, b), want, rel=TOL[torch.bfloat16])
-
-
 @requires_cuda
 @pytest.mark.parametrize("rows", [1, 300])
 def test_cuda_graph_capture(rows):
