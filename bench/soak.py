@@ -83,6 +83,13 @@ def launch(runtime, concurrency: int, queue_size: int):
     return demo, url, ChatClient.find_fn_index(url)
 
 
+def close(demo) -> None:
+    """Stop a launched app and give its chat sessions' state slots back: the next app on the same runtime (the
+    next concurrency setting) starts with every slot free, as a freshly started server does."""
+    demo.close()
+    demo.sessions.close()
+
+
 class Timed(ChatClient):
     """ChatClient that also records the time to the first streamed update."""
 
@@ -144,7 +151,7 @@ def measure_concurrency(runtime, ks: list[int], clients: int = 8, rounds: int = 
                     new_tokens += res.info.get("new_tokens", 0)
             wall = time.perf_counter() - start
         finally:
-            demo.close()
+            close(demo)
         rows.append({"concurrency_limit": k, "clients": clients, "requests": clients * rounds, "errors": errors,
                      "aggregate_tokens_per_s": new_tokens / wall, "first_update_p50_s": percentile(ttfu, .5),
                      "first_update_p95_s": percentile(ttfu, .95), "reply_p50_s": percentile(total, .5),
@@ -382,7 +389,7 @@ def soak(runtime, minutes: float, n_clients: int, concurrency: int, queue_size: 
     samples.append(end)
     server_counts = dict(store.counts)
     probes = probe_burst(demo, url, fn, seed)
-    demo.close()
+    close(demo)
     return {"minutes": minutes, "clients": n_clients, "concurrency_limit": concurrency, "queue_size": queue_size,
             **_soak_figures(tally, samples, end, active_at_end, server_counts, probes, demo, store)}
 
@@ -418,7 +425,7 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
             fed.append(store._sessions[client.session_hash].context_tokens)
             client.close()
     finally:
-        demo.close()
+        close(demo)
     return {"prompt_tokens": len(prompt_ids), "chunk_tokens": chunk, "chunk_ms": chunk_s * 1e3,
             "stop_to_finally_ms": [w * 1e3 for w in waits], "tokens_fed_when_stopped": fed}
 

@@ -34,7 +34,7 @@ from tnllm.webui.runtime import (  # noqa: E402 (no Gradio yet)
     load_runtime,
     load_tp_runtime,
 )
-from tnllm.webui.validation import MAX_REPLY_SECONDS  # noqa: E402
+from tnllm.webui.validation import CHAT_CONCURRENCY, MAX_REPLY_SECONDS  # noqa: E402
 
 log = logging.getLogger("tnllm.app")
 EXIT_BAD_MODEL = 2
@@ -43,7 +43,7 @@ EXIT_BAD_MODEL = 2
 MAX_GRADIO_SESSIONS = 200
 
 
-def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16,
+def build_demo(runtime: Runtime, *, concurrency_limit: int = CHAT_CONCURRENCY, max_size: int = 16,
                max_reply_s: float = MAX_REPLY_SECONDS):
     """The Gradio app (tnllm.webui.ui.build_demo); Gradio is imported only once the model has loaded."""
     from tnllm.webui.ui import build_demo as build
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="token limit of a chat and of the latency tab (default 16k CPU, 128k GPU)")
     p.add_argument("--host", default=env("TNLLM_HOST"), help="default: GRADIO_SERVER_NAME or 127.0.0.1")
     p.add_argument("--port", type=int, default=env("TNLLM_PORT"), help="default: GRADIO_SERVER_PORT or 7860")
-    p.add_argument("--concurrency", type=int, default=int(env("TNLLM_CONCURRENCY", "2")),
+    p.add_argument("--concurrency", type=int, default=int(env("TNLLM_CONCURRENCY", str(CHAT_CONCURRENCY))),
                    help="chat replies streamed at once (the benchmark runs one at a time)")
     p.add_argument("--queue-size", type=int, default=int(env("TNLLM_QUEUE_SIZE", "16")),
                    help="requests waiting beyond that; more get a 'Queue is full' (HTTP 503) answer")

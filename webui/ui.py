@@ -16,13 +16,13 @@ from tnllm.webui.latency_tab import latency_tab
 from tnllm.webui.malloc import MALLOC_ARENAS, limit_malloc_arenas
 from tnllm.webui.model_tab import model_tab
 from tnllm.webui.runtime import Runtime
-from tnllm.webui.validation import MAX_REPLY_SECONDS, Limits
+from tnllm.webui.validation import CHAT_CONCURRENCY, MAX_REPLY_SECONDS, Limits
 
 HEADER = ("# ⚡ TransNormerLLM chat\nLinear attention with a **constant-size recurrent state**: each reply "
           "costs the same per token however long the chat gets, and the history is never re-read.")
 
 
-def build_demo(runtime: Runtime, *, concurrency_limit: int = 2, max_size: int = 16,
+def build_demo(runtime: Runtime, *, concurrency_limit: int = CHAT_CONCURRENCY, max_size: int = 16,
                max_reply_s: float = MAX_REPLY_SECONDS) -> gr.Blocks:
     """The app: Chat, Latency vs Transformer and Model tabs over one loaded `Runtime`.
 

@@ -26,6 +26,10 @@ from tnllm.sampling import MAX_NEW_TOKENS_LIMIT, SamplingParams
 MAX_MESSAGE_CHARS = 8000     # rejected before normalising or tokenising (a 1 MB body costs ~nothing)
 MAX_INPUT_TOKENS = 4096      # one message, after tokenising (capped at half the context)
 MAX_REPLY_SECONDS = 120.0    # one reply's wall clock, prefill included: a concurrency slot is never held longer
+# Chat replies streamed at once (Gradio's concurrency_limit): the limit with the highest aggregate tokens/s in
+# bench/soak.py's concurrency sweep (bench/results/soak-cpu.json: 8 clients on 2 cores; the engine batches the
+# replies that stream together, so 4 beat 2 by 1.5x there).
+CHAT_CONCURRENCY = 4
 SHOWN_CHARS = 40             # a refused value is quoted in its error message up to this many characters
 # The server accepts any reply length SamplingParams does (1 to MAX_NEW_TOKENS_LIMIT, bounded further by the context
 # budget and the reply time). The Max new tokens slider stops at an eighth of that: chat replies are a few dozen to
