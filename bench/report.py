@@ -699,6 +699,17 @@ def render_serve(result: dict) -> str:
     return "\n".join(out + ["", f"Aggregate tok/s against one session: {ratios}."]) + "\n"
 
 
+def render_quant_quality(result: dict) -> str:
+    """bench/quant_quality.py: the bundled model's validation-slice loss per 8-bit method against float."""
+    out = ["", f"## 8-bit weights: validation-slice loss ({result['device']})", "",
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. Goal: int8 at most "
+           f"{result['goal_rel_change']:+.1%} against float.", "",
+           "| method | dtype | loss | perplexity | change vs float |", "|---|---|---|---|---|"]
+    for x in result["rows"]:
+        out.append(f"| {x['method']} | {x['dtype']} | {x['loss']:.5f} | {x['ppl']:.3f} | {x['rel_change']:+.4%} |")
+    return "\n".join(out) + "\n"
+
+
 def _cell(text: str) -> str:
     """Text as one Markdown table cell (newlines and pipes would break the row)."""
     return text.replace("|", "\\|").replace("\n", " / ")
@@ -765,7 +776,11 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("app-h200", "The app over HTTP against its engine", render_app,
              "python bench/app_http.py --device cuda --out bench/results/app-h200.json"),
             ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,
-             "python bench/serve.py --device cpu --out bench/results/serve-cpu.json")):
+             "python bench/serve.py --device cpu --out bench/results/serve-cpu.json"),
+            ("quant-quality-cpu", "8-bit weights: validation-slice loss (CPU)", render_quant_quality,
+             "python bench/quant_quality.py --device cpu --out bench/results/quant-quality-cpu.json"),
+            ("quant-quality-h200", "8-bit weights: validation-slice loss (GPU)", render_quant_quality,
+             "python bench/quant_quality.py --device cuda --out bench/results/quant-quality-h200.json")):
         path = results / f"{name}.json"
         text += renderer(json.loads(path.read_text())) if path.is_file() else not_measured(title, _shown(path), command)
     return text

@@ -4,6 +4,7 @@ Measured on the CPU (tiny config below, 2 x 41 tokens): logits rel-L2 vs float 0
 0.0080 (bnb_int8), top-1 agreement 100%. Bounds asserted: rel-L2 <= 0.02, top-1 >= 97%.
 """
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT, assert_close, pack_glus, requires_cuda
+from tests.conftest import ROOT, assert_close, import_bench_script, pack_glus, requires_cuda
 from tnllm import CheckpointError, TNLConfig, TransNormerLLM, load_model, quant, save_model
 from tnllm.bench import adapter_for
 from tnllm.checkpoint import MANIFEST_FILE, check_weights, open_checkpoint
@@ -296,3 +297,13 @@ def test_packed_int8_glu_equals_its_two_products(saved, rows):
         assert type(packed) is Int8Linear and packed.weight.shape == (2 * CONFIG.glu_dim, CONFIG.dim)
         assert_close("packed int8 logits", want, q(ids), rel=1e-6)
         assert set(q.state_dict()) == set(quant.load_quantized(directory, "int8").state_dict())
+
+
+def test_int8_keeps_the_bundled_models_validation_loss():
+    """Weight-only int8 (and LLM.int8 where bitsandbytes imports) within +0.5 % of the float model's
+    loss on the fixed validation slice (bench/quant_quality.py, the recorded CPU figures' code path)."""
+    quality = import_bench_script("quant_quality")
+    rows = {r["method"]: r for r in quality.val_losses(ROOT / "assets" / "tnl", "cpu", torch.float32)}
+    assert rows["none"]["rel_change"] == 0.0 and math.isfinite(rows["none"]["loss"])
+    for method in set(rows) - {"none"}:
+        assert abs(rows[method]["rel_change"]) <= quality.GOAL, rows[method]
