@@ -60,9 +60,10 @@ from engine_gpu import PARAMS, ModuloTokenizer, Results, build, decode_row, sect
 
 
 def linear_shapes(cfg: TNLConfig) -> dict[str, tuple[int, int]]:
-    """Name -> (in, out) of every decoder Linear of a preset (l1 and l2 share a shape)."""
+    """Name -> (in, out) of every decoder Linear of a preset (l1 and l2 share a shape), and of l1|l2 packed into
+    one product (`GLU.pack`: what decode on CUDA runs)."""
     return {"qkvu_proj": (cfg.dim, 4 * cfg.hidden_dim), "out_proj": (cfg.hidden_dim, cfg.dim),
-            "l1/l2": (cfg.dim, cfg.glu_dim), "l3": (cfg.glu_dim, cfg.dim)}
+            "l1/l2": (cfg.dim, cfg.glu_dim), "l1|l2": (cfg.dim, 2 * cfg.glu_dim), "l3": (cfg.glu_dim, cfg.dim)}
 
 
 def time_us(calls: list, device: torch.device, reps: int, graph: bool) -> float:

@@ -204,8 +204,9 @@ def config_src(cfg: Config) -> str:
 # M buckets: a product with M rows uses the first bucket >= M (None: any larger M).
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512, None)
 # Shape classes by N and K (the tnl-7b Linears fall in distinct classes: qkvu_proj n16k.k4k, out_proj n4k.k4k,
-# l1/l2 n12k.k4k, l3 n4k.kbig, lm_head nbig.k4k).
-N_CLASSES = ((4096, "n4k"), (12288, "n12k"), (16384, "n16k"), (None, "nbig"))
+# l1/l2 n12k.k4k, the GLU's packed l1|l2 (what CUDA decode runs, `GLU.pack`) n24k.k4k, l3 n4k.kbig, lm_head
+# nbig.k4k).
+N_CLASSES = ((4096, "n4k"), (12288, "n12k"), (16384, "n16k"), (24576, "n24k"), (None, "nbig"))
 K_CLASSES = ((4096, "k4k"), (None, "kbig"))
 
 
@@ -261,6 +262,14 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=16: 68.6 us bf16 128.7 us
     (512, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=512: 548.6 us bf16 344.3 us
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
+    # packed l1|l2 (n24k): the lm_head's tiles, which served it while it shared their class (not swept yet)
+    (1, "n24k.k4k"): Config(16, 256, 256, SPLIT_K=2, num_warps=8, num_stages=2),
+    (2, "n24k.k4k"): Config(16, 256, 128, num_warps=8, num_stages=3),
+    (4, "n24k.k4k"): Config(16, 128, 256, num_stages=3),
+    (8, "n24k.k4k"): Config(16, 128, 256, num_stages=3),
+    (16, "n24k.k4k"): Config(16, 128, 256, num_stages=3),
+    (512, "n24k.k4k"): Config(1, 32, 256, kind="deq"),
+    (None, "n24k.k4k"): Config(1, 32, 256, kind="deq"),
     (1, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3),  # M=1: geomean 1.070x of each shape's best
     (2, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3, magic=True),  # M=2: geomean 1.121x of each shape's best
     (4, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3, magic=True),  # M=4: geomean 1.134x of each shape's best

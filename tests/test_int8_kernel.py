@@ -158,10 +158,10 @@ def test_config_table():
     pytest.importorskip("triton")
     from tnllm.kernels import triton_int8 as ti
 
-    # the tnl-7b Linears (qkvu_proj, out_proj, l1/l2, l3, lm_head) each have a class of their own
-    classes = {ti.shape_class(n, k) for n, k in ((16384, 4096), (4096, 4096), (11008, 4096), (4096, 11008),
-                                                 (64000, 4096))}
-    assert len(classes) == 5
+    # the tnl-7b Linears (qkvu_proj, out_proj, l1/l2, packed l1|l2, l3, lm_head) each have a class of their own
+    classes = {ti.shape_class(n, k) for n, k in ((16384, 4096), (4096, 4096), (11008, 4096), (22016, 4096),
+                                                 (4096, 11008), (64000, 4096))}
+    assert len(classes) == 6
     assert [ti.m_bucket(m) for m in (1, 2, 3, 16, 17, 512, 513, 4096)] == [1, 2, 4, 16, 32, 512, None, None]
     for bucket in ti.M_BUCKETS:  # every bucket has a fallback row
         assert (bucket, "*") in ti.CONFIGS
@@ -279,7 +279,7 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     data = json.loads(out.read_text())
     assert not [n for n in data["notes"] if "failed" in n], data["notes"]
     int8 = [r for r in data["linear"] if r["method"] == "int8"]
-    assert len(int8) == 4 and max(r["max_rel_err"] for r in int8) < 1e-2  # 4 shapes; bf16 output rounding
+    assert len(int8) == 5 and max(r["max_rel_err"] for r in int8) < 1e-2  # 5 shapes; bf16 output rounding
     assert {(r["method"], r["batch"]) for r in data["model"]} == {(m, b) for m in ("float", "int8") for b in (1, 2)}
     assert all(r["decode_ms_per_token"] > 0 and r["weight_gib"] > 0 for r in data["model"])
     assert [r["method"] for r in data["prefill"]] == ["float", "int8"] and data["prefill"][1]["load_s"] > 0
