@@ -670,7 +670,7 @@ def render_quant(result: dict) -> str:
         cells.setdefault((x["shape"], x["rows"]), {})[x["method"]] = x["us"]
     for (shape, rows), us in cells.items():
         times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear"))
-        out.append(f"| {shape} | {rows} | {times} |")
+        out.append(f"| {_cell(shape)} | {rows} | {times} |")
     out += ["", "| method | batch | context | ms/token | prefill s | weights GiB | quantise s |",
             "|---|---|---|---|---|---|---|"]
     for x in result["model"] + result["prefill"]:
