@@ -8,8 +8,9 @@ users get: a chat reply through a threadless `tnllm.engine` session (chat's samp
 on-device sampler, host transfer, detokenising and events included; a CUDA graph on CUDA), eos ignored so the
 reply has a fixed length (rows' `path`: "engine-graph" or "engine-eager"). The baseline is transformers'
 `LlamaForCausalLM`, random and matched to the TNL config (`--baseline matched`) or read from a local
-directory, timed by its own KV-cache step fed the next prompt id (`path` "model-step") until it runs
-through the engine too. TTFT is each model's own prefill. `--quant none,int8` runs both models once per
+directory, decoding through the engine the same way on a per-session `DynamicCache` (`KVCacheLM`; `path`
+"engine-eager": nothing of it is captured), and on CUDA also its static-cache captured step (`path`
+"static-cache-graph"). TTFT is each model's own prefill. `--quant none,int8` runs both models once per
 8-bit method (`quant.quantize` on both, so they always share a precision), each method in a fresh child
 process so its memory column is its own. Prints a table, then one JSON line; the same JSON goes to `--out`
 (rows: `model`, `quant`, `context`, `ttft_ms`, `decode_ms_per_token`, `peak_mem_mb`, `path`, ...:
@@ -129,7 +130,8 @@ def measure(args: argparse.Namespace, dtype: str, contexts: list[int], method: s
     if method != "none":
         tnl, llama = quant.quantize(tnl, method), quant.quantize(llama, method)
     params = SamplingParams(**{**CHAT_DEFAULTS, "seed": args.seed})
-    adapters = [EngineAdapter(tnl, tnl_tokenizer(args.tnl), params, "TNL"), *baseline_adapters(llama)]
+    tokenizer = tnl_tokenizer(args.tnl)  # the baseline is built on TNL's vocabulary
+    adapters = [EngineAdapter(tnl, tokenizer, params, "TNL"), *baseline_adapters(llama, tokenizer, params)]
     for a in adapters:
         print(f"{a.name}: {a.num_parameters():,} parameters, {a.dtype}, {a.device}, 8-bit: {a.quant}",
               file=sys.stderr)

@@ -146,6 +146,20 @@ def test_engine_decode_steps_a_chat_reply_at_the_requested_context():
     assert (row.n_tokens, row.path, row.cache_bytes) == (3, "engine-eager", tnl.model.allocate_state().nbytes)
 
 
+def test_the_transformer_decodes_through_the_engine_on_its_kv_cache():
+    """`EngineAdapter` on the Llama baseline: its reply runs on a per-session KV cache behind `KVCacheLM`, the same
+    engine path as TNL's, and the row's cache is that session's KV cache, exactly as long as the context read."""
+    llama = _adapters(TINY)[1].model
+    adapter = EngineAdapter(llama, Tokenizer(BUNDLED_TOKENIZER), SamplingParams(temperature=0.7, top_k=40, seed=0),
+                            "Llama")
+    config = llama.config
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4  # K and V, fp32
+    for context in (9, 30):
+        row = time_decode(adapter, context, 3, warmup=1)
+        assert row.path == "engine-eager" and row.n_tokens == 3
+        assert row.cache_bytes == (context + 3) * per_token  # the prompt and the 3 timed tokens, nothing else
+
+
 def test_interleaved_decode_steps_each_context_like_alone():
     """Interleaving only changes when the steps run: each context's cache sees the same ids as alone."""
     for adapter in _adapters(TINY):
@@ -214,7 +228,7 @@ def test_decode_bench_runs_each_quant_method_in_its_own_process(tmp_path):
         (m, q, c) for q in ("none", "int8") for c in (16, 40) for m in ("TNL", "Llama")]
     for r in rows:
         assert r["ttft_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["peak_mem_mb"] > 0
-        assert r["path"] == {"TNL": "engine-eager", "Llama": "model-step"}[r["model"]]  # the path users get (CPU)
+        assert r["path"] == "engine-eager"  # both models' replies through the engine, as chat runs them (CPU)
     tnl_cache = {r["cache_bytes"] for r in rows if r["model"] == "TNL"}
     assert len(tnl_cache) == 1, "TNL's state is the same size at every context and precision"
     # BENCHMARKS.md's section is rendered from this JSON: every row, and one goals line per method
@@ -261,7 +275,7 @@ def test_report_sections_state_their_own_json_date(tmp_path):
 def test_report_says_not_measured_for_missing_json(tmp_path):
     """A section whose JSON is missing is named, with the file and the command that would write it."""
     text = _report().render_all(tmp_path, tmp_path / "kernels.json")
-    assert text.count("Not measured yet: no ") == 10
+    assert text.count("Not measured yet: no ") == 12
     assert f"no {tmp_path / 'soak-cpu.json'}. Command: `python bench/soak.py`." in text
     assert "budget" not in text
 

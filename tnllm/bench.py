@@ -3,9 +3,10 @@
 TNL and the Transformer baseline are driven through the same functions, the same seeded token ids and
 the same timer; a small adapter per model family is all that differs (prefill a prompt, then step one
 token at a time with the model's own cache). A decode row names what its steps timed (`path`):
-"model-step", the model's own step fed the next prompt id (both families; the app's latency tab), or
-"engine-eager" / "engine-graph", TNL's reply through `tnllm.engine` as chat runs it (`EngineAdapter`:
-sampling, detokenising and events included; bench/decode.py). Protocol (docs/benchmarks.md#timing-protocol):
+"model-step", the model's own step fed the next prompt id, or "engine-eager" / "engine-graph", a reply through
+`tnllm.engine` as chat runs it (`EngineAdapter`: sampling, detokenising and events included; TNL on its state,
+the Transformer on per-session KV caches through `KVCacheLM`; bench/decode.py and the latency tab).
+Protocol (docs/benchmarks.md#timing-protocol):
 
 * inputs: seeded random ids [1, T], identical for every model (latency does not depend on the text);
 * warm-up excluded: one untimed prefill before the timed ones, and untimed decode steps before the
@@ -38,7 +39,7 @@ import torch
 
 from tnllm.engine import Engine, EngineConfig
 from tnllm.engine.graphs import capture_cuda_graph
-from tnllm.engine.kv_cache import kv_cache_bytes
+from tnllm.engine.kv_cache import KVCacheLM, kv_cache_bytes
 from tnllm.memory import process_rss_bytes
 from tnllm.model import TransNormerLLM
 from tnllm.sampling import SamplingParams
@@ -84,6 +85,10 @@ class ModelAdapter:
         """A decode ready for `n_tokens` timed `step()`s at `context_len` (its set-up runs here, untimed)."""
         return StepRun(self, context_len, n_tokens, warmup, seed)
 
+    def engine_model(self) -> torch.nn.Module:
+        """The model as `tnllm.engine.Engine` drives it."""
+        return self.model
+
 
 class TNLAdapter(ModelAdapter):
     """TransNormerLLM: the cache is a `RecurrentState`, updated in place, the same size at any context."""
@@ -119,6 +124,9 @@ class LlamaAdapter(ModelAdapter):
     def cache_bytes(self, cache) -> int:
         return kv_cache_bytes(cache)
 
+    def engine_model(self) -> torch.nn.Module:
+        return KVCacheLM(self.model)  # per-session KV caches in the engine's slots
+
 
 class LlamaStaticAdapter(LlamaAdapter):
     """transformers' strong decode setting (its `cache_implementation="static"` recipe): K and V preallocated for
@@ -139,23 +147,39 @@ class LlamaStaticAdapter(LlamaAdapter):
         return StaticStepRun(self, context_len, n_tokens, warmup, seed)
 
 
-class EngineAdapter(TNLAdapter):
-    """TNL whose decode runs through the engine as chat runs it (`EngineRun`); its prefill (TTFT) is the model's,
-    as `TNLAdapter`'s. `tokenizer` detokenises the reply (only its `decode` is used); `params` are the sampling
-    settings (chat's, say; their `max_new_tokens` is set by each run)."""
+class EngineAdapter(ModelAdapter):
+    """A model whose decode runs through the engine as chat runs it (`EngineRun`): TNL on its recurrent state, a
+    transformers LM on per-session KV caches (`KVCacheLM`), so both pay for the same scheduler, sampler,
+    detokeniser and events. Its prefill (TTFT) and cache are its family's adapter's (`adapter_for`). `tokenizer`
+    detokenises the reply (only its `decode` is used); `params` are the sampling settings (chat's, say; their
+    `max_new_tokens` is set by each run)."""
 
-    def __init__(self, model: TransNormerLLM, tokenizer, params: SamplingParams, name: str = "TNL"):
+    def __init__(self, model: torch.nn.Module, tokenizer, params: SamplingParams, name: str = "TNL"):
         super().__init__(model, name)
+        self.family = adapter_for(model, name)
         self.tokenizer, self.params = tokenizer, params
+
+    def prefill(self, ids):
+        return self.family.prefill(ids)
+
+    def step(self, token, cache):
+        return self.family.step(token, cache)
+
+    def cache_bytes(self, cache) -> int:
+        return self.family.cache_bytes(cache)
+
+    def engine_model(self) -> torch.nn.Module:
+        return self.family.engine_model()
 
     def decode_run(self, context_len: int, n_tokens: int, warmup: int, seed: int) -> EngineRun:
         return EngineRun(self, context_len, n_tokens, warmup, seed)
 
 
-def baseline_adapters(llama: torch.nn.Module) -> list[ModelAdapter]:
-    """The Transformer as users run it: transformers' default (a growing `DynamicCache`, eager steps) and, on
-    CUDA, its strong setting beside it (`LlamaStaticAdapter`: preallocated cache, captured steps)."""
-    adapters: list[ModelAdapter] = [LlamaAdapter(llama, "Llama")]
+def baseline_adapters(llama: torch.nn.Module, tokenizer, params: SamplingParams) -> list[ModelAdapter]:
+    """The Transformer as users run it: transformers' default cache (a growing `DynamicCache` per session, eager
+    steps) through the engine as TNL's replies run, and, on CUDA, its strong setting beside it
+    (`LlamaStaticAdapter`: preallocated cache, captured steps, timed as model steps)."""
+    adapters: list[ModelAdapter] = [EngineAdapter(llama, tokenizer, params, "Llama")]
     if next(llama.parameters()).device.type == "cuda":
         adapters.append(LlamaStaticAdapter(llama, "Llama static"))
     return adapters
@@ -376,9 +400,9 @@ class StaticStepRun(StepRun):
 
 
 class EngineRun:
-    """TNL as chat runs it: one reply streamed from a threadless `tnllm.engine` session (prefill into a state
-    slot; the decode step, a CUDA graph on CUDA; the on-device sampler with the adapter's settings; the host
-    transfer, detokenising and the event), eos ignored so that the reply has a fixed length.
+    """A model as chat runs it: one reply streamed from a threadless `tnllm.engine` session (prefill into the
+    session's slot; the decode step, a CUDA graph for TNL on CUDA; the on-device sampler with the adapter's
+    settings; the host transfer, detokenising and the event), eos ignored so that the reply has a fixed length.
 
     The prompt is context_len - warmup seeded ids and `warmup` untimed steps follow it, so the timed steps see
     the contexts a `StepRun`'s see. Not included: the hand-off from an engine thread to a consumer thread
@@ -387,9 +411,10 @@ class EngineRun:
 
     def __init__(self, adapter: EngineAdapter, context_len: int, n_tokens: int, warmup: int, seed: int):
         _check_warmup(context_len, warmup)
-        engine = Engine(adapter.model, adapter.tokenizer, EngineConfig(max_sessions=1, threaded=False), eos_ids=set())
+        engine = Engine(adapter.engine_model(), adapter.tokenizer, EngineConfig(max_sessions=1, threaded=False),
+                        eos_ids=set())
         self.path = "engine-eager" if engine.scheduler.decoder is None else "engine-graph"
-        self.slot_bytes = engine.pool.slot_bytes
+        self.pool = engine.pool
         prompt = prompt_ids(adapter.vocab_size, context_len - warmup, seed)[0].tolist()
         params = replace(adapter.params, max_new_tokens=1 + warmup + n_tokens)
         self.session = engine.open()
@@ -402,7 +427,8 @@ class EngineRun:
         next(self.events)
 
     def cache_bytes(self) -> int:
-        return self.slot_bytes
+        """The session's state (TNL: the same at any context) or KV cache (as long as the context) now."""
+        return self.pool.slot_bytes
 
 
 def _decode_row(adapter: ModelAdapter, context_len: int, seconds: list[float], run: StepRun | EngineRun,

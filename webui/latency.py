@@ -1,8 +1,9 @@
 """Latency tab: TNL vs the Transformer baseline, through the same timing code as bench/decode.py.
 
 `run_benchmark` streams `tnllm.bench.sweep_rounds` (same adapters, seeded ids, warm-up and timer as
-bench/decode.py: TNL's decode is a chat reply through the engine, sampling and detokenising included; the
-Transformer's is its KV-cache step; the table's "timed path" says which) as tables: after every (model,
+bench/decode.py: each model's decode is a chat reply through an engine, sampling and detokenising included, TNL
+on its recurrent state and the Transformer on its KV cache; on CUDA the Transformer's static-cache captured step
+beside them; the table's "timed path" says which) as tables: after every (model,
 context) run the medians so far, their spread over the rounds, and the recorded reference results of
 `bench/results/decode-*.json` beside them in the plots.
 
@@ -95,12 +96,13 @@ def columns(runtime: Runtime) -> list[str]:
 
 
 def adapters(runtime: Runtime) -> list[ModelAdapter]:
-    """TNL as chat runs it (a reply through the engine, chat's default sampling, seeded), and the Transformer's
-    own KV-cache step (`baseline_adapters`: its default cache, and on CUDA its static cache with captured steps)."""
+    """Both models as chat runs them (a reply through the engine, chat's default sampling, seeded: TNL on its
+    state, the Transformer on its default KV cache) and, on CUDA, the Transformer's strong setting beside them
+    (`baseline_adapters`: its static cache with captured steps)."""
     params = SamplingParams(**{**CHAT_DEFAULTS, "seed": 0})
     pair: list[ModelAdapter] = [EngineAdapter(runtime.model, runtime.tokenizer, params, "TNL")]
     if runtime.baseline is not None:
-        pair += baseline_adapters(runtime.baseline)
+        pair += baseline_adapters(runtime.baseline, runtime.tokenizer, params)
     return pair
 
 
