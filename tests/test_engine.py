@@ -414,6 +414,37 @@ def test_multi_turn_reads_only_the_new_message_and_equals_rereading_history(mode
     assert session.pending[-1] == tok.eos_id
 
 
+def test_overlapped_steps_hand_events_out_after_the_next_launch(model, tok):
+    """With overlap, a step's events are held until the next step is launched (their consumers then run while the
+    engine waits for the GPU), delivered at once when the engine goes idle, and in emitted order when a session
+    closes between steps; the events and their text are those of a run without overlap."""
+    def events_of(overlap: bool, close_after: int | None = None) -> list:
+        engine = make_engine(model, tok, overlap=overlap)
+        session = engine.open()
+        reply = session.feed_ids(prompt(5, 70), GREEDY)
+        held = []
+        for _ in range(close_after or 100):
+            if not engine.scheduler.busy:
+                break
+            engine.step()
+            held.append((reply._events.qsize(), len(engine.scheduler._held)))
+        if close_after:
+            engine.close(session)
+        return list(reply), held
+
+    plain, _ = events_of(overlap=False)
+    overlapped, held = events_of(overlap=True)
+    assert [(e.text, e.finish, e.stats.new_tokens) for e in overlapped] == \
+        [(e.text, e.finish, e.stats.new_tokens) for e in plain]
+    # step 1 launches the prompt, step 2 hands out the first id (held), step 3 delivers it after its own launch
+    assert held[:3] == [(0, 0), (0, 1), (1, 1)]
+    assert held[-1][1] == 0, "the last step delivers everything: no step follows it"
+    closed, held = events_of(overlap=True, close_after=4)
+    assert held[-1][1] == 1 and closed[-1].finish == "cancelled"
+    assert [(e.text, e.stats.new_tokens) for e in closed[:-1]] == \
+        [(e.text, e.stats.new_tokens) for e in plain[:len(closed) - 1]], "held events first, in order"
+
+
 def test_cancel_ends_within_one_step_and_keeps_state_consistent(model, tok, overlap):
     engine = make_engine(model, tok, overlap=overlap)
     session = engine.open()

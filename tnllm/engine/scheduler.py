@@ -15,7 +15,13 @@
       3. host: append ids, detect eos / stop strings / max tokens, detokenise, emit events.
 
 With `overlap` (CUDA), step 3 handles the ids of the PREVIOUS step while the GPU runs the one just launched,
-so detokenising and events cost no GPU time. A decode step needs no host input (each row's last id stays in
+so detokenising and events cost no GPU time. Its events are handed to the consumers one step later, right after
+the next step is launched: consumer threads share the interpreter lock with the engine thread and take it at every
+torch call or decode that releases it, so waking them while the engine launches a step or hands out ids puts their
+Python on the critical path; woken after the launch, they run while the engine thread waits for the GPU. A reply's
+events therefore reach its consumer one step after they happen (and at once when the engine goes idle).
+
+A decode step needs no host input (each row's last id stays in
 the sampler's device table), so the next step can be launched before the host has seen its ids; the price is
 that a reply ending on an id has already been fed that id by the step in flight, and that step's own id for it
 is dropped (`Reply.fed_sampled` counts what the state read). Without overlap (CPU), steps 2 and 3 run back to
@@ -94,6 +100,8 @@ class Scheduler:
         self.pack_chunks = pack_chunks and pool.supports_packing  # decode rows and a prompt chunk in one forward
         self.active: list[Reply] = []
         self.in_flight: Launched | None = None  # with overlap: the launched step whose ids are not handled yet
+        self.outbox: list | None = None  # with overlap, inside `step`: where this step's events are held
+        self._held: list = []  # the last step's events, delivered once the next step is launched
         self.steps = 0
 
     def slots(self, slots: list[int]) -> torch.Tensor:
@@ -109,6 +117,8 @@ class Scheduler:
 
     def step(self) -> None:
         """Advance every active reply by one step (see the module docstring)."""
+        held, self._held = self._held, []
+        self.outbox = [] if self.overlap else None
         now = time.monotonic()
         for reply in list(self.active):
             if reply.cancel_requested:
@@ -118,6 +128,7 @@ class Scheduler:
         previous, self.in_flight = self.in_flight, None  # with overlap: the step launched by the last call
         try:
             launched = self._launch() if self.active else None
+            self._deliver(held)  # the GPU has this step's work: consumers may run now
             if self.overlap:
                 handle, self.in_flight = previous, launched
             else:
@@ -125,12 +136,25 @@ class Scheduler:
             ids = handle.host_ids() if handle is not None else []
         except Exception:  # noqa: BLE001 (OOM, driver errors: those replies end, the engine keeps serving)
             log.exception("engine step failed")
+            self._deliver(held)
             for reply in list(self.active):
                 self.finish(reply, "error")
-            return
+            handle, ids = None, []
         for reply, token in zip(handle.rows if handle is not None else [], ids, strict=True):
             if reply.finish_reason is None:  # a reply that ended after its step was launched: the id is dropped
                 self._accept(reply, token)
+        events, self.outbox = self.outbox or [], None
+        if self.busy:
+            self._held = events
+        else:  # no next step to deliver them after
+            self._deliver(events)
+
+    @staticmethod
+    def _deliver(events: list) -> None:
+        """Hand held (reply, event) pairs to their consumers, in the order they were emitted."""
+        for reply, event in events:
+            reply.deliver(event)
+        events.clear()
 
     @torch.inference_mode()
     def _launch(self) -> Launched | None:
@@ -206,7 +230,7 @@ class Scheduler:
             ready.append(reply)
             ready_logits.append(logits)
         else:
-            reply.emit()  # prefill progress
+            reply.emit(outbox=self.outbox)  # prefill progress
 
     def _prefill(self, budget: int, ready: list[Reply], ready_logits: list[torch.Tensor]) -> None:
         """Prefill chunks within `budget` tokens, oldest prompt first (see `_advance_prompt`): the chunks the
@@ -249,7 +273,7 @@ class Scheduler:
         elif stats.new_tokens == reply.params.max_new_tokens:
             self.finish(reply, "length", piece + reply.streamer.flush())
         else:
-            reply.emit(piece)
+            reply.emit(piece, outbox=self.outbox)
 
     def finish(self, reply: Reply, reason: str, text: str = "") -> None:
         """End a reply: record what the state read into its session, emit the last event, leave the batch."""
@@ -266,4 +290,6 @@ class Scheduler:
         reply.finish_reason = reply.stats.finish_reason = reason
         self.active.remove(reply)
         session.reply = None
-        reply.emit(text, finish=reason)
+        if self.outbox is None:  # outside a step (a closed session): what is held goes first
+            self._deliver(self._held)
+        reply.emit(text, finish=reason, outbox=self.outbox)

@@ -109,10 +109,19 @@ class Reply:
         """Ask the reply to stop; it finishes with "cancelled" at the next engine step (thread-safe)."""
         self.cancel_requested = True
 
-    def emit(self, text: str = "", finish: str | None = None) -> None:
-        """Engine side: queue an event carrying the reply's stats as they are now."""
+    def emit(self, text: str = "", finish: str | None = None, outbox: list | None = None) -> None:
+        """Engine side: an event carrying the reply's stats as they are now, queued for the consumer, or held in
+        `outbox` as (reply, event) for the scheduler to `deliver` later."""
         self.text += text
-        self._events.put(Event(text, replace(self.stats), finish))
+        event = Event(text, replace(self.stats), finish)
+        if outbox is None:
+            self.deliver(event)
+        else:
+            outbox.append((self, event))
+
+    def deliver(self, event: Event) -> None:
+        """Hand an emitted event to the consumer."""
+        self._events.put(event)
 
     def __iter__(self) -> Iterator[Event]:
         engine = self.session.engine
