@@ -262,13 +262,13 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=16: 68.6 us bf16 128.7 us
     (512, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=512: 548.6 us bf16 344.3 us
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
-    # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json); "chosen" = the lm_head's
-    # tiles it ran before
-    (1, "n24k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # l1|l2 M=1: 32.9 us bf16 46.5 us; chosen 37.9 us
-    (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # l1|l2 M=2: 32.2 us bf16 48.7 us; chosen 36.6 us
-    (4, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # l1|l2 M=4: 30.0 us bf16 47.5 us; chosen 32.9 us
-    (8, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # l1|l2 M=8: 30.0 us bf16 47.8 us; chosen 33.0 us
-    (16, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # l1|l2 M=16: 29.8 us bf16 47.9 us; chosen 32.9 us
+    # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json): µs per call, bf16's, and
+    # what the lm_head's tiles it ran before took
+    (1, "n24k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # 32.9 us; bf16 46.5; was 37.9
+    (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # 32.2 us; bf16 48.7; was 36.6
+    (4, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.5; was 32.9
+    (8, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.8; was 33.0
+    (16, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 29.8 us; bf16 47.9; was 32.9
     (512, "n24k.k4k"): Config(1, 32, 256, kind="deq"),
     (None, "n24k.k4k"): Config(1, 32, 256, kind="deq"),
     (1, "*"): Config(16, 128, 128, SPLIT_K=8, num_stages=3),  # M=1: geomean 1.070x of each shape's best
