@@ -86,6 +86,15 @@ def test_shown_path_of_a_hub_id_is_the_id():
     assert shown_path(Path(ROOT, "assets", "tnl")) == "assets/tnl"
 
 
+def test_model_tab_says_which_cpu_matmuls_run(bundled):
+    """The engine lays every fp32 Linear out for oneDNN on the CPU; the tab counts them (6 layers x 5, and the
+    head)."""
+    from tnllm.webui.model_tab import model_card
+
+    card = model_card(bundled)
+    assert "| CPU matmuls | oneDNN on weights laid out once: 31 fp32 Linears (tnllm/linear.py) |" in card
+
+
 def test_model_tab_names_the_8bit_method_and_why():
     from tnllm import quant
     from tnllm.webui.runtime import load_runtime

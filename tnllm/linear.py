@@ -99,3 +99,8 @@ def pack_linears_for_cpu(module: nn.Module) -> int:
     """`Linear.pack_for_cpu` on every nn.Linear inside `module` (plain ones adopted); the number packed."""
     return sum(Linear.adopt(m).pack_for_cpu() for m in list(module.modules())
                if type(m) in (nn.Linear, Linear) and can_pack_for_cpu(m.weight))
+
+
+def packed_linears(module: nn.Module) -> int:
+    """How many Linears inside `module` serve inference from a live CPU pack now."""
+    return sum(isinstance(m, Linear) and m._live_pack() is not None for m in module.modules())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from tnllm.linear import packed_linears
 from tnllm.webui.runtime import Runtime
 
 
@@ -17,6 +18,9 @@ def model_card(runtime: Runtime) -> str:
     state_mib = runtime.model.allocate_state(1).nbytes / 2**20
     chat = {**runtime.info, "max context": f"{runtime.max_context:,} tokens",
             "recurrent state": f"{state_mib:.2f} MiB, whatever the context"}
+    packed = packed_linears(runtime.model)
+    if packed:
+        chat["CPU matmuls"] = f"oneDNN on weights laid out once: {packed} fp32 Linears (tnllm/linear.py)"
     return "\n".join(["### TransNormerLLM (chat model)", *_table(chat),
                       "", "### Transformer baseline (latency tab)", *_table(runtime.baseline_info)])
 
