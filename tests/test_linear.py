@@ -1,6 +1,7 @@
 """`tnllm.linear.Linear`: the oneDNN CPU pack against float64, its fallbacks, and a packed model end to end."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -79,8 +80,7 @@ def test_a_changed_or_moved_weight_is_never_served_from_a_stale_pack():
 @torch.inference_mode()
 def test_packed_model_logits_and_copies():
     """`pack_weights` on a CPU model: logits at decode and prefill sizes equal the unpacked model's to fp32 rounding;
-    a deep copy (as the reliability tests make) runs unpacked until packed itself; tied lm_head follows the
-    embedding."""
+    a deep copy (as the reliability tests make) or an unpickled one runs unpacked until packed itself."""
     config = TNLConfig.from_name("tiny")
     model = TransNormerLLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (3, 21))
@@ -92,9 +92,9 @@ def test_packed_model_logits_and_copies():
     state = model.allocate_state(3)
     model(ids[:, :-1], state)
     assert_close("decode", want[:, -1].double(), model(ids[:, -1:], state)[:, -1].double(), rel=1e-5)
-    twin = copy.deepcopy(model)
-    assert all(m._cpu_pack is None for m in twin.modules() if isinstance(m, Linear))
-    assert_close("deep copy", want.double(), twin(ids).double(), rel=1e-5)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert all(m._cpu_pack is None for m in twin.modules() if isinstance(m, Linear))
+        assert_close("copy", want.double(), twin(ids).double(), rel=1e-5)
 
 
 def test_a_tied_lm_head_follows_its_embedding():

@@ -44,6 +44,9 @@ class _CpuPack:
     def __deepcopy__(self, memo) -> None:
         return None  # an opaque oneDNN tensor cannot be copied: a copied module runs unpacked until packed again
 
+    def __reduce__(self):
+        return type(None), ()  # nor pickled: an unpickled module runs unpacked until packed again
+
 
 def _identity(weight: torch.Tensor) -> tuple:
     # Inference tensors keep no version counter (only an in-place write under inference_mode could change one).
