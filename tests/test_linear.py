@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from tests.conftest import assert_close
 from tnllm import TNLConfig, TransNormerLLM
-from tnllm.linear import Linear, can_pack_for_cpu, pack_linears_for_cpu
+from tnllm.linear import Linear, can_pack_for_cpu, pack_linears_for_cpu, packed_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
 
@@ -125,7 +125,8 @@ def test_plain_linears_of_another_model_are_adopted_and_packed():
     x = torch.randn(4, 12)
     want = net(x)
     keys = set(net.state_dict())
-    assert pack_linears_for_cpu(net) == 2
+    assert pack_linears_for_cpu(net) == 2 and packed_linears(net) == 2
+    assert packed_linears(object()) == 0  # not a module (a tensor-parallel driver): nothing to count
     assert all(type(m) is Linear and m._live_pack() is not None for m in (net[0], net[2]))
     assert set(net.state_dict()) == keys
     assert_close("adopted", want.double(), net(x).double(), rel=1e-6)

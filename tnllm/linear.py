@@ -104,6 +104,9 @@ def pack_linears_for_cpu(module: nn.Module) -> int:
                if type(m) in (nn.Linear, Linear) and can_pack_for_cpu(m.weight))
 
 
-def packed_linears(module: nn.Module) -> int:
-    """How many Linears inside `module` serve inference from a live CPU pack now."""
-    return sum(isinstance(m, Linear) and m._live_pack() is not None for m in module.modules())
+def packed_linears(model) -> int:
+    """How many Linears inside `model` serve inference from a live CPU pack now (0 for a model that is not a
+    module: a tensor-parallel driver)."""
+    if not isinstance(model, nn.Module):
+        return 0
+    return sum(isinstance(m, Linear) and m._live_pack() is not None for m in model.modules())
