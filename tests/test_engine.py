@@ -568,3 +568,20 @@ def test_engine_gpu_benchmark_smoke_on_cpu(tmp_path):
     keys = {"preset", "quant", "batch", "context", "decode_ms_per_token", "hbm_floor_ms", "aggregate_tok_s", "path"}
     assert data["rows"] and all(keys <= set(row) for row in data["rows"])
     assert data["interleave"] and not [note for note in data["notes"] if "failed" in note]
+
+
+def test_engine_host_breakdown_runs_on_the_cpu(tmp_path):
+    """bench/engine_host.py times the engine thread's parts per step; the timers come off when it ends."""
+    import json
+
+    out = tmp_path / "host.json"
+    run = subprocess.run([sys.executable, "bench/engine_host.py", "--device", "cpu", "--presets", "tiny",
+                          "--sessions", "1,3", "--context", "16", "--tokens", "8", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["sessions"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["steps"] >= 8 and r["tok_s"] > 0
+        parts = [r[f"{name}_ms_per_step"] for name in ("launch", "wait", "accept")]
+        assert all(p >= 0 for p in parts) and sum(parts) <= r["step_ms_per_step"]
