@@ -69,8 +69,10 @@ def test_a_changed_or_moved_weight_is_never_served_from_a_stale_pack():
         assert lin._cpu_pack is None
         assert_close("after a load", x.sum(-1, keepdim=True).expand(2, 8).double(), lin(x).double(), rel=1e-6)
         lin.pack_for_cpu()
-        lin.weight.mul_(2)  # unversioned: packing again is the documented remedy
-        lin.pack_for_cpu()
+        pack = lin._cpu_pack
+        assert lin.pack_for_cpu() and lin._cpu_pack is pack, "packing a live pack again keeps it"
+        lin.weight.mul_(2)  # unversioned: packing again with refresh is the documented remedy
+        lin.pack_for_cpu(refresh=True)
         assert_close("packed again", 2 * x.sum(-1, keepdim=True).expand(2, 8).double(), lin(x).double(), rel=1e-6)
     lin.double()
     assert not lin.pack_for_cpu() and lin._cpu_pack is None  # fp64: nothing to pack, the plain product

@@ -14,8 +14,9 @@ devices), so packing doubles the memory of the float Linears; 8-bit Linears (qua
 serves a call only while the weight is the one it was made from and autograd does not record (the oneDNN op has
 no backward); otherwise the call is a plain F.linear. "The one it was made from": the same storage, no
 `load_state_dict` since, and no in-place write that the version counter saw. A write under torch.inference_mode()
-bumps no version counter, so after writing weights that way call `pack_for_cpu` (or the model's `pack_weights`)
-again: it always lays the current weight out afresh.
+bumps no version counter, so after writing weights that way call `pack_for_cpu(refresh=True)` (or the model's
+`pack_weights(refresh=True)`). Otherwise packing again keeps a live pack: every new engine on a model packs it,
+and laying a large model out again would cost seconds and a third copy of its weights meanwhile.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ class Linear(nn.Linear):
         self._cpu_pack = None
 
     @torch.no_grad()
-    def pack_for_cpu(self) -> bool:
-        """Lay the current weight out for oneDNN (see the module docstring); False (and no pack) where that cannot
-        apply."""
-        self._cpu_pack = _CpuPack(self.weight) if can_pack_for_cpu(self.weight) else None
+    def pack_for_cpu(self, refresh: bool = False) -> bool:
+        """Lay the weight out for oneDNN (see the module docstring), keeping a live pack unless `refresh`; False
+        (and no pack) where that cannot apply."""
+        if not can_pack_for_cpu(self.weight):
+            self._cpu_pack = None
+        elif refresh or self._live_pack() is None:
+            self._cpu_pack = _CpuPack(self.weight)
         return self._cpu_pack is not None
 
     def _live_pack(self) -> _CpuPack | None:
@@ -91,16 +95,16 @@ class Linear(nn.Linear):
         return pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pack = self._live_pack() if self._cpu_pack is not None else None
+        pack = self._live_pack()
         if pack is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 self.weight.requires_grad or x.requires_grad)):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, pack.weight, self.bias, "none", [], "")
 
 
-def pack_linears_for_cpu(module: nn.Module) -> int:
-    """`Linear.pack_for_cpu` on every nn.Linear inside `module` (plain ones adopted); the number packed."""
-    return sum(Linear.adopt(m).pack_for_cpu() for m in list(module.modules())
+def pack_linears_for_cpu(module: nn.Module, refresh: bool = False) -> int:
+    """`Linear.pack_for_cpu(refresh)` on every nn.Linear inside `module` (plain ones adopted); the number packed."""
+    return sum(Linear.adopt(m).pack_for_cpu(refresh) for m in list(module.modules())
                if type(m) in (nn.Linear, Linear) and can_pack_for_cpu(m.weight))
 
 

@@ -111,13 +111,14 @@ class TransNormerLLM(nn.Module):
         layer_devices = [layer.token_mixer.out_proj.weight.device for layer in self.model.layers]
         return RecurrentState.allocate(self.config, batch_size, self.model.embed_tokens.weight.device, layer_devices)
 
-    def pack_weights(self) -> None:
+    def pack_weights(self, refresh: bool = False) -> None:
         """Lay the weights out for inference on their device (outputs equal up to the matmul's rounding): on
         CUDA each channel mixer's l1 and l2 run as one product (`GLU.pack`: one matrix-vector product streams the
         weights faster than two); on the CPU every fp32 Linear gets a oneDNN copy of its weight
         (`Linear.pack_for_cpu`: 1.5-3x faster products at every row count, for twice the float weights' memory).
-        Training, moving or reloading the model falls back to the plain products."""
-        pack_linears_for_cpu(self)
+        Training, moving or reloading the model falls back to the plain products; a live pack is kept, unless
+        `refresh` (after writing weights in place under inference_mode, which no version counter sees)."""
+        pack_linears_for_cpu(self, refresh)
         for layer in self.model.layers:
             if layer.channel_mixer.l1.weight.device.type == "cuda":
                 layer.channel_mixer.pack()
