@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -130,13 +131,16 @@ def prefilled_sessions(engine: Engine, contexts: list[int]) -> list[Session]:
     return sessions
 
 
-def decode_row(engine: Engine, contexts: list[int], tokens: int) -> tuple[float, float]:
+def decode_row(engine: Engine, contexts: list[int], tokens: int,
+               before_timed: Callable[[], None] = lambda: None) -> tuple[float, float]:
     """(median ms between two tokens of a session, aggregate tok/s) of one `tokens`-long reply per session,
-    all at once, in sessions already holding `contexts` tokens (each reads only its 2 pending ids first)."""
+    all at once, in sessions already holding `contexts` tokens (each reads only its 2 pending ids first).
+    `before_timed` runs between the untimed round and the timed one."""
     sessions = prefilled_sessions(engine, contexts)
     # An untimed round first: the step graph of this batch size and sampling plan is captured on first use, as in
     # a server that has been running; the timed round measures the steady state.
     time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS)) for s in sessions])
+    before_timed()
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
     tok_s, gaps, total = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
     for s in sessions:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -24,11 +23,9 @@ import torch
 
 from tnllm.engine import Engine, EngineConfig
 from tnllm.engine.scheduler import Launched, Scheduler
-from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import Tokenizer
 
-from engine_gpu import BUNDLED_TOKENIZER, PARAMS, ModuloTokenizer, build, prefilled_sessions
-from serve import time_sessions
+from engine_gpu import BUNDLED_TOKENIZER, ModuloTokenizer, build, decode_row
 
 # The timed methods: a step's parts, and the step itself.
 TIMED = {"launch": (Scheduler, "_launch"), "wait": (Launched, "host_ids"), "accept": (Scheduler, "_accept"),
@@ -88,19 +85,14 @@ def main() -> None:
             for n in counts:
                 engine = Engine(model, tok, EngineConfig(max_sessions=max(counts), prefill_budget=16384),
                                 eos_ids=set())
-                sessions = prefilled_sessions(engine, [args.context] * n)
-                untimed = SamplingParams(max_new_tokens=4, **PARAMS)  # graphs of this batch captured first
-                time_sessions([functools.partial(s.feed_ids, [], untimed) for s in sessions])
-                timer.reset()
-                params = SamplingParams(max_new_tokens=args.tokens, **PARAMS)
-                tok_s, gaps, _ = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
+                try:
+                    gap_ms, tok_s = decode_row(engine, [args.context] * n, args.tokens, before_timed=timer.reset)
+                finally:
+                    engine.shutdown()
                 row = {"preset": preset, "sessions": n, "steps": timer.steps, "tok_s": tok_s,
-                       "ms_per_token_p50": statistics.median(gaps), **timer.per_step_ms()}
+                       "ms_per_token_p50": gap_ms, **timer.per_step_ms()}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                for s in sessions:
-                    s.close()
-                engine.shutdown()
     finally:
         timer.restore()
     args.out.write_text(json.dumps({"bench": "engine_host", "device": str(device), "torch": torch.__version__,
