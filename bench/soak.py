@@ -548,8 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     runtime = load_runtime(args.model, "matched", int8=args.int8, device="cpu")
     env = {"date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
            "cores": os.cpu_count(), "model": runtime.info["model"], "precision": runtime.info["precision"],
-           "int8": runtime.info["8-bit"].split(":")[0], "malloc_arenas": MALLOC_ARENAS, "torch": torch.__version__,
-           "gradio": gradio.__version__, "python": platform.python_version()}
+           "int8": getattr(runtime.model, "quant_method", "none"), "malloc_arenas": MALLOC_ARENAS,
+           "torch": torch.__version__, "gradio": gradio.__version__, "python": platform.python_version()}
     data: dict = json.loads(args.out.read_text()) if args.out.is_file() else {}  # parts not re-measured stay
     data["environment"] = env
     ks = [int(k) for k in args.concurrency_sweep.split(",") if k.strip()]
