@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from tnllm.engine import ReplyStats, single_reply  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
+from tnllm.webui import chat as chat_module  # noqa: E402
 from tnllm.webui.chat import chat_view, live_line  # noqa: E402
 from tnllm.webui.validation import is_stats_message  # noqa: E402
 
@@ -45,11 +46,30 @@ def engine_reply(runtime, text: str, p: dict) -> str:
 
 # -- in-process ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [GREEDY, SEEDED], ids=["greedy", "seeded-sampling"])
-def test_chat_streams_the_engines_output(runtime, chat, p):
+def test_chat_streams_the_engines_output(runtime, chat, p, monkeypatch):
+    monkeypatch.setattr(chat_module, "UPDATE_INTERVAL_S", 0.0)  # an update per event (the tiny model is fast)
     updates = [reply for reply, _, _ in chat("hello there, how are you?", *controls(p))]
     assert len(updates) >= 5, "a reply streams as several cumulative updates"
     assert all(b.startswith(a) for a, b in zip(updates, updates[1:])), "updates are cumulative"
     assert updates[-1] == engine_reply(runtime, "hello there, how are you?", p)
+
+
+def test_updates_are_spaced_and_lose_no_text(runtime, chat, monkeypatch):
+    """Streamed updates come at most one per UPDATE_INTERVAL_S, the first text at once; text between them waits
+    for the next update, and the final one holds the whole reply."""
+    interval = 0.05
+    monkeypatch.setattr(chat_module, "UPDATE_INTERVAL_S", interval)
+    p = dict(GREEDY, max_new_tokens=300)
+    stamps, updates = [], []
+    for reply, _, info in chat("tell me a long story", *controls(p)):
+        stamps.append(time.perf_counter())
+        updates.append((reply, info))
+    *streamed, (final, info) = updates
+    assert len(streamed) >= 2 and all(b[0].startswith(a[0]) for a, b in zip(updates, updates[1:]))
+    assert len(streamed) < info["new_tokens"], "several tokens per update"
+    gaps = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]  # between streamed updates (the final comes at once)
+    assert min(gaps) >= 0.9 * interval, gaps
+    assert final == engine_reply(runtime, "tell me a long story", p)
 
 
 @pytest.mark.parametrize("how", ["close", "stop-flag"], ids=["gradio-cancel", "stop-button"])

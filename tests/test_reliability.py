@@ -609,7 +609,7 @@ def test_http_eight_concurrent_streams_equal_their_solo_runs(server, fn_index):
         results = list(pool.map(lambda r: client(server, fn_index).chat(*r), requests))
     assert [r.outcome for r in results] == ["completed"] * 8, [r.error for r in results]
     assert [r.reply for r in results] == [r.reply for r in solo]
-    assert all(r.updates >= 5 for r in results), "streamed"
+    assert all(r.updates >= 2 for r in results), "streamed, not only the final result"
 
 
 def test_http_cancel_10_of_40_others_identical_memory_back(server, fn_index):
