@@ -6,11 +6,12 @@
 Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 * hbm_floor_ms: the step's bytes (weights + every session's fp32 state read and written) / the copy bandwidth
   measured in the same run (a device-to-device copy of --copy-gib, read + write counted);
-* decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled and a 4-token
-  reply each (not timed: graphs of that batch and plan get captured), then replies of --tokens tokens (eos
+* decode rows: sessions opened in a threaded engine, prompts of `context` random ids prefilled and 4-token
+  replies each (not timed: rounds until one captures no new graph), then replies of --tokens tokens (eos
   ignored) read by one consumer thread each, as chat reads them (sampling, detokenising, events included).
   decode_ms_per_token = median gap between two tokens of a session; aggregate_tok_s = tokens of all sessions /
-  wall time of the decode. Batch 1 at each --contexts, and --sessions concurrent sessions at the first context;
+  wall time of the decode; timed_captures = graphs captured during it. Batch 1 at each --contexts, and
+  --sessions concurrent sessions at the first context;
 * paths: "engine-graph" (captured decode per batch bucket, sampler inside), "engine-graph-sampler-outside",
   "engine-eager", and "graph-replay" (the captured step with chat's sampling plan and the id transfer alone, the
   host waiting for each: no scheduler, no events, no step ahead);
@@ -38,6 +39,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -56,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
+WARM_ROUNDS = 4  # untimed rounds before a timed one, at most (see decode_row)
 PARAMS = {**{k: v for k, v in CHAT_DEFAULTS.items() if k != "max_new_tokens"}, "seed": 0}
 
 
@@ -131,22 +134,43 @@ def prefilled_sessions(engine: Engine, contexts: list[int]) -> list[Session]:
     return sessions
 
 
+class DecodeFigures(NamedTuple):
+    ms: float              # median ms between two tokens of a session
+    tok_s: float           # aggregate tok/s, from the submissions to the last token
+    timed_captures: int    # graphs captured during the timed round (0 in the steady state it means to measure)
+
+
+def captured_graphs(engine: Engine) -> int:
+    """How many CUDA graphs the engine has captured so far (decode steps and prefill pieces)."""
+    scheduler = engine.scheduler
+    return (len(scheduler.decoder.graphs) if scheduler.decoder is not None else 0) + (
+        len(scheduler.prefill_graph.pieces) if scheduler.prefill_graph is not None else 0)
+
+
 def decode_row(engine: Engine, contexts: list[int], tokens: int,
-               before_timed: Callable[[], None] = lambda: None) -> tuple[float, float]:
-    """(median ms between two tokens of a session, aggregate tok/s) of one `tokens`-long reply per session,
-    all at once, in sessions already holding `contexts` tokens (each reads only its 2 pending ids first).
-    `before_timed` runs between the untimed round and the timed one."""
+               before_timed: Callable[[], None] = lambda: None) -> DecodeFigures:
+    """The figures of one `tokens`-long reply per session, all at once, in sessions already holding `contexts`
+    tokens (each reads only its 2 pending ids first). `before_timed` runs between the untimed rounds and the
+    timed one."""
     sessions = prefilled_sessions(engine, contexts)
-    # An untimed round first: the step graph of this batch size and sampling plan is captured on first use, as in
-    # a server that has been running; the timed round measures the steady state.
-    time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS)) for s in sessions])
+    # Untimed rounds first, until one captures no new graph (at most WARM_ROUNDS): a graph is captured the first
+    # time a batch size, sampling plan or batch of prompt pieces occurs, and how the sessions' first steps group
+    # depends on thread timing, so one round may not meet them all. The timed round measures the steady state of
+    # a server that has been running; `timed_captures` says whether it did.
+    for _ in range(WARM_ROUNDS):
+        before = captured_graphs(engine)
+        time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS))
+                       for s in sessions])
+        if captured_graphs(engine) == before:
+            break
     before_timed()
+    before = captured_graphs(engine)
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
     tok_s, gaps, total = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
     for s in sessions:
         s.close()
     assert total == tokens * len(sessions), f"{total} tokens from {len(sessions)} sessions"
-    return statistics.median(gaps), tok_s
+    return DecodeFigures(statistics.median(gaps), tok_s, captured_graphs(engine) - before)
 
 
 def graph_replay_ms(engine: Engine, batch: int, tokens: int) -> float:
@@ -288,10 +312,10 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
     model = build(preset, torch.bfloat16 if cuda else torch.float32, device)
     weights = weight_bytes(model)
 
-    def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int) -> dict:
+    def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int, **extra) -> dict:
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
         return {"preset": preset, "quant": "none", "batch": batch, "context": context, "decode_ms_per_token": ms,
-                "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path}
+                "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path, **extra}
 
     if cuda:
         with section(results, f"{preset} graph-replay"):
@@ -312,11 +336,12 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
             try:
                 rows = [(1, [c]) for c in contexts] + [(args.sessions, [contexts[0]] * args.sessions)]
                 for batch, row_contexts in rows:
-                    ms, tok_s = decode_row(engine, row_contexts, args.tokens)
-                    results.add("rows", row(path, batch, row_contexts[0], ms, tok_s, engine.pool.slot_bytes))
+                    figures = decode_row(engine, row_contexts, args.tokens)
+                    results.add("rows", row(path, batch, row_contexts[0], figures.ms, figures.tok_s,
+                                            engine.pool.slot_bytes, timed_captures=figures.timed_captures))
             finally:
                 engine.shutdown()
-    for budget in (int(b) for b in args.budgets.split(",")):
+    for budget in (int(b) for b in args.budgets.split(",") if b):  # "" skips the interleave figures
         for packing in args.packing.split(","):
             with section(results, f"{preset} interleave budget {budget} packing {packing}"):
                 engine = Engine(model, tok, EngineConfig(max_sessions=args.interleave_sessions + 1,

@@ -86,7 +86,7 @@ def main() -> None:
                 engine = Engine(model, tok, EngineConfig(max_sessions=max(counts), prefill_budget=16384),
                                 eos_ids=set())
                 try:
-                    gap_ms, tok_s = decode_row(engine, [args.context] * n, args.tokens, before_timed=timer.reset)
+                    gap_ms, tok_s, _ = decode_row(engine, [args.context] * n, args.tokens, before_timed=timer.reset)
                 finally:
                     engine.shutdown()
                 row = {"preset": preset, "sessions": n, "steps": timer.steps, "tok_s": tok_s,

@@ -183,7 +183,7 @@ def bench_model_method(model: TransNormerLLM, method: str, load_s: float | None,
                                              cuda_graphs=device.type == "cuda"), eos_ids=set())
     try:
         for batch in sorted({1, args.batch}):
-            ms, tok_s = decode_row(engine, [args.context] * batch, args.tokens)
+            ms, tok_s, _ = decode_row(engine, [args.context] * batch, args.tokens)
             results.add("model", {**base, "batch": batch, "context": args.context, "decode_ms_per_token": ms,
                                   "aggregate_tok_s": tok_s})
         cold = prefill_s(engine, args.prefill_tokens, seed=1)

@@ -9,6 +9,7 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
     srmsnorm(x, eps=1e-6)
     add_srmsnorm(x, delta, eps=1e-6) -> (s, y)   s = x + delta, y = srmsnorm(s): a residual add and the next norm
     gated_srmsnorm(o, u, eps=1e-6)   u * srmsnorm(o): the token mixer's gated norm
+    glu_mul(y)                       y[..., :g] * y[..., g:]: the channel mixer's product of the packed l1|l2 output
     int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
     sample_rows(logits, slots, tables, *, penalty, draw, head) -> ids [B]   one exact seeded sample (or the argmax)
@@ -20,8 +21,9 @@ PyTorch reference (everything else). Tests force a path with `use_impl("torch" |
 `TRITON_INTERPRET=1` the Triton path also runs on CPU tensors. Importing this package never imports
 Triton or touches CUDA.
 
-`add_srmsnorm` and `gated_srmsnorm` are fused decode kernels without a backward: while autograd records through
-their inputs, the Triton path composes the differentiable ops instead (`_fused_impl`, the one place that decides).
+`add_srmsnorm`, `gated_srmsnorm` and `glu_mul` are fused decode kernels without a backward: while autograd records
+through their inputs, the Triton path composes the differentiable ops instead (`_fused_impl`, the one place that
+decides).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import torch
 
 from tnllm.kernels import reference
 
-__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "int8_linear",
-           "sample_rows", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
+__all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "glu_mul",
+           "int8_linear", "sample_rows", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
 
 ACTIVATIONS = reference.ACTIVATIONS  # the q/k activations lightning_attn_step applies, by name
 
@@ -130,6 +132,14 @@ def gated_srmsnorm(o, u, eps: float = 1e-6):
     if impl == "torch":
         return reference.gated_srmsnorm_ref(o, u, eps)
     return u * srmsnorm(o, eps)  # "unfused": autograd records, so the differentiable ops (see _fused_impl)
+
+
+def glu_mul(y):
+    """y[..., :g] * y[..., g:] for y [..., 2g], one kernel on the Triton path. See `kernels.reference.glu_mul_ref`."""
+    impl = _fused_impl(y)
+    if impl == "triton":
+        return _triton("triton_glu", "glu_mul_triton")(y)
+    return reference.glu_mul_ref(y)  # "torch", or "unfused" (the same differentiable ops)
 
 
 def int8_linear(x, weight, scales, bias=None):

@@ -27,6 +27,7 @@ __all__ = [
     "srmsnorm_ref",
     "add_srmsnorm_ref",
     "gated_srmsnorm_ref",
+    "glu_mul_ref",
     "ACTIVATIONS",
     "decay_matrix",
     "check_shapes",
@@ -311,6 +312,18 @@ def gated_srmsnorm_ref(o: torch.Tensor, u: torch.Tensor, eps: float = 1e-6) -> t
     out = torch.promote_types(o.dtype, u.dtype)
     dt = torch.float64 if out == torch.float64 else torch.float32
     return _cast(F.rms_norm(_cast(o, dt), (o.shape[-1],), eps=eps) * u, out)  # the product promotes u to dt
+
+
+def glu_mul_ref(y: torch.Tensor) -> torch.Tensor:
+    """The channel mixer's product of its two halves, y[..., :g] * y[..., g:], for y = (l1|l2)(x) [..., 2g].
+
+    Returns:
+        [..., g] in y's dtype (one rounding of the exact product, as `a * b` does).
+    """
+    if y.shape[-1] % 2:
+        raise ValueError(f"y's last dim must be even (l1's outputs, then l2's), got {tuple(y.shape)}")
+    a, b = y.chunk(2, dim=-1)
+    return a * b
 
 
 def check_int8_linear(x, weight, scales, bias=None) -> None:

@@ -18,6 +18,8 @@ from tnllm.kernels.reference import check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
 
+TILE: tuple[int, int] | None = None  # (BV, num_warps) for every launch: bench/step_tiles.py sets it; None: `_tile`
+
 
 @triton.jit
 def _act(x, ACT: tl.constexpr):
@@ -78,9 +80,16 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
     BK = triton.next_power_of_2(D)
-    BV = min(triton.next_power_of_2(E), 64 if triton_interpreted(q.device) else max(16, 4096 // BK))
+    BV, warps = TILE or _tile(BK, E, q.device)
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, num_warps=4)
+        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, num_warps=warps)
     return o
+
+
+def _tile(BK: int, E: int, device: torch.device) -> tuple[int, int]:
+    """(BV, num_warps): each program holds a [BK, BV] fp32 slice of one state (16 KiB at BK = 128)."""
+    if triton_interpreted(device):
+        return min(triton.next_power_of_2(E), 64), 4
+    return min(triton.next_power_of_2(E), max(16, 4096 // BK)), 4

@@ -112,3 +112,16 @@ def test_failing_section_is_recorded_and_saved_before_the_next(tmp_path):
     assert saved["sections"]["agree"]["status"].startswith("error: RuntimeError('out of memory')")
     assert saved["sections"]["agree"]["unavailable"] == ["fla", "official"]
     assert saved["decode"][0]["state_pct_copy"] == pytest.approx(75.0)  # 1.5 TB/s of a 2 TB/s copy
+
+
+def test_step_tile_sweep_runs_in_the_interpreter(tmp_path):
+    """bench/step_tiles.py --tiny: the decode step through a forced tile, timed, rows written; the tile override is
+    released afterwards."""
+    out = tmp_path / "tiles.json"
+    run = subprocess.run([sys.executable, "bench/step_tiles.py", "--tiny", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["batch"], r["bv"], r["warps"]) for r in rows] == [("tiny", 2, 16, 4)]
+    assert rows[0]["us"] > 0 and rows[0]["state_tb_s"] > 0

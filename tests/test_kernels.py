@@ -148,7 +148,7 @@ class TestChunk:
     def test_signatures_match_reference_twins(self):
         import inspect
 
-        from tnllm.kernels import triton_chunk, triton_norm, triton_step
+        from tnllm.kernels import triton_chunk, triton_glu, triton_norm, triton_step
 
         def params(f):
             return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
@@ -159,6 +159,7 @@ class TestChunk:
         assert params(triton_norm.srmsnorm_triton) == params(ref.srmsnorm_ref)
         assert params(triton_norm.add_srmsnorm_triton) == params(ref.add_srmsnorm_ref)
         assert params(triton_norm.gated_srmsnorm_triton) == params(ref.gated_srmsnorm_ref)
+        assert params(triton_glu.glu_mul_triton) == params(ref.glu_mul_ref)
 
     def test_dispatch_and_shape_errors(self):
         q, k, v, a, s0 = _attn_inputs(2, 33, 2, 16, 16, torch.float32, n_state=2)
@@ -216,6 +217,25 @@ class TestStep:
         assert o.dtype == dtype
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
+
+    @pytest.mark.parametrize("tile", [(16, 4), (32, 2), (64, 8)], ids=lambda t: f"bv{t[0]}-w{t[1]}")
+    def test_step_any_tile(self, tile, monkeypatch):
+        """Every launch tile the table may pick, BV below E (several programs per head) included, on pool slots."""
+        from tnllm.kernels import triton_step
+
+        monkeypatch.setattr(triton_step, "TILE", tile)
+        B, H, D, E = 3, 2, 16, 48
+        q, k = (torch.randn(B, H, D, device=DEVICE) for _ in range(2))
+        v = torch.randn(B, H, E, device=DEVICE)
+        a = -torch.rand(H, device=DEVICE)
+        slots = torch.tensor([2, 0, 3], device=DEVICE)
+        state = torch.randn(4, H, D, E, device=DEVICE)
+        s_ref = state.double().clone()
+        with kernels.use_impl("triton"):
+            o = kernels.lightning_attn_step(q, k, v, a, state, slots, act="silu")
+        o_ref = ref.lightning_attn_step_ref(q.double(), k.double(), v.double(), a, s_ref, slots, act="silu")
+        assert_close("state", s_ref, state, rel=1e-5)
+        assert_close("o", o_ref, o, rel=1e-5)
 
     def test_step_rejects_unknown_activation(self):
         q = torch.randn(1, 2, 16, device=DEVICE)
@@ -343,6 +363,44 @@ class TestFusedNorm:
         ((s_r * ds).sum() + (g_r * dg).sum()).backward()
         for name, t, r in zip(("dx", "ddelta", "du"), (x, delta, u), leaves):
             assert_close(name, r.grad, t.grad, rel=1e-5)
+
+
+@requires_triton_interpret
+class TestGluMul:
+    @pytest.mark.parametrize("shape,dtype", [
+        pytest.param((1, 1, 2 * 1500), torch.bfloat16, id="1x1x1500-bf16"),  # two blocks, the second masked
+        pytest.param((5, 3, 2 * 37), torch.float32, id="5x3x37-fp32"),
+        pytest.param((16, 2 * 200), torch.float16, id="16x200-fp16"),
+    ])
+    def test_equals_the_product_of_the_halves(self, shape, dtype):
+        """One rounding of the exact product: torch's a * b, bit for bit (the interpreter casts fp32 to bf16 by
+        truncation, so there within one bf16 unit of the last place)."""
+        y = torch.randn(*shape, device=DEVICE).to(dtype)
+        with kernels.use_impl("triton"):
+            out = kernels.glu_mul(y)
+        assert out.dtype == dtype and out.shape == (*shape[:-1], shape[-1] // 2)
+        expected = ref.glu_mul_ref(y)
+        if dtype == torch.bfloat16 and not ON_GPU:
+            assert _bf16_ulps(out, expected) <= 1
+        else:
+            assert torch.equal(out, expected)
+
+    def test_strided_rows_and_no_rows(self):
+        wide = torch.randn(6, 100, device=DEVICE)
+        y = wide[:, :64]  # rows 100 apart, last dim contiguous
+        with kernels.use_impl("triton"):
+            assert torch.equal(kernels.glu_mul(y), y[:, :32] * y[:, 32:])
+            assert kernels.glu_mul(wide[:0, :64]).shape == (0, 32)
+            with pytest.raises(ValueError, match="even"):
+                kernels.glu_mul(wide[:, :63])
+        with pytest.raises(ValueError, match="even"):
+            ref.glu_mul_ref(wide[:, :63])
+
+    def test_under_autograd_gradients_reach_both_halves(self):
+        y = torch.randn(3, 8, device=DEVICE, requires_grad=True)
+        with kernels.use_impl("triton"):
+            kernels.glu_mul(y).sum().backward()
+        assert torch.equal(y.grad, torch.cat([y[:, 4:], y[:, :4]], dim=-1).detach())
 
 
 @requires_cuda
