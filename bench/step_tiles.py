@@ -8,7 +8,7 @@ step as the engine runs it: bf16 q, k, v as strided views of one q|k|v|u output,
 (rows 1..B), silu applied inside. One CUDA graph runs the step on L pools in turn (L = the preset's layers, at
 least enough pools that the states outgrow the L2 cache, as between two decode steps that stream the weights);
 us = median replay time / L. Rows: preset, batch, bv, warps, us, state_tb_s (state bytes read + written per
-second), and `default` for the tile `_tile` picks now. The JSON is rewritten after every (preset, batch).
+second), and `default` for the tile `_tile` picks. The JSON is rewritten after every (preset, batch).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
         for B in (int(b) for b in args.batches.split(",")):
             calls, nbytes = step_calls(H, D, B, config.n_layers, device)
             triton_step.TILE = None
-            default = triton_step._tile(D, D, device)
+            default = triton_step._tile(B * H, D, D, device)
             for bv in (int(x) for x in args.bv.split(",")):
                 for warps in (int(x) for x in args.warps.split(",")):
                     triton_step.TILE = (bv, warps)

@@ -80,7 +80,7 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
     BK = triton.next_power_of_2(D)
-    BV, warps = TILE or _tile(BK, E, q.device)
+    BV, warps = TILE or _tile(B * H, BK, E, q.device)
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -88,8 +88,17 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
     return o
 
 
-def _tile(BK: int, E: int, device: torch.device) -> tuple[int, int]:
-    """(BV, num_warps): each program holds a [BK, BV] fp32 slice of one state (16 KiB at BK = 128)."""
+def _tile(rows: int, BK: int, E: int, device: torch.device) -> tuple[int, int]:
+    """(BV, num_warps) for `rows` (sequence, head) pairs: each program holds a [BK, BV] fp32 slice of one state.
+
+    From bench/results/step-tiles-h200.json (D = E = 128, 16 and 32 heads, 1-32 sequences, states read from HBM):
+    few rows are latency-bound and want many small programs with many warps (16 KiB slices took 1.3x as long at
+    one sequence); many rows are bandwidth-bound and want fewer warps per slice. Other head dims keep 16 KiB
+    slices on 4 warps."""
     if triton_interpreted(device):
         return min(triton.next_power_of_2(E), 64), 4
-    return min(triton.next_power_of_2(E), max(16, 4096 // BK)), 4
+    if BK != 128:
+        return min(triton.next_power_of_2(E), max(16, 4096 // BK)), 4
+    if rows <= 64:
+        return min(16, E), 8
+    return min(32, triton.next_power_of_2(E)), 4 if rows <= 128 else 2
