@@ -609,6 +609,27 @@ def render_sampler(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_step_tiles(result: dict) -> str:
+    """bench/step_tiles.py: the decode step kernel's launch tiles, best per (heads, sequences) against the tile the
+    launcher picked in that run."""
+    out = ["", f"## Decode step kernel tiles ({result['device']}, D = E = 128, bf16 q/k/v, fp32 states from HBM)", "",
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. µs per step call, one CUDA-graph "
+           "replay over enough slot pools that the states outgrow L2; state TB/s = state bytes read + written per "
+           "second. `kernels/triton_step.py::_tile` encodes the best tiles.", "",
+           "| preset | sequences | best BV × warps | µs | state TB/s | tile picked in the run | µs |",
+           "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for x in result["rows"]:
+        groups.setdefault((x["preset"], x["batch"]), []).append(x)
+    for (preset, batch), rows in groups.items():
+        best = min(rows, key=lambda x: x["us"])
+        picked = next((x for x in rows if x["default"]), None)
+        picked_cells = f"{picked['bv']} × {picked['warps']} | {picked['us']:.2f}" if picked else "not swept |"
+        out.append(f"| {preset} | {batch} | {best['bv']} × {best['warps']} | {best['us']:.2f} | "
+                   f"{best['state_tb_s']:.2f} | {picked_cells} |")
+    return _with_notes(out, result)
+
+
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
     out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
@@ -773,6 +794,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
             ("quant-h200", "8-bit weights on the GPU", render_quant, "python bench/quant_gpu.py"),
             ("sampler-h200", "Batch sampler per decode step", render_sampler, "python bench/sampler.py"),
+            ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
+             "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,
              "python bench/app_http.py --device cuda --out bench/results/app-h200.json"),
             ("serve-cpu", "Concurrent sessions through the engine (CPU)", render_serve,
