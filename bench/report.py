@@ -571,7 +571,7 @@ def _commands(result: dict) -> str:
 
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
-IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context"),
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model"),
             "interleave": ("preset", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),

@@ -153,3 +153,19 @@ def test_llama_static_cache_graph_steps_equal_the_default_cache():
     dynamic, static, path = static_vs_default_cache("cuda")
     assert path == "static-cache-graph"
     assert_close("static graph vs dynamic cache logits", dynamic, static, rel=1e-5)
+
+
+def test_upload_ids_does_not_wait_for_queued_kernels():
+    """The engine's host -> device ids (new sessions' prompts and slots) leave the host at once while a step runs:
+    a pageable copy would block until the queued kernels had run."""
+    import time
+
+    from tnllm.engine.pool import upload_ids
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time queued ahead of the copy
+    start = time.perf_counter()
+    ids = upload_ids([5, 7, 11], torch.device("cuda"))
+    returned_after = time.perf_counter() - start
+    assert ids.tolist() == [5, 7, 11] and ids.dtype == torch.long and ids.is_cuda
+    assert returned_after < 0.02, f"upload_ids waited {returned_after * 1e3:.1f} ms for queued kernels"

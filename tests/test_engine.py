@@ -585,3 +585,11 @@ def test_engine_host_breakdown_runs_on_the_cpu(tmp_path):
         assert r["steps"] >= 8 and r["tok_s"] > 0
         parts = [r[f"{name}_ms_per_step"] for name in ("launch", "wait", "accept")]
         assert all(p >= 0 for p in parts) and sum(parts) <= r["step_ms_per_step"]
+
+
+def test_upload_ids_on_the_cpu():
+    from tnllm.engine.pool import upload_ids
+
+    ids = upload_ids([3, 1, 2], torch.device("cpu"))
+    assert ids.tolist() == [3, 1, 2] and ids.dtype == torch.long and ids.device.type == "cpu"
+    assert upload_ids([], torch.device("cpu")).shape == (0,)

@@ -18,6 +18,15 @@ from tnllm.state import PackedSlotState, RecurrentState, SlotState
 SINK_SLOT = 0
 
 
+def upload_ids(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on `device`, without waiting for the GPU: a copy from pageable memory blocks the
+    host until every kernel queued before it has run, which would drain the step the engine runs ahead (every
+    session joining while others decode cost them a step). On CUDA the ids go through a fresh pinned tensor, which
+    the caching host allocator keeps until its copy has run."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.tensor(ids, dtype=torch.long, pin_memory=cuda).to(device, non_blocking=cuda)
+
+
 class PoolFullError(RuntimeError):
     """Every slot holds a session: close one (or make the pool larger) before opening another."""
 

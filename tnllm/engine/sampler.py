@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tnllm import kernels
+from tnllm.engine.pool import upload_ids
 from tnllm.kernels.reference import (
     NOT_FINITE,
     SlotTables,
@@ -83,7 +84,7 @@ class BatchSampler:
         self.seed[slot] = seed & ((1 << 62) - 1)
         self.drawn[slot] = 0
         self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt_ids, dtype=torch.long, device=self.device)] = True
+        self.seen[slot, upload_ids(prompt_ids, self.device)] = True
         self.settings[slot] = params
 
     def log_exponential_noise(self, slots: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:

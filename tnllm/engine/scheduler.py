@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tnllm.engine.pool import StatePool
+from tnllm.engine.pool import StatePool, upload_ids
 from tnllm.engine.sampler import GENERAL, NOT_FINITE, BatchSampler, SamplePlan
 from tnllm.engine.session import Reply
 from tnllm.model import TransNormerLLM
@@ -105,7 +105,7 @@ class Scheduler:
         self.steps = 0
 
     def slots(self, slots: list[int]) -> torch.Tensor:
-        return torch.tensor(slots, dtype=torch.long, device=self.pool.device)
+        return upload_ids(slots, self.pool.device)
 
     def add(self, reply: Reply) -> None:
         self.active.append(reply)
@@ -216,7 +216,7 @@ class Scheduler:
         """Launch the decode rows of `slots` and `chunk` (read into `chunk_slot`) as one forward."""
         if self.decoder is not None:
             return self.decoder.packed_step(slots, plan, chunk, chunk_slot)
-        chunk_ids = torch.tensor([chunk], device=self.pool.device)  # [1, C]
+        chunk_ids = upload_ids(chunk, self.pool.device)[None]  # [1, C]
         return packed_step(self.model, self.pool, self.sampler, self.slots(slots + [chunk_slot]), chunk_ids,
                            plan=plan)
 
@@ -245,7 +245,7 @@ class Scheduler:
             if self.prefill_graph is not None and self.prefill_graph.covers(n):
                 captured.append((reply, ids))
                 continue
-            chunk = torch.tensor([ids], device=self.pool.device)  # [1, n]
+            chunk = upload_ids(ids, self.pool.device)[None]  # [1, n]
             logits = self.model(chunk, self.pool.rows(self.slots([reply.session.slot])), logits_to_keep=1)[:, -1]
             self._advance_prompt(reply, n, logits, ready, ready_logits)
         if captured:
