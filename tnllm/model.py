@@ -126,11 +126,12 @@ class TransNormerLLM(nn.Module):
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The ids' embedding rows [B, T, d]. Outside autograd a plain gather: for a decode step's few ids on CUDA,
         `nn.Embedding`'s index_select walks the ids one after another in each thread (13 us for 16 rows of a 1B
-        step, against 2 for the gather). Under autograd the module, whose backward leaves the padding row alone."""
-        weight = self.model.embed_tokens.weight
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return self.model.embed_tokens(input_ids)
-        return weight[input_ids]
+        step, against 2 for the gather). Under autograd the module, whose backward leaves the padding row alone;
+        another embedding module (the tensor-parallel shard) looks its ids up itself."""
+        embed = self.model.embed_tokens
+        if type(embed) is not nn.Embedding or (torch.is_grad_enabled() and embed.weight.requires_grad):
+            return embed(input_ids)  # a subclass's own lookup (a vocab-parallel shard), or autograd
+        return embed.weight[input_ids]
 
     def num_parameters(self) -> int:
         """Parameter count with tied weights counted once."""
