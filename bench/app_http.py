@@ -8,9 +8,11 @@ Per --model, with chat's default sampling (seeded, so both paths sample the same
   reply read through `Reply.updates()` as the chat handler reads it;
 * "app-http": `python app.py` in a subprocess on the same device, one new client session per run, the reply
   streamed over Gradio's queue (SSE) as a browser gets it.
-tok_s = (tokens - 1) / (time of the final result - time of the first update carrying text): the decode rate a
-user watches, prefill excluded. Each row is the median over --runs runs after one untimed run; `ratio` is
-app-http / engine. Every row is written to --out as soon as it exists.
+tok_s = (tokens - 1) / (time the reply's text was complete - time of the first update carrying text): the decode
+rate a user watches, prefill excluded. Over HTTP the final result (Gradio's completion message, which ends the
+spinner) follows the message that completed the text by a fixed millisecond or two: `tok_s_to_completion` counts
+up to it. Each row is the median over --runs runs after one untimed run; `ratio` is app-http / engine (tok_s).
+Every row is written to --out as soon as it exists.
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MESSAGE = "Tell me a long story about a lighthouse keeper and the sea."
 
 
-def decode_rate(tokens: int, first_text_at: float | None, done_at: float | None) -> float | None:
+def decode_rate(tokens: int, first_text_at: float | None, end_at: float | None) -> float | None:
     """Tokens per second after the first one; None when the reply had fewer than two tokens."""
-    if tokens < 2 or first_text_at is None or done_at is None or done_at <= first_text_at:
+    if tokens < 2 or first_text_at is None or end_at is None or end_at <= first_text_at:
         return None
-    return (tokens - 1) / (done_at - first_text_at)
+    return (tokens - 1) / (end_at - first_text_at)
 
 
-def engine_run(runtime, params: SamplingParams) -> tuple[int, float | None]:
-    """(tokens, tok/s) of one reply in a fresh session of the app's engine."""
+def engine_run(runtime, params: SamplingParams) -> tuple[int, float | None, float | None]:
+    """(tokens, tok/s, tok/s to completion) of one reply in a fresh session of the app's engine: its last update
+    is its completion."""
     session = runtime.engine.open()
     try:
         reply = session.send(MESSAGE, params)
@@ -58,13 +61,14 @@ def engine_run(runtime, params: SamplingParams) -> tuple[int, float | None]:
         for update in reply.updates():
             if first is None and update.text:
                 first = time.perf_counter()
-        return reply.stats.new_tokens, decode_rate(reply.stats.new_tokens, first, time.perf_counter())
+        rate = decode_rate(reply.stats.new_tokens, first, time.perf_counter())
+        return reply.stats.new_tokens, rate, rate
     finally:
         session.close()
 
 
-def http_run(url: str, fn_index: int, controls: tuple) -> tuple[int, float | None]:
-    """(tokens, tok/s) of one reply streamed over HTTP in a new client session."""
+def http_run(url: str, fn_index: int, controls: tuple) -> tuple[int, float | None, float | None]:
+    """(tokens, tok/s, tok/s to completion) of one reply streamed over HTTP in a new client session."""
     client = ChatClient(url, fn_index, timeout=600)
     try:
         result = client.chat(MESSAGE, controls)
@@ -73,16 +77,18 @@ def http_run(url: str, fn_index: int, controls: tuple) -> tuple[int, float | Non
     if result.outcome != "completed":
         raise RuntimeError(f"chat over HTTP failed: {result.outcome} {result.error}")
     tokens = int(result.info["new_tokens"])
-    return tokens, decode_rate(tokens, result.first_text_at, result.done_at)
+    return (tokens, decode_rate(tokens, result.first_text_at, result.last_text_at),
+            decode_rate(tokens, result.first_text_at, result.done_at))
 
 
 def timed_runs(run, n: int) -> dict:
-    """One untimed run, then n: the median rate and the token count."""
+    """One untimed run, then n: the median rates and the token counts."""
     run()
     results = [run() for _ in range(n)]
-    rates = [r for _, r in results if r is not None]
-    return {"tokens": [t for t, _ in results], "tok_s": statistics.median(rates) if rates else None,
-            "tok_s_runs": rates}
+    rates = [r for _, r, _ in results if r is not None]
+    to_completion = [r for _, _, r in results if r is not None]
+    return {"tokens": [t for t, _, _ in results], "tok_s": statistics.median(rates) if rates else None,
+            "tok_s_runs": rates, "tok_s_to_completion": statistics.median(to_completion) if to_completion else None}
 
 
 class App:

@@ -668,14 +668,17 @@ def render_app(result: dict) -> str:
     """bench/app_http.py: a chat reply streamed over HTTP by the app, against the app's engine alone."""
     out = ["", f"## The app over HTTP against its engine ({result['device']})", "",
            f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. One message, chat's default "
-           f"sampling seeded (both paths sample the same tokens), float weights; tok/s = (tokens - 1) / (final "
-           "result - first text), the median of the runs after an untimed one.", "",
-           "| model | path | tokens | tok/s | runs (tok/s) | app / engine |", "|---|---|---|---|---|---|"]
+           f"sampling seeded (both paths sample the same tokens), float weights; tok/s = (tokens - 1) / (time the "
+           "text was complete - first text), the median of the runs after an untimed one; to completion: up to "
+           "the final result instead (over HTTP, Gradio's completion message after the last text; rows without it "
+           "were measured up to the final result).", "",
+           "| model | path | tokens | tok/s | runs (tok/s) | to completion | app / engine | code |",
+           "|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
         ratio = f"{x['ratio_to_engine']:.2f}" if x.get("ratio_to_engine") else ""
         runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
         out.append(f"| {x['model']} | {x['path']} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
-                   f"{ratio} |")
+                   f"{fmt(x.get('tok_s_to_completion'), '{:.1f}')} | {ratio} | {x.get('commit', '')} |")
     return _with_notes(out, result)
 
 

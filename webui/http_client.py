@@ -28,6 +28,7 @@ class ChatResult:
     outcome: str = ""                # "completed", "cancelled", "disconnected", "rejected", "busy", "error"
     cancelled_at: float | None = None  # time.perf_counter() when the cancel request was sent
     first_text_at: float | None = None  # time.perf_counter() of the first streamed update carrying reply text
+    last_text_at: float | None = None   # ... of the message that brought the reply's text to its final form
     done_at: float | None = None     # time.perf_counter() when the final result arrived
 
 
@@ -108,10 +109,12 @@ def _refused(join: httpx.Response) -> ChatResult:
 def _take_update(result: ChatResult, msg: dict) -> None:
     """One streamed update: the reply so far (the first update is the value, later ones diffs)."""
     data = msg["output"].get("data") or []
-    result.reply = _apply(result.reply, data[0]) if data else result.reply
+    before, result.reply = result.reply, _apply(result.reply, data[0]) if data else result.reply
     result.updates += 1
-    if result.first_text_at is None and result.reply:
-        result.first_text_at = time.perf_counter()
+    if result.reply != before:
+        result.last_text_at = time.perf_counter()
+        if result.first_text_at is None:
+            result.first_text_at = result.last_text_at
 
 
 def _take_completion(result: ChatResult, msg: dict) -> ChatResult:
@@ -120,7 +123,9 @@ def _take_completion(result: ChatResult, msg: dict) -> ChatResult:
     output = msg.get("output") or {}
     if msg.get("success") and output.get("data"):
         data = output["data"]
-        result.reply = message_text(data[0])
+        final = message_text(data[0])
+        if final != result.reply:
+            result.reply, result.last_text_at = final, result.done_at
         result.info = data[-1] if isinstance(data[-1], dict) else {}
         result.outcome = result.outcome or "completed"
     elif not result.outcome:
