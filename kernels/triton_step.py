@@ -99,6 +99,7 @@ def _tile(rows: int, BK: int, E: int, device: torch.device) -> tuple[int, int]:
         return min(triton.next_power_of_2(E), 64), 4
     if BK != 128:
         return min(triton.next_power_of_2(E), max(16, 4096 // BK)), 4
+    width = triton.next_power_of_2(E)
     if rows <= 64:
-        return min(16, E), 8
-    return min(32, triton.next_power_of_2(E)), 4 if rows <= 128 else 2
+        return min(16, width), 8
+    return min(32, width), 4 if rows <= 128 else 2

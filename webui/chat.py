@@ -39,7 +39,7 @@ STOP_WAIT_S = 30.0        # Stop waits this long at most for the reply to record
 # The reply streams at most one update per this many seconds (the first text and the end go out at once; text
 # between them waits for the next update, never skipped). Each update costs the server Python time (the queue's
 # diff, JSON, SSE) that it takes from the engine thread of the same process: one update per token slowed a
-# fast model's decoding to half its speed. 20 ms is faster than a screen refreshes for reading.
+# fast model's decoding to half its speed. 50 updates a second is more than a reader can follow.
 UPDATE_INTERVAL_S = 0.02
 NUMERICAL_NOTICE = ("⚠️ Generation stopped: the model produced invalid numbers (NaN/inf). Nothing after this point "
                     "was sampled, and this conversation's model state was reset; send your message again.")
