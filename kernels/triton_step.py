@@ -93,8 +93,9 @@ def _tile(rows: int, BK: int, E: int, device: torch.device) -> tuple[int, int]:
 
     From bench/results/step-tiles-h200.json (D = E = 128, 16 and 32 heads, 1-32 sequences, states read from HBM):
     few rows are latency-bound and want many small programs with many warps (16 KiB slices took 1.3x as long at
-    one sequence); many rows are bandwidth-bound and want fewer warps per slice. Other head dims keep 16 KiB
-    slices on 4 warps."""
+    one sequence); from 129 to 512 rows 2 warps per 16 KiB slice beat 4 by 1-7 %; above, 4 warps were best at
+    1,024 rows and are what bench/kernels.py measured at 85-92 % of the copy bandwidth for 64-256 sequences. Other
+    head dims keep 16 KiB slices on 4 warps."""
     if triton_interpreted(device):
         return min(triton.next_power_of_2(E), 64), 4
     if BK != 128:
@@ -102,4 +103,4 @@ def _tile(rows: int, BK: int, E: int, device: torch.device) -> tuple[int, int]:
     width = triton.next_power_of_2(E)
     if rows <= 64:
         return min(16, width), 8
-    return min(32, width), 4 if rows <= 128 else 2
+    return min(32, width), 2 if 128 < rows <= 512 else 4
