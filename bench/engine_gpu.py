@@ -72,6 +72,9 @@ class ModuloTokenizer:
     def decode(self, ids) -> str:
         return self.base.decode([i % self.base.vocab_size for i in ids])
 
+    def piece_text(self, token_id: int) -> str | None:
+        return self.base.piece_text(token_id % self.base.vocab_size)
+
 
 class Results:
     """Rows and notes, rewritten to one JSON file after every addition."""

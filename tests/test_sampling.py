@@ -104,6 +104,40 @@ def test_streamer_pieces_join_to_decode(tok_file, ids):
     assert out == tok.decode(ids)
 
 
+class _WindowOnly:
+    """The tokenizer without `piece_text`: the streamer then decodes its window for every id."""
+
+    def __init__(self, tok: Tokenizer):
+        self.decode = tok.decode
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(min_value=0, max_value=402),  # control, unknown, out-of-range ids too
+                          st.integers(min_value=3, max_value=258)),  # byte pieces, often several in a row
+                min_size=0, max_size=40),
+       st.sampled_from([(), ("Human:",), ("e", "the ")]))
+def test_piece_text_shortcut_streams_what_the_window_streams(tok_file, ids, stop):
+    """The streamer's shortcut for plain pieces (`Tokenizer.piece_text`) yields exactly the pieces, stop and text of
+    decoding every window: after bytes, given-up characters, control and unknown ids, and across stop strings."""
+    tok = Tokenizer(tok_file)
+    fast, window = TextStreamer(tok, stop), TextStreamer(_WindowOnly(tok), stop)
+
+    def run(streamer):
+        try:
+            return [streamer.push(i) for i in ids] + [streamer.flush()], streamer.stopped
+        except Exception as exc:  # an id outside the vocabulary: both must refuse it alike
+            return type(exc), None
+
+    assert run(fast) == run(window)
+
+
+def test_piece_text_of_plain_and_other_pieces(tok):
+    plain = tok.encode("hello world")
+    assert "".join(tok.piece_text(i) for i in plain[1:]) == tok.decode(plain)[len(tok.decode(plain[:1])):]
+    for other in (0, 1, 2, 3, 100, tok.vocab_size, -1):  # unknown, bos, eos, bytes, outside the vocabulary
+        assert tok.piece_text(other) is None
+
+
 def test_streamer_never_splits_a_character(tok):
     ids = tok.encode("图书馆 🙂 ok")
     streamer = TextStreamer(tok)

@@ -26,13 +26,22 @@ class TextStreamer:
         # serve as left context, so SentencePiece's leading-space handling stays right.
         self.prefix_offset = 0
         self.read_offset = 0
+        # A plain piece after complete text adds the same text whatever precedes it: the tokenizer's `piece_text`
+        # (None where it has none, or for pieces that need the window) saves the window's two decodes.
+        self._piece_text = getattr(tokenizer, "piece_text", lambda token_id: None)
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that became safe to show (possibly empty)."""
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        self._decode_window(final=False)
+        # The shortcut needs decoded left context (no leading-space rule) and no ids still waiting for a character.
+        piece = self._piece_text(token_id) if self.prefix_offset < self.read_offset == len(self.ids) - 1 else None
+        if piece is None:
+            self._decode_window(final=False)
+        else:
+            self.text += piece
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release(final=False)
 
     def flush(self) -> str:

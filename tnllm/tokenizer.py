@@ -39,6 +39,8 @@ class Tokenizer:
         except (OSError, RuntimeError) as exc:
             raise ValueError(f"cannot load SentencePiece model {self.path}: {exc}") from exc
         self.control_ids = frozenset(i for i in range(self.sp.GetPieceSize()) if self.sp.IsControl(i))
+        self._piece_texts: dict[int, str | None] = {}  # `piece_text`'s answers, filled as ids come up
+        self._anchor: tuple[int, str] | None = None    # a plain piece and its text, the left context of those answers
 
     @property
     def vocab_size(self) -> int:
@@ -68,6 +70,25 @@ class Tokenizer:
         if self.control_ids.intersection(ids):
             raise ValueError("text encoded to a control token; refusing (special-token injection)")
         return ids
+
+    def piece_text(self, token_id: int) -> str | None:
+        """The text a plain piece adds after any text already decoded (its leading space included), or None for
+        control, unknown and byte pieces and ids outside the vocabulary: their text is empty, a placeholder, or
+        depends on their neighbours (byte fallback). An incremental detokenizer (`tnllm.streaming`) uses it to skip
+        re-decoding a window for most tokens; computed once per id, by decoding it after a fixed plain piece."""
+        if token_id in self._piece_texts:
+            return self._piece_texts[token_id]
+        sp, text = self.sp, None
+        if 0 <= token_id < sp.GetPieceSize() and not (sp.IsControl(token_id) or sp.IsUnknown(token_id)
+                                                      or sp.IsByte(token_id)):
+            if self._anchor is None:
+                anchor = next(i for i in range(sp.GetPieceSize()) if not (sp.IsControl(i) or sp.IsUnknown(i)
+                                                                          or sp.IsByte(i) or sp.IsUnused(i)))
+                self._anchor = anchor, sp.DecodeIds([anchor])
+            anchor, anchor_text = self._anchor
+            text = sp.DecodeIds([anchor, token_id])[len(anchor_text):]
+        self._piece_texts[token_id] = text
+        return text
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.DecodeIds(list(ids))
