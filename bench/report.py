@@ -630,6 +630,20 @@ def render_step_tiles(result: dict) -> str:
     return _with_notes(out, result)
 
 
+def render_streamer_ab(result: dict) -> str:
+    """bench/streamer_ab.py: one machine's 16-session decode with the detokenizer's plain-piece shortcut and without."""
+    out = ["", f"## Detokenizer shortcut A/B ({result['device']}, {result['preset']}, {result['context']:,}-token "
+           "contexts)", "", f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. Two engines on "
+           "one model in one process, alternating; ms/token = median gap between two tokens of a session, "
+           f"{result['tokens']} tokens per reply; aggregate = the sessions' tok/s over one session's.", "",
+           "| round | streamer | sessions | solo ms/token | sessions ms/token | ratio | aggregate |",
+           "|---|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        out.append(f"| {x['round']} | {x['streamer']} | {x['sessions']} | {x['solo_ms']:.3f} | "
+                   f"{x['sessions_ms']:.3f} | {x['ratio']:.2f}× | {x['aggregate_x']:.1f}× |")
+    return _with_notes(out, result)
+
+
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
     out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
@@ -797,6 +811,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("engine-h200", "Engine decode on the GPU", render_engine, "python bench/engine_gpu.py --device cuda"),
             ("quant-h200", "8-bit weights on the GPU", render_quant, "python bench/quant_gpu.py"),
             ("sampler-h200", "Batch sampler per decode step", render_sampler, "python bench/sampler.py"),
+            ("streamer-ab-h200", "Detokenizer shortcut A/B", render_streamer_ab,
+             "python bench/streamer_ab.py --out bench/results/streamer-ab-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
              "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,

@@ -125,3 +125,15 @@ def test_step_tile_sweep_runs_in_the_interpreter(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["preset"], r["batch"], r["bv"], r["warps"]) for r in rows] == [("tiny", 2, 16, 4)]
     assert rows[0]["us"] > 0 and rows[0]["state_tb_s"] > 0
+
+
+def test_streamer_ab_runs_on_the_cpu(tmp_path):
+    """bench/streamer_ab.py: both detokenizers through the engine, one round, rows written."""
+    out = tmp_path / "ab.json"
+    run = subprocess.run([sys.executable, "bench/streamer_ab.py", "--device", "cpu", "--preset", "tiny", "--sessions",
+                          "3", "--context", "8", "--tokens", "6", "--rounds", "1", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["streamer"] for r in rows] == ["shortcut", "window"]
+    assert all(r["solo_ms"] > 0 and r["sessions_ms"] > 0 and r["sessions"] == 3 for r in rows)
