@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tnllm.engine.pool import SINK_SLOT, StatePool
+from tnllm.engine.pool import SINK_SLOT, StatePool, upload_ids
 from tnllm.engine.sampler import GENERAL, BatchSampler, SamplePlan
 from tnllm.engine.scheduler import decode_step, packed_step
 from tnllm.model import TransNormerLLM
@@ -225,8 +225,7 @@ class PrefillGraphs:
         """`run` for at most `max_batch` chunks."""
         plans = [split_into_pieces(len(ids), self.sizes) for ids, _ in chunks]
         fed = [0] * len(chunks)
-        # Every replay's ids and slots (pad rows included) go up in ONE upload: a fresh (pinned) host tensor per
-        # call, kept alive by the caching host allocator until its copy has run, so nothing queued sees it change.
+        # Every replay's ids and slots (pad rows included) go up in ONE upload (`upload_ids`: no host sync).
         replays, flat = [], []
         for size in sorted({size for plan in plans for size in plan}, reverse=True):
             rows = [i for i, plan in enumerate(plans) if size in plan]
@@ -238,8 +237,7 @@ class PrefillGraphs:
                 fed[i] += size
             flat += [0] * (pad * size) + [chunks[i][1] for i in rows] + [SINK_SLOT] * pad
             replays.append((piece, rows, sum(plans[i][-1] == size for i in rows)))
-        staged = torch.tensor(flat, dtype=torch.long, pin_memory=self.device.type == "cuda").to(
-            self.device, non_blocking=True)
+        staged = upload_ids(flat, self.device)
         logits: list[torch.Tensor | None] = [None] * len(chunks)
         start = 0
         for piece, rows, ending in replays:
