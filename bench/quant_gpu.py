@@ -179,8 +179,8 @@ def bench_model_method(model: TransNormerLLM, method: str, load_s: float | None,
                        device: torch.device) -> None:
     """Decode rows at batch 1 and --batch, then the prefill row, of one (already quantised) model."""
     base = {"method": method, "preset": args.preset, "load_s": load_s, "weight_gib": model_bytes(model) / 2**30}
-    engine = Engine(model, tok, EngineConfig(max_sessions=args.batch, prefill_budget=16384,
-                                             cuda_graphs=device.type == "cuda"), eos_ids=set())
+    engine = Engine(model, tok, EngineConfig(max_sessions=args.batch, prefill_budget=16384), eos_ids=set())
+    base["path"] = "graph" if engine.scheduler.decoder is not None else "eager"
     try:
         for batch in sorted({1, args.batch}):
             ms, tok_s, _ = decode_row(engine, [args.context] * batch, args.tokens)
@@ -210,6 +210,18 @@ def bench_model(args, results: Results, device: torch.device, tok) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         bench_model_method(model, "int8", load_s, args, results, tok, device)
+    if bnb.available():
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = build(args.preset, args.model_dtype, device)
+        with section(results, "model bnb_int8"):
+            sync(device)
+            start = time.perf_counter()
+            quant.quantize(model, "bnb_int8", threshold=args.threshold)
+            sync(device)
+            bench_model_method(model, "bnb_int8", time.perf_counter() - start, args, results, tok, device)
 
 
 def timed_load(directory: str, method: str, device: str) -> dict:
@@ -243,7 +255,7 @@ def bench_load(args, results: Results, device: torch.device) -> None:
         del model
         gc.collect()
         largest = max(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 2**20
-        for method in ("none", "int8"):
+        for method in ("none", "int8") + (("bnb_int8",) if bnb.available() else ()):
             with section(results, f"load {method}"):
                 code = (f"import json; from quant_gpu import timed_load; "
                         f"print(json.dumps(timed_load({tmp!r}, {method!r}, {str(device)!r})))")

@@ -7,8 +7,8 @@ each module gets a load_state_dict pre-hook that refuses float weights once quan
 
 Streaming (docs/quantization.md#streaming-loader): modules are swapped on the meta device with
 `accelerate.utils.bnb.replace_with_bnb_layers` and filled one tensor at a time:
-`Int8Params(float_w, has_fp16_weights=False).to(device)` quantises on `device` (CPU, or a GPU where the fp16
-copy and int8 kernels live on the card).
+each float weight is quantised on `device` (`int8_vectorwise_quant`, as `Int8Params.to()` does) into an
+`Int8Params` holding the int8 rows and their scales, never through the host when `device` is a GPU.
 Only this module (and only when called) imports bitsandbytes; model code never does.
 """
 
@@ -63,6 +63,9 @@ def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
     replace_with_bnb_layers(model, _config(threshold, skip), modules_to_not_convert=skip)
     for module in target_linears(model).values():
         module.register_load_state_dict_pre_hook(reject_float_into_int8)
+    # LLM.int8 finds its outlier columns on the host in every call, which a CUDA graph cannot capture: the
+    # engine decodes such a model eagerly (Engine reads `capturable`).
+    model.capturable = False
 
 
 @torch.no_grad()
@@ -70,9 +73,10 @@ def load_float_weight(name: str, module: nn.Module, weight: torch.Tensor, device
     """Quantise float `weight` [out, in] into the (not yet quantised) Linear8bitLt `module` on `device`."""
     check_not_quantised(name, module)
     bnb = _bnb()
-    # Int8Params quantises in .to() only when its data is on the CPU, so start from a host tensor.
-    param = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False)
-    module.weight = param.to(device)
+    # What Int8Params.to() does for a host tensor, on `device` wherever the weight is: Int8Params would quantise
+    # only data that starts on the CPU, so a GPU weight would go through the host and back.
+    rows, row_scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(device=device, dtype=torch.float16))
+    module.weight = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=row_scales)
 
 
 def quantize_model(model: TransNormerLLM, threshold: float = 6.0) -> TransNormerLLM:

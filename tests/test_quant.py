@@ -46,6 +46,20 @@ def logits_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return rel, (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
+@pytest.mark.skipif(not bnb.available(), reason="no bnb")
+def test_bnb_glus_stay_unpacked(saved):
+    """The engine packs each GLU's l1 and l2 on CUDA (`GLU.pack`); LLM.int8 modules keep their int8 rows and scales
+    on their Int8Params, which a concatenation would drop (every forward then failed), so they stay unpacked and
+    the logits are those of the unpacked model."""
+    q = quant.load_quantized(saved[1], "bnb_int8")
+    with torch.no_grad():
+        want = q(IDS)
+        pack_glus(q)
+        assert all(layer.channel_mixer._l12 is None for layer in q.model.layers)
+        assert torch.equal(q(IDS), want)
+    assert q.capturable is False  # the engine decodes it eagerly: its outlier columns are read on the host
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_logits_close_to_float(saved, method):
     model, directory = saved

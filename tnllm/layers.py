@@ -72,10 +72,14 @@ class GLU(nn.Module):
         weights faster than two). Serves float Linears and 8-bit ones alike (`weight`, `scales`, `bias`). l1 and
         l2 keep their tensors, now views into the packed ones: loading a state dict fills them, saving sees them
         as before. Moving or converting the module, replacing l1 or l2, or a forward that autograd records
-        (training) unpacks: the two products again."""
+        (training) unpacks: the two products again. Modules whose parameters are subclasses are left alone:
+        such a parameter carries state of its own (bitsandbytes' Int8Params holds its int8 rows and scales as
+        attributes), which a concatenation would drop."""
         l1, l2 = self.l1, self.l2
         if self._live_pack() is not None or type(l1) is not type(l2) or not hasattr(l1, "out_features"):
             return  # packed already (another engine on this model), or nothing to pack
+        if any(type(p) is not nn.Parameter for p in [*l1.parameters(), *l2.parameters()]):
+            return
         g = l1.out_features
         packed = copy.copy(l1)  # same class and settings; its own tensor tables below
         packed._parameters, packed._buffers = dict(l1._parameters), dict(l1._buffers)

@@ -78,7 +78,8 @@ class Engine:
         if budget < 1 or solo_budget < 1:
             raise ValueError(f"prefill budgets must be >= 1, got {budget} and {solo_budget}")
         self.sampler = BatchSampler(config.max_sessions + 1, model.config.vocab_size, self.pool.device)
-        # A model whose step other processes must join (tensor parallel) is not capturable here.
+        # Not capturable: a model whose step other processes must join (tensor parallel), or one whose products
+        # read values on the host (bitsandbytes LLM.int8).
         capturable = self.pool.device.type == "cuda" and getattr(model, "capturable", True)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else capturable
         decoder = (DecodeGraphs(model, self.pool, self.sampler, config.max_sessions, config.sample_in_graph)
