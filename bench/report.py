@@ -701,19 +701,28 @@ def render_quant(result: dict) -> str:
     out = ["", f"## 8-bit weights on the GPU ({result['device']}, {result['preset']}, triton {result['triton']})", "",
            f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. µs per call as CUDA-graph "
            "replays, weights read from HBM; `int8` = the Triton kernel, `Int8Linear` = what the model runs (the "
-           "kernel, or the dequantised weight through cuBLAS above its row limit).", "",
-           "| Linear | rows | bf16 µs | int8 kernel µs | Int8Linear µs |", "|---|---|---|---|---|"]
+           "kernel, or the dequantised weight through cuBLAS above its row limit); `bnb_int8` = bitsandbytes "
+           "`Linear8bitLt` (outlier threshold 6), timed eagerly (it reads its outlier columns on the host, so no "
+           "graph captures it).", "",
+           "| Linear | rows | bf16 µs | int8 kernel µs | Int8Linear µs | bnb_int8 µs |", "|---|---|---|---|---|---|"]
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for x in result["linear"]:
         cells.setdefault((x["shape"], x["rows"]), {})[x["method"]] = x["us"]
     for (shape, rows), us in cells.items():
-        times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear"))
+        times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear", "bnb_int8"))
         out.append(f"| {_cell(shape)} | {rows} | {times} |")
-    out += ["", "| method | batch | context | ms/token | prefill s | weights GiB | quantise s |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["", "Through the engine (decode: ms per token of each session; × bf16: tok/s against bf16's at the same "
+            "batch; path: captured CUDA graphs or eager steps):", "",
+            "| method | path | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s | code |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(x["batch"], x["context"]): x for x in result["model"] + result["prefill"] if x["method"] == "bf16"}
     for x in result["model"] + result["prefill"]:
-        out.append(f"| {x['method']} | {x['batch']} | {x['context']:,} | {fmt(x.get('decode_ms_per_token'))} | "
-                   f"{fmt(x.get('prefill_s'))} | {x['weight_gib']:.2f} | {fmt(x.get('load_s'))} |")
+        ref = bf16.get((x["batch"], x["context"]), {})
+        key = "decode_ms_per_token" if "decode_ms_per_token" in x else "prefill_s"
+        speed = fmt(ref[key] / x[key], "{:.2f}×") if ref.get(key) and x.get(key) else "—"
+        out.append(f"| {x['method']} | {x.get('path', 'graph')} | {x['batch']} | {x['context']:,} | "
+                   f"{fmt(x.get('decode_ms_per_token'))} | {speed} | {fmt(x.get('prefill_s'))} | "
+                   f"{x['weight_gib']:.2f} | {fmt(x.get('load_s'))} | {x.get('commit', '')} |")
     if result.get("load"):
         out += ["", "Loading a checkpoint (bf16 safetensors shards) in a fresh process:", "",
                 "| method | load s | peak host MB | largest shard MB | weights GiB |", "|---|---|---|---|---|"]

@@ -18,6 +18,7 @@ import importlib.util
 import logging
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 
 from tnllm.model import TransNormerLLM
@@ -82,10 +83,18 @@ def load_float_weight(name: str, module: nn.Module, weight: torch.Tensor, device
 def quantize_model(model: TransNormerLLM, threshold: float = 6.0) -> TransNormerLLM:
     """A loaded float model (docs/quantization.md#quantising-a-loaded-model): swap in Linear8bitLt, then quantise
     each on its device."""
-    floats = {name: m.weight.detach() for name, m in target_linears(model).items()}
-    replace_linears(model, threshold)
+    floats = {}
     for name, module in target_linears(model).items():
-        load_float_weight(name, module, floats[name], floats[name].device)
+        floats[name] = {k: t.detach() for k, t in module.named_parameters(recurse=False)}
+        for key, tensor in floats[name].items():  # the swap below copies meta placeholders, not the weights
+            setattr(module, key, nn.Parameter(tensor.to("meta"), requires_grad=False))
+    with init_empty_weights():  # else each new module first allocates and initialises a float weight on the CPU
+        replace_linears(model, threshold)
+    for name, module in target_linears(model).items():
+        tensors = floats.pop(name)
+        load_float_weight(name, module, tensors["weight"], tensors["weight"].device)
+        if "bias" in tensors:
+            module.bias = nn.Parameter(tensors["bias"], requires_grad=False)
     return model
 
 

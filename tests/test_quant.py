@@ -46,6 +46,25 @@ def logits_error(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
     return rel, (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_quantize_keeps_biases(tmp_path, method):
+    """Linears with biases: quantising a loaded model (whose swap copies placeholders, then sets each weight and
+    bias) equals the streaming load, and the biases are the float ones."""
+    torch.manual_seed(2)
+    model = TransNormerLLM(CONFIG.replace(bias=True)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    save_model(model, tmp_path)
+    q = quant.quantize(load_model(tmp_path), method)
+    with torch.no_grad():
+        assert torch.equal(q(IDS), quant.load_quantized(tmp_path, method)(IDS))
+    biases = {n: p for n, p in model.named_parameters() if n.endswith("bias")}
+    state = q.state_dict()
+    assert biases and all(torch.equal(p.float(), state[n].float()) for n, p in biases.items())
+
+
 @pytest.mark.skipif(not bnb.available(), reason="no bnb")
 def test_bnb_glus_stay_unpacked(saved):
     """The engine packs each GLU's l1 and l2 on CUDA (`GLU.pack`); LLM.int8 modules keep their int8 rows and scales

@@ -1,0 +1,143 @@
+"""What holds the Lightning Attention forward back at each length: launch settings, segment count and occupancy.
+
+    python bench/chunk_sweep.py --out bench/results/chunk-sweep-h200.json     # H200, about 5 minutes
+    TRITON_INTERPRET=1 python bench/chunk_sweep.py --tiny --out /tmp/cs.json  # CPU smoke test of this script
+
+For each prefill shape of bench/kernels.py (bf16, H = 32, B·N = 65,536 tokens, N = 2k..128k; and the dk = 256 /
+dv = 128 row at 8k) it times our forward (`lightning_attn_triton`, triton do_bench, L2 flushed) under every
+launch setting of `--grid` (chunk kernel tiles: BT, BV, warps, stages; the wide row's BV_WIDE, WARPS_WIDE and
+STAGES_WIDE) and every segment-length target of `--programs` (`PROGRAMS`: how many chunk-kernel programs the
+segment length aims for; MIN_SEG_CHUNKS 4 or 16), with fla's `chunk_simple_gla` on the same inputs as the
+anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_seg_scan_kernel`, 0 when the plan
+does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
+(q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
+shape is timed again with its backward (fwd+bwd). Rows are written to --out as they come, so a timeout loses
+nothing. `triton_chunk._CFG` is restored afterwards; the run never edits it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--tiny" in sys.argv:  # before Triton is imported: the interpreter is chosen when kernels are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from kernels import DEV, alibi_rates, bench, ceilings, load_anchors, time_impl  # noqa: E402
+from tnllm.kernels import triton_chunk  # noqa: E402
+from tnllm.kernels.triton_chunk import _Plan, lightning_attn_triton  # noqa: E402
+
+# chunk kernel tiles (narrow: dk <= 128) and the wide row's; the first of each is the shipped setting
+NARROW = [dict(BT=64, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=64, WARPS=4, STAGES=2),
+          dict(BT=64, BV=128, WARPS=8, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=2),
+          dict(BT=128, BV=64, WARPS=8, STAGES=1), dict(BT=64, BV=32, WARPS=4, STAGES=1),
+          dict(BT=64, BV=64, WARPS=8, STAGES=1), dict(BT=32, BV=64, WARPS=4, STAGES=1)]
+WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=32, WARPS_WIDE=4, STAGES_WIDE=2),
+        dict(BV_WIDE=32, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
+        dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=32, WARPS_WIDE=4, STAGES_WIDE=1)]
+PROGRAMS = [dict(PROGRAMS=p, MIN_SEG_CHUNKS=m) for p in (1024, 132, 264, 528, 2048) for m in (16, 4)]
+
+
+def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:
+    """(B, N, H, dk, dv): bench/kernels.py's prefill shapes."""
+    if tiny:
+        return [(4, 64, 2, 16, 16), (1, 256, 2, 16, 16), (2, 128, 2, 32, 16)]
+    return [(32, 2048, 32, 128, 128), (8, 8192, 32, 128, 128), (2, 32768, 32, 128, 128), (1, 131072, 32, 128, 128),
+            (8, 8192, 32, 256, 128)]
+
+
+def plan_facts(q, v) -> dict:
+    """Segments per sequence and chunk-kernel programs of the current setting's plan for these inputs."""
+    B, T, H, D = q.shape
+    plan = _Plan(B, T, H, D, v.shape[-1], q.device, None, None)
+    slices = -(-v.shape[-1] // plan.BV_of(D, v.shape[-1]))
+    return {"segments": plan.NS, "programs": plan.n_seg * H * slices, "segment_len": plan.L}
+
+
+def prepass_ms(q, k, v, ld) -> float:
+    """The segment pre-pass alone (0 when the plan does not segment)."""
+    B, T, H, D = q.shape
+    plan = _Plan(B, T, H, D, v.shape[-1], q.device, None, None)
+    if not plan.segmented:
+        return 0.0
+    return bench(lambda: plan.seg_states(k, v, ld, None, reverse=False))[0]
+
+
+def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict) -> None:
+    """Every (tile, segment target) on one shape, then the best again with its backward; rows into `result`."""
+    B, N, H, dk, dv = shape
+    gen = torch.Generator(device=DEV).manual_seed(N)
+    q, k = (torch.randn(B, N, H, dk, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    v = torch.randn(B, N, H, dv, device=DEV, dtype=torch.bfloat16, generator=gen)
+    rate = alibi_rates(H)
+    ld = (-rate).float().contiguous()
+    floor_ms = (B * N * H * (2 * dk + 2 * dv) * 2) / (copy_tbps * 1e9) if DEV == "cuda" else float("nan")
+    base = {"B": B, "N": N, "H": H, "dk": dk, "dv": dv, "floor_ms": floor_ms}
+    fla = anchors.get("fla")
+    fla_ms = bench(lambda: fla(q, k, v, g_gamma=-rate, scale=1.0)[0])[0] if fla else None
+    shipped, rows = dict(triton_chunk._CFG), []
+    for tile, prog in itertools.product(tiles, programs):
+        triton_chunk._CFG.update({**shipped, **tile, **prog})
+        row = dict(base, cfg={**tile, **prog}, **plan_facts(q, v), fla_fwd_ms=fla_ms)
+        try:
+            row["fwd_ms"] = bench(lambda: lightning_attn_triton(q, k, v, -rate)[0])[0]
+            row["prepass_ms"] = prepass_ms(q, k, v, ld)
+            row["pct_floor"] = 100 * floor_ms / row["fwd_ms"]
+            row["vs_fla"] = fla_ms / row["fwd_ms"] if fla_ms else None
+        except Exception as exc:  # noqa: BLE001 (a tile that needs more shared memory than a block has)
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        triton_chunk._CFG.update(shipped)
+        rows.append(row)
+        result["rows"].append(row)
+        print(f"{B}x{N} dk{dk} {row['cfg']}: seg {row['segments']} progs {row['programs']} "
+              f"fwd {row.get('fwd_ms', float('nan')):.3f} pre {row.get('prepass_ms', float('nan')):.3f} "
+              f"fla {fla_ms} {row.get('error', '')}", flush=True)
+    ok = [r for r in rows if "fwd_ms" in r]
+    if not ok:
+        return
+    best = min(ok, key=lambda r: r["fwd_ms"])
+    triton_chunk._CFG.update({**shipped, **best["cfg"]})
+    try:
+        timed = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
+    finally:
+        triton_chunk._CFG.update(shipped)
+    first = next((r for r in ok if r["cfg"] == {**tiles[0], **programs[0]}), {})
+    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed["fwd_ms"], fwdbwd_ms=timed["fwdbwd_ms"],
+                               segments=best["segments"], shipped_fwd_ms=first.get("fwd_ms"), fla_fwd_ms=fla_ms))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="CPU interpreter, small shapes, two settings")
+    p.add_argument("--budget-s", type=float, default=420.0, help="no new shape starts after this")
+    args = p.parse_args()
+    start = time.perf_counter()
+    anchors, errors = load_anchors()
+    result = {"bench": "chunk_sweep", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+        "torch": torch.__version__, "command": "python bench/chunk_sweep.py " + " ".join(sys.argv[1:]),
+        "anchor_errors": errors, "shipped": dict(triton_chunk._CFG), "ceilings": ceilings(), "rows": [], "best": []}
+    narrow, wide, programs = (NARROW[:2], WIDE[:2], PROGRAMS[:2]) if args.tiny else (NARROW, WIDE, PROGRAMS)
+    for shape in shapes(args.tiny):
+        if time.perf_counter() - start > args.budget_s:
+            result.setdefault("skipped", []).append(list(shape))
+            continue
+        tiles = narrow if shape[3] <= 128 else wide
+        sweep_shape(shape, tiles, programs, anchors, result["ceilings"]["copy_TBps"], result)
+        result["total_s"] = time.perf_counter() - start
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
