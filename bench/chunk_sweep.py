@@ -38,13 +38,11 @@ from tnllm.kernels.triton_chunk import _Plan, lightning_attn_triton  # noqa: E40
 
 # chunk kernel tiles (narrow: dk <= 128) and the wide row's; the first of each is the shipped setting
 NARROW = [dict(BT=64, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=64, WARPS=4, STAGES=2),
-          dict(BT=64, BV=128, WARPS=8, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=2),
-          dict(BT=128, BV=64, WARPS=8, STAGES=1), dict(BT=64, BV=32, WARPS=4, STAGES=1),
-          dict(BT=64, BV=64, WARPS=8, STAGES=1), dict(BT=32, BV=64, WARPS=4, STAGES=1)]
-WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=32, WARPS_WIDE=4, STAGES_WIDE=2),
-        dict(BV_WIDE=32, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
-        dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=32, WARPS_WIDE=4, STAGES_WIDE=1)]
-PROGRAMS = [dict(PROGRAMS=p, MIN_SEG_CHUNKS=m) for p in (1024, 132, 264, 528, 2048) for m in (16, 4)]
+          dict(BT=64, BV=128, WARPS=8, STAGES=2), dict(BT=64, BV=64, WARPS=8, STAGES=1),
+          dict(BT=32, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=3)]
+WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
+        dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=64, WARPS_WIDE=4, STAGES_WIDE=2)]
+PROGRAMS = [dict(PROGRAMS=p, MIN_SEG_CHUNKS=m) for p in (1024, 132, 264, 528) for m in (16, 4)]
 
 
 def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:
