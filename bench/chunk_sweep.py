@@ -5,9 +5,9 @@
 
 For each prefill shape of bench/kernels.py (bf16, H = 32, B·N = 65,536 tokens, N = 2k..128k; and the dk = 256 /
 dv = 128 row at 8k) it times our forward (`lightning_attn_triton`, triton do_bench, L2 flushed) under every
-launch setting of `--grid` (chunk kernel tiles: BT, BV, warps, stages; the wide row's BV_WIDE, WARPS_WIDE and
-STAGES_WIDE) and every segment-length target of `--programs` (`PROGRAMS`: how many chunk-kernel programs the
-segment length aims for; MIN_SEG_CHUNKS 4 or 16), with fla's `chunk_simple_gla` on the same inputs as the
+launch setting of NARROW (chunk kernel tiles: BT, BV, warps, stages) or, for the wide row, WIDE (BV_WIDE, WARPS_WIDE and
+STAGES_WIDE) and every segment-length setting (`SEG_PROGRAMS_PER_SM`: chunk-kernel programs per SM the segment
+length aims for when a sequence is cut; MIN_SEG_CHUNKS 4 or 16), with fla's `chunk_simple_gla` on the same inputs as the
 anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_seg_scan_kernel`, 0 when the plan
 does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
 (q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
@@ -42,7 +42,7 @@ NARROW = [dict(BT=64, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=64, WARPS=4, STA
           dict(BT=32, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=3)]
 WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
         dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=64, WARPS_WIDE=4, STAGES_WIDE=2)]
-PROGRAMS = [dict(PROGRAMS=p, MIN_SEG_CHUNKS=m) for p in (1024, 132, 264, 528) for m in (16, 4)]
+PROGRAMS = [dict(SEG_PROGRAMS_PER_SM=p, MIN_SEG_CHUNKS=m) for p in (2, 1, 4) for m in (16, 4)]
 
 
 def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:

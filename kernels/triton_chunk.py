@@ -21,6 +21,8 @@ dot casts it to bf16 for bf16 inputs, to fp32/TF32 otherwise since fp16 could ov
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -214,20 +216,26 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
         b_h = b_h * tl.exp2(b_ld * (eos - bos).to(tl.float32)) + b_l
 
 
-# Launch settings on GPU (tuned on H200 by bench/kernels.py --sweep); the interpreter uses 16-wide blocks.
-# BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128; BS state
-# tile of the segment kernels; PROGRAMS chunk-kernel programs to aim for when choosing the segment length.
-_CFG = dict(BT=64, BV=64, WARPS=4, STAGES=1, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, PROGRAMS=1024,
+# Launch settings on GPU (bench/chunk_sweep.py on an H200, docs/kernels.md#launch-settings); the interpreter uses
+# 16-wide blocks. BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128;
+# BS state tile of the segment kernels; SEG_PROGRAMS_PER_SM, MIN_SEG_CHUNKS: the segment length rule (`_Plan`).
+_CFG = dict(BT=64, BV=128, WARPS=8, STAGES=3, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, SEG_PROGRAMS_PER_SM=2,
             MIN_SEG_CHUNKS=16)
 _CFG_INTERPRET = dict(BT=16, BV=16, WARPS=4, STAGES=1, BV_WIDE=16, WARPS_WIDE=4, STAGES_WIDE=1, BS=16,
-                      PROGRAMS=1, MIN_SEG_CHUNKS=1)
+                      SEG_PROGRAMS_PER_SM=1, MIN_SEG_CHUNKS=1)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _Plan:
     """Segmentation and block sizes of one call (host side; varlen needs one sync for cu_seqlens)."""
 
     def __init__(self, B, T, H, D, E, device, cu_seqlens, seg_len):
-        self.cfg = cfg = _CFG_INTERPRET if triton_interpreted(device) else _CFG
+        interpreted = triton_interpreted(device)
+        self.cfg = cfg = _CFG_INTERPRET if interpreted else _CFG
         self.BT, self.BS, self.H = cfg["BT"], cfg["BS"], H
         n_v = max(triton.cdiv(E, self.BV_of(D, E)), triton.cdiv(D, self.BV_of(E, D)))
         if cu_seqlens is None:
@@ -237,8 +245,16 @@ class _Plan:
             bounds = cu_seqlens.tolist()
             lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
             self.N, tot = len(lens), bounds[-1]
-        if seg_len is None:  # aim for >= PROGRAMS programs of the chunk kernel
-            seg_len = max(cfg["MIN_SEG_CHUNKS"] * self.BT, triton.cdiv(tot * H * n_v, cfg["PROGRAMS"]))
+        if seg_len is None:
+            # Segments cost a pre-pass over k and v (a quarter of the forward's time at 8k-32k tokens), so a
+            # sequence is cut only when one program per (sequence, head, slice) leaves SMs idle; then into enough
+            # segments for SEG_PROGRAMS_PER_SM programs per SM.
+            sms = 1 if interpreted else _sm_count(torch.device(device))
+            if self.N * H * n_v >= sms:
+                seg_len = max(lens or [T])
+            else:
+                seg_len = max(cfg["MIN_SEG_CHUNKS"] * self.BT,
+                              triton.cdiv(tot * H * n_v, cfg["SEG_PROGRAMS_PER_SM"] * sms))
         self.L = triton.cdiv(max(int(seg_len), 1), self.BT) * self.BT
         self.T, self.varlen = T, cu_seqlens is not None
         if lens is None:
@@ -300,11 +316,11 @@ class _Plan:
         return out, hf
 
     def stages(self, K: int, a: torch.Tensor) -> int:
-        """Pipeline stages of the chunk kernel: the wide (K > 128) setting double-buffers 16-bit tiles; fp32
-        tiles are twice the bytes and two stages of them exceed the H200's 227 KiB of shared memory."""
-        if K <= 128:
-            return self.cfg["STAGES"]
-        return self.cfg["STAGES_WIDE"] if a.element_size() <= 2 else 1
+        """Pipeline stages of the chunk kernel for 16-bit tiles; fp32 tiles are twice the bytes, and more than one
+        stage of them exceeds the H200's 227 KiB of shared memory."""
+        if a.element_size() > 2:
+            return 1
+        return self.cfg["STAGES" if K <= 128 else "STAGES_WIDE"]
 
 
 class _LightningAttnFunction(torch.autograd.Function):
