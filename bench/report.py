@@ -630,6 +630,30 @@ def render_step_tiles(result: dict) -> str:
     return _with_notes(out, result)
 
 
+def render_chunk_sweep(result: dict) -> str:
+    """bench/chunk_sweep.py: the Lightning Attention forward per launch setting and segment count, against fla."""
+    out = ["", f"## Lightning Attention forward: launch settings and segments ({result['device']}, bf16, H = 32)", "",
+           f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. ms per forward (do_bench, L2 "
+           "flushed); pre-pass = the segment state kernels alone; floor = q, k, v read and o written once at the "
+           f"run's copy bandwidth ({result['ceilings']['copy_TBps']:.2f} TB/s); fla = `chunk_simple_gla` on the same "
+           "inputs in the same run. Settings named as the run named them.", "",
+           "| N | B | dk/dv | setting then shipped: fwd | its segments, pre-pass | fastest setting | segments | fwd | "
+           "% floor | fwd+bwd | fla fwd | fastest vs fla |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    shipped = result["shipped"]
+    for best in result["best"]:
+        same = [x for x in result["rows"] if (x["N"], x["dk"]) == (best["N"], best["dk"]) and "fwd_ms" in x]
+        then = next((x for x in same if all(shipped.get(k) == v for k, v in x["cfg"].items())), None)
+        fastest = min(same, key=lambda x: x["fwd_ms"])
+        setting = ", ".join(f"{k}={v}" for k, v in best["cfg"].items())
+        then_cells = (f"{then['fwd_ms']:.3f} | {then['segments']}, {then['prepass_ms']:.3f}" if then else "— | —")
+        fla = best.get("fla_fwd_ms")
+        out.append(f"| {best['N']:,} | {best['B']} | {best['dk']}/{best['dv']} | {then_cells} | {setting} | "
+                   f"{best['segments']} | {fastest['fwd_ms']:.3f} | {100 * best['floor_ms'] / fastest['fwd_ms']:.0f}% "
+                   f"| {best['fwdbwd_ms']:.3f} | {fmt(fla)} | "
+                   f"{fmt(fla / fastest['fwd_ms'] if fla else None, '{:.2f}×')} |")
+    return _with_notes(out, result)
+
+
 def render_streamer_ab(result: dict) -> str:
     """bench/streamer_ab.py: one machine's 16-session decode with the detokenizer's plain-piece shortcut and without."""
     out = ["", f"## Detokenizer shortcut A/B ({result['device']}, {result['preset']}, {result['context']:,}-token "
@@ -822,6 +846,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("sampler-h200", "Batch sampler per decode step", render_sampler, "python bench/sampler.py"),
             ("streamer-ab-h200", "Detokenizer shortcut A/B", render_streamer_ab,
              "python bench/streamer_ab.py --out bench/results/streamer-ab-h200.json"),
+            ("chunk-sweep-h200", "Lightning Attention forward: launch settings and segments", render_chunk_sweep,
+             "python bench/chunk_sweep.py --out bench/results/chunk-sweep-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
              "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,

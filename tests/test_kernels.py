@@ -100,6 +100,18 @@ class TestChunk:
         o_r, _ = ref.lightning_attn_naive(q.double(), k.double(), v.double(), a)
         assert_close("o rate0", o_r, o, rel=TOL[torch.float32])
 
+    @pytest.mark.parametrize("B, T, segments", [(32, 2048, 1), (8, 8192, 1), (2, 32768, 5), (1, 131072, 9)])
+    def test_segments_only_when_sms_would_idle(self, monkeypatch, B, T, segments):
+        """The GPU plan's segment rule (host arithmetic, run here with an H200's 132 SMs): one segment per sequence
+        while (sequence, head, slice) programs fill the SMs, else segments for 2 programs per SM; the counts are
+        the fastest ones of the H200 sweep (bench/results/chunk-sweep-h200.json) for H = 32, D = E = 128."""
+        from tnllm.kernels import triton_chunk
+
+        monkeypatch.setattr(triton_chunk, "triton_interpreted", lambda device: False)
+        monkeypatch.setattr(triton_chunk, "_sm_count", lambda device: 132)
+        plan = triton_chunk._Plan(B, T, 32, 128, 128, "cpu", None, None)
+        assert (plan.NS, plan.segmented) == (segments, segments > 1)
+
     def test_strong_decay_is_finite(self):
         q, k, v, _, s0 = _attn_inputs(1, 70, 2, 16, 16, torch.float32, n_state=1)
         a = torch.tensor([0.0, -30.0], device=DEVICE)
