@@ -278,7 +278,7 @@ def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int)
     """Gaps of `n_decoding` decoding sessions before and while a long prompt is prefilled in chunks."""
     decoding = [engine.open() for _ in range(n_decoding)]
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
-    threads, stamps = stream_in_threads([functools.partial(s.feed_ids, [5 + i], params)
+    threads, stamps, _ = stream_in_threads([functools.partial(s.feed_ids, [5 + i], params)
                                          for i, s in enumerate(decoding)])
     deadline = time.monotonic() + 120
     while min(map(len, stamps)) < tokens // 4:  # decoding at full pace first

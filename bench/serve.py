@@ -42,9 +42,10 @@ MESSAGES = ["Hi! How was your weekend?", "What is your favourite book, and why?"
             "Do you like cooking? What do you make?", "Any plans for the summer?", "What did you do today?"]
 
 
-def stream_in_threads(starts: list[Callable[[], Reply]]) -> tuple[list[threading.Thread], list[list[float]]]:
+def stream_in_threads(starts: list[Callable[[], Reply]]) -> tuple[list[threading.Thread], list[list[float]], float]:
     """Start every reply at once, each read by its own consumer thread as chat reads it; returns the threads
-    (join them) and, per reply, the perf_counter() time each of its tokens reached the consumer."""
+    (join them), per reply the perf_counter() time each of its tokens reached the consumer, and the time the
+    threads were released to submit (after they were created and started)."""
     stamps: list[list[float]] = [[] for _ in starts]
     barrier = threading.Barrier(len(starts) + 1)
 
@@ -58,7 +59,7 @@ def stream_in_threads(starts: list[Callable[[], Reply]]) -> tuple[list[threading
     for t in threads:
         t.start()
     barrier.wait()
-    return threads, stamps
+    return threads, stamps, time.perf_counter()
 
 
 def token_gaps_ms(stamps: list[float]) -> list[float]:
@@ -74,8 +75,7 @@ def token_gaps_ms(stamps: list[float]) -> list[float]:
 def time_sessions(starts: list[Callable[[], Reply]]) -> tuple[float, list[float], int]:
     """(aggregate tok/s from the submissions to the last token, every reply's gaps between tokens in ms,
     tokens in all) of replies started at once."""
-    start = time.perf_counter()
-    threads, stamps = stream_in_threads(starts)
+    threads, stamps, start = stream_in_threads(starts)
     for t in threads:
         t.join()
     wall = max(s[-1] for s in stamps if s) - start
