@@ -25,6 +25,7 @@ if "--tiny" in sys.argv:  # before Triton is imported: the interpreter is chosen
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -32,14 +33,27 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from kernels import DEV, alibi_rates, bench, ceilings, load_anchors, time_impl  # noqa: E402
 from tnllm.kernels import triton_chunk  # noqa: E402
 from tnllm.kernels.triton_chunk import _Plan, lightning_attn_triton  # noqa: E402
 
+
+def _kernel_bench():
+    """bench/kernels.py's helpers (timing, ceilings, anchors): a script beside this one, loaded under its own
+    name, since `kernels` names the package."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_KB = _kernel_bench()
+DEV, alibi_rates, bench, ceilings, load_anchors, time_impl = (
+    _KB.DEV, _KB.alibi_rates, _KB.bench, _KB.ceilings, _KB.load_anchors, _KB.time_impl)
+
 # chunk kernel tiles (narrow: dk <= 128) and the wide row's; the first of each is the shipped setting
-NARROW = [dict(BT=64, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=64, WARPS=4, STAGES=2),
-          dict(BT=64, BV=128, WARPS=8, STAGES=2), dict(BT=64, BV=64, WARPS=8, STAGES=1),
-          dict(BT=32, BV=64, WARPS=4, STAGES=1), dict(BT=64, BV=128, WARPS=8, STAGES=3)]
+NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=3), dict(BT=64, BV=64, WARPS=4, STAGES=1),
+          dict(BT=64, BV=64, WARPS=4, STAGES=2), dict(BT=64, BV=128, WARPS=8, STAGES=2),
+          dict(BT=64, BV=64, WARPS=8, STAGES=1), dict(BT=32, BV=64, WARPS=4, STAGES=1)]
 WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
         dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=64, WARPS_WIDE=4, STAGES_WIDE=2)]
 PROGRAMS = [dict(SEG_PROGRAMS_PER_SM=p, MIN_SEG_CHUNKS=m) for p in (2, 1, 4) for m in (16, 4)]
@@ -125,6 +139,9 @@ def main() -> None:
         timespec="seconds"), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
         "torch": torch.__version__, "command": "python bench/chunk_sweep.py " + " ".join(sys.argv[1:]),
         "anchor_errors": errors, "shipped": dict(triton_chunk._CFG), "ceilings": ceilings(), "rows": [], "best": []}
+    for first in (NARROW[0], WIDE[0], PROGRAMS[0]):  # each list starts with what ships, the row to beat
+        if any(triton_chunk._CFG[k] != v for k, v in first.items()):
+            raise SystemExit(f"{first} is not the shipped setting {triton_chunk._CFG}: update the lists")
     narrow, wide, programs = (NARROW[:2], WIDE[:2], PROGRAMS[:2]) if args.tiny else (NARROW, WIDE, PROGRAMS)
     for shape in shapes(args.tiny):
         if time.perf_counter() - start > args.budget_s:

@@ -18,6 +18,7 @@ from torch import nn
 from tests.conftest import ROOT, assert_close, requires_cuda, requires_triton_interpret
 from tnllm import kernels
 from tnllm.kernels import reference as ref
+from tnllm.quant import bnb
 from tnllm.quant.int8 import Int8Linear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -280,9 +281,11 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert not [n for n in data["notes"] if "failed" in n], data["notes"]
     int8 = [r for r in data["linear"] if r["method"] == "int8"]
     assert len(int8) == 5 and max(r["max_rel_err"] for r in int8) < 1e-2  # 5 shapes; bf16 output rounding
-    assert {(r["method"], r["batch"]) for r in data["model"]} == {(m, b) for m in ("float", "int8") for b in (1, 2)}
+    methods = ("float", "int8", "bnb_int8") if bnb.available() else ("float", "int8")
+    assert {(r["method"], r["batch"]) for r in data["model"]} == {(m, b) for m in methods for b in (1, 2)}
     assert all(r["decode_ms_per_token"] > 0 and r["weight_gib"] > 0 for r in data["model"])
-    assert [r["method"] for r in data["prefill"]] == ["float", "int8"] and data["prefill"][1]["load_s"] > 0
+    assert [r["method"] for r in data["prefill"]] == list(methods) and data["prefill"][1]["load_s"] > 0
     loads = {r["method"]: r for r in data["load"]}
-    assert set(loads) == {"bf16", "int8"} and all(r["load_s"] > 0 and r["peak_host_mb"] > 0 for r in loads.values())
+    assert set(loads) == {"bf16", *methods[1:]} and all(r["load_s"] > 0 and r["peak_host_mb"] > 0
+                                                      for r in loads.values())
     assert loads["int8"]["weight_gib"] < loads["bf16"]["weight_gib"]  # int8 decoder Linears
