@@ -143,37 +143,31 @@ class DecodeFigures(NamedTuple):
     timed_captures: int    # graphs captured during the timed round (0 in the steady state it means to measure)
 
 
-def captured_graphs(engine: Engine) -> int:
-    """How many CUDA graphs the engine has captured so far (decode steps and prefill pieces)."""
-    scheduler = engine.scheduler
-    return (len(scheduler.decoder.graphs) if scheduler.decoder is not None else 0) + (
-        len(scheduler.prefill_graph.pieces) if scheduler.prefill_graph is not None else 0)
-
-
 def decode_row(engine: Engine, contexts: list[int], tokens: int,
                before_timed: Callable[[], None] = lambda: None) -> DecodeFigures:
     """The figures of one `tokens`-long reply per session, all at once, in sessions already holding `contexts`
     tokens (each reads only its 2 pending ids first). `before_timed` runs between the untimed rounds and the
     timed one."""
     sessions = prefilled_sessions(engine, contexts)
-    # Untimed rounds first, until one captures no new graph (at most WARM_ROUNDS): a graph is captured the first
-    # time a batch size, sampling plan or batch of prompt pieces occurs, and how the sessions' first steps group
-    # depends on thread timing, so one round may not meet them all. The timed round measures the steady state of
-    # a server that has been running; `timed_captures` says whether it did.
+    # The timed round measures the steady state of a server that has been running: every graph its steps can
+    # need is captured first (`Engine.precapture`; how the sessions' first steps group depends on thread timing,
+    # so untimed rounds alone did not always meet every shape), then untimed rounds until one captures nothing
+    # (at most WARM_ROUNDS). `timed_captures` says whether the timed round still captured.
+    params = SamplingParams(max_new_tokens=tokens, **PARAMS)
+    engine.precapture(params)
     for _ in range(WARM_ROUNDS):
-        before = captured_graphs(engine)
+        before = engine.captured_graphs
         time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS))
                        for s in sessions])
-        if captured_graphs(engine) == before:
+        if engine.captured_graphs == before:
             break
     before_timed()
-    before = captured_graphs(engine)
-    params = SamplingParams(max_new_tokens=tokens, **PARAMS)
+    before = engine.captured_graphs
     tok_s, gaps, total = time_sessions([functools.partial(s.feed_ids, [], params) for s in sessions])
     for s in sessions:
         s.close()
     assert total == tokens * len(sessions), f"{total} tokens from {len(sessions)} sessions"
-    return DecodeFigures(statistics.median(gaps), tok_s, captured_graphs(engine) - before)
+    return DecodeFigures(statistics.median(gaps), tok_s, engine.captured_graphs - before)
 
 
 def graph_replay_ms(engine: Engine, batch: int, tokens: int) -> float:

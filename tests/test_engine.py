@@ -159,6 +159,30 @@ def test_prompt_chunks_ride_in_the_captured_decode_step(model, tok, overlap):
         assert reply.sampled == argmax_loop(model, ids, 12)
 
 
+def test_precapture_leaves_nothing_to_capture_while_serving(model, tok, overlap):
+    """`Engine.precapture(params)` (graph stand-ins): every decode and packed step of each batch bucket and every
+    prefill piece of each bucket is captured up front, so sessions of those settings joining at different steps,
+    with short prompts and a long one read beside the decoding, capture nothing more; replies are unchanged."""
+    engine = make_engine(model, tok, overlap=overlap)
+    assert engine.precapture(GREEDY) == 0 and engine.captured_graphs == 0  # an eager engine has none
+    decoder = DecodeGraphs(model, engine.pool, engine.sampler, max_batch=6, capture=replay_eagerly)
+    prefill = PrefillGraphs(model, engine.pool, max_chunk=16, max_batch=6, capture=replay_eagerly)
+    engine.scheduler.decoder, engine.scheduler.prefill_graph = decoder, prefill
+    buckets, pieces = len(decoder.sizes), len(prefill.sizes) * len(prefill.buckets)
+    assert engine.precapture(GREEDY) == 2 * buckets + pieces - 5  # the one-row pieces existed already
+    assert engine.precapture(GREEDY) == 0
+    captured = engine.captured_graphs
+    prompts = [prompt(n, 60 + n) for n in (3, 2, 40, 7, 2, 5)]
+    replies = []
+    for ids in prompts:
+        replies.append(engine.open().feed_ids(ids, GREEDY))
+        engine.step()
+    engine.run_until_idle()
+    assert engine.captured_graphs == captured
+    for reply, ids in zip(replies, prompts):
+        assert reply.sampled == argmax_loop(model, ids, 12)
+
+
 # -- greedy correctness and isolation -------------------------------------------------------------------
 def test_greedy_equals_full_forward_argmax(model, tok, overlap):
     ids = prompt(37, 1)  # 3 prefill chunks of 16

@@ -189,6 +189,32 @@ class Engine:
 
         self._call(close_slot)
 
+    @property
+    def captured_graphs(self) -> int:
+        """How many CUDA graphs the engine holds (decode and packed steps, prefill pieces)."""
+        scheduler = self.scheduler
+        return (len(scheduler.decoder.graphs) if scheduler.decoder is not None else 0) + (
+            len(scheduler.prefill_graph.pieces) if scheduler.prefill_graph is not None else 0)
+
+    def precapture(self, params: SamplingParams) -> int:
+        """Capture now every graph that steps of replies sampled with `params` can need: the decode step and the
+        packed step (decode rows plus a prompt chunk) of every batch bucket, and every prefill piece of every
+        bucket. Otherwise a graph is captured the first time a step needs it, and that step, with every session
+        in it, waits for the capture (a few forwards). Returns how many graphs were captured (0 without graphs).
+        Each graph keeps its own activation memory on the GPU."""
+        def capture() -> int:
+            scheduler, before = self.scheduler, self.captured_graphs
+            if scheduler.decoder is not None:
+                plan = self.sampler.plan_for([params])
+                scheduler.decoder.capture_all(plan)
+                if scheduler.pack_chunks:
+                    scheduler.decoder.capture_all(plan, chunk=scheduler.prefill_budget)
+            if scheduler.prefill_graph is not None:
+                scheduler.prefill_graph.capture_all()
+            return self.captured_graphs - before
+
+        return self._call(capture)
+
     def step(self) -> None:
         """One scheduler step (threadless engines; the engine thread calls it by itself)."""
         if self.threaded:

@@ -102,6 +102,11 @@ class DecodeGraphs:
             self.graphs[key] = _Captured(replay, slots, out, ids)
         return self.graphs[key]
 
+    def capture_all(self, plan: SamplePlan, chunk: int = 0) -> None:
+        """Capture now, for every batch bucket, the step under `plan` (with `chunk` > 0: the packed step)."""
+        for bucket in self.sizes:
+            self.captured(bucket, plan, chunk)
+
     def covers(self, n: int) -> bool:
         return n <= self.sizes[-1]
 
@@ -206,6 +211,12 @@ class PrefillGraphs:
                                        self.warmup)  # [b, V]
             self.pieces[key] = _Piece(replay, ids, slots, out)
         return self.pieces[key]
+
+    def capture_all(self) -> None:
+        """Capture now every piece size for every batch bucket."""
+        for size in self.sizes:
+            for bucket in self.buckets:
+                self.piece(size, bucket)
 
     def covers(self, n: int) -> bool:
         return n <= self.max_chunk

@@ -96,7 +96,10 @@ class BatchSampler:
 
     def plan(self, slots: list[int]) -> SamplePlan:
         """The cheapest `SamplePlan` that serves these slots' current settings."""
-        settings = [self.settings[s] for s in slots]
+        return self.plan_for([self.settings[s] for s in slots])
+
+    def plan_for(self, settings: list[SamplingParams]) -> SamplePlan:
+        """The cheapest `SamplePlan` that serves rows with these settings."""
         drawing = [p for p in settings if p.temperature > 0]
         head = head_size([p.top_k for p in drawing])
         return SamplePlan(penalty=any(p.repetition_penalty != 1.0 for p in settings), draw=bool(drawing),
