@@ -1,4 +1,4 @@
-"""Where one captured decode step spends its time (docs/engine.md#decode-step-profile).
+"""Where one captured decode step spends its time (docs/engine.md#where-a-decode-steps-time-goes).
 
     python bench/profile_decode.py --device cuda --out bench/results   # H200, about a minute per preset
 
