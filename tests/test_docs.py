@@ -1,4 +1,4 @@
-"""Links into the project's own documents (`docs/*.md#section`, `README.md#section`) name sections that exist."""
+"""Links into the project's documents (`docs/<doc>.md#<section>`, `README.md#<section>`) name sections that exist."""
 
 from __future__ import annotations
 
