@@ -165,6 +165,8 @@ def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.conste
     i_k, i_v = i_kv // NV, i_kv % NV
     i_s, i_h = i_sh // H, i_sh % H
     bos, eos, i_n, is_first, is_last = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
+    if is_first if REVERSE else is_last:  # the sequence's last segment in processing order: no segment follows
+        return                            # it, so no entering state needs its own (_seg_scan_kernel skips it)
     b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -211,7 +213,7 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
             i_s = s_beg + i_j
         bos, eos, _n, _f, _l = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
         p_h = hs + (i_s * H + i_h).to(tl.int64) * K * V + o_kv
-        b_l = tl.load(p_h, mask=m_kv, other=0.)
+        b_l = tl.where(i_j < n_s - 1, tl.load(p_h, mask=m_kv, other=0.), 0.)  # the last one's was never written
         tl.store(p_h, b_h, mask=m_kv)
         b_h = b_h * tl.exp2(b_ld * (eos - bos).to(tl.float32)) + b_l
 
