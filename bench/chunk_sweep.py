@@ -11,7 +11,8 @@ length aims for when a sequence is cut; MIN_SEG_CHUNKS 4 or 16), with fla's `chu
 anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_seg_scan_kernel`, 0 when the plan
 does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
 (q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
-shape is timed again with its backward (fwd+bwd). Rows are written to --out as they come, so a timeout loses
+shape is timed again with its backward (fwd+bwd), with dk and dv from two reverse passes and from one
+(`FUSED_DKDV`). Rows are written to --out as they come, so a timeout loses
 nothing. `triton_chunk._CFG` is restored afterwards; the run never edits it.
 """
 
@@ -117,13 +118,19 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
     if not ok:
         return
     best = min(ok, key=lambda r: r["fwd_ms"])
-    triton_chunk._CFG.update({**shipped, **best["cfg"]})
-    try:
-        timed = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
-    finally:
-        triton_chunk._CFG.update(shipped)
+    timed = {}
+    for fused in (False, True):  # the backward's dk and dv in two reverse passes, then in one (`_dkdv_kernel`)
+        triton_chunk._CFG.update({**shipped, **best["cfg"], "FUSED_DKDV": fused})
+        try:
+            timed[fused] = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
+        except Exception as exc:  # noqa: BLE001 (e.g. a fused tile that needs more shared memory than a block has)
+            timed[fused] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        finally:
+            triton_chunk._CFG.update(shipped)
     first = next((r for r in ok if r["cfg"] == {**tiles[0], **programs[0]}), {})
-    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed["fwd_ms"], fwdbwd_ms=timed["fwdbwd_ms"],
+    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed[False].get("fwd_ms"),
+                               fwdbwd_ms=timed[False].get("fwdbwd_ms"),
+                               fwdbwd_fused_dkdv_ms=timed[True].get("fwdbwd_ms"), fused_error=timed[True].get("error"),
                                segments=best["segments"], shipped_fwd_ms=first.get("fwd_ms"), fla_fwd_ms=fla_ms))
 
 

@@ -638,7 +638,8 @@ def render_chunk_sweep(result: dict) -> str:
            f"run's copy bandwidth ({result['ceilings']['copy_TBps']:.2f} TB/s); fla = `chunk_simple_gla` on the same "
            "inputs in the same run. Settings named as the run named them.", "",
            "| N | B | dk/dv | setting then shipped: fwd | its segments, pre-pass | fastest setting | segments | fwd | "
-           "% floor | fwd+bwd | fla fwd | fastest vs fla |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "% floor | fwd+bwd | fwd+bwd, dk and dv in one sweep | fla fwd | fastest vs fla |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shipped = result["shipped"]
     for best in result["best"]:
         same = [x for x in result["rows"] if (x["N"], x["dk"]) == (best["N"], best["dk"]) and "fwd_ms" in x]
@@ -649,7 +650,7 @@ def render_chunk_sweep(result: dict) -> str:
         fla = best.get("fla_fwd_ms")
         out.append(f"| {best['N']:,} | {best['B']} | {best['dk']}/{best['dv']} | {then_cells} | {setting} | "
                    f"{best['segments']} | {fastest['fwd_ms']:.3f} | {100 * best['floor_ms'] / fastest['fwd_ms']:.0f}% "
-                   f"| {best['fwdbwd_ms']:.3f} | {fmt(fla)} | "
+                   f"| {best['fwdbwd_ms']:.3f} | {fmt(best.get('fwdbwd_fused_dkdv_ms'))} | {fmt(fla)} | "
                    f"{fmt(fla / fastest['fwd_ms'] if fla else None, '{:.2f}×')} |")
     return _with_notes(out, result)
 
