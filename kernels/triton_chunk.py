@@ -84,6 +84,33 @@ def _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE: tl.constexpr, F32:
     return b_h * tl.exp2(b_ld * n_m.to(tl.float32)) + _dot(tl.trans((b_b * d_k[:, None]).to(b_b.dtype)), b_c, F32)
 
 
+@triton.jit
+def _intra_decay(o_t, b_ld, REVERSE: tl.constexpr):
+    """[BT, BT] λ^|i-j| on the causal side of a chunk (j <= i, or j >= i when REVERSE), 0 elsewhere."""
+    if REVERSE:
+        m_A = o_t[:, None] <= o_t[None, :]
+        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[None, :] - o_t[:, None]).to(tl.float32), float("-inf")))
+    else:
+        m_A = o_t[:, None] >= o_t[None, :]
+        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[:, None] - o_t[None, :]).to(tl.float32), float("-inf")))
+    return b_D
+
+
+@triton.jit
+def _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_k, o_v, m_k, m_v, USE_H: tl.constexpr,
+                    H_PER_SEG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The fp32 state [BK, BV] a program starts from: its segment's (H_PER_SEG) or its sequence's, or zeros."""
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H:
+        if H_PER_SEG:
+            i_hn = i_s
+        else:
+            i_hn = i_n
+        p_h = h + i_hn.to(tl.int64) * s_hn + i_h * s_hh + o_k[:, None] * s_hk + o_v[None, :] * s_hv
+        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
+    return b_h
+
+
 # one fused GPU kernel: its branches are compile-time constants, so it is not split into helpers
 @triton.jit(do_not_specialize=["T", "NS", "L"])
 def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,  # noqa: C901, PLR0912, PLR0915
@@ -101,22 +128,8 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    if REVERSE:
-        m_A = o_t[:, None] <= o_t[None, :]
-        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[None, :] - o_t[:, None]).to(tl.float32), float("-inf")))
-    else:
-        m_A = o_t[:, None] >= o_t[None, :]
-        b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[:, None] - o_t[None, :]).to(tl.float32), float("-inf")))
-
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H:
-        if H_PER_SEG:
-            i_hn = i_s
-        else:
-            i_hn = i_n
-        p_h = h + i_hn.to(tl.int64) * s_hn + i_h * s_hh + o_k[:, None] * s_hk + o_v[None, :] * s_hv
-        b_h = tl.load(p_h, mask=m_k[:, None] & m_v[None, :], other=0.).to(tl.float32)
-
+    b_D = _intra_decay(o_t, b_ld, REVERSE)
+    b_h = _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_k, o_v, m_k, m_v, USE_H, H_PER_SEG, BK, BV)
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
     for i_c in range(n_c):
         o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
@@ -166,16 +179,8 @@ def _dkdv_kernel(q, k, v, do, dk, dv, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk
     b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634  # log2 of λ
     o_t, o_d, o_e = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BE)
     m_d, m_e = o_d < D, o_e < E
-    m_A = o_t[:, None] <= o_t[None, :]
-    b_D = tl.exp2(tl.where(m_A, b_ld * (o_t[None, :] - o_t[:, None]).to(tl.float32), float("-inf")))
-    b_h = tl.zeros([BD, BE], dtype=tl.float32)
-    if USE_H:
-        if H_PER_SEG:
-            i_hn = i_s
-        else:
-            i_hn = i_n
-        p_h = h + i_hn.to(tl.int64) * s_hn + i_h * s_hh + o_d[:, None] * s_hk + o_e[None, :] * s_hv
-        b_h = tl.load(p_h, mask=m_d[:, None] & m_e[None, :], other=0.).to(tl.float32)
+    b_D = _intra_decay(o_t, b_ld, True)
+    b_h = _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_d, o_e, m_d, m_e, USE_H, H_PER_SEG, BD, BE)
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
     for i_c in range(n_c):
         o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, True)
