@@ -5,7 +5,6 @@ from the same run.
     python bench/kernels.py                       # every section on the GPU -> bench/results/kernels-h200.json
     python bench/kernels.py --sections decode     # some sections only (names below, run in the order given)
     python bench/kernels.py --out new.json && python bench/report.py --merge new.json   # fold a partial run in
-    python bench/kernels.py --sweep               # also try launch configs of our chunk kernel first
     TRITON_INTERPRET=1 python bench/kernels.py --tiny --out /tmp/k.json   # CPU smoke test of this script
 
 Sections (default: all, in this order; the missing rows first, so a short device budget still gets them):
@@ -338,44 +337,10 @@ def decode_rows(anchors, H=32, D=128, batches=(1, 4, 16, 64, 128, 256), reps=10)
     return rows
 
 
-SWEEP_NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=1), dict(BT=64, BV=64, WARPS=4, STAGES=1),
-                dict(BT=128, BV=64, WARPS=8, STAGES=1), dict(BT=128, BV=128, WARPS=8, STAGES=1)]
-SWEEP_WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1)]
-
-
-def sweep(shapes_narrow, shapes_wide):
-    """Try launch configs of our chunk kernel, keep the best (fwd+bwd summed over shapes) in _CFG."""
-    rows = []
-    for configs, shapes in ((SWEEP_NARROW, shapes_narrow), (SWEEP_WIDE, shapes_wide)):
-        base, best = dict(triton_chunk._CFG), None
-        for cfg in configs:
-            triton_chunk._CFG.update({**base, **cfg})
-            total = 0.0
-            for B, N, H, dk, dv in shapes:
-                q, k = (torch.randn(B, N, H, dk, device=DEV, dtype=torch.bfloat16) for _ in range(2))
-                v = torch.randn(B, N, H, dv, device=DEV, dtype=torch.bfloat16)
-                rate = alibi_rates(H)
-                try:
-                    r = time_impl(lambda x, y, z, a=-rate: lightning_attn_triton(x, y, z, a)[0], (q, k, v), True)
-                    total += r["fwd_ms"] + r["fwdbwd_ms"]
-                except Exception as e:  # noqa: BLE001
-                    r, total = {"error": repr(e)[:200]}, float("inf")
-                rows.append({"cfg": cfg, "B": B, "N": N, "dk": dk, "dv": dv, **r})
-                print(f"sweep {B}x{N} dk{dk} {cfg}: fwd {r.get('fwd_ms', float('nan')):.3f} "
-                      f"fwd+bwd {r.get('fwdbwd_ms', float('nan')):.3f} {r.get('error', '')}", flush=True)
-            if best is None or total < best[0]:
-                best = (total, cfg)
-        triton_chunk._CFG.update({**base, **best[1]})
-        print(f"sweep picked {best[1]}", flush=True)
-    return rows
-
-
 def _parse_args():
     """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="small shapes (CPU smoke test of the script)")
-    p.add_argument("--sweep", action="store_true", help="sweep our launch configs first")
-    p.add_argument("--no-main", action="store_true", help="run no section (with --sweep: the sweep alone)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma list, run in the order given, of {', '.join(SECTIONS)} (module docstring)")
     p.add_argument("--budget-s", type=float, default=300.0,
@@ -541,13 +506,8 @@ def main():
               "budget_s": args.budget_s, "sections": {"ceilings": {"status": "done", "elapsed_s": ceil_s}},
               "rows": [], "decode": [], "correctness": {}, "agreement": {}, "near1": {}}
     _record_anchor_versions(result)
-    if args.sweep:
-        def run_sweep():
-            result["sweep"] = sweep([shapes[1]], [shapes[-1]])
-            result["config"] = dict(triton_chunk._CFG)
-        run_section(result, "sweep", run_sweep, anchors, args)
     runners = section_runners(args, result, anchors)
-    for name in [] if args.no_main else args.sections:
+    for name in args.sections:
         run_section(result, name, runners[name], anchors, args)
     save(result, args.out)
     print(table(result))

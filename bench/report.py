@@ -34,7 +34,7 @@ HEADER = """# Benchmarks
 Date: {date}. Hardware: {device}. Software: torch {torch}, triton {triton}, fla-core {fla}, lightning-attn
 {official}. Command (repo root, wheels installed on the machine, see bench/kernels.py):
 
-    python bench/kernels.py --sweep --out new.json    # then: python bench/report.py --merge new.json
+    python bench/kernels.py --out new.json    # then: python bench/report.py --merge new.json
 
 (a section the new run skipped for its time budget keeps the previous run's rows; each table names its run).
 Protocol (docs/benchmarks.md#kernel-benchmark): bf16 inputs, fp32 state, H={H}, ALiBi rates 2^(-8(h+1)/H),
@@ -65,8 +65,8 @@ def not_measured(title: str, results: str, command: str) -> str:
 
 # ---- the kernel benchmark (bench/kernels.py): its sections, merging runs, rendering ----
 
-# bench/kernels.py's sections (its SECTIONS, in its run order, plus the optional --sweep) and the JSON parts
-# holding each one's items: a list part (rows, decode, sweep) takes a predicate on the item, a dict part
+# bench/kernels.py's sections (its SECTIONS, in its run order) and the JSON parts holding each one's items: a
+# list part (rows, decode) takes a predicate on the item, a dict part
 # (correctness, agreement, near1: keyed by shape) one on the key. prefill and wide share rows and correctness,
 # split by dk = dv.
 KERNEL_SECTIONS = ("wide", "decode", "agree", "near1", "prefill")
@@ -79,14 +79,13 @@ def _wide_key(key: str) -> bool:
 
 
 SECTION_PARTS = {
-    "sweep": {"sweep": None},
     "wide": {"rows": lambda x: x["dk"] != x["dv"], "correctness": _wide_key},
     "decode": {"decode": None},
     "agree": {"agreement": None},
     "near1": {"near1": None},
     "prefill": {"rows": lambda x: x["dk"] == x["dv"], "correctness": lambda key: not _wide_key(key)},
 }
-LIST_PARTS = ("rows", "decode", "sweep")
+LIST_PARTS = ("rows", "decode")
 DICT_PARTS = ("correctness", "agreement", "near1")
 # What a run records about itself (the top level of its JSON); a merged file keeps one per run under "runs".
 RUN_META = ("date", "device", "torch", "triton", "fla_version", "lightning_attn_version", "ceilings", "config",
@@ -99,7 +98,7 @@ def _item_id(part: str, item: dict):
         return tuple(item.get(k) for k in ("B", "N", "H", "dk", "dv"))
     if part == "decode":
         return item.get("B")
-    return None  # the sweep: all or nothing
+    return None
 
 
 def _section_items(r: dict, name: str) -> dict:
@@ -183,7 +182,7 @@ def merge_kernel_runs(old: dict, new: dict) -> dict:
 
 def _merge_part(part: str, new, old, done: bool):
     """One part of one section: the new items alone when the new run completed the section, else the new items
-    and the old ones it did not measure again (same shape / batch; the sweep is all or nothing)."""
+    and the old ones it did not measure again (same shape / batch)."""
     if done:
         return new
     if isinstance(new, dict):
@@ -399,18 +398,6 @@ def _near1_lines(r: dict) -> list[str]:
     return out
 
 
-def _sweep_lines(r: dict) -> list[str]:
-    """Our launch-config sweep table (none when the run did not sweep)."""
-    if not r.get("sweep"):
-        return []
-    out = ["", "## Our launch-config sweep (ms; the best fwd+bwd sum is the default in triton_chunk._CFG)", "",
-           _from_line(r, r["sweep"]), "", "| B×N | dk/dv | config | fwd | fwd+bwd |", "|---|---|---|---|---|"]
-    for x in r["sweep"]:
-        out.append(f"| {x['B']}×{x['N']} | {x['dk']}/{x['dv']} | `{x['cfg']}` | {fmt(x.get('fwd_ms'))} | "
-                   f"{fmt(x.get('fwdbwd_ms'))} |")
-    return out
-
-
 def _section_status_lines(r: dict) -> list[str]:
     """Each section's status and seconds in the run it comes from (a section no run ran: "not run")."""
     sections = _sections(r)
@@ -465,7 +452,6 @@ def render(r: dict) -> str:
     out += _correctness_lines(r)
     out += _agreement_lines(r)
     out += _near1_lines(r)
-    out += _sweep_lines(r)
     out += _section_status_lines(r)
     return "\n".join(out) + "\n"
 
@@ -827,7 +813,7 @@ def render_all(results: Path, kernels_json: Path) -> str:
         text = render(result)
     else:
         text = "# Benchmarks\n" + not_measured("Lightning Attention kernels", _shown(kernels_json),
-                                                "python bench/kernels.py --sweep")
+                                                "python bench/kernels.py")
     training = results / "train-sweep-h200.json"
     text += (render_training(json.loads(training.read_text())) if training.is_file() else
              not_measured("Bundled-model training throughput", _shown(training), "bash scripts/gpu_train_sweep.sh"))
