@@ -12,7 +12,7 @@ anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_se
 does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
 (q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
 shape is timed again with its backward (fwd+bwd), with dk and dv from two reverse passes and from one
-(`FUSED_DKDV`). Rows are written to --out as they come, so a timeout loses
+(`FUSED_DKDV`, 1 and 2 stages; the faster is rendered). Rows are written to --out as they come, so a timeout loses
 nothing. `triton_chunk._CFG` is restored afterwards; the run never edits it.
 """
 
@@ -119,18 +119,21 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
         return
     best = min(ok, key=lambda r: r["fwd_ms"])
     timed = {}
-    for fused in (False, True):  # the backward's dk and dv in two reverse passes, then in one (`_dkdv_kernel`)
-        triton_chunk._CFG.update({**shipped, **best["cfg"], "FUSED_DKDV": fused})
+    # the backward's dk and dv in two reverse passes, then in one (`_dkdv_kernel`) with 1 and 2 pipeline stages
+    for fused, stages in ((False, 0), (True, 1), (True, 2)):
+        triton_chunk._CFG.update({**shipped, **best["cfg"], "FUSED_DKDV": fused, "DKDV_STAGES": stages or 1})
         try:
-            timed[fused] = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
+            timed[stages] = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
         except Exception as exc:  # noqa: BLE001 (e.g. a fused tile that needs more shared memory than a block has)
-            timed[fused] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            timed[stages] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
             triton_chunk._CFG.update(shipped)
+    fused = {stages: timed[stages].get("fwdbwd_ms", timed[stages].get("error")) for stages in (1, 2)}
+    fused_ms = [ms for ms in fused.values() if isinstance(ms, float)]
     first = next((r for r in ok if r["cfg"] == {**tiles[0], **programs[0]}), {})
-    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed[False].get("fwd_ms"),
-                               fwdbwd_ms=timed[False].get("fwdbwd_ms"),
-                               fwdbwd_fused_dkdv_ms=timed[True].get("fwdbwd_ms"), fused_error=timed[True].get("error"),
+    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed[0].get("fwd_ms"),
+                               fwdbwd_ms=timed[0].get("fwdbwd_ms"),
+                               fwdbwd_fused_dkdv_ms=min(fused_ms) if fused_ms else None, fused_dkdv_by_stages=fused,
                                segments=best["segments"], shipped_fwd_ms=first.get("fwd_ms"), fla_fwd_ms=fla_ms))
 
 
