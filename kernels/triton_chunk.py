@@ -111,9 +111,30 @@ def _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_k, o_v, m_k, m_v
     return b_h
 
 
-# one fused GPU kernel: its branches are compile-time constants, so it is not split into helpers
+@triton.jit
+def _chunk_out(b_a, b_b, b_c, b_h, b_D, d_q, BF16_STATE: tl.constexpr, F32: tl.constexpr):
+    """One chunk's output [BT, V]: Σ_{j causal} λ^|i-j| (a_i·b_j) c_j + λ^e_i a_i h, h the state entering it."""
+    b_o = _dot((_dot(b_a, tl.trans(b_b), F32) * b_D).to(b_c.dtype), b_c, F32)
+    if BF16_STATE:
+        b_o += _dot((b_a * d_q[:, None]).to(b_a.dtype), b_h.to(b_a.dtype), F32)
+    else:
+        b_o += tl.dot(b_a.to(tl.float32) * d_q[:, None], b_h)
+    return b_o
+
+
+@triton.jit
+def _state_decay(o_t, n_m, m_t, b_ld, REVERSE: tl.constexpr):
+    """[BT] λ^e_i: how far the state entering a chunk has decayed at each of its real rows (0 past its end)."""
+    if REVERSE:
+        e_q = n_m - 1 - o_t
+    else:
+        e_q = o_t + 1
+    return tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_q, 0).to(tl.float32)), 0.)
+
+
+# one GPU kernel for every pass: its branches are compile-time constants
 @triton.jit(do_not_specialize=["T", "NS", "L"])
-def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,  # noqa: C901, PLR0912, PLR0915
+def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   BT: tl.constexpr, REVERSE: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr,
                   STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr,
@@ -139,18 +160,7 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
         b_a = tl.load(p_a, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_b = tl.load(p_b, mask=m_t[:, None] & m_k[None, :], other=0.)
         b_c = tl.load(p_c, mask=m_t[:, None] & m_v[None, :], other=0.)
-        if REVERSE:
-            e_q = n_m - 1 - o_t
-        else:
-            e_q = o_t + 1
-        d_q = tl.where(m_t, tl.exp2(b_ld * tl.maximum(e_q, 0).to(tl.float32)), 0.)
-
-        b_A = _dot(b_a, tl.trans(b_b), F32) * b_D
-        b_o = _dot(b_A.to(b_c.dtype), b_c, F32)
-        if BF16_STATE:
-            b_o += _dot((b_a * d_q[:, None]).to(b_a.dtype), b_h.to(b_a.dtype), F32)
-        else:
-            b_o += tl.dot(b_a.to(tl.float32) * d_q[:, None], b_h)
+        b_o = _chunk_out(b_a, b_b, b_c, b_h, b_D, _state_decay(o_t, n_m, m_t, b_ld, REVERSE), BF16_STATE, F32)
         p_o = o + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         b_h = _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE, F32)
@@ -165,9 +175,9 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv, 
                 tl.store(p_f, b_h, mask=m_k[:, None] & m_v[None, :])
 
 
-# the reverse sweeps of the backward in one kernel: its branches are compile-time constants, as in _chunk_kernel
+# the backward's two reverse sweeps in one kernel
 @triton.jit(do_not_specialize=["T", "NS", "L"])
-def _dkdv_kernel(q, k, v, do, dk, dv, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,  # noqa: PLR0915
+def _dkdv_kernel(q, k, v, do, dk, dv, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
                  H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
                  BT: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr, STORE_FINAL: tl.constexpr,
                  IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr, F32: tl.constexpr):
@@ -191,15 +201,9 @@ def _dkdv_kernel(q, k, v, do, dk, dv, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk
         b_k = tl.load(k + p_d, mask=m_td, other=0.)
         b_v = tl.load(v + p_e, mask=m_te, other=0.)
         b_do = tl.load(do + p_e, mask=m_te, other=0.)
-        d_q = tl.where(m_t, tl.exp2(b_ld * tl.maximum(n_m - 1 - o_t, 0).to(tl.float32)), 0.)
-        b_dv = _dot((_dot(b_k, tl.trans(b_q), F32) * b_D).to(b_do.dtype), b_do, F32)  # [BT, BE]
-        b_dk = _dot((_dot(b_v, tl.trans(b_do), F32) * b_D).to(b_q.dtype), b_q, F32)  # [BT, BD]
-        if BF16_STATE:
-            b_dv += _dot((b_k * d_q[:, None]).to(b_k.dtype), b_h.to(b_k.dtype), F32)
-            b_dk += _dot((b_v * d_q[:, None]).to(b_v.dtype), tl.trans(b_h).to(b_v.dtype), F32)
-        else:
-            b_dv += tl.dot(b_k.to(tl.float32) * d_q[:, None], b_h)
-            b_dk += tl.dot(b_v.to(tl.float32) * d_q[:, None], tl.trans(b_h))
+        d_q = _state_decay(o_t, n_m, m_t, b_ld, True)
+        b_dv = _chunk_out(b_k, b_q, b_do, b_h, b_D, d_q, BF16_STATE, F32)  # [BT, BE]
+        b_dk = _chunk_out(b_v, b_do, b_q, tl.trans(b_h), b_D, d_q, BF16_STATE, F32)  # [BT, BD]
         tl.store(dv + p_e, b_dv.to(dv.dtype.element_ty), mask=m_te)
         tl.store(dk + p_d, b_dk.to(dk.dtype.element_ty), mask=m_td)
         b_h = _carry_state(b_h, b_ld, b_q, b_do, o_t, n_m, m_t, True, F32)
