@@ -68,21 +68,18 @@ def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:
             (8, 8192, 32, 256, 128)]
 
 
-def plan_facts(q, v) -> dict:
-    """Segments per sequence and chunk-kernel programs of the current setting's plan for these inputs."""
+def current_plan(q, v) -> tuple[_Plan, dict]:
+    """The current setting's plan for these inputs, and its facts: segments per sequence, chunk-kernel programs,
+    segment length."""
     B, T, H, D = q.shape
     plan = _Plan(B, T, H, D, v.shape[-1], q.device, None, None)
     slices = -(-v.shape[-1] // plan.BV_of(D, v.shape[-1]))
-    return {"segments": plan.NS, "programs": plan.n_seg * H * slices, "segment_len": plan.L}
+    return plan, {"segments": plan.NS, "programs": plan.n_seg * H * slices, "segment_len": plan.L}
 
 
-def prepass_ms(q, k, v, ld) -> float:
-    """The segment pre-pass alone (0 when the plan does not segment)."""
-    B, T, H, D = q.shape
-    plan = _Plan(B, T, H, D, v.shape[-1], q.device, None, None)
-    if not plan.segmented:
-        return 0.0
-    return bench(lambda: plan.seg_states(k, v, ld, None, reverse=False))[0]
+def prepass_ms(plan: _Plan, k, v, ld) -> float:
+    """The plan's segment pre-pass alone (0 when it does not segment)."""
+    return bench(lambda: plan.seg_states(k, v, ld, None, reverse=False))[0] if plan.segmented else 0.0
 
 
 def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict) -> None:
@@ -100,10 +97,11 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
     shipped, rows = dict(triton_chunk._CFG), []
     for tile, prog in itertools.product(tiles, programs):
         triton_chunk._CFG.update({**shipped, **tile, **prog})
-        row = dict(base, cfg={**tile, **prog}, **plan_facts(q, v), fla_fwd_ms=fla_ms)
+        plan, facts = current_plan(q, v)
+        row = dict(base, cfg={**tile, **prog}, **facts, fla_fwd_ms=fla_ms)
         try:
             row["fwd_ms"] = bench(lambda: lightning_attn_triton(q, k, v, -rate)[0])[0]
-            row["prepass_ms"] = prepass_ms(q, k, v, ld)
+            row["prepass_ms"] = prepass_ms(plan, k, v, ld)
             row["pct_floor"] = 100 * floor_ms / row["fwd_ms"]
             row["vs_fla"] = fla_ms / row["fwd_ms"] if fla_ms else None
         except Exception as exc:  # noqa: BLE001 (a tile that needs more shared memory than a block has)

@@ -153,9 +153,7 @@ def bench_linear(args, results: Results, device: torch.device) -> None:
                         row["config"] = choose_config(m, n_out, n_in, device)._asdict()
                     results.add("linear", row)
             del layers, q, w_deq
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
 
 
 def model_bytes(model: TransNormerLLM) -> int:
@@ -194,34 +192,37 @@ def bench_model_method(model: TransNormerLLM, method: str, load_s: float | None,
         engine.shutdown()
 
 
+def release(device: torch.device) -> None:
+    """Give freed tensors back (the float weights a quantisation replaced, a model let go)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_quantised(model: TransNormerLLM, method: str, args, results: Results, tok, device: torch.device) -> None:
+    """Quantise the float model in place with `method` (timed as its load_s), then its decode and prefill rows."""
+    with section(results, f"model {method}"):
+        sync(device)
+        start = time.perf_counter()
+        quant.quantize(model, method, threshold=args.threshold)
+        sync(device)
+        load_s = time.perf_counter() - start
+        release(device)
+        bench_model_method(model, method, load_s, args, results, tok, device)
+
+
 def bench_model(args, results: Results, device: torch.device, tok) -> None:
-    """The whole-model section: bf16, then the same weights quantised to int8 in place."""
+    """The whole-model section: bf16, then the same weights quantised to int8 in place; with bitsandbytes, a fresh
+    bf16 model quantised to bnb_int8."""
     model = build(args.preset, args.model_dtype, device)
     with section(results, "model bf16"):
         bench_model_method(model, "bf16" if args.model_dtype == torch.bfloat16 else "float", None, args, results,
                            tok, device)
-    with section(results, "model int8"):
-        sync(device)
-        start = time.perf_counter()
-        quant.quantize(model, "int8")
-        sync(device)
-        load_s = time.perf_counter() - start
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        bench_model_method(model, "int8", load_s, args, results, tok, device)
+    bench_quantised(model, "int8", args, results, tok, device)
     if bnb.available():
         del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        model = build(args.preset, args.model_dtype, device)
-        with section(results, "model bnb_int8"):
-            sync(device)
-            start = time.perf_counter()
-            quant.quantize(model, "bnb_int8", threshold=args.threshold)
-            sync(device)
-            bench_model_method(model, "bnb_int8", time.perf_counter() - start, args, results, tok, device)
+        release(device)
+        bench_quantised(build(args.preset, args.model_dtype, device), "bnb_int8", args, results, tok, device)
 
 
 def timed_load(directory: str, method: str, device: str) -> dict:

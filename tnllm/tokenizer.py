@@ -79,11 +79,13 @@ class Tokenizer:
         if token_id in self._piece_texts:
             return self._piece_texts[token_id]
         sp, text = self.sp, None
-        if 0 <= token_id < sp.GetPieceSize() and not (sp.IsControl(token_id) or sp.IsUnknown(token_id)
-                                                      or sp.IsByte(token_id)):
+
+        def plain(i: int) -> bool:
+            return not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i))
+
+        if 0 <= token_id < sp.GetPieceSize() and plain(token_id):
             if self._anchor is None:
-                anchor = next(i for i in range(sp.GetPieceSize()) if not (sp.IsControl(i) or sp.IsUnknown(i)
-                                                                          or sp.IsByte(i) or sp.IsUnused(i)))
+                anchor = next(i for i in range(sp.GetPieceSize()) if plain(i) and not sp.IsUnused(i))
                 self._anchor = anchor, sp.DecodeIds([anchor])
             anchor, anchor_text = self._anchor
             text = sp.DecodeIds([anchor, token_id])[len(anchor_text):]
