@@ -1,6 +1,7 @@
 """What holds the Lightning Attention forward back at each length: launch settings, segment count and occupancy.
 
     python bench/chunk_sweep.py --out bench/results/chunk-sweep-h200.json     # H200, about 5 minutes
+    python bench/chunk_sweep.py --shipped-only --out new.json                 # the shipped setting only: a minute
     TRITON_INTERPRET=1 python bench/chunk_sweep.py --tiny --out /tmp/cs.json  # CPU smoke test of this script
 
 For each prefill shape of bench/kernels.py (bf16, H = 32, B·N = 65,536 tokens, N = 2k..128k; and the dk = 256 /
@@ -139,6 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="CPU interpreter, small shapes, two settings")
+    p.add_argument("--shipped-only", action="store_true",
+                   help="time the shipped setting alone (forward, then the backward both ways)")
     p.add_argument("--budget-s", type=float, default=420.0, help="no new shape starts after this")
     args = p.parse_args()
     start = time.perf_counter()
@@ -150,7 +153,8 @@ def main() -> None:
     for first in (NARROW[0], WIDE[0], PROGRAMS[0]):  # each list starts with what ships, the row to beat
         if any(triton_chunk._CFG[k] != v for k, v in first.items()):
             raise SystemExit(f"{first} is not the shipped setting {triton_chunk._CFG}: update the lists")
-    narrow, wide, programs = (NARROW[:2], WIDE[:2], PROGRAMS[:2]) if args.tiny else (NARROW, WIDE, PROGRAMS)
+    keep = 1 if args.shipped_only else 2 if args.tiny else None
+    narrow, wide, programs = NARROW[:keep], WIDE[:keep], PROGRAMS[:keep]
     for shape in shapes(args.tiny):
         if time.perf_counter() - start > args.budget_s:
             result.setdefault("skipped", []).append(list(shape))

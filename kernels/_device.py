@@ -1,11 +1,14 @@
 """Where a Triton launch runs: the one interpreter check of the Triton launchers (triton_chunk, triton_norm,
-triton_step, triton_int8)."""
+triton_step, triton_int8), and the one decision whether decode kernels use programmatic dependent launch."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 
 def triton_interpreted(device: torch.device | str) -> bool:
@@ -13,3 +16,32 @@ def triton_interpreted(device: torch.device | str) -> bool:
     tensors (only the interpreter runs those). The launchers then pick small tiles (the interpreter emulates every
     program in NumPy, where the GPU's large tiles are slow) and upcast bf16 dots, which it computes wrongly."""
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.device(device).type == "cpu"
+
+
+def pdl(device: torch.device | str) -> bool:
+    """Whether the decode kernels on `device` launch with programmatic dependent launch (PDL): a CUDA device of
+    compute capability 9.0 or newer (Hopper), not the interpreter, and TNLLM_PDL not "0".
+
+    With PDL a kernel may start while the kernel before it in the stream is still running: its programs first
+    read what no earlier kernel writes (the weights), then wait for the earlier kernel to finish (`await_inputs`)
+    before they read its outputs or write anything. A chain of decode kernels then overlaps each kernel's start
+    and first weight loads with the previous kernel's tail (docs/kernels.md#programmatic-dependent-launch)."""
+    device = torch.device(device)
+    if device.type != "cuda" or triton_interpreted(device) or os.environ.get("TNLLM_PDL") == "0":
+        return False
+    return _hopper_or_newer(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@triton.jit
+def await_inputs(PDL: tl.constexpr):
+    """Under PDL: wait until the previous kernel in the stream has finished and its writes are visible, then let
+    the next kernel start. Every kernel launched with PDL calls this before it reads anything an earlier kernel
+    may write and before its first store (a buffer it writes may be one the previous kernel still reads)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

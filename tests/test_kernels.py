@@ -66,10 +66,12 @@ CHUNK_CASES = [
 class TestChunk:
     @pytest.fixture(autouse=True, params=[True, False], ids=["dkdv-fused", "dkdv-two-pass"])
     def dkdv(self, request, monkeypatch):
-        """Every case with dk and dv from one reverse sweep (`_dkdv_kernel`) and from two (`_chunk_kernel`)."""
+        """Every case with dk and dv from one reverse sweep (`_dkdv_kernel`) and from two (`_chunk_kernel`), in
+        whichever settings the plan reads (the interpreter's on the CPU, the native ones on a GPU)."""
         from tnllm.kernels import triton_chunk
 
-        monkeypatch.setitem(triton_chunk._CFG_INTERPRET, "FUSED_DKDV", request.param)
+        for cfg in (triton_chunk._CFG_INTERPRET, triton_chunk._CFG):
+            monkeypatch.setitem(cfg, "FUSED_DKDV", request.param)
         return request.param
 
     def test_fused_dkdv_replaces_both_reverse_passes(self, dkdv, monkeypatch):
