@@ -1,5 +1,6 @@
 """Where a Triton launch runs: the one interpreter check of the Triton launchers (triton_chunk, triton_norm,
-triton_step, triton_int8), and the one decision whether decode kernels use programmatic dependent launch."""
+triton_step, triton_int8, triton_glu), and the one decision whether decode kernels use programmatic dependent
+launch."""
 
 from __future__ import annotations
 
@@ -19,13 +20,16 @@ def triton_interpreted(device: torch.device | str) -> bool:
 
 
 def pdl(device: torch.device | str) -> bool:
-    """Whether the decode kernels on `device` launch with programmatic dependent launch (PDL): a CUDA device of
+    """Whether the int8 decode products on `device` use programmatic dependent launch (PDL): a CUDA device of
     compute capability 9.0 or newer (Hopper), not the interpreter, and TNLLM_PDL not "0".
 
-    With PDL a kernel may start while the kernel before it in the stream is still running: its programs first
-    read what no earlier kernel writes (the weights), then wait for the earlier kernel to finish (`await_inputs`)
-    before they read its outputs or write anything. A chain of decode kernels then overlaps each kernel's start
-    and first weight loads with the previous kernel's tail (docs/kernels.md#programmatic-dependent-launch)."""
+    A kernel launched with PDL may start while the kernel before it in the stream is still running, as soon as
+    that kernel's programs have all called `start_next`: its programs first read what no earlier kernel writes
+    (the weights), then wait for the earlier kernel to finish (`await_inputs`) before they read its outputs or
+    write anything. Only the int8 products and their split-K reduce launch that way, because in a decode step
+    they always follow a Triton kernel of ours (a norm, the GLU product, the product before the reduce): a
+    captured PDL launch right after a node that is not a kernel (e.g. a library's memset) fails. The kernels
+    before them call `start_next` (docs/kernels.md#programmatic-dependent-launch)."""
     device = torch.device(device)
     if device.type != "cuda" or triton_interpreted(device) or os.environ.get("TNLLM_PDL") == "0":
         return False
@@ -38,10 +42,18 @@ def _hopper_or_newer(index: int) -> bool:
 
 
 @triton.jit
+def start_next(PDL: tl.constexpr):
+    """Under PDL: let the next kernel in the stream start now, if it was launched with PDL (it waits for this
+    one to finish before it reads this kernel's outputs); without a PDL launch after it, nothing happens."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def await_inputs(PDL: tl.constexpr):
-    """Under PDL: wait until the previous kernel in the stream has finished and its writes are visible, then let
-    the next kernel start. Every kernel launched with PDL calls this before it reads anything an earlier kernel
-    may write and before its first store (a buffer it writes may be one the previous kernel still reads)."""
+    """For a kernel launched with PDL: wait until the previous kernel in the stream has finished and its writes
+    are visible, then let the next one start. Called before the kernel reads anything an earlier kernel may
+    write and before its first store (a buffer it writes may be one the previous kernel still reads)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import await_inputs, pdl
+from tnllm.kernels._device import pdl, start_next
 
 __all__ = ["glu_mul_triton"]
 
@@ -23,7 +23,7 @@ def _glu_mul_kernel(y, out, G, s_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
     i_g, i_r = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_g = i_g * BLOCK + tl.arange(0, BLOCK)
     mask = o_g < G
-    await_inputs(PDL)
+    start_next(PDL)
     a = tl.load(y + i_r * s_y + o_g, mask=mask).to(tl.float32)
     b = tl.load(y + i_r * s_y + G + o_g, mask=mask).to(tl.float32)
     tl.store(out + i_r * G + o_g, (a * b).to(out.dtype.element_ty), mask=mask)  # one rounding, as torch's a * b
@@ -40,5 +40,5 @@ def glu_mul_triton(y: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         chained = pdl(y.device)
         _glu_mul_kernel[(triton.cdiv(G, BLOCK), rows.shape[0])](rows, out, G, rows.stride(0), BLOCK=BLOCK,
-                                                                 PDL=chained, launch_pdl=chained, num_warps=4)
+                                                                 PDL=chained, num_warps=4)
     return out

@@ -141,8 +141,10 @@ def _mm_step(b_x, b_q, acc, F32: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.con
         b_x = b_x.to(tl.float32)
     b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
     if SWAP:
-        return tl.dot(b_w, tl.trans(b_x), acc, input_precision="ieee")
-    return tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # ieee: fp32 stays fp32
+        acc = tl.dot(b_w, tl.trans(b_x), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # ieee: fp32 stays fp32
+    return acc
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import await_inputs, pdl, triton_interpreted
+from tnllm.kernels._device import pdl, start_next, triton_interpreted
 from tnllm.kernels.reference import check_same_shape
 
 __all__ = ["srmsnorm_triton", "add_srmsnorm_triton", "gated_srmsnorm_triton"]
@@ -79,7 +79,7 @@ def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr, PDL: 
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     p_x, p_d = x + i_m * s_xm, d + i_m * s_dm
-    await_inputs(PDL)
+    start_next(PDL)
     b_ss = tl.zeros([BN], dtype=tl.float32)
     for i0 in range(0, N, BN):
         b_s = _residual(p_x, p_d, i0 + o_n, N, s.dtype.element_ty)
@@ -97,7 +97,7 @@ def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr, PDL: t
     # y = u * o * rsqrt(mean(o²) + eps), fp32 inside, rounded once at the store
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
-    await_inputs(PDL)
+    start_next(PDL)
     b_r = _inv_rms(o + i_m * s_om, N, eps, BN)
     for i0 in range(0, N, BN):
         m_n = i0 + o_n < N
@@ -176,7 +176,7 @@ def add_srmsnorm_triton(x, delta, eps=1e-6):
     if M:
         chained = pdl(x.device)
         _add_norm_fwd_kernel[(M,)](x2, d2, s, y, x2.stride(0), d2.stride(0), N, float(eps), BN=BN, PDL=chained,
-                                   launch_pdl=chained, num_warps=warps)
+                                   num_warps=warps)
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -200,5 +200,5 @@ def gated_srmsnorm_triton(o, u, eps=1e-6):
     if M:
         chained = pdl(o.device)
         _gated_norm_fwd_kernel[(M,)](o2, u2, y, o2.stride(0), u2.stride(0), N, float(eps), BN=BN, PDL=chained,
-                                     launch_pdl=chained, num_warps=warps)
+                                     num_warps=warps)
     return y.view(o.shape)

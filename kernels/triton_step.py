@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import await_inputs, pdl, triton_interpreted
+from tnllm.kernels._device import triton_interpreted
 from tnllm.kernels.reference import check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
@@ -32,11 +32,10 @@ def _act(x, ACT: tl.constexpr):
 @triton.jit
 def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk, s_sv,
                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr):
     # S <- λ S + act(k)ᵀ v ;  o = act(q) S      for one (sequence, head) and a BV-wide slice of E
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
-    await_inputs(PDL)  # the slots, the decay rates and the states too: all may be written by earlier kernels
     i_s = i_b
     if HAS_SLOTS:  # the row's state lives in a pool slot
         i_s = tl.load(slots + i_b).to(tl.int64)
@@ -85,8 +84,7 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, PDL=pdl(q.device),
-        launch_pdl=pdl(q.device), num_warps=warps)
+        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, num_warps=warps)
     return o
 
 
