@@ -154,7 +154,7 @@ def decode_row(engine: Engine, contexts: list[int], tokens: int,
     # so untimed rounds alone did not always meet every shape), then untimed rounds until one captures nothing
     # (at most WARM_ROUNDS). `timed_captures` says whether the timed round still captured.
     params = SamplingParams(max_new_tokens=tokens, **PARAMS)
-    engine.precapture(params)
+    engine.precapture(params, prefill_pieces=False)  # the timed replies read no prompt
     for _ in range(WARM_ROUNDS):
         before = engine.captured_graphs
         time_sessions([functools.partial(s.feed_ids, [], SamplingParams(max_new_tokens=4, **PARAMS))

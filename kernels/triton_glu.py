@@ -20,7 +20,7 @@ BLOCK = 1024  # outputs per program
 
 @triton.jit
 def _glu_mul_kernel(y, out, G, s_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    i_g, i_r = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_r, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)  # rows on the grid's first axis: no 65,535 limit
     o_g = i_g * BLOCK + tl.arange(0, BLOCK)
     mask = o_g < G
     start_next(PDL)
@@ -39,6 +39,6 @@ def glu_mul_triton(y: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*y.shape[:-1], G, dtype=y.dtype, device=y.device)
     if rows.shape[0]:
         chained = pdl(y.device)
-        _glu_mul_kernel[(triton.cdiv(G, BLOCK), rows.shape[0])](rows, out, G, rows.stride(0), BLOCK=BLOCK,
+        _glu_mul_kernel[(rows.shape[0], triton.cdiv(G, BLOCK))](rows, out, G, rows.stride(0), BLOCK=BLOCK,
                                                                  PDL=chained, num_warps=4)
     return out

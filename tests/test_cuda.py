@@ -193,3 +193,13 @@ def test_upload_ids_does_not_wait_for_queued_kernels():
     returned_after = time.perf_counter() - start
     assert ids.tolist() == [5, 7, 11] and ids.dtype == torch.long and ids.is_cuda
     assert returned_after < 0.02, f"upload_ids waited {returned_after * 1e3:.1f} ms for queued kernels"
+
+
+def test_glu_mul_takes_more_rows_than_a_grid_axis_holds():
+    """A prompt of more than 65,535 tokens read in one forward: the GLU product's rows sit on the grid's first
+    axis (the second holds at most 65,535 programs)."""
+    from tnllm.kernels.triton_glu import glu_mul_triton
+
+    y = torch.randn(70_000, 2 * 96, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(glu_mul_triton(y), (y[:, :96].float() * y[:, 96:].float()).to(torch.bfloat16))
+

@@ -196,12 +196,14 @@ class Engine:
         return (len(scheduler.decoder.graphs) if scheduler.decoder is not None else 0) + (
             len(scheduler.prefill_graph.pieces) if scheduler.prefill_graph is not None else 0)
 
-    def precapture(self, params: SamplingParams) -> int:
+    def precapture(self, params: SamplingParams, prefill_pieces: bool = True) -> int:
         """Capture now every graph that steps of replies sampled with `params` can need: the decode step and the
-        packed step (decode rows plus a prompt chunk) of every batch bucket, and every prefill piece of every
-        bucket. Otherwise a graph is captured the first time a step needs it, and that step, with every session
-        in it, waits for the capture (a few forwards). Returns how many graphs were captured (0 without graphs).
-        Each graph keeps its own activation memory on the GPU."""
+        packed step (decode rows plus a prompt chunk) of every batch bucket, and (prefill_pieces) every prefill
+        piece of every bucket. Otherwise a graph is captured the first time a step needs it, and that step, with
+        every session in it, waits for the capture (a few forwards). Returns how many graphs were captured (0
+        without graphs). Each graph keeps its own activation memory on the GPU: the pieces of every bucket hold
+        up to max_sessions × prefill_budget tokens' activations each, too many for a 7B model with the
+        16,384-token budget the benchmarks use, which is why decode-only callers leave them out."""
         def capture() -> int:
             scheduler, before = self.scheduler, self.captured_graphs
             if scheduler.decoder is not None:
@@ -209,7 +211,7 @@ class Engine:
                 scheduler.decoder.capture_all(plan)
                 if scheduler.pack_chunks:
                     scheduler.decoder.capture_all(plan, chunk=scheduler.prefill_budget)
-            if scheduler.prefill_graph is not None:
+            if scheduler.prefill_graph is not None and prefill_pieces:
                 scheduler.prefill_graph.capture_all()
             return self.captured_graphs - before
 
