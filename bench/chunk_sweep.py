@@ -119,7 +119,8 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
     best = min(ok, key=lambda r: r["fwd_ms"])
     timed = {}
     # the backward's dk and dv in two reverse passes, then in one (`_dkdv_kernel`) with 1 and 2 pipeline stages
-    for fused, stages in ((False, 0), (True, 1), (True, 2)):
+    fits = max(dk, dv) <= shipped["DKDV_MAX"]  # wider heads always take the two passes
+    for fused, stages in ((False, 0), (True, 1), (True, 2)) if fits else ((False, 0),):
         triton_chunk._CFG.update({**shipped, **best["cfg"], "FUSED_DKDV": fused, "DKDV_STAGES": stages or 1})
         try:
             timed[stages] = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
@@ -127,7 +128,7 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
             timed[stages] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         finally:
             triton_chunk._CFG.update(shipped)
-    fused = {stages: timed[stages].get("fwdbwd_ms", timed[stages].get("error")) for stages in (1, 2)}
+    fused = {stages: timed[stages].get("fwdbwd_ms", timed[stages].get("error")) for stages in (1, 2) if fits}
     fused_ms = [ms for ms in fused.values() if isinstance(ms, float)]
     first = next((r for r in ok if r["cfg"] == {**tiles[0], **programs[0]}), {})
     result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed[0].get("fwd_ms"),

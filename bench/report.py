@@ -559,7 +559,7 @@ def _commands(result: dict) -> str:
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
 IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model"),
             "interleave": ("preset", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
-            "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context"),
+            "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
             "load": ("method", "preset")}
 
@@ -618,7 +618,10 @@ def render_step_tiles(result: dict) -> str:
 
 def render_chunk_sweep(result: dict) -> str:
     """bench/chunk_sweep.py: the Lightning Attention forward per launch setting and segment count, against fla."""
-    out = ["", f"## Lightning Attention forward: launch settings and segments ({result['device']}, bf16, H = 32)", "",
+    shipped_only = len(result["rows"]) == len(result["best"])  # bench/chunk_sweep.py --shipped-only
+    title = ("the shipped setting, dk and dv in one sweep or two" if shipped_only else
+             "launch settings and segments")
+    out = ["", f"## Lightning Attention forward: {title} ({result['device']}, bf16, H = 32)", "",
            f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. ms per forward (do_bench, L2 "
            "flushed); pre-pass = the segment state kernels alone; floor = q, k, v read and o written once at the "
            f"run's copy bandwidth ({result['ceilings']['copy_TBps']:.2f} TB/s); fla = `chunk_simple_gla` on the same "
@@ -634,9 +637,11 @@ def render_chunk_sweep(result: dict) -> str:
         setting = ", ".join(f"{k}={v}" for k, v in best["cfg"].items())
         then_cells = (f"{then['fwd_ms']:.3f} | {then['segments']}, {then['prepass_ms']:.3f}" if then else "— | —")
         fla = best.get("fla_fwd_ms")
+        too_wide = max(best["dk"], best["dv"]) > shipped.get("DKDV_MAX", float("inf"))  # runs before it: no limit
+        fused = "n/a (head dim above DKDV_MAX)" if too_wide else fmt(best.get("fwdbwd_fused_dkdv_ms"))
         out.append(f"| {best['N']:,} | {best['B']} | {best['dk']}/{best['dv']} | {then_cells} | {setting} | "
                    f"{best['segments']} | {fastest['fwd_ms']:.3f} | {100 * best['floor_ms'] / fastest['fwd_ms']:.0f}% "
-                   f"| {best['fwdbwd_ms']:.3f} | {fmt(best.get('fwdbwd_fused_dkdv_ms'))} | {fmt(fla)} | "
+                   f"| {best['fwdbwd_ms']:.3f} | {fused} | {fmt(fla)} | "
                    f"{fmt(fla / fastest['fwd_ms'] if fla else None, '{:.2f}×')} |")
     return _with_notes(out, result)
 
@@ -723,15 +728,19 @@ def render_quant(result: dict) -> str:
         times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear", "bnb_int8"))
         out.append(f"| {_cell(shape)} | {rows} | {times} |")
     out += ["", "Through the engine (decode: ms per token of each session; × bf16: tok/s against bf16's at the same "
-            "batch; path: captured CUDA graphs or eager steps):", "",
-            "| method | path | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s | code |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    bf16 = {(x["batch"], x["context"]): x for x in result["model"] + result["prefill"] if x["method"] == "bf16"}
-    for x in result["model"] + result["prefill"]:
-        ref = bf16.get((x["batch"], x["context"]), {})
+            "batch, from the same code and launch mode where recorded; path: captured CUDA graphs or eager steps; "
+            "PDL: the int8 products launched with programmatic dependent launch, docs/kernels.md):", "",
+            "| method | path | PDL | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s | code |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = result["model"] + result["prefill"]
+    bf16 = {(x["batch"], x["context"]): x for x in rows if x["method"] == "bf16"}
+    bf16.update({(x["batch"], x["context"], x.get("pdl"), x.get("commit")): x for x in rows if x["method"] == "bf16"})
+    for x in rows:
+        ref = bf16.get((x["batch"], x["context"], x.get("pdl"), x.get("commit"))) or bf16.get((x["batch"], x["context"]))
         key = "decode_ms_per_token" if "decode_ms_per_token" in x else "prefill_s"
-        speed = fmt(ref[key] / x[key], "{:.2f}×") if ref.get(key) and x.get(key) else "—"
-        out.append(f"| {x['method']} | {x.get('path', 'graph')} | {x['batch']} | {x['context']:,} | "
+        speed = fmt(ref[key] / x[key], "{:.2f}×") if ref and ref.get(key) and x.get(key) else "—"
+        launch = {True: "on", False: "off"}.get(x.get("pdl"), "—")
+        out.append(f"| {x['method']} | {x.get('path', 'graph')} | {launch} | {x['batch']} | {x['context']:,} | "
                    f"{fmt(x.get('decode_ms_per_token'))} | {speed} | {fmt(x.get('prefill_s'))} | "
                    f"{x['weight_gib']:.2f} | {fmt(x.get('load_s'))} | {x.get('commit', '')} |")
     if result.get("load"):
@@ -835,6 +844,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
              "python bench/streamer_ab.py --out bench/results/streamer-ab-h200.json"),
             ("chunk-sweep-h200", "Lightning Attention forward: launch settings and segments", render_chunk_sweep,
              "python bench/chunk_sweep.py --out bench/results/chunk-sweep-h200.json"),
+            ("chunk-shipped-h200", "Lightning Attention forward: the shipped setting, dk and dv in one sweep or two",
+             render_chunk_sweep, "python bench/chunk_sweep.py --shipped-only --out bench/results/chunk-shipped-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
              "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,

@@ -26,10 +26,10 @@ def pdl(device: torch.device | str) -> bool:
     A kernel launched with PDL may start while the kernel before it in the stream is still running, as soon as
     that kernel's programs have all called `start_next`: its programs first read what no earlier kernel writes
     (the weights), then wait for the earlier kernel to finish (`await_inputs`) before they read its outputs or
-    write anything. Only the int8 products and their split-K reduce launch that way, because in a decode step
-    they always follow a Triton kernel of ours (a norm, the GLU product, the product before the reduce): a
-    captured PDL launch right after a node that is not a kernel (e.g. a library's memset) fails. The kernels
-    before them call `start_next` (docs/kernels.md#programmatic-dependent-launch)."""
+    write anything. Only the int8 products and their split-K reduce launch that way: in a decode step they
+    always follow a Triton kernel of ours (a norm, the GLU product, the product before the reduce), and those
+    kernels call `start_next`; a kernel after a cuBLAS or PyTorch kernel, which never releases its successor
+    early, would start no earlier (docs/kernels.md#programmatic-dependent-launch)."""
     device = torch.device(device)
     if device.type != "cuda" or triton_interpreted(device) or os.environ.get("TNLLM_PDL") == "0":
         return False
