@@ -730,13 +730,15 @@ def render_quant(result: dict) -> str:
     out += ["", "Through the engine (decode: ms per token of each session; × bf16: tok/s against bf16's at the same "
             "batch, from the same code and launch mode where recorded; path: captured CUDA graphs or eager steps; "
             "PDL: the int8 products launched with programmatic dependent launch, docs/kernels.md):", "",
-            "| method | path | PDL | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s | code |",
+            "| method | path | PDL | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s "
+            "| code |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = result["model"] + result["prefill"]
     bf16 = {(x["batch"], x["context"]): x for x in rows if x["method"] == "bf16"}
     bf16.update({(x["batch"], x["context"], x.get("pdl"), x.get("commit")): x for x in rows if x["method"] == "bf16"})
     for x in rows:
-        ref = bf16.get((x["batch"], x["context"], x.get("pdl"), x.get("commit"))) or bf16.get((x["batch"], x["context"]))
+        same_run = (x["batch"], x["context"], x.get("pdl"), x.get("commit"))
+        ref = bf16.get(same_run) or bf16.get((x["batch"], x["context"]))
         key = "decode_ms_per_token" if "decode_ms_per_token" in x else "prefill_s"
         speed = fmt(ref[key] / x[key], "{:.2f}×") if ref and ref.get(key) and x.get(key) else "—"
         launch = {True: "on", False: "off"}.get(x.get("pdl"), "—")
@@ -845,7 +847,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("chunk-sweep-h200", "Lightning Attention forward: launch settings and segments", render_chunk_sweep,
              "python bench/chunk_sweep.py --out bench/results/chunk-sweep-h200.json"),
             ("chunk-shipped-h200", "Lightning Attention forward: the shipped setting, dk and dv in one sweep or two",
-             render_chunk_sweep, "python bench/chunk_sweep.py --shipped-only --out bench/results/chunk-shipped-h200.json"),
+             render_chunk_sweep,
+             "python bench/chunk_sweep.py --shipped-only --out bench/results/chunk-shipped-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
              "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,
