@@ -90,9 +90,9 @@ def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
 
 @triton.jit
 def _first_k_tiles(p_x, p_w, k0, K, o_k, PDL: tl.constexpr):
-    """The first K step's tiles, as `_load_k_tiles` (masked: a slice may have no step): the weight tile first,
-    then, under PDL, the wait for x's producer (the weights are constants, so their first loads overlap its
-    tail)."""
+    """Under PDL, the first K step's tiles, as `_load_k_tiles` (masked: a slice may have no step): the weight
+    tile, then the wait for x's producer (the weights are constants, so their first loads overlap its tail), then
+    x. Without PDL the K loop starts at the first step, as Triton pipelines it best."""
     m_k = o_k[None, :] < K - k0
     b_q = tl.load(p_w + k0, mask=m_k, other=0)
     await_inputs(PDL)
@@ -118,12 +118,19 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     r_n = (o_n % N).to(tl.int64)
     p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
-    b_x, b_q = _first_k_tiles(p_x, p_w, pid_k * BK, K, o_k, PDL)
     if SWAP:
-        acc_t = _mm_step(b_x, b_q, tl.zeros([BN, BM], dtype=tl.float32), F32, SWAP, MAGIC)
+        acc_t = tl.zeros([BN, BM], dtype=tl.float32)
     else:
-        acc = _mm_step(b_x, b_q, tl.zeros([BM, BN], dtype=tl.float32), F32, SWAP, MAGIC)
-    for k0 in range((pid_k + split_k) * BK, K, split_k * BK):
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_start = pid_k * BK
+    if PDL:  # the first step peeled off, so its weight tile is loaded before the wait
+        b_x, b_q = _first_k_tiles(p_x, p_w, k_start, K, o_k, PDL)
+        if SWAP:
+            acc_t = _mm_step(b_x, b_q, acc_t, F32, SWAP, MAGIC)
+        else:
+            acc = _mm_step(b_x, b_q, acc, F32, SWAP, MAGIC)
+        k_start += split_k * BK
+    for k0 in range(k_start, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         if SWAP:
             acc_t = _mm_step(b_x, b_q, acc_t, F32, SWAP, MAGIC)
@@ -161,13 +168,20 @@ def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     r_n = (o_n % N).to(tl.int64)
     p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
-    b_x, b_q = _first_k_tiles(p_x, p_w, pid_k * BK, K, o_k, PDL)
-    prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
     if REDUCE_ONCE:
-        acc3 = prod
+        acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     else:
-        acc = tl.sum(prod, axis=2)
-    for k0 in range((pid_k + split_k) * BK, K, split_k * BK):
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    k_start = pid_k * BK
+    if PDL:  # the first step peeled off, so its weight tile is loaded before the wait
+        b_x, b_q = _first_k_tiles(p_x, p_w, k_start, K, o_k, PDL)
+        prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
+        if REDUCE_ONCE:
+            acc3 += prod
+        else:
+            acc += tl.sum(prod, axis=2)
+        k_start += split_k * BK
+    for k0 in range(k_start, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
