@@ -14,8 +14,7 @@ Sections (each row is written to --out as soon as it exists, so a timeout loses 
   of the int8 weight (for bf16 that is the quantisation error itself);
 * model: random-weight --preset in bf16, then quantised in place (`quant.quantize(model, "int8")`, timed as
   load_s), decoded through `tnllm.engine.Engine` with CUDA graphs: decode_ms_per_token (median gap between two
-  tokens of a session) at batch 1 and --batch, sessions holding --context tokens, with programmatic dependent
-  launch on and/or off (--pdl; each row's `pdl` says which ran); prefill: one --prefill-tokens
+  tokens of a session) at batch 1 and --batch, sessions holding --context tokens; prefill: one --prefill-tokens
   prompt through the same engine (prefill_budget 16384), timed twice, the second reported (cold_s: the first);
 * load: the random --preset written as a bf16 safetensors checkpoint in --shard-gib shards, then loaded by a fresh
   process per method (bf16 as saved; int8 through the streaming loader, each weight quantised on the GPU):
@@ -51,7 +50,6 @@ from torch import nn  # noqa: E402
 
 from tnllm import TNLConfig, TransNormerLLM, kernels, quant  # noqa: E402
 from tnllm.engine import Engine, EngineConfig  # noqa: E402
-from tnllm.kernels._device import pdl  # noqa: E402
 from tnllm.memory import peak_rss_bytes  # noqa: E402
 from tnllm.quant import bnb  # noqa: E402
 from tnllm.quant.int8 import Int8Linear  # noqa: E402
@@ -177,30 +175,21 @@ def prefill_s(engine: Engine, tokens: int, seed: int) -> float:
 
 def bench_model_method(model: TransNormerLLM, method: str, load_s: float | None, args, results: Results, tok,
                        device: torch.device) -> None:
-    """Decode rows at batch 1 and --batch under each --pdl setting (a fresh engine each: its graphs capture the
-    launch mode), then the prefill row (first setting), of one (already quantised) model."""
+    """Decode rows at batch 1 and --batch, then the prefill row, of one (already quantised) model."""
     base = {"method": method, "preset": args.preset, "load_s": load_s, "weight_gib": model_bytes(model) / 2**30}
-    before = os.environ.get("TNLLM_PDL")
-    for i, setting in enumerate(args.pdl):
-        os.environ["TNLLM_PDL"] = "1" if setting == "on" else "0"
-        engine = Engine(model, tok, EngineConfig(max_sessions=args.batch, prefill_budget=16384), eos_ids=set())
-        row = dict(base, path="graph" if engine.scheduler.decoder is not None else "eager", pdl=pdl(device))
-        try:
-            for batch in sorted({1, args.batch}):
-                ms, tok_s, _ = decode_row(engine, [args.context] * batch, args.tokens)
-                results.add("model", {**row, "batch": batch, "context": args.context, "decode_ms_per_token": ms,
-                                      "aggregate_tok_s": tok_s})
-            if i == 0:
-                cold = prefill_s(engine, args.prefill_tokens, seed=1)
-                warm = prefill_s(engine, args.prefill_tokens, seed=2)
-                results.add("prefill", {**row, "batch": 1, "context": args.prefill_tokens, "prefill_s": warm,
-                                        "cold_s": cold, "prefill_tok_s": args.prefill_tokens / warm})
-        finally:
-            engine.shutdown()
-    if before is None:
-        os.environ.pop("TNLLM_PDL")
-    else:
-        os.environ["TNLLM_PDL"] = before
+    engine = Engine(model, tok, EngineConfig(max_sessions=args.batch, prefill_budget=16384), eos_ids=set())
+    base["path"] = "graph" if engine.scheduler.decoder is not None else "eager"
+    try:
+        for batch in sorted({1, args.batch}):
+            ms, tok_s, _ = decode_row(engine, [args.context] * batch, args.tokens)
+            results.add("model", {**base, "batch": batch, "context": args.context, "decode_ms_per_token": ms,
+                                  "aggregate_tok_s": tok_s})
+        cold = prefill_s(engine, args.prefill_tokens, seed=1)
+        warm = prefill_s(engine, args.prefill_tokens, seed=2)
+        results.add("prefill", {**base, "batch": 1, "context": args.prefill_tokens, "prefill_s": warm,
+                                "cold_s": cold, "prefill_tok_s": args.prefill_tokens / warm})
+    finally:
+        engine.shutdown()
 
 
 def release(device: torch.device) -> None:
@@ -313,8 +302,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=128, help="decode tokens per session and row")
     parser.add_argument("--prefill-tokens", type=int, default=32768)
     parser.add_argument("--sections", default="linear,model,load")
-    parser.add_argument("--pdl", default="on", help="model section: programmatic dependent launch settings to "
-                        "decode under, e.g. on,off (on: where the device has it, docs/kernels.md)")
     parser.add_argument("--shard-gib", type=float, default=5.0,
                         help="shard size of the checkpoint the load section writes")
     args = parser.parse_args()
@@ -324,9 +311,6 @@ def parse_args() -> argparse.Namespace:
         args.batch, args.context, args.tokens, args.prefill_tokens = 2, 16, 4, 64
         args.model_dtype = torch.float32
     args.rows = [int(r) for r in args.rows.split(",")]
-    args.pdl = args.pdl.split(",")
-    if set(args.pdl) - {"on", "off"}:
-        parser.error(f"--pdl takes on and off, got {args.pdl}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU, or pass --dry-run")
     return args

@@ -11,19 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import pdl, start_next
-
 __all__ = ["glu_mul_triton"]
 
 BLOCK = 1024  # outputs per program
 
 
 @triton.jit
-def _glu_mul_kernel(y, out, G, s_y, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _glu_mul_kernel(y, out, G, s_y, BLOCK: tl.constexpr):
     i_r, i_g = tl.program_id(0).to(tl.int64), tl.program_id(1)  # rows on the grid's first axis: no 65,535 limit
     o_g = i_g * BLOCK + tl.arange(0, BLOCK)
     mask = o_g < G
-    start_next(PDL)
     a = tl.load(y + i_r * s_y + o_g, mask=mask).to(tl.float32)
     b = tl.load(y + i_r * s_y + G + o_g, mask=mask).to(tl.float32)
     tl.store(out + i_r * G + o_g, (a * b).to(out.dtype.element_ty), mask=mask)  # one rounding, as torch's a * b
@@ -38,7 +35,6 @@ def glu_mul_triton(y: torch.Tensor) -> torch.Tensor:
     rows = y.reshape(-1, 2 * G)  # [R, 2g]: a view for the model's outputs
     out = torch.empty(*y.shape[:-1], G, dtype=y.dtype, device=y.device)
     if rows.shape[0]:
-        chained = pdl(y.device)
         _glu_mul_kernel[(rows.shape[0], triton.cdiv(G, BLOCK))](rows, out, G, rows.stride(0), BLOCK=BLOCK,
-                                                                 PDL=chained, num_warps=4)
+                                                                 num_warps=4)
     return out

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import await_inputs, pdl, triton_interpreted
+from tnllm.kernels._device import triton_interpreted
 from tnllm.kernels.reference import check_int8_linear
 
 __all__ = ["int8_linear_triton"]
@@ -88,23 +88,11 @@ def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
     return b_x, b_q
 
 
-@triton.jit
-def _first_k_tiles(p_x, p_w, k0, K, o_k, PDL: tl.constexpr):
-    """Under PDL, the first K step's tiles, as `_load_k_tiles` (masked: a slice may have no step): the weight
-    tile, then the wait for x's producer (the weights are constants, so their first loads overlap its tail), then
-    x. Without PDL the K loop starts at the first step, as Triton pipelines it best."""
-    m_k = o_k[None, :] < K - k0
-    b_q = tl.load(p_w + k0, mask=m_k, other=0)
-    await_inputs(PDL)
-    b_x = tl.load(p_x + k0, mask=m_k, other=0.)
-    return b_x, b_q
-
-
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr, PARTIAL: tl.constexpr,
-                    SWAP: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):
+                    SWAP: tl.constexpr, MAGIC: tl.constexpr):
     # y[m, n] = s[n] Σ_k x[m, k] q[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -122,43 +110,24 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
         acc_t = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_start = pid_k * BK
-    if PDL:  # the first step peeled off, so its weight tile is loaded before the wait
-        b_x, b_q = _first_k_tiles(p_x, p_w, k_start, K, o_k, PDL)
-        if SWAP:
-            acc_t = _mm_step(b_x, b_q, acc_t, F32, SWAP, MAGIC)
-        else:
-            acc = _mm_step(b_x, b_q, acc, F32, SWAP, MAGIC)
-        k_start += split_k * BK
-    for k0 in range(k_start, K, split_k * BK):
+    for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
+        if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
+            b_x = b_x.to(tl.float32)
+        b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
         if SWAP:
-            acc_t = _mm_step(b_x, b_q, acc_t, F32, SWAP, MAGIC)
+            acc_t = tl.dot(b_w, tl.trans(b_x), acc_t, input_precision="ieee")  # [BN, BM]
         else:
-            acc = _mm_step(b_x, b_q, acc, F32, SWAP, MAGIC)
+            acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
     if SWAP:
         acc = tl.trans(acc_t)
     _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
 
 
-@triton.jit
-def _mm_step(b_x, b_q, acc, F32: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr):
-    """acc + one K step's product: [BM, BN] (`x @ qᵀ`), or [BN, BM] when SWAP (`q @ xᵀ`)."""
-    if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
-        b_x = b_x.to(tl.float32)
-    b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
-    if SWAP:
-        acc = tl.dot(b_w, tl.trans(b_x), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # ieee: fp32 stays fp32
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "split_k"])
 def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr,
-                      PDL: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr):
     # y[m, n] as above without tensor cores: each [BN, BK] int8 tile is loaded once for BM rows of x
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m = tl.cdiv(M, BM)
@@ -172,16 +141,7 @@ def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
         acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    k_start = pid_k * BK
-    if PDL:  # the first step peeled off, so its weight tile is loaded before the wait
-        b_x, b_q = _first_k_tiles(p_x, p_w, k_start, K, o_k, PDL)
-        prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
-        if REDUCE_ONCE:
-            acc3 += prod
-        else:
-            acc += tl.sum(prod, axis=2)
-        k_start += split_k * BK
-    for k0 in range(k_start, K, split_k * BK):
+    for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
@@ -194,12 +154,10 @@ def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
 
 
 @triton.jit(do_not_specialize=["M"])
-def _splitk_reduce_kernel(ws, s, b, y, M, N, s_ym, SPLIT_K: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          PDL: tl.constexpr):
+def _splitk_reduce_kernel(ws, s, b, y, M, N, s_ym, SPLIT_K: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
     # y[m, n] = s[n] Σ_i ws[i, m, n] (+ b[n]) for one row m and BN columns
     i_m, o_n = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
     m_n = o_n < N
-    await_inputs(PDL)
     acc = tl.zeros([BN], dtype=tl.float32)
     for i in tl.static_range(SPLIT_K):
         acc += tl.load(ws + (i * M + i_m) * N + o_n, mask=m_n, other=0.)
@@ -396,10 +354,8 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, war
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
     split = cfg.SPLIT_K
     ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    chained = pdl(x.device)
     common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
-                  PARTIAL=split > 1, MAGIC=cfg.magic, PDL=chained, launch_pdl=chained, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+                  PARTIAL=split > 1, MAGIC=cfg.magic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, weight, scales, b, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), split)
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
@@ -412,8 +368,7 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, war
     if split > 1:
         BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
         _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, scales, b, y, M, N, y.stride(0)),
-                dict(SPLIT_K=split, BN=BN, HAS_BIAS=bias is not None, PDL=chained, launch_pdl=chained, num_warps=4),
-                warmup)
+                dict(SPLIT_K=split, BN=BN, HAS_BIAS=bias is not None, num_warps=4), warmup)
     return None if warmup else y.reshape(*x.shape[:-1], N)
 
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tnllm.kernels._device import pdl, start_next, triton_interpreted
+from tnllm.kernels._device import triton_interpreted
 from tnllm.kernels.reference import check_same_shape
 
 __all__ = ["srmsnorm_triton", "add_srmsnorm_triton", "gated_srmsnorm_triton"]
@@ -72,14 +72,13 @@ def _residual(x, d, o_n, N, S_TY: tl.constexpr):
 
 
 @triton.jit
-def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr, PDL: tl.constexpr):
+def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr):
     # s = x + d, y = s * rsqrt(mean(s²) + eps). The statistics are taken of the rounded s, in the blocks and order
     # of _norm_fwd_kernel, so y is bitwise the unfused srmsnorm(x + d). Like that kernel, the second pass reloads
     # its inputs (and recomputes the same s) rather than holding a row of any width in registers.
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     p_x, p_d = x + i_m * s_xm, d + i_m * s_dm
-    start_next(PDL)
     b_ss = tl.zeros([BN], dtype=tl.float32)
     for i0 in range(0, N, BN):
         b_s = _residual(p_x, p_d, i0 + o_n, N, s.dtype.element_ty)
@@ -93,11 +92,10 @@ def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr, PDL: 
 
 
 @triton.jit
-def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr, PDL: tl.constexpr):
+def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr):
     # y = u * o * rsqrt(mean(o²) + eps), fp32 inside, rounded once at the store
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
-    start_next(PDL)
     b_r = _inv_rms(o + i_m * s_om, N, eps, BN)
     for i0 in range(0, N, BN):
         m_n = i0 + o_n < N
@@ -174,9 +172,7 @@ def add_srmsnorm_triton(x, delta, eps=1e-6):
     y = torch.empty_like(s)
     BN, warps = _block(N, x.device)
     if M:
-        chained = pdl(x.device)
-        _add_norm_fwd_kernel[(M,)](x2, d2, s, y, x2.stride(0), d2.stride(0), N, float(eps), BN=BN, PDL=chained,
-                                   num_warps=warps)
+        _add_norm_fwd_kernel[(M,)](x2, d2, s, y, x2.stride(0), d2.stride(0), N, float(eps), BN=BN, num_warps=warps)
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -198,7 +194,5 @@ def gated_srmsnorm_triton(o, u, eps=1e-6):
     y = torch.empty(M, N, dtype=torch.promote_types(o.dtype, u.dtype), device=o.device)
     BN, warps = _block(N, o.device)
     if M:
-        chained = pdl(o.device)
-        _gated_norm_fwd_kernel[(M,)](o2, u2, y, o2.stride(0), u2.stride(0), N, float(eps), BN=BN, PDL=chained,
-                                     num_warps=warps)
+        _gated_norm_fwd_kernel[(M,)](o2, u2, y, o2.stride(0), u2.stride(0), N, float(eps), BN=BN, num_warps=warps)
     return y.view(o.shape)

@@ -81,30 +81,6 @@ def test_engine_graph_decode_equals_eager(fp32_model, tok, sample_in_graph):
     assert torch.equal(eager.pool.positions[slots], graphed.pool.positions[slots])
 
 
-def test_pdl_decode_equals_plain_launches(tok, monkeypatch):
-    """int8 weights, bf16 activations, the captured decode: with programmatic dependent launch (the default on
-    Hopper; every decode kernel but the products of torch then overlaps the one before it) the replies and states
-    equal those of plain launches bitwise: the same kernels in the same order, only started earlier."""
-    from tnllm.kernels._device import pdl
-    from tnllm.quant import quantize
-
-    model = quantize(build(torch.bfloat16), "int8")
-    if not pdl("cuda"):
-        pytest.skip("programmatic dependent launch needs compute capability 9.0 (Hopper) or newer")
-    runs = []
-    for setting in ("1", "0"):
-        monkeypatch.setenv("TNLLM_PDL", setting)
-        engine = make_engine(model, tok, cuda_graphs=True)
-        replies = [engine.open().feed_ids(ids, p) for ids, p in zip(PROMPTS, PARAMS)]
-        engine.run_until_idle()
-        slots = [r.session.slot for r in replies]
-        runs.append(([r.sampled for r in replies], [kv[slots].clone() for kv in engine.pool.kv]))
-    assert pdl("cuda") is False  # the last engine ran with plain launches
-    (ids_pdl, states_pdl), (ids_plain, states_plain) = runs
-    assert ids_pdl == ids_plain and [len(r) for r in ids_pdl] == [p.max_new_tokens for p in PARAMS]
-    assert all(torch.equal(a, b) for a, b in zip(states_pdl, states_plain))
-
-
 @torch.inference_mode()
 def test_graph_step_logits_equal_eager_step(fp32_model, tok):
     """One decode step of three sessions holding the same prompts: the captured logits (bucket 4, sampler
