@@ -12,8 +12,7 @@ length aims for when a sequence is cut; MIN_SEG_CHUNKS 4 or 16), with fla's `chu
 anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_seg_scan_kernel`, 0 when the plan
 does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
 (q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
-shape is timed again with its backward (fwd+bwd), with dk and dv from two reverse passes and from one
-(`FUSED_DKDV`, 1 and 2 stages; the faster is rendered). Rows are written to --out as they come, so a timeout loses
+shape is timed again with its backward (fwd+bwd). Rows are written to --out as they come, so a timeout loses
 nothing. `triton_chunk._CFG` is restored afterwards; the run never edits it.
 """
 
@@ -117,23 +116,13 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
     if not ok:
         return
     best = min(ok, key=lambda r: r["fwd_ms"])
-    timed = {}
-    # the backward's dk and dv in two reverse passes, then in one (`_dkdv_kernel`) with 1 and 2 pipeline stages
-    fits = max(dk, dv) <= shipped["DKDV_MAX"]  # wider heads always take the two passes
-    for fused, stages in ((False, 0), (True, 1), (True, 2)) if fits else ((False, 0),):
-        triton_chunk._CFG.update({**shipped, **best["cfg"], "FUSED_DKDV": fused, "DKDV_STAGES": stages or 1})
-        try:
-            timed[stages] = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
-        except Exception as exc:  # noqa: BLE001 (e.g. a fused tile that needs more shared memory than a block has)
-            timed[stages] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        finally:
-            triton_chunk._CFG.update(shipped)
-    fused = {stages: timed[stages].get("fwdbwd_ms", timed[stages].get("error")) for stages in (1, 2) if fits}
-    fused_ms = [ms for ms in fused.values() if isinstance(ms, float)]
+    triton_chunk._CFG.update({**shipped, **best["cfg"]})
+    try:
+        timed = time_impl(lambda x, y, z: lightning_attn_triton(x, y, z, -rate)[0], (q, k, v), True)
+    finally:
+        triton_chunk._CFG.update(shipped)
     first = next((r for r in ok if r["cfg"] == {**tiles[0], **programs[0]}), {})
-    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed[0].get("fwd_ms"),
-                               fwdbwd_ms=timed[0].get("fwdbwd_ms"),
-                               fwdbwd_fused_dkdv_ms=min(fused_ms) if fused_ms else None, fused_dkdv_by_stages=fused,
+    result["best"].append(dict(base, cfg=best["cfg"], fwd_ms=timed["fwd_ms"], fwdbwd_ms=timed["fwdbwd_ms"],
                                segments=best["segments"], shipped_fwd_ms=first.get("fwd_ms"), fla_fwd_ms=fla_ms))
 
 
@@ -142,7 +131,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tiny", action="store_true", help="CPU interpreter, small shapes, two settings")
     p.add_argument("--shipped-only", action="store_true",
-                   help="time the shipped setting alone (forward, then the backward both ways)")
+                   help="time the shipped setting alone (forward, then with its backward)")
     p.add_argument("--budget-s", type=float, default=420.0, help="no new shape starts after this")
     args = p.parse_args()
     start = time.perf_counter()

@@ -175,44 +175,6 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
                 tl.store(p_f, b_h, mask=m_k[:, None] & m_v[None, :])
 
 
-# the backward's two reverse sweeps in one kernel
-@triton.jit(do_not_specialize=["T", "NS", "L"])
-def _dkdv_kernel(q, k, v, do, dk, dv, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
-                 H: tl.constexpr, D: tl.constexpr, E: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr,
-                 BT: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr, STORE_FINAL: tl.constexpr,
-                 IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr, F32: tl.constexpr):
-    # _chunk_kernel's passes dv = attn(k, q, dO) and dk = attn(v, dO, q), backward in time, share their state:
-    # G [D, E] = Σ_j λ^f_j q_jᵀ dO_j, which dk reads transposed. One sweep reads q, k, v and dO once for both.
-    i_sh = tl.program_id(0)
-    i_s, i_h = i_sh // H, i_sh % H
-    bos, eos, i_n, is_first, is_last = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
-    b_ld = tl.load(ld + i_h).to(tl.float32) * 1.4426950408889634  # log2 of λ
-    o_t, o_d, o_e = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BE)
-    m_d, m_e = o_d < D, o_e < E
-    b_D = _intra_decay(o_t, b_ld, True)
-    b_h = _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_d, o_e, m_d, m_e, USE_H, H_PER_SEG, BD, BE)
-    n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
-    for i_c in range(n_c):
-        o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, True)
-        p_d = (o_tok[:, None] * H + i_h) * D + o_d[None, :]  # [BT, BD]
-        p_e = (o_tok[:, None] * H + i_h) * E + o_e[None, :]  # [BT, BE]
-        m_td, m_te = m_t[:, None] & m_d[None, :], m_t[:, None] & m_e[None, :]
-        b_q = tl.load(q + p_d, mask=m_td, other=0.)
-        b_k = tl.load(k + p_d, mask=m_td, other=0.)
-        b_v = tl.load(v + p_e, mask=m_te, other=0.)
-        b_do = tl.load(do + p_e, mask=m_te, other=0.)
-        d_q = _state_decay(o_t, n_m, m_t, b_ld, True)
-        b_dv = _chunk_out(b_k, b_q, b_do, b_h, b_D, d_q, BF16_STATE, F32)  # [BT, BE]
-        b_dk = _chunk_out(b_v, b_do, b_q, tl.trans(b_h), b_D, d_q, BF16_STATE, F32)  # [BT, BD]
-        tl.store(dv + p_e, b_dv.to(dv.dtype.element_ty), mask=m_te)
-        tl.store(dk + p_d, b_dk.to(dk.dtype.element_ty), mask=m_td)
-        b_h = _carry_state(b_h, b_ld, b_q, b_do, o_t, n_m, m_t, True, F32)
-    if STORE_FINAL:
-        if is_first:
-            p_f = hf + (i_n.to(tl.int64) * H + i_h) * D * E + o_d[:, None] * E + o_e[None, :]
-            tl.store(p_f, b_h, mask=m_d[:, None] & m_e[None, :])
-
-
 @triton.jit(do_not_specialize=["T", "NS", "L"])
 def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr,
@@ -281,13 +243,11 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
 
 # Launch settings on GPU (bench/chunk_sweep.py on an H200, docs/kernels.md#launch-settings); the interpreter uses
 # 16-wide blocks. BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128;
-# BS state tile of the segment kernels; SEG_PROGRAMS_PER_SM, MIN_SEG_CHUNKS: the segment length rule (`_Plan`);
-# FUSED_DKDV, DKDV_MAX, DKDV_STAGES: dk and dv in one reverse sweep (`_dkdv_kernel`; off on the GPU until timed).
+# BS state tile of the segment kernels; SEG_PROGRAMS_PER_SM, MIN_SEG_CHUNKS: the segment length rule (`_Plan`).
 _CFG = dict(BT=64, BV=128, WARPS=8, STAGES=3, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=64, SEG_PROGRAMS_PER_SM=2,
-            MIN_SEG_CHUNKS=16, FUSED_DKDV=False, DKDV_MAX=128, DKDV_STAGES=2)
+            MIN_SEG_CHUNKS=16)
 _CFG_INTERPRET = dict(BT=16, BV=16, WARPS=4, STAGES=1, BV_WIDE=16, WARPS_WIDE=4, STAGES_WIDE=1, BS=16,
-                      SEG_PROGRAMS_PER_SM=1, MIN_SEG_CHUNKS=1, FUSED_DKDV=True, DKDV_MAX=64,
-                      DKDV_STAGES=1)
+                      SEG_PROGRAMS_PER_SM=1, MIN_SEG_CHUNKS=1)
 
 
 @functools.cache
@@ -380,25 +340,6 @@ class _Plan:
             num_warps=self.cfg["WARPS" if K <= 128 else "WARPS_WIDE"], num_stages=self.stages(K, a))
         return out, hf
 
-    def fuses_dkdv(self, D: int, E: int) -> bool:
-        """dk and dv from one reverse sweep (`_dkdv_kernel`): when enabled, for head dims up to DKDV_MAX (its
-        program holds the whole [D, E] state)."""
-        return self.cfg["FUSED_DKDV"] and max(D, E) <= self.cfg["DKDV_MAX"]
-
-    def dkdv(self, q, k, v, do, ld, h, h_per_seg, store_final):
-        """(dk, dv, the reverse state left after the first chunk or None) of `_dkdv_kernel`'s one sweep."""
-        D, E = q.shape[-1], v.shape[-1]
-        dk, dv = torch.empty_like(q), torch.empty_like(v)
-        hf = torch.empty(self.N, self.H, D, E, dtype=torch.float32, device=q.device) if store_final else None
-        strides = (0, 0, 0, 0) if h is None else h.stride()
-        _dkdv_kernel[(self.n_seg * self.H,)](
-            q, k, v, do, dk, dv, h if h is not None else dk, hf if hf is not None else dk, ld, self.seg, self.T,
-            self.NS, self.L, *strides, H=self.H, D=D, E=E, BD=max(16, triton.next_power_of_2(D)),
-            BE=max(16, triton.next_power_of_2(E)), BT=self.BT, USE_H=h is not None, H_PER_SEG=h_per_seg,
-            STORE_FINAL=store_final, IS_VARLEN=self.varlen, BF16_STATE=q.dtype == torch.bfloat16, F32=self.f32(q),
-            num_warps=self.cfg["WARPS"], num_stages=1 if q.element_size() > 2 else self.cfg["DKDV_STAGES"])
-        return dk, dv, hf
-
     def stages(self, K: int, a: torch.Tensor) -> int:
         """Pipeline stages of the chunk kernel for 16-bit tiles; fp32 tiles are twice the bytes, and more than one
         stage of them exceeds the H200's 227 KiB of shared memory."""
@@ -431,11 +372,8 @@ class _LightningAttnFunction(torch.autograd.Function):
         gs = plan.seg_states(q, do, ld, dfinal, reverse=True) if plan.segmented else None
         h_rev = gs if plan.segmented else dfinal
         need_ds0 = ctx.s0_dtype is not None and ctx.needs_input_grad[4]
-        if plan.fuses_dkdv(q.shape[-1], v.shape[-1]):
-            dk, dv, ds0 = plan.dkdv(q, k, v, do, ld, h_rev, plan.segmented, need_ds0)
-        else:
-            dv, ds0 = plan.chunk(k, q, do, ld, h_rev, plan.segmented, True, need_ds0)
-            dk, _ = plan.chunk(v, do, q, ld, h_rev, plan.segmented, True, False, transpose_h=True)
+        dv, ds0 = plan.chunk(k, q, do, ld, h_rev, plan.segmented, True, need_ds0)
+        dk, _ = plan.chunk(v, do, q, ld, h_rev, plan.segmented, True, False, transpose_h=True)
         if ds0 is not None:
             ds0 = ds0.to(ctx.s0_dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, ds0, None, None, None

@@ -64,32 +64,6 @@ CHUNK_CASES = [
 
 @requires_triton_interpret
 class TestChunk:
-    @pytest.fixture(autouse=True, params=[True, False], ids=["dkdv-fused", "dkdv-two-pass"])
-    def dkdv(self, request, monkeypatch):
-        """Every case with dk and dv from one reverse sweep (`_dkdv_kernel`) and from two (`_chunk_kernel`), in
-        whichever settings the plan reads (the interpreter's on the CPU, the native ones on a GPU)."""
-        from tnllm.kernels import triton_chunk
-
-        for cfg in (triton_chunk._CFG_INTERPRET, triton_chunk._CFG):
-            monkeypatch.setitem(cfg, "FUSED_DKDV", request.param)
-        return request.param
-
-    def test_fused_dkdv_replaces_both_reverse_passes(self, dkdv, monkeypatch):
-        """With FUSED_DKDV the backward runs no reverse `_chunk_kernel` pass, and its gradients equal the two
-        passes' (fp32; segments and an initial state, so the fused kernel reads per-segment states and writes
-        d initial_state)."""
-        from tnllm.kernels import triton_chunk
-
-        reverse = []
-        chunk = triton_chunk._Plan.chunk
-        monkeypatch.setattr(triton_chunk._Plan, "chunk", lambda plan, *args, **kw: (
-            reverse.append(args[6]), chunk(plan, *args, **kw))[1])
-        inputs = _attn_inputs(2, 65, 3, 32, 16, torch.float32, n_state=2)
-        out_r, out_t = _run_both(*inputs, seg_len=32)
-        assert reverse == ([False, False] if dkdv else [False, False, True, True])  # fwd, dq (, dv, dk)
-        for name in ("dk", "dv", "ds0"):
-            assert_close(name, out_r[name], out_t[name], rel=TOL[torch.float32])
-
     @pytest.mark.parametrize("B,T,H,D,E,seg", CHUNK_CASES)
     @pytest.mark.parametrize("with_s0", [False, True], ids=["no-s0", "s0"])
     def test_fwd_bwd_fp32(self, B, T, H, D, E, seg, with_s0):
