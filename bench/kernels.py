@@ -4,6 +4,7 @@ from the same run.
 
     python bench/kernels.py                       # every section on the GPU -> bench/results/kernels-h200.json
     python bench/kernels.py --sections decode     # some sections only (names below, run in the order given)
+    python bench/kernels.py --sections prefill --prefill-n 8192,32768   # some prefill rows only
     python bench/kernels.py --out new.json && python bench/report.py --merge new.json   # fold a partial run in
     TRITON_INTERPRET=1 python bench/kernels.py --tiny --out /tmp/k.json   # CPU smoke test of this script
 
@@ -346,6 +347,8 @@ def _parse_args():
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="start no section or prefill shape after this many seconds (the rest is recorded as "
                         "skipped); default 300: the whole default run then ends within about 6 minutes on an H200")
+    p.add_argument("--prefill-n", default="",
+                   help="comma list of sequence lengths: the prefill section runs only these rows (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench/results/kernels-h200.json"))
     args = p.parse_args()
     args.sections = [x for x in args.sections.split(",") if x]
@@ -427,19 +430,22 @@ def save(result, out):
     Path(out).write_text(json.dumps(result, indent=1))
 
 
-def _prefill_shapes(result, shapes, anchors, budget_s):
-    """The prefill rows of `shapes`, each skipped once the budget is spent; returns the skipped keys."""
+def _prefill_shapes(result, shapes, anchors, args):
+    """The prefill rows of `shapes`, each skipped once the budget is spent, the JSON saved after each (a row takes
+    minutes with fla's autotuning); returns {"skipped_for_budget": keys}."""
     skipped = []
     for B, N, H_, dk, dv in shapes:
-        if elapsed() > budget_s:
+        if elapsed() > args.budget_s:
             skipped.append(f"B{B}-N{N}-H{H_}-dk{dk}-dv{dv}")
             continue
         _bench_shape(result, B, N, H_, dk, dv, anchors)
-    return skipped
+        save(result, args.out)
+    return {"skipped_for_budget": skipped}
 
 
 def section_runners(args, result, anchors):
-    """name -> callable running that section into `result` (returning extra facts for its "sections" entry)."""
+    """name -> callable running that section into `result`, returning None or the lists of shapes it left out
+    ({"skipped_for_budget": [...], "not_selected": [...]}: non-empty ones make the section "partial")."""
     H, D, shapes = _shapes(args.tiny)
     agree_shapes, near1_shape = _precision_shapes(args.tiny)
 
@@ -454,14 +460,23 @@ def section_runners(args, result, anchors):
                 skipped.append(key)
                 continue
             result["agreement"][key] = agreement(*shape, anchors)
-        return skipped
+        return {"skipped_for_budget": skipped}
 
     def near1():
         dtype = torch.float16 if triton_interpreted(DEV) else torch.bfloat16
         result["near1"]["B{}-N{}-H{}-dk{}-dv{}".format(*near1_shape)] = near_one(*near1_shape, anchors, dtype)
 
-    return {"wide": lambda: _prefill_shapes(result, [s for s in shapes if s[3] != s[4]], anchors, args.budget_s),
-            "prefill": lambda: _prefill_shapes(result, [s for s in shapes if s[3] == s[4]], anchors, args.budget_s),
+    lengths = {int(n) for n in args.prefill_n.split(",") if n}
+    square = [s for s in shapes if s[3] == s[4]]
+    selected = [s for s in square if not lengths or s[1] in lengths]
+
+    def prefill():
+        # rows left out by --prefill-n make the section partial, so a merge keeps the older rows of those shapes
+        return {**_prefill_shapes(result, selected, anchors, args),
+                "not_selected": ["B{}-N{}-H{}-dk{}-dv{}".format(*s) for s in square if s not in selected]}
+
+    return {"wide": lambda: _prefill_shapes(result, [s for s in shapes if s[3] != s[4]], anchors, args),
+            "prefill": prefill,
             "decode": decode, "agree": agree, "near1": near1}
 
 
@@ -477,11 +492,9 @@ def run_section(result, name, fn, anchors, args):
     else:
         t0 = time.perf_counter()
         try:
-            skipped = fn()
-            entry["status"] = "done"
-            if skipped:
-                entry["status"] = "partial"
-                entry["skipped_for_budget"] = skipped
+            left_out = {k: v for k, v in (fn() or {}).items() if v}  # the section's shapes it did not run
+            entry["status"] = "partial" if left_out else "done"
+            entry.update(left_out)
         except Exception as e:  # noqa: BLE001 - a section's failure must not lose the others
             entry["status"] = f"error: {e!r}"[:300]
         entry["elapsed_s"] = time.perf_counter() - t0

@@ -413,6 +413,8 @@ def _section_status_lines(r: dict) -> list[str]:
             status += " (inferred: the file predates section statuses)"
         if e.get("skipped_for_budget"):
             status += f" (skipped for the budget: {', '.join(e['skipped_for_budget'])})"
+        if e.get("not_selected"):
+            status += f" (not selected: {', '.join(e['not_selected'])})"
         if e.get("latest_status"):
             status += f"; latest run: {e['latest_status']}"
         if e.get("unavailable"):

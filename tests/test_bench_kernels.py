@@ -90,6 +90,20 @@ def test_spent_budget_skips_sections_but_writes_the_json(tmp_path):
     assert "== section agree: skipped" in stdout
 
 
+def test_chosen_prefill_rows_make_a_partial_section_that_a_merge_completes(tmp_path):
+    """--prefill-n runs some rows; the section is "partial" (the others "not_selected"), so merging it into an
+    earlier complete run replaces those rows and keeps the others."""
+    (tmp_path / "all").mkdir()
+    full, _ = _run(tmp_path / "all", "--sections", "prefill")
+    some, stdout = _run(tmp_path, "--sections", "prefill", "--prefill-n", "128")
+    entry = some["sections"]["prefill"]
+    assert entry["status"] == "partial" and entry["not_selected"] == ["B4-N64-H2-dk16-dv16"]
+    assert {r["N"] for r in some["rows"]} == {128}
+    merged = _report().merge_kernel_runs(full, some)
+    assert {(r["N"], r["run"]) for r in merged["rows"] if r["impl"] == "ours"} == {(64, 0), (128, 1)}
+    assert "not selected: B4-N64-H2-dk16-dv16" in _report().render(merged)
+
+
 def test_unknown_section_is_refused():
     proc = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--sections", "wide,nope"], cwd=ROOT,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
