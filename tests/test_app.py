@@ -56,7 +56,8 @@ def test_chat_streams_the_engines_output(runtime, chat, p, monkeypatch):
 
 def test_updates_are_spaced_and_lose_no_text(runtime, chat, monkeypatch):
     """Streamed updates come at most one per UPDATE_INTERVAL_S, the first text at once; text between them waits
-    for the next update, and the final one holds the whole reply."""
+    for the next update; the complete text streams as soon as the reply ends (before the turn is recorded), and
+    the final result repeats it with the stats."""
     interval = 0.05
     monkeypatch.setattr(chat_module, "UPDATE_INTERVAL_S", interval)
     p = dict(GREEDY, max_new_tokens=300)
@@ -67,9 +68,10 @@ def test_updates_are_spaced_and_lose_no_text(runtime, chat, monkeypatch):
     *streamed, (final, info) = updates
     assert len(streamed) >= 2 and all(b[0].startswith(a[0]) for a, b in zip(updates, updates[1:]))
     assert len(streamed) < info["new_tokens"], "several tokens per update"
-    gaps = [b - a for a, b in zip(stamps[:-2], stamps[1:-1])]  # between streamed updates (the final comes at once)
+    gaps = [b - a for a, b in zip(stamps[:-3], stamps[1:-2])]  # between streamed updates until the complete text
     assert min(gaps) >= 0.9 * interval, gaps
     assert final == engine_reply(runtime, "tell me a long story", p)
+    assert streamed[-1][0] == final and streamed[-2][0] != final and info["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("how", ["close", "stop-flag"], ids=["gradio-cancel", "stop-button"])

@@ -41,6 +41,8 @@ STOP_WAIT_S = 30.0        # Stop waits this long at most for the reply to record
 # diff, JSON, SSE) that it takes from the engine thread of the same process: one update per token slowed a
 # fast model's decoding to half its speed. 50 updates a second is more than a reader can follow.
 UPDATE_INTERVAL_S = 0.02
+# Finish reasons whose streamed text is the reply as recorded (the others end with a notice, or raise).
+COMPLETE_AS_STREAMED = frozenset({"eos", "length", "stop", "time_limit"})
 NUMERICAL_NOTICE = ("⚠️ Generation stopped: the model produced invalid numbers (NaN/inf). Nothing after this point "
                     "was sampled, and this conversation's model state was reset; send your message again.")
 INTERNAL_NOTICE = "Internal error while generating; this conversation's model state was reset. Please try again."
@@ -286,15 +288,21 @@ def make_validator(runtime: Runtime, store: SessionStore, limits: Limits | None 
 def _stream(reply: Reply, stop: threading.Event, listening: Callable[[], bool]
             ) -> Generator[tuple[str, str, dict], None, str]:
     """Yield (reply so far, live line, {}) after events until the reply finishes, at most one per
-    UPDATE_INTERVAL_S (the first text at once); return what a cancel means: "abandoned" when nobody was listening,
-    else "cancelled". Stop and a client that is not listening cancel the reply (the engine ends it at its next
-    step); events after the cancel are not streamed."""
+    UPDATE_INTERVAL_S (the first text and the complete text at once); return what a cancel means: "abandoned" when
+    nobody was listening, else "cancelled". Stop and a client that is not listening cancel the reply (the engine
+    ends it at its next step); events after the cancel are not streamed."""
     text, cancelled_as, shown, next_update = "", "cancelled", "", 0.0
     if stop.is_set():  # a Stop while the message was queued: end before the first step
         reply.cancel()
     for event in reply.updates():
         text += event.text
-        if event.finished or reply.cancel_requested:
+        if reply.cancel_requested:
+            continue
+        if event.finished:
+            # The complete text goes out before the turn is recorded and the final result is built, so a reader
+            # sees the reply end when the engine ends it (the final result repeats it with the stats).
+            if event.finish in COMPLETE_AS_STREAMED and reply.text != shown:
+                yield reply.text, live_line(event.stats), {}
             continue
         if stop.is_set():
             reply.cancel()
