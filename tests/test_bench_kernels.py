@@ -166,3 +166,14 @@ def test_streamer_ab_runs_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["streamer"] for r in rows] == ["shortcut", "window"]
     assert all(r["solo_ms"] > 0 and r["sessions_ms"] > 0 and r["sessions"] == 3 for r in rows)
+
+
+def test_gil_bench_runs_on_the_cpu(tmp_path):
+    """bench/gil.py: every load at one switch interval, rows written; a thread that never sleeps slows the engine."""
+    out = tmp_path / "gil.json"
+    run = subprocess.run([sys.executable, "bench/gil.py", "--device", "cpu", "--tokens", "6", "--intervals-ms", "0.5",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["load"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"none", "bursts", "busy"} and all(r["interval_ms"] == 0.5 for r in rows.values())
+    assert 0 < rows["none"]["ms_per_token_p50"] < rows["busy"]["ms_per_token_p50"]

@@ -179,3 +179,23 @@ def test_glu_mul_takes_more_rows_than_a_grid_axis_holds():
     y = torch.randn(70_000, 2 * 96, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(glu_mul_triton(y), (y[:, :96].float() * y[:, 96:].float()).to(torch.bfloat16))
 
+
+
+def test_app_engine_starts_with_every_decode_graph_captured(model, tok):
+    """The app's engine captures the decode and packed steps of every batch bucket for chat's default sampling at
+    startup: a chat reply with those settings, from one session or several, captures nothing more."""
+    from tnllm.engine.graphs import bucket_sizes
+    from tnllm.webui.runtime import CHAT_SESSIONS, start_engine
+    from tnllm.webui.validation import CHAT_DEFAULTS
+
+    engine = start_engine(model, tok, "test model")
+    try:
+        assert engine.captured_graphs >= 2 * len(bucket_sizes(CHAT_SESSIONS))
+        before = engine.captured_graphs
+        sessions = [engine.open() for _ in range(3)]
+        params = SamplingParams(**{**CHAT_DEFAULTS, "max_new_tokens": 8}, seed=1)
+        replies = [s.send("hello there", params) for s in sessions]
+        assert all(r.wait().stats.new_tokens == 8 or r.finish_reason == "eos" for r in replies)
+        assert engine.captured_graphs == before
+    finally:
+        engine.shutdown()

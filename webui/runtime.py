@@ -28,7 +28,7 @@ from tnllm.model import random_model
 from tnllm.paths import ASSETS, ROOT
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer, tokenizer_for
-from tnllm.webui.validation import default_max_context
+from tnllm.webui.validation import CHAT_DEFAULTS, default_max_context
 
 log = logging.getLogger("tnllm.app")
 
@@ -213,7 +213,9 @@ def load_baseline(source: str | None, model: TransNormerLLM, *, device: torch.de
 def start_engine(model: TransNormerLLM, tokenizer: Tokenizer, source: str) -> Engine:
     """The engine every chat reply runs on (a state slot per chat session; CUDA graphs on a GPU),
     after one short greedy reply, so that the first user does not pay for lazy initialisation and NaN/inf
-    weights fail here (StartupError) instead of in a user's reply."""
+    weights fail here (StartupError) instead of in a user's reply. With CUDA graphs, the decode steps of every
+    batch size are captured now for chat's default sampling: otherwise the first step at a new number of
+    concurrent users would stall every one of them for the capture."""
     engine = Engine(model, tokenizer, EngineConfig(max_sessions=CHAT_SESSIONS))
     session = engine.open()
     try:
@@ -225,6 +227,11 @@ def start_engine(model: TransNormerLLM, tokenizer: Tokenizer, source: str) -> En
         why = ("the model produced NaN/inf logits" if reply.finish_reason == "numerical_error"
                else f"it ended with {reply.finish_reason!r} (see the log)")
         raise StartupError(f"{source}: warm-up generation failed: {why}")
+    start = time.perf_counter()
+    captured = engine.precapture(SamplingParams(**CHAT_DEFAULTS), prefill_pieces=False)
+    if captured:
+        log.info("captured %d CUDA graphs (decode steps for 1 to %d sessions, chat's default sampling) in %.1f s",
+                 captured, CHAT_SESSIONS, time.perf_counter() - start)
     return engine
 
 
