@@ -202,7 +202,7 @@ def config_src(cfg: Config) -> str:
 
 
 # M buckets: a product with M rows uses the first bucket >= M (None: any larger M).
-M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512, None)
+M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 160, 256, 512, None)
 # Shape classes by N and K (the tnl-7b Linears fall in distinct classes: qkvu_proj n16k.k4k, out_proj n4k.k4k,
 # l1/l2 n12k.k4k, the GLU's packed l1|l2 (what CUDA decode runs, `GLU.pack`) n24k.k4k, l3 n4k.kbig, lm_head
 # nbig.k4k).
@@ -280,6 +280,22 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (None, "*"): Config(1, 32, 256, kind="deq"),  # M=4096: geomean 1.004x of each shape's best
     (32, "*"): Config(32, 64, 128, SPLIT_K=0),
     (64, "*"): Config(64, 128, 64, SPLIT_K=0),
+    # A packed step's rows (decode rows + a prompt chunk of 128: up to 160) and up to 256, swept on their own
+    # (bench/results/int8-sweep-m160-h200.json): µs per call, bf16's, and what the "deq" rows they used took
+    (160, "n16k.k4k"): Config(64, 128, 64),  # qkvu_proj M=160: 69.9 us; bf16 40.9; was 97.3
+    (160, "n4k.k4k"): Config(128, 64, 64, SPLIT_K=2),  # out_proj M=160: 27.4 us; bf16 18.7; was 31.8
+    (160, "n12k.k4k"): Config(64, 128, 64),  # l1/l2 M=160: 50.9 us; bf16 30.8; was 69.7
+    (160, "n24k.k4k"): Config(64, 256, 64),  # l1|l2 M=160: 88.4 us; bf16 53.7; was 127.0
+    (160, "n4k.kbig"): Config(128, 64, 64, SPLIT_K=2),  # l3 M=160: 63.7 us; bf16 33.4; was 71.4
+    (160, "nbig.k4k"): Config(64, 256, 64),  # lm_head M=160: 256.8 us; bf16 157.3; was 353.0
+    (160, "*"): Config(64, 128, 64, SPLIT_K=2),  # M=160: geomean 1.189x of each shape's best
+    (256, "n16k.k4k"): Config(256, 128, 64, num_warps=8),  # qkvu_proj M=256: 76.6 us; bf16 48.0; was 101.8
+    (256, "n4k.k4k"): Config(1, 64, 256, num_warps=8, kind="deq"),  # out_proj M=256: 27.7 us; bf16 18.1
+    (256, "n12k.k4k"): Config(64, 128, 64),  # l1/l2 M=256: 67.8 us; bf16 33.0; was 70.0
+    (256, "n24k.k4k"): Config(128, 128, 64, num_warps=8, kind="dot_t"),  # l1|l2 M=256: 128.4 us; bf16 63.0; was 135.6
+    (256, "n4k.kbig"): Config(128, 64, 64, SPLIT_K=2),  # l3 M=256: 64.4 us; bf16 37.3; was 78.5
+    (256, "nbig.k4k"): Config(256, 128, 64, num_warps=8),  # lm_head M=256: 295.6 us; bf16 183.3; was 388.5
+    (256, "*"): Config(1, 32, 256, kind="deq"),  # M=256: geomean 1.149x of each shape's best
 }
 DECODE_MAX_M = 16
 
