@@ -355,6 +355,13 @@ def _parse_args():
     unknown = sorted(set(args.sections) - set(SECTIONS))
     if unknown:
         p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    lengths = {s[1] for s in _shapes(args.tiny)[2] if s[3] == s[4]}
+    try:
+        chosen = {int(n) for n in args.prefill_n.split(",") if n}
+    except ValueError:
+        p.error(f"--prefill-n takes comma-separated integers, got {args.prefill_n!r}")
+    if chosen - lengths:
+        p.error(f"--prefill-n {sorted(chosen - lengths)}: no such prefill row; the rows are {sorted(lengths)}")
     return args
 
 

@@ -108,6 +108,9 @@ def test_unknown_section_is_refused():
     proc = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--sections", "wide,nope"], cwd=ROOT,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown sections ['nope']" in proc.stderr
+    proc = subprocess.run([sys.executable, "bench/kernels.py", "--tiny", "--prefill-n", "64,100"], cwd=ROOT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--prefill-n [100]: no such prefill row; the rows are [64, 128]" in proc.stderr
 
 
 def test_failing_section_is_recorded_and_saved_before_the_next(tmp_path):
