@@ -31,6 +31,7 @@ import contextlib
 import datetime
 import functools
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -43,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from tnllm import TNLConfig, TransNormerLLM
+from tnllm import TNLConfig, TransNormerLLM, quant
 from tnllm.engine import Engine, EngineConfig, Session
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, replay_eagerly, split_into_pieces
 from tnllm.engine.scheduler import decode_step
@@ -122,7 +123,10 @@ def build(preset: str, dtype: torch.dtype, device: torch.device) -> TransNormerL
 
 
 def weight_bytes(model: TransNormerLLM) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of every parameter and buffer, each storage once (the tied head counts once; int8 Linears keep their
+    weights as buffers)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())}
+    return sum(seen.values())
 
 
 def prefilled_sessions(engine: Engine, contexts: list[int]) -> list[Session]:
@@ -302,16 +306,27 @@ def interleave(engine: Engine, n_decoding: int, prompt_tokens: int, tokens: int)
             "ratio": statistics.median(during) / statistics.median(before) if during else None}
 
 
+def build_weights(preset: str, method: str, device: torch.device) -> TransNormerLLM:
+    """`build`'s model (bf16 on CUDA, fp32 on the CPU), quantised in place unless `method` is "none"."""
+    model = build(preset, torch.bfloat16 if device.type == "cuda" else torch.float32, device)
+    if method != "none":
+        quant.quantize(model, method)
+        gc.collect()  # the float weights it replaced go back to the device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return model
+
+
 def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -> None:
     """Every decode row and the interleave figures of one preset."""
     device, contexts = torch.device(args.device), [int(c) for c in args.contexts.split(",")]
     cuda = device.type == "cuda"
-    model = build(preset, torch.bfloat16 if cuda else torch.float32, device)
+    model = build_weights(preset, args.quant, device)
     weights = weight_bytes(model)
 
     def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int, **extra) -> dict:
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
-        return {"preset": preset, "quant": "none", "batch": batch, "context": context, "decode_ms_per_token": ms,
+        return {"preset": preset, "quant": args.quant, "batch": batch, "context": context, "decode_ms_per_token": ms,
                 "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path, **extra}
 
     if cuda:
@@ -346,7 +361,8 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
                                 eos_ids=set())
                 try:
                     figures = interleave(engine, args.interleave_sessions, args.interleave_prompt, 4 * args.tokens)
-                    results.add("interleave", {"preset": preset, "packed": packing == "on", **figures})
+                    results.add("interleave", {"preset": preset, "quant": args.quant, "packed": packing == "on",
+                                               **figures})
                 finally:
                     engine.shutdown()
 
@@ -366,6 +382,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny preset, small sizes: seconds on a CPU")
     parser.add_argument("--presets", default="tnl-7b,tnl-1b")
+    parser.add_argument("--quant", default="none", choices=("none", "int8"),
+                        help="weights of every row: the preset's float dtype, or quantised in place to int8 "
+                             "(bitsandbytes cannot be captured in a graph)")
     parser.add_argument("--contexts", default="1024,32768,131072")
     parser.add_argument("--sessions", type=int, default=16)
     parser.add_argument("--paths", default="engine-graph,engine-graph-sampler-outside,engine-eager",

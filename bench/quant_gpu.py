@@ -35,7 +35,6 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import itertools  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -56,7 +55,7 @@ from tnllm.quant.int8 import Int8Linear  # noqa: E402
 from tnllm.sampling import SamplingParams  # noqa: E402
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer  # noqa: E402
 
-from engine_gpu import PARAMS, ModuloTokenizer, Results, build, decode_row, section, sync  # noqa: E402
+from engine_gpu import PARAMS, ModuloTokenizer, Results, build, decode_row, section, sync, weight_bytes  # noqa: E402
 
 
 def linear_shapes(cfg: TNLConfig) -> dict[str, tuple[int, int]]:
@@ -156,12 +155,6 @@ def bench_linear(args, results: Results, device: torch.device) -> None:
             release(device)
 
 
-def model_bytes(model: TransNormerLLM) -> int:
-    """Bytes of every parameter and buffer, each storage once (the tied head counts once)."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())}
-    return sum(seen.values())
-
-
 def prefill_s(engine: Engine, tokens: int, seed: int) -> float:
     """Seconds from submitting a `tokens`-id prompt to its first (only) sampled token, in a fresh session."""
     session = engine.open()
@@ -176,7 +169,7 @@ def prefill_s(engine: Engine, tokens: int, seed: int) -> float:
 def bench_model_method(model: TransNormerLLM, method: str, load_s: float | None, args, results: Results, tok,
                        device: torch.device) -> None:
     """Decode rows at batch 1 and --batch, then the prefill row, of one (already quantised) model."""
-    base = {"method": method, "preset": args.preset, "load_s": load_s, "weight_gib": model_bytes(model) / 2**30}
+    base = {"method": method, "preset": args.preset, "load_s": load_s, "weight_gib": weight_bytes(model) / 2**30}
     engine = Engine(model, tok, EngineConfig(max_sessions=args.batch, prefill_budget=16384), eos_ids=set())
     base["path"] = "graph" if engine.scheduler.decoder is not None else "eager"
     try:
@@ -237,7 +230,7 @@ def timed_load(directory: str, method: str, device: str) -> dict:
     else:
         model = quant.load_quantized(directory, method, dtype=torch.bfloat16, device=device)
     sync(torch.device(device))
-    return {"load_s": time.perf_counter() - start, "weight_gib": model_bytes(model) / 2**30,
+    return {"load_s": time.perf_counter() - start, "weight_gib": weight_bytes(model) / 2**30,
             "peak_host_mb": peak_rss_bytes() / 2**20}
 
 

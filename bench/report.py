@@ -560,7 +560,7 @@ def _commands(result: dict) -> str:
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
 IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model"),
-            "interleave": ("preset", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
+            "interleave": ("preset", "quant", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
             "load": ("method", "preset")}
@@ -670,24 +670,29 @@ def render_engine(result: dict) -> str:
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
            "them (sampling, detokenising and events included). `graph-replay` = the captured step alone.", "",
-           "| preset | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | code |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
+           "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
-        out.append(f"| {x['preset']} | {x['path']} | {x['batch']} | {x['context']:,} | "
+        out.append(f"| {x['preset']} | {_weights(x)} | {x['path']} | {x['batch']} | {x['context']:,} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "
                    f"{x['aggregate_tok_s']:,.0f} | {x.get('commit', '')} |")
     if result.get("interleave"):
         out += ["", "A long prompt arriving while sessions decode (their ms/token during its prefill vs before):", "",
-                "| preset | decoding sessions | prompt tokens | prefill chunk | chunk read | prefill s | "
-                "ms/token before → during | ratio | code |", "|---|---|---|---|---|---|---|---|---|"]
+                "| preset | weights | decoding sessions | prompt tokens | prefill chunk | chunk read | prefill s | "
+                "ms/token before → during | ratio | code |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in result["interleave"]:
             read = {True: "in the decode step", False: "beside it"}.get(x.get("packed", False))
-            out.append(f"| {x['preset']} | {x['decoding_sessions']} | {x['prompt_tokens']:,} | {x['prefill_budget']:,}"
-                       f" | {read} | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → "
+            out.append(f"| {x['preset']} | {_weights(x)} | {x['decoding_sessions']} | {x['prompt_tokens']:,} | "
+                       f"{x['prefill_budget']:,} | {read} | {x['prefill_s']:.2f} | {x['ms_per_token_before']:.1f} → "
                        f"{x['ms_per_token_during']:.1f} | {x['ratio']:.2f}× | {x.get('commit', '')} |")
     for check in result.get("checks") or []:
         out.append(f"\nGraph vs eager: {check}")
     return _with_notes(out, result)
+
+
+def _weights(item: dict) -> str:
+    """An engine row's weights: the float dtype of the run ("none") or its 8-bit method."""
+    return "float" if item.get("quant", "none") == "none" else item["quant"]
 
 
 def _with_notes(lines: list[str], result: dict) -> str:

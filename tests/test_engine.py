@@ -584,15 +584,23 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok, ove
 
 # -- the bundled model and the GPU benchmark script -------------------------------------------------------
 def test_engine_gpu_benchmark_smoke_on_cpu(tmp_path):
+    """Every section of bench/engine_gpu.py on the CPU, with float weights and with int8 ones (--quant): rows
+    named by their weights, and int8's floor is its smaller weights'."""
     import json
 
-    out = subprocess.run([sys.executable, "bench/engine_gpu.py", "--device", "cpu", "--smoke", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    data = json.loads((tmp_path / "engine-h200.json").read_text())
-    keys = {"preset", "quant", "batch", "context", "decode_ms_per_token", "hbm_floor_ms", "aggregate_tok_s", "path"}
-    assert data["rows"] and all(keys <= set(row) for row in data["rows"])
-    assert data["interleave"] and not [note for note in data["notes"] if "failed" in note]
+    floors = {}
+    for method in ("none", "int8"):
+        (tmp_path / method).mkdir()
+        out = subprocess.run([sys.executable, "bench/engine_gpu.py", "--device", "cpu", "--smoke", "--quant", method,
+                              "--out", str(tmp_path / method)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        data = json.loads((tmp_path / method / "engine-h200.json").read_text())
+        keys = {"preset", "quant", "batch", "context", "decode_ms_per_token", "hbm_floor_ms", "aggregate_tok_s", "path"}
+        assert data["rows"] and all(keys <= set(row) and row["quant"] == method for row in data["rows"])
+        assert data["interleave"] and all(x["quant"] == method for x in data["interleave"])
+        assert not [note for note in data["notes"] if "failed" in note]
+        floors[method] = min(row["hbm_floor_ms"] for row in data["rows"] if row["batch"] == 1)
+    assert floors["int8"] < floors["none"]
 
 
 def test_engine_host_breakdown_runs_on_the_cpu(tmp_path):
