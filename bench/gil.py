@@ -31,7 +31,8 @@ from tnllm.engine import Engine, EngineConfig
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 
-from engine_gpu import ModuloTokenizer, build
+from engine_gpu import ModuloTokenizer, build_weights
+from serve import token_gaps_ms
 
 LOADS = ("none", "bursts", "busy")
 
@@ -48,15 +49,16 @@ def python_load(stop: threading.Event, burst_s: float | None) -> None:
             time.sleep(burst_s)
 
 
-def token_gaps_ms(engine: Engine, tokens: int) -> list[float]:
-    """ms between consecutive tokens of one greedy reply, as its reader receives them."""
+def reply_gaps_ms(engine: Engine, tokens: int) -> list[float]:
+    """ms between consecutive tokens of one greedy reply as its reader receives them, from the second token on
+    (the first one's wait is the prefill)."""
     session = engine.open()
     try:
         stamps = [time.perf_counter() for _ in session.feed_ids([5, 6, 7], SamplingParams(temperature=0,
                                                                                           max_new_tokens=tokens))]
     finally:
         session.close()
-    return [1e3 * (b - a) for a, b in zip(stamps[1:], stamps[2:])]  # from the second token: prefill excluded
+    return token_gaps_ms(stamps[1:])
 
 
 def main() -> None:
@@ -71,14 +73,13 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    engine = Engine(build(args.preset, dtype, device), ModuloTokenizer(Tokenizer(BUNDLED_TOKENIZER)),
+    engine = Engine(build_weights(args.preset, "none", device), ModuloTokenizer(Tokenizer(BUNDLED_TOKENIZER)),
                     EngineConfig(max_sessions=2), eos_ids=set())
     result = {"bench": "gil", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "python": platform.python_version(), "preset": args.preset,
               "tokens": args.tokens, "burst_ms": args.burst_ms, "command": "python " + " ".join(sys.argv), "rows": []}
-    token_gaps_ms(engine, 8)  # warm-up (graph captures on CUDA)
+    reply_gaps_ms(engine, 8)  # warm-up (graph captures on CUDA)
     default = sys.getswitchinterval()
     try:
         for interval in (float(ms) / 1e3 for ms in args.intervals_ms.split(",")):
@@ -90,7 +91,7 @@ def main() -> None:
                 if load != "none":
                     worker.start()
                 try:
-                    gaps = token_gaps_ms(engine, args.tokens)
+                    gaps = reply_gaps_ms(engine, args.tokens)
                 finally:
                     stop.set()
                 row = {"interval_ms": interval * 1e3, "load": load, "ms_per_token_p50": statistics.median(gaps),

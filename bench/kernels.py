@@ -357,11 +357,11 @@ def _parse_args():
         p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     lengths = {s[1] for s in _shapes(args.tiny)[2] if s[3] == s[4]}
     try:
-        chosen = {int(n) for n in args.prefill_n.split(",") if n}
+        args.prefill_n = {int(n) for n in args.prefill_n.split(",") if n}  # empty: every row
     except ValueError:
         p.error(f"--prefill-n takes comma-separated integers, got {args.prefill_n!r}")
-    if chosen - lengths:
-        p.error(f"--prefill-n {sorted(chosen - lengths)}: no such prefill row; the rows are {sorted(lengths)}")
+    if args.prefill_n - lengths:
+        p.error(f"--prefill-n {sorted(args.prefill_n - lengths)}: no such prefill row; the rows are {sorted(lengths)}")
     return args
 
 
@@ -473,9 +473,8 @@ def section_runners(args, result, anchors):
         dtype = torch.float16 if triton_interpreted(DEV) else torch.bfloat16
         result["near1"]["B{}-N{}-H{}-dk{}-dv{}".format(*near1_shape)] = near_one(*near1_shape, anchors, dtype)
 
-    lengths = {int(n) for n in args.prefill_n.split(",") if n}
     square = [s for s in shapes if s[3] == s[4]]
-    selected = [s for s in square if not lengths or s[1] in lengths]
+    selected = [s for s in square if not args.prefill_n or s[1] in args.prefill_n]
 
     def prefill():
         # rows left out by --prefill-n make the section partial, so a merge keeps the older rows of those shapes

@@ -180,7 +180,6 @@ def test_glu_mul_takes_more_rows_than_a_grid_axis_holds():
     assert torch.equal(glu_mul_triton(y), (y[:, :96].float() * y[:, 96:].float()).to(torch.bfloat16))
 
 
-
 def test_app_engine_starts_with_every_decode_graph_captured(model, tok):
     """The app's engine captures the decode and packed steps of every batch bucket for chat's default sampling at
     startup: a chat reply with those settings, from one session or several, captures nothing more."""
