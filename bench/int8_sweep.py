@@ -57,6 +57,7 @@ from tnllm.kernels import triton_int8 as ti  # noqa: E402
 from tnllm.kernels.triton_int8 import Config, config_src, m_bucket, shape_class  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+MID_M = 96  # prefill M up to this also times M- and M/2-row tiles and a 4-way K split (packed steps' rows)
 SMEM = 220 * 1024  # bytes of shared memory a candidate may ask for (H200: 227 KiB per block)
 
 
@@ -120,11 +121,17 @@ def row_tiles(m: int, tiny: bool) -> list[Config]:
     return [c for bm in sorted({m // 2, m}) if 2 <= bm <= 16 for c in gemv_tiles(bm)]
 
 
-def prefill_tiles(tiny: bool) -> list[Config]:
-    """GEMM tiles for prefill M (SPLIT_K 1; `splits` adds 2 at M <= 512)."""
+def prefill_tiles(m: int, tiny: bool) -> list[Config]:
+    """GEMM tiles for prefill M (SPLIT_K 1; `splits` adds 2 at M <= 512, and 4 at M <= MID_M); M <= MID_M (a
+    packed step's decode rows plus a short prompt chunk) adds tiles of M and M / 2 rows (powers of 2) first."""
     if tiny:
         return [Config(16, 16, 16, num_stages=1), Config(16, 16, 16, num_stages=1, kind="dot_t"),
                 Config(1, 16, 32, kind="deq")]
+    rows = triton.next_power_of_2(m)
+    mid = [] if m > MID_M else [
+        Config(bm, bn, bk, num_warps=w, num_stages=3, kind=kind, magic=mg)
+        for bm, bn, bk, w, kind, mg in itertools.product(sorted({rows, max(16, rows // 2)}), (128, 256), (64, 128),
+                                                          (4, 8), ("dot", "dot_t"), (True, False))]
     dot = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
            (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3),
            (64, 256, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 64, 64, 4, 4)]
@@ -135,7 +142,7 @@ def prefill_tiles(tiny: bool) -> list[Config]:
                                       (64, 256, 64, 8, 3), (256, 128, 64, 8, 2), (128, 128, 64, 8, 4)]]
     out += [Config(1, 32, 256, num_warps=4, kind="deq"), Config(1, 64, 256, num_warps=8, kind="deq"),
             Config(1, 16, 1024, num_warps=4, kind="deq")]
-    return out
+    return mid + out
 
 
 def splits(cfg: Config, m: int, n: int, k: int, tiny: bool) -> list[Config]:
@@ -147,7 +154,7 @@ def splits(cfg: Config, m: int, n: int, k: int, tiny: bool) -> list[Config]:
     elif m <= ti.DECODE_MAX_M:
         options = (1, 2, 4, 8) if cfg.kind in ("dot", "dot_t") else (1, 2, 4)
     else:
-        options = (1, 2) if m <= 512 else (1,)
+        options = (1, 2, 4) if m <= MID_M else (1, 2) if m <= 512 else (1,)
     return [cfg._replace(SPLIT_K=s) for s in options if s == 1 or triton.cdiv(k, cfg.BK) >= s]
 
 
@@ -165,7 +172,7 @@ def all_configs(args, n: int, k: int) -> list[Config]:
     for m in args.decode_rows:
         out += [s for c in row_tiles(m, args.tiny) for s in splits(c, m, n, k, args.tiny)]
     for m in args.prefill_rows:
-        out += [s for c in prefill_tiles(args.tiny) for s in splits(c, m, n, k, args.tiny)]
+        out += [s for c in prefill_tiles(m, args.tiny) for s in splits(c, m, n, k, args.tiny)]
     return list(dict.fromkeys(out))
 
 
@@ -283,7 +290,7 @@ class Shape:
             return [s for c in cfgs for s in splits(c, m, self.n_out, self.n_in, self.args.tiny)]
 
         if m > ti.DECODE_MAX_M:
-            return split_all(prefill_tiles(self.args.tiny))
+            return split_all(prefill_tiles(m, self.args.tiny))
         if m == 1:
             return interleave(*(split_all(cs) for cs in self.fam.values()))
         groups = [split_all(self.best_tiles.get(f, [])) for f in self.fam]
