@@ -664,12 +664,13 @@ def render_streamer_ab(result: dict) -> str:
 
 def render_engine(result: dict) -> str:
     """bench/engine_gpu.py: decode through the engine as chat uses it, against the HBM floor measured in the run."""
-    out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} weights, fp32 state)", "",
+    out = ["", f"## Engine decode on the GPU ({result['device']}, {result['dtype']} activations, fp32 state)", "",
            f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. Floor: the step's "
            f"weight and state bytes at the copy bandwidth measured in the same run "
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
-           "them (sampling, detokenising and events included). `graph-replay` = the captured step alone.", "",
+           "them (sampling, detokenising and events included). `graph-replay` = the captured step alone. "
+           f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`).", "",
            "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
            "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:

@@ -398,10 +398,10 @@ def stop_during_prefill(runtime, repeats: int = 5) -> dict:
     """The longest prompt a message may be (MAX_MESSAGE_CHARS), Stop as soon as its first prefill chunk is
     reported; the time from the cancel request to the reply's `finally` on the server, against one prefill
     chunk's time (docs/reliability.md#stop-during-prefill)."""
-    from tnllm.engine.engine import PREFILL_BUDGETS
+    from tnllm.engine.engine import prefill_budgets
     from tnllm.webui.validation import MAX_MESSAGE_CHARS
 
-    chunk = PREFILL_BUDGETS["cpu"][1]  # a prompt read alone on the CPU: its engine step's chunk
+    chunk = prefill_budgets("cpu")[1]  # a prompt read alone on the CPU: its engine step's chunk
 
     tokenizer = runtime.tokenizer
     sentence = "Tell me everything about the long history of the old harbour town and its people. "

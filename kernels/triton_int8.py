@@ -224,7 +224,7 @@ def m_bucket(M: int) -> int | None:
 # (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
 # output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
 # as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
-# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 and 64 rows were not swept
+# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept
 # (docs/quantization.md#cuda-kernel).
 CONFIGS: dict[tuple[int | None, str], Config] = {
     (1, "n16k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # qkvu_proj M=1: 24.1 us bf16 34.5 us
@@ -279,7 +279,15 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (512, "*"): Config(1, 32, 256, kind="deq"),  # M=512: geomean 1.001x of each shape's best
     (None, "*"): Config(1, 32, 256, kind="deq"),  # M=4096: geomean 1.004x of each shape's best
     (32, "*"): Config(32, 64, 128, SPLIT_K=0),
-    (64, "*"): Config(64, 128, 64, SPLIT_K=0),
+    # A packed step's rows with a 32-id prompt chunk (the int8 default on CUDA: up to 64), swept at M = 40
+    # (bench/results/int8-sweep-mid-h200.json): µs per call, bf16's, and what the old "*" row took
+    (64, "n16k.k4k"): Config(64, 128, 64, SPLIT_K=2),  # qkvu_proj M=40: 34.0 us; bf16 35.4; was 34.0
+    (64, "n4k.k4k"): Config(64, 128, 64, SPLIT_K=8),  # out_proj M=40: 13.3 us; bf16 14.2; was 13.3
+    (64, "n12k.k4k"): Config(64, 128, 64, SPLIT_K=4, num_stages=3),  # l1/l2 M=40: 25.9 us; bf16 26.3; was 31.8
+    (64, "n24k.k4k"): Config(64, 128, 64, SPLIT_K=2, num_stages=3),  # l1|l2 M=40: 45.2 us; bf16 47.4; was 53.0
+    (64, "n4k.kbig"): Config(64, 128, 64, SPLIT_K=8),  # l3 M=40: 24.3 us; bf16 27.9; was 24.3
+    (64, "nbig.k4k"): Config(64, 128, 128, num_stages=3),  # lm_head M=40: 111.1 us; bf16 151.7; was 144.1
+    (64, "*"): Config(64, 128, 64, SPLIT_K=4),  # M=40: geomean 1.155x of each shape's best
     # A packed step's rows (decode rows + a prompt chunk of 128: up to 160) and up to 256, swept on their own
     # (bench/results/int8-sweep-m160-h200.json): µs per call, bf16's, and what the "deq" rows they used took
     (160, "n16k.k4k"): Config(64, 128, 64),  # qkvu_proj M=160: 69.9 us; bf16 40.9; was 97.3

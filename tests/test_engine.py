@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, assert_close, import_bench_script, requires_triton_interpret
-from tnllm import kernels
+from tnllm import kernels, quant
 from tnllm.engine import BatchSampler, Engine, EngineConfig, PoolFullError
-from tnllm.engine.engine import PREFILL_BUDGETS
+from tnllm.engine.engine import PREFILL_BUDGETS, prefill_budgets
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, piece_sizes, replay_eagerly, split_into_pieces
 from tnllm.engine.sampler import GENERAL, HEAD, SMALL_HEAD, SamplePlan, head_size
 from tnllm.sampling import SamplingParams, filter_logits
@@ -291,7 +291,19 @@ def test_a_prompt_alone_reads_in_large_chunks_and_beside_decoding_in_small_ones(
     engine.run_until_idle()
     assert newcomer.sampled == argmax_loop(model, prompt(50, 2), 12)
     cpu = Engine(model, tok, EngineConfig(max_sessions=1, threaded=False))
-    assert (cpu.scheduler.prefill_budget, cpu.scheduler.solo_prefill_budget) == PREFILL_BUDGETS["cpu"]
+    assert (cpu.scheduler.prefill_budget, cpu.scheduler.solo_prefill_budget) == prefill_budgets("cpu")
+
+
+def test_default_prefill_budgets_follow_the_device_and_the_weights(model, tok, monkeypatch):
+    float_row = PREFILL_BUDGETS[("cuda", "none")]
+    assert prefill_budgets("cuda", "bnb_int8") == float_row, "weights without a row: the device's float row"
+    assert prefill_budgets("mps", "int8") == prefill_budgets("cpu"), "a device without a row: the CPU's"
+    int8_model = quant.quantize(copy.deepcopy(model), "int8")
+    monkeypatch.setitem(PREFILL_BUDGETS, ("cpu", "int8"), (7, 9))
+    engine = Engine(int8_model, tok, EngineConfig(max_sessions=1, threaded=False))
+    assert (engine.scheduler.prefill_budget, engine.scheduler.solo_prefill_budget) == (7, 9)
+    floats = Engine(model, tok, EngineConfig(max_sessions=1, threaded=False))
+    assert floats.scheduler.prefill_budget == prefill_budgets("cpu")[0] != 7
 
 
 def test_prefill_pieces_are_a_binary_decomposition():

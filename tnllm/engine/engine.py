@@ -30,20 +30,28 @@ from tnllm.sampling import SamplingParams
 from tnllm.streaming import TextStreamer
 from tnllm.tokenizer import Tokenizer
 
-# Prompt tokens read per step, per device: (while other sessions decode, while none does). While others decode,
-# each step's chunk rides in their decode step (packed) and delays their next token by its compute: on an H200 at
-# the 7B shape, a 32k-token prompt arriving while 8 sessions decode raised their ms/token 1.31x with 128-token
-# chunks (read in 1.8 s) and 1.71x with 256 (1.2 s) (bench/results/engine-h200.json, docs/engine.md#chunked-prefill).
-# Alone, a prompt reads in large chunks. The CPU keeps 512 for both (a chunk there costs its compute, not its
-# launches).
-PREFILL_BUDGETS = {"cuda": (128, 4096), "cpu": (512, 512)}
+# Prompt tokens read per step, per (device, weights): (while other sessions decode, while none does). While others
+# decode, each step's chunk rides in their decode step (packed) and delays their next token by its compute. On an
+# H200 at the 7B shape, a 32k-token prompt arriving while 8 sessions decode raised their ms/token 1.31x with
+# 128-id chunks of a bf16 model (read in 1.8 s) and 1.71x with 256 (1.2 s); with int8 weights a packed row costs
+# more (the int8 tiles add the conversion to tensor-core-bound products): 2.97x at 128, 2.50x at 64, 1.67x at 32
+# (2.7 s) (bench/results/engine-h200.json, docs/engine.md#chunked-prefill). Alone, a prompt reads in large
+# chunks. The CPU keeps 512 for both (a chunk there costs its compute, not its launches). Weights without a row
+# of their own take their device's float row; a device without a row takes the CPU's.
+PREFILL_BUDGETS = {("cuda", "none"): (128, 4096), ("cuda", "int8"): (32, 4096), ("cpu", "none"): (512, 512)}
+
+
+def prefill_budgets(device_type: str, quant_method: str = "none") -> tuple[int, int]:
+    """The default (prefill_budget, solo_prefill_budget) for a model on `device_type` with `quant_method` weights."""
+    return PREFILL_BUDGETS.get((device_type, quant_method),
+                               PREFILL_BUDGETS.get((device_type, "none"), PREFILL_BUDGETS[("cpu", "none")]))
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """max_sessions: pool slots (sessions open at once); prefill_budget: prompt tokens read per step while
     other sessions decode (the chunk a long prompt advances by between two of their tokens), and
-    solo_prefill_budget: per step while none does (None: PREFILL_BUDGETS of the device); cuda_graphs:
+    solo_prefill_budget: per step while none does (None: `prefill_budgets` of the device and weights); cuda_graphs:
     captured decode per batch bucket (None = on for a CUDA model; eager otherwise); sample_in_graph: the
     sampler inside the captured step; prefill_graph: chunks up to `prefill_budget` ids captured too (None = with
     cuda_graphs); overlap: hand out a step's ids while the next step runs on the GPU (None = with cuda_graphs;
@@ -72,7 +80,7 @@ class Engine:
         pack = getattr(model, "pack_weights", None)  # the device's fast layout for the products, where it has one
         if pack is not None:
             pack()
-        defaults = PREFILL_BUDGETS.get(self.pool.device.type, PREFILL_BUDGETS["cpu"])
+        defaults = prefill_budgets(self.pool.device.type, getattr(model, "quant_method", "none"))
         budget = config.prefill_budget or defaults[0]
         solo_budget = config.solo_prefill_budget or defaults[1]
         if budget < 1 or solo_budget < 1:
