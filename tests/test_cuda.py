@@ -21,9 +21,9 @@ PARAMS = [SamplingParams(temperature=0, max_new_tokens=30),
           SamplingParams(temperature=0, max_new_tokens=10)]
 
 
-def build(dtype: torch.dtype) -> TransNormerLLM:
+def build(dtype: torch.dtype, vocab_size: int = 1024) -> TransNormerLLM:
     torch.manual_seed(0)
-    cfg = TNLConfig(vocab_size=1024, dim=512, n_layers=4, n_heads=4, hidden_dim=512, glu_dim=1024,
+    cfg = TNLConfig(vocab_size=vocab_size, dim=512, n_layers=4, n_heads=4, hidden_dim=512, glu_dim=1024,
                     lrpe_layers=[1, 0, 1, 0], tie_word_embeddings=False)
     return TransNormerLLM(cfg).cuda().to(dtype).eval()
 
@@ -180,15 +180,23 @@ def test_glu_mul_takes_more_rows_than_a_grid_axis_holds():
     assert torch.equal(glu_mul_triton(y), (y[:, :96].float() * y[:, 96:].float()).to(torch.bfloat16))
 
 
-def test_app_engine_starts_with_every_decode_graph_captured(model, tok):
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_app_engine_starts_with_every_decode_graph_captured(tok, weights):
     """The app's engine captures the decode and packed steps of every batch bucket for chat's default sampling at
-    startup: a chat reply with those settings, from one session or several, captures nothing more."""
+    startup (int8 weights, the app's GPU default, with their own packed chunk): a chat reply with those settings,
+    from one session or several, captures nothing more."""
+    from tnllm import quant
+    from tnllm.engine.engine import prefill_budgets
     from tnllm.engine.graphs import bucket_sizes
     from tnllm.webui.runtime import CHAT_SESSIONS, start_engine
     from tnllm.webui.validation import CHAT_DEFAULTS
 
-    engine = start_engine(model, tok, "test model")
+    served = build(torch.bfloat16, tok.vocab_size)  # chat text: every id the tokenizer makes is in the vocabulary
+    if weights == "int8":
+        served = quant.quantize(served, "int8")
+    engine = start_engine(served, tok, "test model")
     try:
+        assert engine.scheduler.prefill_budget == prefill_budgets("cuda", getattr(served, "quant_method", "none"))[0]
         assert engine.captured_graphs >= 2 * len(bucket_sizes(CHAT_SESSIONS))
         before = engine.captured_graphs
         sessions = [engine.open() for _ in range(3)]

@@ -579,6 +579,22 @@ def test_pool_full_and_close_frees_the_slot(model, tok, overlap):
         a.fork()
 
 
+def test_ids_outside_the_vocabulary_are_refused_before_the_device_sees_them(model, tok):
+    engine = make_engine(model, tok)
+    other = engine.open()
+    running = other.feed_ids(prompt(9, 3), SamplingParams(temperature=0, max_new_tokens=5))
+    session = engine.open()
+    vocab = model.config.vocab_size
+    for ids in ([5, vocab, 6], [-1]):
+        with pytest.raises(ValueError, match=f"prompt id {ids[1] if len(ids) > 1 else -1} is outside"):
+            session.feed_ids(ids, GREEDY)
+    assert session.reply is None and not engine.pool.kv[0][session.slot].any(), "nothing was read"
+    engine.run_until_idle()
+    assert running.sampled == argmax_loop(model, prompt(9, 3), 5), "the other session was not disturbed"
+    last = session.feed_ids([5, vocab - 1], SamplingParams(temperature=0, max_new_tokens=2)).wait()
+    assert last.finish_reason == "length", "the session still serves ids inside the vocabulary"
+
+
 def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(model, tok, overlap):
     engine = make_engine(model, tok, overlap=overlap, prefill_budget=32)
     decoding = [engine.open().feed_ids(prompt(4, s), SamplingParams(temperature=0, max_new_tokens=100))

@@ -128,6 +128,13 @@ class Engine:
         """Start a reply reading `prompt` into the session's state (use `Session.send` / `feed_ids`)."""
         if not prompt:
             raise ValueError("a reply needs at least one prompt token")
+        # Checked here, on the caller's thread: on CUDA an id past the embedding is a device-side assert that
+        # takes down every session of the process, not an error for this reply.
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            bad = next(i for i in prompt if not 0 <= i < vocab)
+            raise ValueError(f"prompt id {bad} is outside the model's vocabulary (0..{vocab - 1}): the tokenizer "
+                             "does not belong to this model")
         deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         seed = secrets.randbits(62) if params.seed is None else params.seed
 
