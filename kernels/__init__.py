@@ -12,6 +12,9 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
     glu_mul(y)                       y[..., :g] * y[..., g:]: the channel mixer's product of the packed l1|l2 output
     int8_linear(x, weight, scales, bias=None)    x [..., K] float, weight [N, K] int8, scales [N] -> y [..., N]
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
+    prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps=1e-6) -> y (or (s, y))
+        a decode product fused with the op before it (a norm, add + norm, gated norm or product; see
+        `reference.PROLOGUES`); `fuses_prologue(x, weight)` says where the model should call it
     sample_rows(logits, slots, tables, *, penalty, draw, head) -> ids [B]   one exact seeded sample (or the argmax)
         per row of logits [B, V] from its slot's settings (penalty, temperature, top-k, top-p); the slots'
         tables (`reference.SlotTables`) updated in place
@@ -39,7 +42,8 @@ import torch
 from tnllm.kernels import reference
 
 __all__ = ["lightning_attn", "lightning_attn_step", "srmsnorm", "add_srmsnorm", "gated_srmsnorm", "glu_mul",
-           "int8_linear", "sample_rows", "use_impl", "backend_for", "reference", "ACTIVATIONS"]
+           "int8_linear", "prologue_linear", "fuses_prologue", "sample_rows", "use_impl", "backend_for", "reference",
+           "ACTIVATIONS"]
 
 ACTIVATIONS = reference.ACTIVATIONS  # the q/k activations lightning_attn_step applies, by name
 
@@ -140,6 +144,35 @@ def glu_mul(y):
     if impl == "triton":
         return _triton("triton_glu", "glu_mul_triton")(y)
     return reference.glu_mul_ref(y)  # "torch", or "unfused" (the same differentiable ops)
+
+
+# Rows up to which a product takes its prologue in-kernel (the int8 launcher's decode tiles); float weights only
+# while FUSE_FLOAT_PROLOGUES (its decode tiles were swept for int8 weights)
+PROLOGUE_MAX_ROWS = 16
+FUSE_FLOAT_PROLOGUES = False
+
+
+def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+    """Whether a product of x [..., K] (and the prologue's second input `other`) with `weight` should take the op
+    before it fused (`prologue_linear`): the Triton path, a decode-sized input (<= PROLOGUE_MAX_ROWS rows), an int8
+    weight (or a float one of x's dtype while FUSE_FLOAT_PROLOGUES), other of x's dtype, no autocast (its casts
+    belong to the composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the
+    model composes the ops: on the CPU its Linears' own fast products serve better than this composition."""
+    if backend_for(x.device) != "triton" or x.numel() > PROLOGUE_MAX_ROWS * x.shape[-1]:
+        return False
+    if (other is not None and other.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, other, weight)):
+        return False
+    return weight.dtype == torch.int8 or (FUSE_FLOAT_PROLOGUES and weight.dtype == x.dtype)
+
+
+def prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps: float = 1e-6):
+    """A product fused with the op before it. See `kernels.reference.prologue_linear_ref`."""
+    kwargs = dict(prologue=prologue, other=other, eps=eps)
+    if backend_for(x.device) == "triton":
+        return _triton("triton_int8", "prologue_linear_triton")(x, weight, scales, bias, **kwargs)
+    return reference.prologue_linear_ref(x, weight, scales, bias, **kwargs)
 
 
 def int8_linear(x, weight, scales, bias=None):

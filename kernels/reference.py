@@ -362,6 +362,70 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return (y if bias is None else y + bias.to(dt)).to(x.dtype)
 
 
+# What a decode product can take instead of its input rows x (`prologue_linear_ref`): the ops that precede each
+# product of a block, fused into the product's kernel on the GPU.
+PROLOGUES = ("none", "norm", "add_norm", "gated_norm", "mul")
+NORM_PROLOGUES = ("norm", "add_norm", "gated_norm")  # those whose rows end scaled by an SRMSNorm
+
+
+def check_prologue(prologue: str, x: torch.Tensor, other: torch.Tensor | None) -> None:
+    """Validate a prologue and its second input (`other`: add_norm's delta, gated_norm's gate, mul's factor)."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"prologue must be one of {PROLOGUES}, got {prologue!r}")
+    if prologue in ("none", "norm"):
+        if other is not None:
+            raise ValueError(f"prologue {prologue!r} takes no second input")
+        return
+    if other is None:
+        raise ValueError(f"prologue {prologue!r} needs its second input")
+    check_same_shape(x, other, "x and other")
+    if other.dtype != x.dtype or other.device != x.device:
+        raise ValueError(f"x and other must share dtype and device, got {x.dtype} on {x.device} "
+                         f"and {other.dtype} on {other.device}")
+
+
+def prologue_linear_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None, *, prologue: str = "none", other: torch.Tensor | None = None,
+                        eps: float = 1e-6):
+    """A Linear of x after one of the ops that precede a block's products (PROLOGUES):
+
+        "none"        y = linear(x)
+        "norm"        y = linear(srmsnorm(x))
+        "add_norm"    s = x + other, y = linear(srmsnorm(s)); returns (s, y)
+        "gated_norm"  y = linear(other * srmsnorm(x))            (the token mixer's gate: x = o, other = u)
+        "mul"         y = linear(x * other)                       (the GLU's product of l1's and l2's outputs)
+
+    linear: `int8_linear` for an int8 weight (with its scales), else F.linear (scales None). The ops round as their
+    own references do (`srmsnorm_ref`, `add_srmsnorm_ref`, `gated_srmsnorm_ref`, `a * b`); the fused kernel scales
+    the product's fp32 rows by the norm instead of rounding the normed input, so 16-bit results differ by rounding.
+
+    Args:
+        x, other: [..., K], one shape, dtype and device; weight [N, K]; scales [N] (int8 weight) or None;
+        bias None or [N].
+    Returns:
+        y [..., N] in x.dtype, or (s [..., K], y) for "add_norm".
+    """
+    check_prologue(prologue, x, other)
+    s = None
+    if prologue == "none":
+        h = x
+    elif prologue == "norm":
+        h = srmsnorm_ref(x, eps)
+    elif prologue == "add_norm":
+        s, h = add_srmsnorm_ref(x, other, eps)
+    elif prologue == "gated_norm":
+        h = gated_srmsnorm_ref(x, other, eps)
+    else:
+        h = x * other
+    if weight.dtype == torch.int8:
+        y = int8_linear(h, weight, scales, bias)
+    else:
+        if scales is not None:
+            raise ValueError("scales belong to an int8 weight; a float weight takes none")
+        y = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+    return y if s is None else (s, y)
+
+
 # -- sampling: the exact draw from a row's head ------------------------------------------------------------
 MASK32 = 0xFFFFFFFF
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from tnllm.kernels import reference as ref
 from tnllm.kernels._device import triton_interpreted
-from tnllm.kernels.reference import check_int8_linear
 
-__all__ = ["int8_linear_triton"]
+__all__ = ["int8_linear_triton", "prologue_linear_triton"]
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 KINDS = ("dot", "dot_t", "gemv", "gemv_once", "deq")
@@ -62,14 +62,21 @@ def _int8_to(q, DT: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr):
-    # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled (+ bias) into y, or fp32 partial sums [split, M, N]
+def _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES: tl.constexpr,
+              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, NORM: tl.constexpr):
+    # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled by the norm (NORM: ss [BM] the rows' sums of squares)
+    # and the weight scales (+ bias) into y, or fp32 partial sums [split, M, N] (and ss [split, M]) for the reduce
     m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
     if PARTIAL:  # _splitk_reduce_kernel finishes
         tl.store(y + (pid_k * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], acc, mask=m_y)
+        if NORM:
+            tl.store(ss_ws + pid_k * M + o_m, ss, mask=o_m < tl.where(pid_n == 0, M, 0))  # one column stores
     else:
         r_n = o_n % N
-        acc *= tl.load(s + r_n).to(tl.float32)[None, :]
+        if NORM:
+            acc *= tl.rsqrt(ss / K + eps)[:, None]
+        if HAS_SCALES:
+            acc *= tl.load(s + r_n).to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b + r_n).to(tl.float32)[None, :]
         tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
@@ -88,12 +95,58 @@ def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
     return b_x, b_q
 
 
+# Input prologues: what the product multiplies instead of x's rows (`prologue_linear_triton`). The norms' scale
+# r = rsqrt(mean(squares) + eps) is one scalar per row, so it multiplies the accumulated row after the K loop.
+# The kernels take a prologue's index in PROLOGUES (`reference.PROLOGUES`, where each is defined).
+PROLOGUES = ref.PROLOGUES
+PRO_NONE = tl.constexpr(PROLOGUES.index("none"))
+PRO_NORM = tl.constexpr(PROLOGUES.index("norm"))
+PRO_ADD_NORM = tl.constexpr(PROLOGUES.index("add_norm"))
+PRO_MUL = tl.constexpr(PROLOGUES.index("mul"))
+
+
+@triton.jit
+def _prologue(b_x, p_x2, p_s, k0, K, o_k, m_store, ss, PRO: tl.constexpr, EVEN_K: tl.constexpr):
+    """The operand tile [BM, BK] that replaces x's tile b_x, and the rows' sums of squares ss [BM] grown by this
+    tile: "norm" x (squares of x); "add_norm" s = x + x2 rounded to x's dtype (squares of s; rows m_store [BM]
+    also store s at p_s); "gated_norm" x·x2 (squares of x); "mul" x·x2."""
+    f = b_x.to(tl.float32)
+    if PRO == PRO_NORM:
+        op = b_x
+    else:
+        if EVEN_K:
+            x2 = tl.load(p_x2 + k0).to(tl.float32)
+        else:
+            x2 = tl.load(p_x2 + k0, mask=o_k[None, :] < K - k0, other=0.).to(tl.float32)
+        if PRO == PRO_ADD_NORM:
+            op = (f + x2).to(b_x.dtype)
+            f = op.to(tl.float32)
+            tl.store(p_s + k0, op, mask=m_store[:, None] & (o_k[None, :] < K - k0))
+        else:
+            op = (f * x2).to(b_x.dtype)
+    if PRO != PRO_MUL:
+        ss += tl.sum(f * f, axis=1)
+    return op, ss
+
+
+@triton.jit
+def _weight_to(b_q, DT: tl.constexpr, INT8: tl.constexpr, MAGIC: tl.constexpr):
+    # the weight tile in the product's dtype: int8 converted exactly, float weights cast (a no-op for x's dtype)
+    if INT8:
+        r = _int8_to(b_q, DT, MAGIC)
+    else:
+        r = b_q.to(DT)
+    return r
+
+
 @triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
+def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn, s_ym, split_k,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr, PARTIAL: tl.constexpr,
-                    SWAP: tl.constexpr, MAGIC: tl.constexpr):
-    # y[m, n] = s[n] Σ_k x[m, k] q[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices
+                    EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                    PARTIAL: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr,
+                    NORM: tl.constexpr):
+    # y[m, n] = r[m] s[n] Σ_k op[m, k] w[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices;
+    # op = x (or its prologue, `_prologue`, whose sums also store xs = x + x2), r = 1 or the norm's scale
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = GROUP_M * n_n  # programs per group of GROUP_M row tiles
@@ -105,30 +158,38 @@ def _int8_mm_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     r_m = (o_m % M).to(tl.int64)  # rows past the end re-read valid ones; their results are never stored
     r_n = (o_n % N).to(tl.int64)
     p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
+    p_x2 = x2 + r_m[:, None] * s_x2m + o_k[None, :]  # [BM, BK]
+    p_xs = xs + r_m[:, None] * s_xsm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
+    m_store = o_m < tl.where(pid_n == 0, M, 0)  # one column of programs stores x + x2
+    ss = tl.zeros([BM], dtype=tl.float32)
     if SWAP:
         acc_t = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
+        if PRO != PRO_NONE:
+            b_x, ss = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, ss, PRO, EVEN_K)
         if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
             b_x = b_x.to(tl.float32)
-        b_w = _int8_to(b_q, b_x.dtype, MAGIC)  # exact: |q| <= 127
+        b_w = _weight_to(b_q, b_x.dtype, HAS_SCALES, MAGIC)  # exact for int8: |q| <= 127
         if SWAP:
             acc_t = tl.dot(b_w, tl.trans(b_x), acc_t, input_precision="ieee")  # [BN, BM]
         else:
             acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
     if SWAP:
         acc = tl.trans(acc_t)
-    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
+    _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES, HAS_BIAS, PARTIAL,
+              NORM)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
+def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn, s_ym, split_k,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr):
-    # y[m, n] as above without tensor cores: each [BN, BK] int8 tile is loaded once for BM rows of x
+                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                      REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, NORM: tl.constexpr):
+    # y[m, n] as above without tensor cores: each [BN, BK] weight tile is loaded once for BM rows of x
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m = tl.cdiv(M, BM)
     pid_m, pid_n = pid % n_m, pid // n_m  # row blocks of one weight tile run side by side: they share it in L2
@@ -136,32 +197,47 @@ def _int8_gemv_kernel(x, w, s, b, y, M, N, K, s_xm, s_wn, s_ym, split_k,
     r_m = (o_m % M).to(tl.int64)
     r_n = (o_n % N).to(tl.int64)
     p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BK]
+    p_x2 = x2 + r_m[:, None] * s_x2m + o_k[None, :]  # [BM, BK]
+    p_xs = xs + r_m[:, None] * s_xsm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
+    m_store = o_m < tl.where(pid_n == 0, M, 0)
+    ss = tl.zeros([BM], dtype=tl.float32)
     if REDUCE_ONCE:
         acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
-        prod = _int8_to(b_q, tl.float32, MAGIC)[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
+        if PRO != PRO_NONE:
+            b_x, ss = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, ss, PRO, EVEN_K)
+        b_w = _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC)
+        prod = b_w[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
             acc3 += prod
         else:
             acc += tl.sum(prod, axis=2)
     if REDUCE_ONCE:
         acc = tl.sum(acc3, axis=2)
-    _epilogue(acc, s, b, y, o_m, o_n, M, N, s_ym, pid_k, HAS_BIAS, PARTIAL)
+    _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES, HAS_BIAS, PARTIAL,
+              NORM)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _splitk_reduce_kernel(ws, s, b, y, M, N, s_ym, SPLIT_K: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # y[m, n] = s[n] Σ_i ws[i, m, n] (+ b[n]) for one row m and BN columns
+def _splitk_reduce_kernel(ws, ss_ws, s, b, y, M, N, K, eps, s_ym, SPLIT_K: tl.constexpr, BN: tl.constexpr,
+                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
+    # y[m, n] = r[m] s[n] Σ_i ws[i, m, n] (+ b[n]) for one row m and BN columns; NORM: r from Σ_i ss_ws[i, m]
     i_m, o_n = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
     m_n = o_n < N
     acc = tl.zeros([BN], dtype=tl.float32)
+    ss = 0.
     for i in tl.static_range(SPLIT_K):
         acc += tl.load(ws + (i * M + i_m) * N + o_n, mask=m_n, other=0.)
-    acc *= tl.load(s + o_n, mask=m_n, other=0.).to(tl.float32)
+        if NORM:
+            ss += tl.load(ss_ws + i * M + i_m)
+    if NORM:
+        acc *= tl.rsqrt(ss / K + eps)
+    if HAS_SCALES:
+        acc *= tl.load(s + o_n, mask=m_n, other=0.).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b + o_n, mask=m_n, other=0.).to(tl.float32)
     tl.store(y + i_m * s_ym + o_n, acc.to(y.dtype.element_ty), mask=m_n)
@@ -352,59 +428,110 @@ def int8_linear_triton(x, weight, scales, bias=None):
     Returns:
         y: [..., N] in x.dtype. Allocates only y (and a workspace sized by the shapes); no host sync.
     """
-    return _int8_linear(x, weight, scales, bias)
+    return _linear(x, weight, scales, bias)
+
+
+def prologue_linear_triton(x, weight, scales=None, bias=None, *, prologue="none", other=None, eps=1e-6):
+    """`reference.prologue_linear_ref` in one product kernel (plus split-K's reduce): the prologue's elementwise
+    ops run on each input tile, and a norm's per-row scale rsqrt(mean(squares) + eps) multiplies the accumulated
+    fp32 row (W·(r·h) = r·(W·h)), so the normed input is never written. "add_norm" also stores s = x + other
+    (each element by one program). weight: [N, K] int8 with scales [N], or float (x's dtype) with scales None.
+
+    Returns y [..., N] in x.dtype, or (s, y) for "add_norm"; allocates only those (and the split-K workspace).
+    """
+    return _linear(x, weight, scales, bias, prologue=prologue, other=other, eps=eps)
 
 
 def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, warmup: bool = False):
     """`int8_linear_triton` with an optional forced `config` (bench/int8_sweep.py, tests). warmup: compile the
     kernels this call would launch and launch nothing (returns None)."""
-    x2 = _rows(x, weight, scales, bias)
+    return _linear(x, weight, scales, bias, config=config, warmup=warmup)
+
+
+def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e-6, config: Config | None = None,
+            warmup: bool = False):
+    """The launcher behind `int8_linear_triton` and `prologue_linear_triton`, with an optional forced `config`."""
+    x2, other2 = _rows(x, weight, scales, bias, prologue, other)  # [M, K] each
     (M, K), N = x2.shape, weight.shape[0]
+    sum_shape = x.shape if prologue == "add_norm" else None
+    xs = torch.empty(M, K, dtype=x.dtype, device=x.device) if sum_shape else x2  # [M, K]: add_norm's s = x + other
     if M == 0 or N == 0 or K == 0:
-        if warmup:
-            return None
-        y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        if M and N:
-            y.copy_((torch.zeros_like(scales) if bias is None else bias).expand(M, N))
-        return y.reshape(*x.shape[:-1], N)
+        return None if warmup else _empty_product(x, x2, other2, xs, N, bias, sum_shape)
     cfg = config or choose_config(M, N, K, x.device)
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
     if cfg.SPLIT_K == 0:
         cfg = cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, x.device))
     if cfg.kind == "deq":
+        if prologue != "none" or scales is None:
+            raise ValueError('kind "deq" serves a plain int8 product only')
         return _deq_linear(x2, weight, scales, bias, cfg, warmup, x.shape)
-    b = scales if bias is None else bias  # `scales`: an unused placeholder
+    pro, norm = PROLOGUES.index(prologue), prologue in ref.NORM_PROLOGUES
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # [M, N]
     split = cfg.SPLIT_K
-    ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_BIAS=bias is not None,
-                  PARTIAL=split > 1, MAGIC=cfg.magic, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x2, weight, scales, b, ws, M, N, K, x2.stride(0), weight.stride(0), y.stride(0), split)
+    ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)  # [split, M, N]
+    ss_ws = torch.empty(split, M, dtype=torch.float32, device=x.device) if norm and split > 1 else ws  # [split, M]
+    s, b = (y if t is None else t for t in (scales, bias))  # placeholders for absent tensors, never read
+    args = (x2, other2, xs, weight, s, b, ws, ss_ws, M, N, K, eps, x2.stride(0), other2.stride(0), xs.stride(0),
+            weight.stride(0), y.stride(0), split)
+    common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_SCALES=scales is not None,
+                  HAS_BIAS=bias is not None, PARTIAL=split > 1, MAGIC=cfg.magic, PRO=pro, NORM=norm,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
-        kernel, grid = _int8_mm_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
-        meta = dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
+        kernel, meta = _int8_mm_kernel, dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
     else:
-        kernel, grid = _int8_gemv_kernel, (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
-        meta = dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
+        kernel, meta = _int8_gemv_kernel, dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
     _launch(kernel, grid, args, meta, warmup)
     if split > 1:
         BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
-        _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, scales, b, y, M, N, y.stride(0)),
-                dict(SPLIT_K=split, BN=BN, HAS_BIAS=bias is not None, num_warps=4), warmup)
-    return None if warmup else y.reshape(*x.shape[:-1], N)
+        _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, ss_ws, s, b, y, M, N, K, eps, y.stride(0)),
+                dict(SPLIT_K=split, BN=BN, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, NORM=norm,
+                     num_warps=4), warmup)
+    return None if warmup else _shaped(x, y, xs, sum_shape)
 
 
-def _rows(x, weight, scales, bias):
-    """The checked inputs' x as [M, K] rows with a contiguous last dim (a view when x is contiguous)."""
-    check_int8_linear(x, weight, scales, bias)
+def _empty_product(x, x2, other2, xs, N, bias, sum_shape):
+    """The result of a product with no rows, outputs or inputs: a sum over nothing (+ bias)."""
+    M = x2.shape[0]
+    if sum_shape:
+        torch.add(x2, other2, out=xs)
+    y = torch.zeros(M, N, dtype=x.dtype, device=x.device)
+    if M and N and bias is not None:
+        y.copy_(bias.expand(M, N))
+    return _shaped(x, y, xs, sum_shape)
+
+
+def _shaped(x, y, xs, sum_shape):
+    """y [M, N] as [..., N] of x's leading shape, after add_norm's sum xs [M, K] in x's shape."""
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if sum_shape is None else (xs.reshape(sum_shape), y)
+
+
+def _rows(x, weight, scales, bias, prologue="none", other=None):
+    """The checked inputs' x and other (x itself where there is none) as [M, K] rows with a contiguous last dim
+    (views when their last dim is contiguous)."""
+    ref.check_prologue(prologue, x, other)
+    if weight.dtype == torch.int8 or scales is not None:
+        ref.check_int8_linear(x, weight, scales, bias)
+    elif weight.dtype != x.dtype or scales is not None:
+        raise TypeError(f"a float weight must have x's dtype and no scales; got x {x.dtype}, weight {weight.dtype}"
+                        + ("" if scales is None else ", and scales"))
     if x.dtype not in DTYPES:
         raise TypeError(f"int8_linear_triton supports x in {[str(d) for d in DTYPES]}, got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"expected x [..., K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if weight.stride(1) != 1:
         raise ValueError("weight needs a contiguous last dim (K)")
-    x2 = x.reshape(-1, weight.shape[1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+    devices = {t.device for t in (x, other, weight, scales, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every input must be on one device, got {sorted(map(str, devices))}")
+    rows = []
+    for t in (x, x if other is None else other):
+        t2 = t.reshape(-1, weight.shape[1])
+        rows.append(t2 if t2.stride(-1) == 1 else t2.contiguous())
+    return rows
 
 
 def _launch(kernel, grid, args, meta, warmup):

@@ -63,6 +63,8 @@ class Int8Linear(nn.Module):
     `target_linears`) can mistake it for a float layer and quantise it twice.
     """
 
+    TAKES_PROLOGUE = True  # read by tnllm.layers.takes_prologue
+
     def __init__(self, in_features: int, out_features: int, bias: bool, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -103,6 +105,12 @@ class Int8Linear(nn.Module):
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def prologue_forward(self, x: torch.Tensor, prologue: str, other: torch.Tensor | None = None,
+                         eps: float = 1e-6):
+        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`)."""
+        return kernels.prologue_linear(x, self.weight, self.scales, self.bias, prologue=prologue, other=other,
+                                       eps=eps)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -12,7 +12,9 @@ Decode state never lives on a module: the caller passes the layer's fp32 kv tens
 
 Decode launches few kernels (docs/kernels.md#fused-decode-ops): every residual add is fused with the norm after
 it (`SimpleRMSNorm.add_norm`; a block hands its last add to the next norm, see `DecoderLayer`), the gate with the
-token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recurrent step.
+token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recurrent step. Where the product after
+them takes it (`kernels.fuses_prologue`: decode rows on the GPU, int8 weights), each of these ops runs inside
+that product's kernel instead (`norm_linear`, `gated_linear`, `GLU.from_packed`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,34 @@ class SimpleRMSNorm(nn.Module):
         return kernels.gated_srmsnorm(x, gate, self.eps)
 
 
+def takes_prologue(linear: nn.Module, x: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+    """Whether `linear` runs the op before it inside its product for input x: a module that offers it
+    (TAKES_PROLOGUE and `prologue_forward`: tnllm's `Linear` and `Int8Linear`; tensor-parallel and bitsandbytes
+    layers do not) where `kernels.fuses_prologue` allows."""
+    return getattr(linear, "TAKES_PROLOGUE", False) and kernels.fuses_prologue(x, linear.weight, other)
+
+
+def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
+                delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, linear(norm(x + delta))), or (x, linear(norm(x))) when delta is None: the stream and the
+    product of its norm, in one kernel where the product takes the norm (`takes_prologue`)."""
+    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, delta):
+        if delta is None:
+            return x, linear.prologue_forward(x, "norm", eps=norm.eps)
+        return linear.prologue_forward(x, "add_norm", delta, norm.eps)
+    if delta is None:
+        return x, linear(norm(x))
+    x, h = norm.add_norm(x, delta)
+    return x, linear(h)
+
+
+def gated_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """linear(norm.gated(x, gate)), in one kernel where the product takes the gated norm (`takes_prologue`)."""
+    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, gate):
+        return linear.prologue_forward(x, "gated_norm", gate, norm.eps)
+    return linear(norm.gated(x, gate))
+
+
 PACKED_TENSORS = ("weight", "scales", "bias")  # what `GLU.pack` joins: float Linears' and 8-bit ones' tensors
 
 
@@ -63,7 +93,15 @@ class GLU(nn.Module):
         packed = self._packed()
         if packed is None:
             return self.l3(self.l1(x) * self.l2(x))
-        return self.l3(kernels.glu_mul(packed(x)))  # [..., 2g] -> l1(x) * l2(x) [..., g]
+        return self.from_packed(packed(x))
+
+    def from_packed(self, y12: torch.Tensor) -> torch.Tensor:
+        """l3(l1(x) * l2(x)) from the packed product y12 = (l1|l2)(x) [..., 2g]; the product of the halves runs
+        inside l3's kernel where l3 takes it (`takes_prologue`)."""
+        first, second = y12.chunk(2, dim=-1)  # each [..., g]: strided views
+        if takes_prologue(self.l3, first, second):
+            return self.l3.prologue_forward(first, "mul", second)
+        return self.l3(kernels.glu_mul(y12))  # [..., 2g] -> l1(x) * l2(x) [..., g]
 
     @torch.no_grad()
     def pack(self) -> None:
@@ -178,8 +216,14 @@ class NormLinearAttention(nn.Module):
         packed row (`PackedSlotState`): tokens t < n_decode are decode tokens of slots[t], the rest a chunk of
         slots[n_decode].
         """
-        B, T, _ = x.shape
-        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)  # each [B, T, hd]: strided views of one output
+        return self.mix(self.qkvu_proj(x), log_decay, positions, kv, slots, n_decode)
+
+    def mix(self, qkvu: torch.Tensor, log_decay: torch.Tensor, positions: torch.Tensor,
+            kv: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+            n_decode: int | None = None) -> torch.Tensor:
+        """`forward` from the projected input qkvu = qkvu_proj(x) [B, T, 4 hd]."""
+        B, T, _ = qkvu.shape
+        q, k, v, u = qkvu.chunk(4, dim=-1)  # each [B, T, hd]: strided views of one output
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # [B, T, H, dh]
         if n_decode is not None:
             o = self._packed(q, k, v, log_decay, positions, kv, slots, n_decode)
@@ -187,7 +231,7 @@ class NormLinearAttention(nn.Module):
             o = self._step(q, k, v, log_decay, positions, kv, slots)
         else:
             o = self._prefill(q, k, v, log_decay, positions, kv, slots)
-        return self.out_proj(self.norm.gated(o.reshape(B, T, -1), u))  # u * norm(o [B, T, hd]): one norm, all heads
+        return gated_linear(self.norm, self.out_proj, o.reshape(B, T, -1), u)  # u * norm(o [B, T, hd]): all heads
 
     def _features(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k [B, T, H, dh] as attention sees them: activated, then LRPE ([B, T, H, 2*dh]) on LRPE layers."""
@@ -246,9 +290,12 @@ class DecoderLayer(nn.Module):
 
         log_decay, positions, kv, slots, n_decode: as NormLinearAttention.
         """
-        if delta is None:
-            h = self.token_norm(x)
-        else:
-            x, h = self.token_norm.add_norm(x, delta)  # the previous block's last add
-        x, h = self.channel_norm.add_norm(x, self.token_mixer(h, log_decay, positions, kv, slots, n_decode))
-        return x, self.channel_mixer(h)
+        mixer, glu = self.token_mixer, self.channel_mixer
+        x, qkvu = norm_linear(self.token_norm, mixer.qkvu_proj, x, delta)  # delta: the previous block's last add
+        o = mixer.mix(qkvu, log_decay, positions, kv, slots, n_decode)
+        packed = glu._packed()
+        if packed is None:
+            x, h = self.channel_norm.add_norm(x, o)
+            return x, glu(h)
+        x, y12 = norm_linear(self.channel_norm, packed, x, o)
+        return x, glu.from_packed(y12)

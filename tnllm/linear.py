@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tnllm import kernels
+
 # oneDNN's reorder takes the row count it should lay the weight out for; decode batches are 1 to 16 rows, and a
 # weight laid out for 16 rows served 1 to 16 rows as fast as one laid out for each (and prefill faster than F.linear).
 PACK_ROWS_HINT = 16
@@ -56,7 +58,10 @@ def _identity(weight: torch.Tensor) -> tuple:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict and behaviour) that can serve inference from a CPU pack."""
+    """nn.Linear (same parameters, state dict and behaviour) that can serve inference from a CPU pack, and take the
+    op before it into its product (`prologue_forward`)."""
+
+    TAKES_PROLOGUE = True  # read by tnllm.layers.takes_prologue
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,6 +79,11 @@ class Linear(nn.Linear):
             linear.__class__ = cls
             linear._init_pack()
         return linear
+
+    def prologue_forward(self, x: torch.Tensor, prologue: str, other: torch.Tensor | None = None,
+                         eps: float = 1e-6):
+        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`)."""
+        return kernels.prologue_linear(x, self.weight, None, self.bias, prologue=prologue, other=other, eps=eps)
 
     def _drop_pack(self, incompatible_keys) -> None:
         self._cpu_pack = None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tnllm.config import TNLConfig
-from tnllm.layers import DecoderLayer, Lrpe, SimpleRMSNorm
+from tnllm.layers import DecoderLayer, Lrpe, SimpleRMSNorm, norm_linear
 from tnllm.linear import Linear, pack_linears_for_cpu
 from tnllm.state import PackedSlotState, RecurrentState, SlotState
 
@@ -175,8 +175,8 @@ class TransNormerLLM(nn.Module):
             x, delta = packed.segment_ends(x), packed.segment_ends(delta)  # [1, n_decode + 1, d]
         elif logits_to_keep > 0:
             x, delta = x[:, -logits_to_keep:], delta[:, -logits_to_keep:]
-        _, h = self.model.final_norm.add_norm(x, delta)  # the last layer's residual add and the final norm
-        return self.lm_head(h)
+        # the last layer's residual add and the final norm (in the lm_head's kernel where it takes them)
+        return norm_linear(self.model.final_norm, self.lm_head, x, delta)[1]
 
 
 def random_model(preset: str, *, seed: int = 0, device: torch.device | str = "cpu",

@@ -1,0 +1,244 @@
+"""Decode products fused with the op before them (`kernels.prologue_linear`, kernels/triton_int8.py) vs a float64
+oracle of the same math, vs their PyTorch twin (`reference.prologue_linear_ref`), and in a whole model.
+
+Runs on CUDA, or on CPU tensors under TRITON_INTERPRET=1 (16-wide tiles and 2 K slices there, so odd K and N walk
+several K steps, N tiles and slices).
+"""
+
+import copy
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import assert_close, pack_glus, requires_triton_interpret
+from tnllm import kernels
+from tnllm.kernels import reference as ref
+from tnllm.quant.int8 import Int8Linear, quantize_model
+from tnllm.state import SlotState
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # as tests/test_int8_kernel.py
+EPS = 1e-6
+TWO_INPUTS = ("add_norm", "gated_norm", "mul")
+
+
+def _inputs(prologue, M, N, K, dtype, weight_kind, bias=True, lead=()):
+    """(x, other | None, weight, scales | None, bias | None): other for the prologues that take one; an int8
+    weight with scales, or a float weight of x's dtype."""
+    g = torch.Generator().manual_seed(100 * M + K + ref.PROLOGUES.index(prologue))
+    x = torch.randn(*lead, M, K, generator=g).to(device=DEVICE, dtype=dtype)
+    other = torch.randn(*lead, M, K, generator=g).to(device=DEVICE, dtype=dtype) if prologue in TWO_INPUTS else None
+    if weight_kind == "int8":
+        w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).to(DEVICE)
+        s = (torch.rand(N, generator=g) * 0.02 + 1e-3).to(device=DEVICE, dtype=dtype)
+    else:
+        w, s = (torch.randn(N, K, generator=g) / K**0.5).to(device=DEVICE, dtype=dtype), None
+    b = torch.randn(N, generator=g).to(device=DEVICE, dtype=dtype) if bias else None
+    return x, other, w, s, b
+
+
+def _oracle(prologue, x, other, w, s, b):
+    """float64 of the kernel's math: the prologue's elementwise op rounded to x's dtype (as x + other and x * other
+    round), its product with the weight, then the rows scaled by the norm's rsqrt(mean(squares) + eps).
+    Returns y, or (s, y) for add_norm."""
+    if prologue in ("none", "norm"):
+        op = x
+    elif prologue == "add_norm":
+        op = x + other
+    else:
+        op = x * other
+    squares_of = x if prologue == "gated_norm" else op
+    y = op.double() @ (w.double() if s is None else w.double() * s.double()[:, None]).T  # [..., N]
+    if prologue in ref.NORM_PROLOGUES:
+        y = y * torch.rsqrt(squares_of.double().square().mean(-1, keepdim=True) + EPS)
+    y = y if b is None else y + b.double()
+    return (op, y) if prologue == "add_norm" else y
+
+
+def _check(name, prologue, expected, out, dtype):
+    if prologue == "add_norm":
+        if dtype == torch.bfloat16 and DEVICE == "cpu":
+            # the interpreter casts fp32 -> bf16 toward zero (the GPU rounds to nearest even: tests/test_cuda.py)
+            ulps = (expected[0].view(torch.int16).int() - out[0].view(torch.int16).int()).abs().max().item()
+            assert ulps <= 1, f"{name}: the stored sum x + other, {ulps} ulps"
+        else:
+            assert torch.equal(expected[0], out[0]), f"{name}: the stored sum x + other"
+        expected, out = expected[1], out[1]
+    assert out.dtype == dtype
+    assert_close(name, expected, out, rel=TOL[dtype])
+
+
+@requires_triton_interpret
+class TestTriton:
+    @pytest.mark.parametrize("prologue", ref.PROLOGUES)
+    @pytest.mark.parametrize("weight_kind", ["int8", "float"])
+    @pytest.mark.parametrize("M", [1, 3, 17])
+    def test_matches_oracle(self, prologue, weight_kind, M):
+        x, other, w, s, b = _inputs(prologue, M, 29, 37, torch.float32, weight_kind)  # odd K and N
+        with kernels.use_impl("triton"):
+            out = kernels.prologue_linear(x, w, s, b, prologue=prologue, other=other, eps=EPS)
+        _check(f"{prologue} {weight_kind} M={M}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.float32)
+        # the PyTorch twin rounds the same ops the other way round (the normed input, not the product): fp32 agrees
+        twin = ref.prologue_linear_ref(x, w, s, b, prologue=prologue, other=other, eps=EPS)
+        _check(f"{prologue} twin", prologue, twin, out, torch.float32)
+
+    @pytest.mark.parametrize("prologue", ref.PROLOGUES)
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+    def test_16_bit(self, prologue, dtype):
+        for weight_kind in ("int8", "float"):
+            x, other, w, s, b = _inputs(prologue, 5, 29, 37, dtype, weight_kind)
+            with kernels.use_impl("triton"):
+                out = kernels.prologue_linear(x, w, s, b, prologue=prologue, other=other, eps=EPS)
+            _check(f"{prologue} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, dtype)
+
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once"])
+    @pytest.mark.parametrize("prologue", ["add_norm", "gated_norm", "mul"])
+    def test_every_kind_and_split(self, kind, prologue):
+        # splits 1 and 3 of 70 = 3 K steps of 32 (one slice past the end, masked last step); 17 rows: several row
+        # tiles, the last re-reading valid rows whose sums must not be stored twice wrong
+        from tnllm.kernels.triton_int8 import Config, _linear
+
+        bm = 16 if kind in ("dot", "dot_t") else 4
+        for split, bias, weight_kind in ((1, True, "int8"), (3, False, "int8"), (3, True, "float")):
+            x, other, w, s, b = _inputs(prologue, 17, 45, 70, torch.float32, weight_kind, bias)
+            cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind)
+            out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
+            _check(f"{cfg} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.float32)
+
+    def test_leading_dims_and_strided_halves(self):
+        # the GLU's halves: two strided views of one [..., 2g] output, rows [2, 3]
+        y12 = torch.randn(2, 3, 74, device=DEVICE)
+        first, second = y12.chunk(2, dim=-1)
+        _, _, w, s, b = _inputs("mul", 3, 29, 37, torch.float32, "int8")
+        with kernels.use_impl("triton"):
+            out = kernels.prologue_linear(first, w, s, b, prologue="mul", other=second)
+        assert out.shape == (2, 3, 29)
+        assert_close("strided halves", _oracle("mul", first, second, w, s, b), out)
+        x, other, w, s, b = _inputs("add_norm", 3, 29, 37, torch.float32, "float", lead=(2,))
+        with kernels.use_impl("triton"):
+            total, out = kernels.prologue_linear(x, w, s, b, prologue="add_norm", other=other)
+            assert total.shape == (2, 3, 37) and out.shape == (2, 3, 29)
+            empty_total, empty = kernels.prologue_linear(x[:, :0], w, s, b, prologue="add_norm", other=other[:, :0])
+        assert empty_total.shape == (2, 0, 37) and empty.shape == (2, 0, 29)
+
+    def test_signature_matches_reference_twin(self):
+        from tnllm.kernels.triton_int8 import prologue_linear_triton
+
+        def params(f):
+            return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+        assert params(prologue_linear_triton) == params(ref.prologue_linear_ref)
+
+
+def test_bad_input_errors():
+    pytest.importorskip("triton")
+    from tnllm.kernels.triton_int8 import Config, _linear, prologue_linear_triton
+
+    x, other, w, s, b = _inputs("add_norm", 2, 29, 37, torch.float32, "int8")
+    for impl in (ref.prologue_linear_ref, prologue_linear_triton):
+        with pytest.raises(ValueError, match="prologue must be one of"):
+            impl(x, w, s, b, prologue="rms")
+        with pytest.raises(ValueError, match="needs its second input"):
+            impl(x, w, s, b, prologue="add_norm")
+        with pytest.raises(ValueError, match="takes no second input"):
+            impl(x, w, s, b, prologue="norm", other=other)
+        with pytest.raises(ValueError, match="must have one shape"):
+            impl(x, w, s, b, prologue="mul", other=other[:, :36])
+        with pytest.raises(ValueError, match="share dtype and device"):
+            impl(x, w, s, b, prologue="mul", other=other.double())
+        with pytest.raises(ValueError, match="equal K"):
+            impl(x[:, :36], w, s, b, prologue="norm")
+    with pytest.raises(TypeError, match="float weight must have x's dtype"):
+        prologue_linear_triton(x, w.half(), None, b, prologue="norm")
+    with pytest.raises(TypeError, match="weight must be int8"):
+        prologue_linear_triton(x, w.float(), s, b, prologue="norm")
+    with pytest.raises(ValueError, match="scales belong to an int8 weight"):
+        ref.prologue_linear_ref(x, w.float(), s, b, prologue="norm")
+    with pytest.raises(ValueError, match='"deq" serves a plain int8 product only'):
+        _linear(x, w, s, b, prologue="norm", config=Config(1, 32, 256, kind="deq"))
+
+
+def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
+    x, _, w, _, _ = _inputs("norm", 16, 29, 37, torch.float32, "int8")
+    with kernels.use_impl("triton"):
+        assert kernels.fuses_prologue(x, w)
+        assert not kernels.fuses_prologue(torch.cat([x, x[:1]]), w)  # 17 rows: a prefill chunk
+        assert not kernels.fuses_prologue(x, w, x.double())  # add_norm's promotion belongs to the composed add
+        with torch.autocast("cpu"):
+            assert not kernels.fuses_prologue(x, w)
+        assert not kernels.fuses_prologue(x.requires_grad_(), w)  # autograd records: no backward in-kernel
+        with torch.no_grad():
+            assert kernels.fuses_prologue(x, w)
+        x = x.detach()
+        assert not kernels.fuses_prologue(x, w.float())  # float weights only where measured to pay
+        monkeypatch.setattr(kernels, "FUSE_FLOAT_PROLOGUES", True)
+        assert kernels.fuses_prologue(x, w.float()) and not kernels.fuses_prologue(x, w.half())
+    with kernels.use_impl("torch"):
+        assert not kernels.fuses_prologue(x, w)  # the CPU: the Linears' own products (oneDNN, int8pack)
+
+
+class CallCounter:
+    """Counts calls of one function and calls it (a spy, not a stand-in)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs.get("prologue"))
+        return self.fn(*args, **kwargs)
+
+
+def _dequantised(model):
+    """A float copy of an int8 model: each Int8Linear's weight as the float Linear q · s it stands for (the CPU
+    runs int8 products in bf16, so the int8 model's own composed path is no fp32 oracle)."""
+    twin = copy.deepcopy(model)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.weight.float() * module.scales.float()[:, None]  # [N, K]
+            if module.bias is not None:
+                linear.bias.data = module.bias.float()
+            twin.set_submodule(name, linear)
+    return twin
+
+
+@requires_triton_interpret
+@pytest.mark.parametrize("weights", ["int8", "float"])
+@torch.inference_mode()
+def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_model, weights, monkeypatch):
+    """Decode steps of 3 slots (after one 6-token prefill of the float weights) on the tiny model with every product
+    taking its prologue == the PyTorch path of the same float weights (the int8 ones dequantised): logits and
+    states, fp32. Every block's four products take one (the first block's token norm, or add_norm; gated_norm;
+    add_norm into the packed l1|l2; mul), and a float lm_head the final add_norm (int8 models keep a float one)."""
+    model = copy.deepcopy(untied_tiny_model).to(DEVICE)
+    if weights == "int8":
+        model = quantize_model(model)
+        composed = _dequantised(model)
+    else:
+        monkeypatch.setattr(kernels, "FUSE_FLOAT_PROLOGUES", True)
+        composed = model
+    pack_glus(model)
+    counter = CallCounter(kernels.prologue_linear)
+    monkeypatch.setattr(kernels, "prologue_linear", counter)
+    ids = torch.randint(3, 400, (3, 8), device=DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    logits, pools = {}, {}
+    for impl, net in (("torch", composed), ("triton", model)):
+        pool = net.allocate_state(5)
+        rows = SlotState(pool.kv, pool.positions, slots)
+        composed(ids[:, :6], rows)  # 18 rows: a prefill, which composes the ops
+        with kernels.use_impl(impl):
+            logits[impl] = torch.cat([net(ids[:, t:t + 1], rows) for t in (6, 7)], dim=1)
+        pools[impl] = pool
+    assert_close("logits", logits["torch"], logits["triton"], rel=1e-5)
+    for a, b in zip(pools["torch"].kv, pools["triton"].kv):
+        assert_close("state", a, b, rel=1e-5)
+    assert counter.calls == _expected_calls(model.config.n_layers, lm_head=weights == "float")
+
+
+def _expected_calls(n_layers, lm_head):
+    """The fused products of two decode steps (the lm_head's where it takes one: int8 models keep a float one)."""
+    step = ["norm", "gated_norm", "add_norm", "mul"] + ["add_norm", "gated_norm", "add_norm", "mul"] * (n_layers - 1)
+    return (step + ["add_norm"] * lm_head) * 2
