@@ -21,6 +21,9 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
   Triton compiles);
 * check: graph vs eager logits and states of one step (fp32 copy of the 1B preset; tiny in --smoke), rel-L2.
 
+--prologues off / float: every row with the decode products' fused prologues switched off, or on for float
+weights too (an A/B of `kernels.fuses_prologue`; rows name the mode).
+
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
 the H200 layout), so a timeout loses nothing.
 """
@@ -45,7 +48,7 @@ from typing import NamedTuple
 
 import torch
 
-from tnllm import TNLConfig, TransNormerLLM, quant
+from tnllm import TNLConfig, TransNormerLLM, kernels, quant
 from tnllm.engine import Engine, EngineConfig, Session
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, replay_eagerly, split_into_pieces
 from tnllm.engine.scheduler import decode_step
@@ -57,6 +60,8 @@ from serve import stream_in_threads, time_sessions, token_gaps_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# --prologues: the settings of kernels' decision `fuses_prologue` each mode runs with (an A/B of the fusion)
+PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_MAX_ROWS": 0}, "float": {"FUSE_FLOAT_PROLOGUES": True}}
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
@@ -328,7 +333,8 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
     def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int, **extra) -> dict:
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
         return {"preset": preset, "quant": args.quant, "batch": batch, "context": context, "decode_ms_per_token": ms,
-                "hbm_floor_ms": floor, "floor_fraction": floor / ms, "aggregate_tok_s": tok_s, "path": path, **extra}
+                "hbm_floor_ms": floor, "floor_fraction": floor / ms,
+                "aggregate_tok_s": tok_s, "path": path, "prologues": args.prologues, **extra}
 
     if cuda:
         with section(results, f"{preset} graph-replay"):
@@ -403,7 +409,12 @@ def main() -> None:
     parser.add_argument("--check-preset", default="tnl-1b")
     parser.add_argument("--copy-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--prologues", default="auto", choices=tuple(PROLOGUE_MODES),
+                        help="decode products fused with the op before them: where the product decides (auto), "
+                             "nowhere (off), or on float weights too (float)")
     args = parser.parse_args()
+    for name, value in PROLOGUE_MODES[args.prologues].items():
+        setattr(kernels, name, value)
     if args.smoke:
         args.presets, args.contexts, args.sessions, args.tokens = "tiny", "64,256", 4, 12
         args.budgets, args.interleave_sessions, args.interleave_prompt = "64", 2, 512

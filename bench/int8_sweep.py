@@ -2,6 +2,11 @@
 
     python bench/int8_sweep.py --out bench/results/int8-sweep-h200.json     # H200: under 5 minutes
     TRITON_INTERPRET=1 python bench/int8_sweep.py --tiny --out /tmp/s.json   # CPU, Triton interpreter, seconds
+    python bench/int8_sweep.py --weights bf16 --prefill-rows "" --out bench/results/float-sweep-h200.json
+
+--weights bf16 sweeps the same kernel on bf16 weights (what decode products fused with the op before them run on
+a float model, `prologue_linear_triton`): decode M only, no `magic` conversion, tiles sized for 2-byte weights,
+checked against the bf16 weight in fp32; its table is `FLOAT_CONFIGS`.
 
 For every decoder Linear shape of --preset plus its lm_head (tnl-7b: qkvu_proj 4096->16384, out_proj 4096->4096,
 l1/l2 4096->11008, l3 11008->4096, lm_head 4096->64000), at decode M in --decode-rows and prefill M in
@@ -70,9 +75,9 @@ def shapes(preset: str, tiny: bool = False) -> dict[str, tuple[int, int]]:
     return {**linear_shapes(cfg), "lm_head": (cfg.dim, cfg.vocab_size)}
 
 
-def _dot_fits(bm: int, bn: int, bk: int, stages: int) -> bool:
-    # pipelined operand buffers: (stages - 1) x (int8 weight tile + 16-bit x tile)
-    return max(stages - 1, 1) * bk * (bn + 2 * bm) <= SMEM
+def _dot_fits(bm: int, bn: int, bk: int, stages: int, weight_bytes: int = 1) -> bool:
+    # pipelined operand buffers: (stages - 1) x (weight tile + 16-bit x tile)
+    return max(stages - 1, 1) * bk * (weight_bytes * bn + 2 * bm) <= SMEM
 
 
 def _gemv_fits(cfg: Config, lo: int, hi: int) -> bool:
@@ -80,8 +85,13 @@ def _gemv_fits(cfg: Config, lo: int, hi: int) -> bool:
     return lo <= per_thread <= hi
 
 
-def decode_families(tiny: bool) -> dict[str, list[Config]]:
-    """Family -> candidate tiles for decode M at M = 1 (SPLIT_K left 1: `splits` adds the K splits)."""
+def decode_families(tiny: bool, float_weights: bool = False) -> dict[str, list[Config]]:
+    """Family -> candidate tiles for decode M at M = 1 (SPLIT_K left 1: `splits` adds the K splits); float
+    weights: no `magic` conversion (it converts int8), dot tiles sized for 2-byte weights."""
+    if float_weights:
+        return {family: [c for c in cs if not c.magic and (c.kind != "dot" or _dot_fits(16, c.BN, c.BK,
+                                                                                     c.num_stages, 2))]
+                for family, cs in decode_families(tiny).items() if family != "dot_magic"}
     if tiny:  # the interpreter: a few small tiles of every kind
         return {"dot": [Config(16, 16, 16, num_stages=1), Config(16, 32, 32, num_stages=1)],
                 "dot_t": [Config(16, 16, 32, num_stages=1, kind="dot_t")],
@@ -185,8 +195,8 @@ def compile_worker(args) -> None:
     mine = cfgs[i::n_workers]
     errors = 0
     for name, (n_in, n_out) in sizes.items():
-        w = torch.empty(n_out, n_in, dtype=torch.int8, device=device)
-        s = torch.empty(n_out, dtype=torch.bfloat16, device=device)
+        w = torch.empty(n_out, n_in, dtype=torch.int8 if args.weights == "int8" else torch.bfloat16, device=device)
+        s = torch.empty(n_out, dtype=torch.bfloat16, device=device) if args.weights == "int8" else None
         x = torch.empty(1, n_in, dtype=torch.bfloat16, device=device)  # M is not a specialisation key
         for cfg in mine:
             try:
@@ -270,17 +280,25 @@ class Shape:
         copies = max(2, min(16, math.ceil(self.args.rotate_mib * 2**20 / (n_in * n_out))))
         layers = layer_copies(n_in, n_out, copies, device, threshold=6.0)
         self.bf16, self.q8 = layers["bf16"], layers["int8"]
-        q = self.q8[0][0]
-        self.w_deq = q.weight.float() * q.scales.float()[:, None]  # [out, in]: the oracle's weight
+        self.float_weights = self.args.weights == "bf16"
+        if self.float_weights:
+            self.w_deq = self.bf16[0][0].weight.float()  # [out, in]: the oracle's weight
+        else:
+            q = self.q8[0][0]
+            self.w_deq = q.weight.float() * q.scales.float()[:, None]  # [out, in]: the oracle's weight
         self.int8_bytes, self.bf16_bytes = self.q8[0][2], self.bf16[0][2]
+        self.kernel_bytes = self.bf16_bytes if self.float_weights else self.int8_bytes
         self.name = name
         self.base = {"shape": name, "in": n_in, "out": n_out, "class": shape_class(n_out, n_in), "copies": copies}
         sw.data["shapes"][name] = self.base
-        self.fam = decode_families(self.args.tiny)
+        self.fam = decode_families(self.args.tiny, self.float_weights)
         self.best_tiles: dict[str, list[Config]] = {}  # family -> its best tiles at M = 1 (split 1), for larger M
         self.skipped = 0
 
     def int8_calls(self, x, cfg: Config | None = None) -> list:
+        """The kernel's call on each weight copy: the int8 ones, or (--weights bf16) the bf16 ones."""
+        if self.float_weights:
+            return [functools.partial(ti._linear, x, lin.weight, None, None, config=cfg) for lin, _, _ in self.bf16]
         return [functools.partial(ti._int8_linear, x, q.weight, q.scales, q.bias, config=cfg) for q, _, _ in self.q8]
 
     def candidates(self, m: int) -> list[Config]:
@@ -294,7 +312,8 @@ class Shape:
         if m == 1:
             return interleave(*(split_all(cs) for cs in self.fam.values()))
         groups = [split_all(self.best_tiles.get(f, [])) for f in self.fam]
-        return interleave(*groups, split_all(row_tiles(m, self.args.tiny)))
+        rows = [c for c in row_tiles(m, self.args.tiny) if not (self.float_weights and c.magic)]
+        return interleave(*groups, split_all(rows))
 
     def time_rows(self, m: int, deadline: float) -> list[dict]:
         """bf16, the chosen configuration and the candidates at M = m (candidates stop at `deadline`)."""
@@ -319,13 +338,14 @@ class Shape:
             rows.append(row)
 
         add("bf16", [functools.partial(call, x) for _, call, _ in self.bf16], self.bf16_bytes)
-        add("chosen", self.int8_calls(x), self.int8_bytes, ti.choose_config(m, self.n_out, self.n_in, self.device))
+        chosen = ti.choose_config(m, self.n_out, self.n_in, self.device, int8=not self.float_weights)
+        add("chosen", self.int8_calls(x, chosen), self.kernel_bytes, chosen)
         cands = self.candidates(m)
         for i, cfg in enumerate(cands):
             if time.perf_counter() > deadline:
                 self.skipped += len(cands) - i
                 break
-            add("candidate", self.int8_calls(x, cfg), self.int8_bytes, cfg)
+            add("candidate", self.int8_calls(x, cfg), self.kernel_bytes, cfg)
         self.confirm(rows, x)
         return rows
 
@@ -339,7 +359,7 @@ class Shape:
             except Exception as exc:  # noqa: BLE001 (keep the screening figure)
                 r["confirm_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 continue
-            r["screen_us"], r["us"], r["tb_s"] = r["us"], us, self.int8_bytes / us / 1e6
+            r["screen_us"], r["us"], r["tb_s"] = r["us"], us, self.kernel_bytes / us / 1e6
         if not timed:
             return
         best = min(timed, key=lambda r: r["us"])
@@ -367,7 +387,7 @@ def _summary(name: str, m: int, rows: list[dict], left_s: float) -> str:
     top = ranked[0] if ranked else {}
     errors = sum(1 for r in rows if "error" in r)
     wrong = sum(1 for r in rows if "us" in r and not r["ok"])
-    return (f"{name:<10} M={m:<5} bf16 {b.get('us', nan):8.1f} us | best int8 {top.get('us', nan):8.1f} us "
+    return (f"{name:<10} M={m:<5} bf16 {b.get('us', nan):8.1f} us | best kernel {top.get('us', nan):8.1f} us "
             f"{top.get('tb_s', nan):5.2f} TB/s {top.get('config_src', '-')} | {len(rows)} rows, {errors} errors, "
             f"{wrong} wrong | {left_s:.0f} s left")
 
@@ -401,7 +421,8 @@ def sweep_shape(sw: Sweep, name: str, n_in: int, n_out: int, device: torch.devic
 
 def table(data: dict) -> list[str]:
     """`CONFIGS` rows: the best per (M bucket, shape class), then a "*" row per bucket."""
-    lines = ["# CONFIGS rows (kernels/triton_int8.py): (M bucket, shape class): Config"]
+    name = "FLOAT_CONFIGS" if data.get("weights") == "bf16" else "CONFIGS"
+    lines = [f"# {name} rows (kernels/triton_int8.py): (M bucket, shape class): Config"]
     def us(v):
         return "-" if v is None else f"{v:.1f}"
 
@@ -444,6 +465,7 @@ def main() -> None:
     parser.add_argument("--compile-workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--compile-s", type=float, default=90.0, help="at most this long compiling up front")
     parser.add_argument("--compile-worker", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", default="int8", choices=("int8", "bf16"), help="the kernel's weights")
     args = parser.parse_args()
     args.argv = [a for a in sys.argv[1:]]
     if args.tiny:
@@ -452,6 +474,8 @@ def main() -> None:
         args.prefill_rows = args.prefill_rows if "--prefill-rows" in sys.argv else "40"
     args.decode_rows = [int(r) for r in args.decode_rows.split(",") if r]
     args.prefill_rows = [int(r) for r in args.prefill_rows.split(",") if r]
+    if args.weights == "bf16" and args.prefill_rows:
+        parser.error('--weights bf16 sweeps decode M only: pass --prefill-rows ""')
     if args.compile_worker:
         return compile_worker(args)
     device = torch.device(args.device)
@@ -463,7 +487,8 @@ def main() -> None:
         "bench": "int8_sweep", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
         "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
-        "preset": args.preset, "reps": args.reps, "confirm_reps": args.confirm_reps, "budget_s": args.budget_s})
+        "preset": args.preset, "weights": args.weights, "reps": args.reps, "confirm_reps": args.confirm_reps,
+        "budget_s": args.budget_s})
     sw.save()
     precompile(args, sw.data)
     for name in args.shapes:

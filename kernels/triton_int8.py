@@ -381,6 +381,13 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (256, "nbig.k4k"): Config(256, 128, 64, num_warps=8),  # lm_head M=256: 295.6 us; bf16 183.3; was 388.5
     (256, "*"): Config(1, 32, 256, kind="deq"),  # M=256: geomean 1.149x of each shape's best
 }
+# The same kernel on float weights (the decode products fused with the op before them on a float model,
+# `prologue_linear_triton`): tiles sized for 2-byte weights; rows per shape class come from
+# `bench/int8_sweep.py --weights bf16`.
+FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
+    **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
+    **{(bucket, "*"): Config(64, 128, 64, num_stages=3) for bucket in M_BUCKETS[5:]},
+}
 DECODE_MAX_M = 16
 
 
@@ -401,15 +408,17 @@ def auto_split(cfg: Config, M: int, N: int, K: int, device: torch.device) -> int
 
 
 @functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
-def choose_config(M: int, N: int, K: int, device: torch.device) -> Config:
+def choose_config(M: int, N: int, K: int, device: torch.device, int8: bool = True) -> Config:
     """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes):
-    the `CONFIGS` row of (m_bucket(M), shape_class(N, K)), else of (m_bucket(M), "*"); SPLIT_K 0 -> `auto_split`.
+    the row of (m_bucket(M), shape_class(N, K)), else of (m_bucket(M), "*"), in `CONFIGS` (int8 weights) or
+    `FLOAT_CONFIGS`; SPLIT_K 0 -> `auto_split`.
 
     Under the interpreter the row's kind with 16-wide tiles (BM <= 16) and 2 K slices for M <= 16, so that tests
     at small shapes walk several K steps, N tiles and slices.
     """
     bucket = m_bucket(M)
-    cfg = CONFIGS.get((bucket, shape_class(N, K))) or CONFIGS[(bucket, "*")]
+    table = CONFIGS if int8 else FLOAT_CONFIGS
+    cfg = table.get((bucket, shape_class(N, K))) or table[(bucket, "*")]
     if triton_interpreted(device):
         split = 2 if M <= DECODE_MAX_M and K > 32 and cfg.kind != "deq" else 1
         bm = 16 if cfg.kind in ("dot", "dot_t") else min(cfg.BM, 16)
@@ -457,7 +466,7 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     xs = torch.empty(M, K, dtype=x.dtype, device=x.device) if sum_shape else x2  # [M, K]: add_norm's s = x + other
     if M == 0 or N == 0 or K == 0:
         return None if warmup else _empty_product(x, x2, other2, xs, N, bias, sum_shape)
-    cfg = config or choose_config(M, N, K, x.device)
+    cfg = config or choose_config(M, N, K, x.device, weight.dtype == torch.int8)
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
     if cfg.SPLIT_K == 0:

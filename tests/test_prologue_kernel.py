@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import assert_close, pack_glus, requires_triton_interpret
+from tests.conftest import assert_close, pack_glus, requires_cuda, requires_triton_interpret
 from tnllm import kernels
 from tnllm.kernels import reference as ref
 from tnllm.quant.int8 import Int8Linear, quantize_model
@@ -242,3 +242,23 @@ def _expected_calls(n_layers, lm_head):
     """The fused products of two decode steps (the lm_head's where it takes one: int8 models keep a float one)."""
     step = ["norm", "gated_norm", "add_norm", "mul"] + ["add_norm", "gated_norm", "add_norm", "mul"] * (n_layers - 1)
     return (step + ["add_norm"] * lm_head) * 2
+
+
+@requires_cuda
+@pytest.mark.parametrize("weight_kind", ["int8", "float"])
+def test_cuda_every_decode_tile_takes_a_prologue(weight_kind):
+    """Each decode row of the launcher's table (CONFIGS for int8 weights, FLOAT_CONFIGS for float ones) with a
+    prologue, bf16 at a 7B-like K (unmasked K steps), its bucket's rows: right and run-to-run identical."""
+    from tnllm.kernels.triton_int8 import CONFIGS, DECODE_MAX_M, FLOAT_CONFIGS, _linear
+
+    table = CONFIGS if weight_kind == "int8" else FLOAT_CONFIGS
+    tiles = [(bucket, cfg) for (bucket, _), cfg in table.items() if bucket is not None and bucket <= DECODE_MAX_M]
+    for i, (bucket, cfg) in enumerate(tiles):
+        prologue = ref.PROLOGUES[1 + i % 4]  # each tile one of the four, in turn
+        x, other, w, s, b = _inputs(prologue, bucket, 1000, 4096, torch.bfloat16, weight_kind)
+        cfg = cfg._replace(SPLIT_K=cfg.SPLIT_K or 2)
+        out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
+        _check(f"{cfg} {prologue}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.bfloat16)
+        again = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
+        same = zip(out, again) if prologue == "add_norm" else [(out, again)]
+        assert all(torch.equal(first, second) for first, second in same), f"{cfg}: not run-to-run identical"
