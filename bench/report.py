@@ -559,11 +559,16 @@ def _commands(result: dict) -> str:
 
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
-IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model"),
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues"),
             "interleave": ("preset", "quant", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
             "load": ("method", "preset")}
+ABSENT = {"prologues": "auto"}  # an identity field's value in items recorded before the field existed
+
+
+def _identity(item: dict, fields: tuple) -> tuple:
+    return tuple(item.get(f, ABSENT.get(f)) for f in fields)
 
 
 def fold_rows(old: dict, new: dict, commit: str) -> dict:
@@ -573,8 +578,8 @@ def fold_rows(old: dict, new: dict, commit: str) -> dict:
     folded = {**old, **{k: v for k, v in new.items() if k not in IDENTITY and k not in ("command", "notes")}}
     for part, fields in IDENTITY.items():
         fresh = [{**x, "commit": commit} for x in new.get(part) or []]
-        names = {tuple(x.get(f) for f in fields) for x in fresh}
-        kept = [x for x in old.get(part) or [] if tuple(x.get(f) for f in fields) not in names]
+        names = {_identity(x, fields) for x in fresh}
+        kept = [x for x in old.get(part) or [] if _identity(x, fields) not in names]
         if part in old or fresh:
             folded[part] = kept + fresh
     commands = old["command"] if isinstance(old["command"], list) else [old["command"]]
@@ -670,11 +675,14 @@ def render_engine(result: dict) -> str:
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
            "them (sampling, detokenising and events included). `graph-replay` = the captured step alone. "
-           f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`).", "",
+           f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`). Prologues off / float: "
+           "the decode products' fused prologues switched off, or on for float weights too (`--prologues`; "
+           "docs/kernels.md#prologues-the-op-before-a-product-inside-the-product).", "",
            "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
            "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
-        out.append(f"| {x['preset']} | {_weights(x)} | {x['path']} | {x['batch']} | {x['context']:,} | "
+        path = x["path"] + ("" if x.get("prologues", "auto") == "auto" else f" (prologues {x['prologues']})")
+        out.append(f"| {x['preset']} | {_weights(x)} | {path} | {x['batch']} | {x['context']:,} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "
                    f"{x['aggregate_tok_s']:,.0f} | {x.get('commit', '')} |")
     if result.get("interleave"):
