@@ -106,10 +106,10 @@ PRO_MUL = tl.constexpr(PROLOGUES.index("mul"))
 
 
 @triton.jit
-def _prologue(b_x, p_x2, p_s, k0, K, o_k, m_store, ss, PRO: tl.constexpr, EVEN_K: tl.constexpr):
-    """The operand tile [BM, BK] that replaces x's tile b_x, and the rows' sums of squares ss [BM] grown by this
-    tile: "norm" x (squares of x); "add_norm" s = x + x2 rounded to x's dtype (squares of s; rows m_store [BM]
-    also store s at p_s); "gated_norm" x·x2 (squares of x); "mul" x·x2."""
+def _prologue(b_x, p_x2, p_s, k0, K, o_k, m_store, sq, PRO: tl.constexpr, EVEN_K: tl.constexpr):
+    """The operand tile [BM, BK] that replaces x's tile b_x, and the squares sq [BM, BK] grown by this tile's (the
+    kernel sums them along K once, after its loop): "norm" x (squares of x); "add_norm" s = x + x2 rounded to x's
+    dtype (squares of s; rows m_store [BM] also store s at p_s); "gated_norm" x·x2 (squares of x); "mul" x·x2."""
     f = b_x.to(tl.float32)
     if PRO == PRO_NORM:
         op = b_x
@@ -125,8 +125,8 @@ def _prologue(b_x, p_x2, p_s, k0, K, o_k, m_store, ss, PRO: tl.constexpr, EVEN_K
         else:
             op = (f * x2).to(b_x.dtype)
     if PRO != PRO_MUL:
-        ss += tl.sum(f * f, axis=1)
-    return op, ss
+        sq += f * f
+    return op, sq
 
 
 @triton.jit
@@ -162,7 +162,7 @@ def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_x
     p_xs = xs + r_m[:, None] * s_xsm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
     m_store = o_m < tl.where(pid_n == 0, M, 0)  # one column of programs stores x + x2
-    ss = tl.zeros([BM], dtype=tl.float32)
+    sq = tl.zeros([BM, BK], dtype=tl.float32)  # squares of the norm's input, per column of the K tile
     if SWAP:
         acc_t = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -170,7 +170,7 @@ def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_x
     for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         if PRO != PRO_NONE:
-            b_x, ss = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, ss, PRO, EVEN_K)
+            b_x, sq = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
         if F32:  # fp32 x, or bf16 under the interpreter (it computes bf16 dots wrongly, triton 3.9)
             b_x = b_x.to(tl.float32)
         b_w = _weight_to(b_q, b_x.dtype, HAS_SCALES, MAGIC)  # exact for int8: |q| <= 127
@@ -180,8 +180,8 @@ def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_x
             acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
     if SWAP:
         acc = tl.trans(acc_t)
-    _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES, HAS_BIAS, PARTIAL,
-              NORM)
+    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES,
+              HAS_BIAS, PARTIAL, NORM)
 
 
 @triton.jit(do_not_specialize=["M", "split_k"])
@@ -201,7 +201,7 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s
     p_xs = xs + r_m[:, None] * s_xsm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
     m_store = o_m < tl.where(pid_n == 0, M, 0)
-    ss = tl.zeros([BM], dtype=tl.float32)
+    sq = tl.zeros([BM, BK], dtype=tl.float32)  # squares of the norm's input, per column of the K tile
     if REDUCE_ONCE:
         acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     else:
@@ -209,7 +209,7 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s
     for k0 in range(pid_k * BK, K, split_k * BK):
         b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
         if PRO != PRO_NONE:
-            b_x, ss = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, ss, PRO, EVEN_K)
+            b_x, sq = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
         b_w = _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC)
         prod = b_w[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
@@ -218,8 +218,8 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s
             acc += tl.sum(prod, axis=2)
     if REDUCE_ONCE:
         acc = tl.sum(acc3, axis=2)
-    _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES, HAS_BIAS, PARTIAL,
-              NORM)
+    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES,
+              HAS_BIAS, PARTIAL, NORM)
 
 
 @triton.jit(do_not_specialize=["M"])

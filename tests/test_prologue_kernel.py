@@ -166,7 +166,7 @@ def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
         assert kernels.fuses_prologue(x, w)
         assert not kernels.fuses_prologue(torch.cat([x, x[:1]]), w)  # 17 rows: a prefill chunk
         assert not kernels.fuses_prologue(x, w, x.double())  # add_norm's promotion belongs to the composed add
-        with torch.autocast("cpu"):
+        with torch.autocast(DEVICE):
             assert not kernels.fuses_prologue(x, w)
         assert not kernels.fuses_prologue(x.requires_grad_(), w)  # autograd records: no backward in-kernel
         with torch.no_grad():
