@@ -21,8 +21,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
   Triton compiles);
 * check: graph vs eager logits and states of one step (fp32 copy of the 1B preset; tiny in --smoke), rel-L2.
 
---prologues off / float: every row with the decode products' fused prologues switched off, or on for float
-weights too (an A/B of `kernels.fuses_prologue`; rows name the mode).
+--prologues off / int8 / all: every row with the decode products' fused prologues nowhere, on int8 weights, or on
+int8 and float weights (an A/B of `kernels.fuses_prologue`; rows name the mode; auto = the shipped setting).
 
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
 the H200 layout), so a timeout loses nothing.
@@ -61,7 +61,8 @@ from serve import stream_in_threads, time_sessions, token_gaps_ms
 ROOT = Path(__file__).resolve().parents[1]
 
 # --prologues: the settings of kernels' decision `fuses_prologue` each mode runs with (an A/B of the fusion)
-PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_MAX_ROWS": 0}, "float": {"FUSE_FLOAT_PROLOGUES": True}}
+PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_WEIGHTS": ()}, "int8": {"PROLOGUE_WEIGHTS": ("int8",)},
+                  "all": {"PROLOGUE_WEIGHTS": ("int8", "float")}}
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
@@ -410,8 +411,8 @@ def main() -> None:
     parser.add_argument("--copy-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--prologues", default="auto", choices=tuple(PROLOGUE_MODES),
-                        help="decode products fused with the op before them: where the product decides (auto), "
-                             "nowhere (off), or on float weights too (float)")
+                        help="decode products fused with the op before them: as kernels.PROLOGUE_WEIGHTS says (auto), "
+                             "nowhere (off), on int8 weights (int8), or on int8 and float weights (all)")
     args = parser.parse_args()
     for name, value in PROLOGUE_MODES[args.prologues].items():
         setattr(kernels, name, value)

@@ -146,25 +146,27 @@ def glu_mul(y):
     return reference.glu_mul_ref(y)  # "torch", or "unfused" (the same differentiable ops)
 
 
-# Rows up to which a product takes its prologue in-kernel (the int8 launcher's decode tiles); float weights only
-# while FUSE_FLOAT_PROLOGUES (its decode tiles were swept for int8 weights)
+# Rows up to which a product may take its prologue in-kernel (the int8 launcher's decode tiles), and the weights
+# ("int8", "float") whose products take it. Empty until a decode step measures faster with it: on an H200 the
+# tnl-7b int8 step took 3.50 ms with the prologues fused against 3.00 composed (bench/engine_gpu.py --prologues).
 PROLOGUE_MAX_ROWS = 16
-FUSE_FLOAT_PROLOGUES = False
+PROLOGUE_WEIGHTS: tuple[str, ...] = ()
 
 
 def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None = None) -> bool:
     """Whether a product of x [..., K] (and the prologue's second input `other`) with `weight` should take the op
-    before it fused (`prologue_linear`): the Triton path, a decode-sized input (<= PROLOGUE_MAX_ROWS rows), an int8
-    weight (or a float one of x's dtype while FUSE_FLOAT_PROLOGUES), other of x's dtype, no autocast (its casts
-    belong to the composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the
-    model composes the ops: on the CPU its Linears' own fast products serve better than this composition."""
+    before it fused (`prologue_linear`): the Triton path, a decode-sized input (<= PROLOGUE_MAX_ROWS rows), a weight
+    kind in PROLOGUE_WEIGHTS ("int8", or "float": x's dtype), other of x's dtype, no autocast (its casts belong to
+    the composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the model composes
+    the ops: on the CPU its Linears' own fast products serve better than this composition."""
     if backend_for(x.device) != "triton" or x.numel() > PROLOGUE_MAX_ROWS * x.shape[-1]:
         return False
     if (other is not None and other.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, other, weight)):
         return False
-    return weight.dtype == torch.int8 or (FUSE_FLOAT_PROLOGUES and weight.dtype == x.dtype)
+    kind = "int8" if weight.dtype == torch.int8 else "float" if weight.dtype == x.dtype else None
+    return kind in PROLOGUE_WEIGHTS
 
 
 def prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps: float = 1e-6):

@@ -162,6 +162,7 @@ def test_bad_input_errors():
 
 def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
     x, _, w, _, _ = _inputs("norm", 16, 29, 37, torch.float32, "int8")
+    monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8",))
     with kernels.use_impl("triton"):
         assert kernels.fuses_prologue(x, w)
         assert not kernels.fuses_prologue(torch.cat([x, x[:1]]), w)  # 17 rows: a prefill chunk
@@ -172,8 +173,8 @@ def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
         with torch.no_grad():
             assert kernels.fuses_prologue(x, w)
         x = x.detach()
-        assert not kernels.fuses_prologue(x, w.float())  # float weights only where measured to pay
-        monkeypatch.setattr(kernels, "FUSE_FLOAT_PROLOGUES", True)
+        assert not kernels.fuses_prologue(x, w.float())  # only the weight kinds named
+        monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
         assert kernels.fuses_prologue(x, w.float()) and not kernels.fuses_prologue(x, w.half())
     with kernels.use_impl("torch"):
         assert not kernels.fuses_prologue(x, w)  # the CPU: the Linears' own products (oneDNN, int8pack)
@@ -211,13 +212,13 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
     """Decode steps of 3 slots (after one 6-token prefill of the float weights) on the tiny model with every product
     taking its prologue == the PyTorch path of the same float weights (the int8 ones dequantised): logits and
     states, fp32. Every block's four products take one (the first block's token norm, or add_norm; gated_norm;
-    add_norm into the packed l1|l2; mul), and a float lm_head the final add_norm (int8 models keep a float one)."""
+    add_norm into the packed l1|l2; mul), and the lm_head (float in int8 models too) the final add_norm."""
     model = copy.deepcopy(untied_tiny_model).to(DEVICE)
+    monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
     if weights == "int8":
         model = quantize_model(model)
         composed = _dequantised(model)
     else:
-        monkeypatch.setattr(kernels, "FUSE_FLOAT_PROLOGUES", True)
         composed = model
     pack_glus(model)
     counter = CallCounter(kernels.prologue_linear)
@@ -235,13 +236,13 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
     assert_close("logits", logits["torch"], logits["triton"], rel=1e-5)
     for a, b in zip(pools["torch"].kv, pools["triton"].kv):
         assert_close("state", a, b, rel=1e-5)
-    assert counter.calls == _expected_calls(model.config.n_layers, lm_head=weights == "float")
+    assert counter.calls == _expected_calls(model.config.n_layers)
 
 
-def _expected_calls(n_layers, lm_head):
-    """The fused products of two decode steps (the lm_head's where it takes one: int8 models keep a float one)."""
+def _expected_calls(n_layers):
+    """The fused products of two decode steps."""
     step = ["norm", "gated_norm", "add_norm", "mul"] + ["add_norm", "gated_norm", "add_norm", "mul"] * (n_layers - 1)
-    return (step + ["add_norm"] * lm_head) * 2
+    return (step + ["add_norm"]) * 2
 
 
 @requires_cuda
