@@ -675,9 +675,9 @@ def render_engine(result: dict) -> str:
            f"({result['copy_bandwidth_gb_s']:,.0f} GB/s). {result['tokens']} tokens per reply, eos ignored; "
            "ms/token = median gap between two tokens of one session, read by a consumer thread as chat reads "
            "them (sampling, detokenising and events included). `graph-replay` = the captured step alone. "
-           f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`). Prologues off / float: "
-           "the decode products' fused prologues switched off, or on for float weights too (`--prologues`; "
-           "docs/kernels.md#prologues-the-op-before-a-product-inside-the-product).", "",
+           f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`). Prologues off / int8 / "
+           "all: the decode products' ops before them composed, or fused into the products of int8 weights, or of "
+           "every weight (`--prologues`; docs/kernels.md#prologues-the-op-before-a-product-inside-the-product).", "",
            "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
            "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
