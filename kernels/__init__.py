@@ -146,20 +146,24 @@ def glu_mul(y):
     return reference.glu_mul_ref(y)  # "torch", or "unfused" (the same differentiable ops)
 
 
-# Rows up to which a product may take its prologue in-kernel (the int8 launcher's decode tiles), and the weights
-# ("int8", "float") whose products take it. Empty until a decode step measures faster with it: on an H200 the
-# tnl-7b int8 step took 3.50 ms with the prologues fused against 3.00 composed (bench/engine_gpu.py --prologues).
-PROLOGUE_MAX_ROWS = 16
+# Per prologue, the most rows at which a product takes it in-kernel (absent: never), and the weights ("int8",
+# "float") whose products take them. Measured per product on an H200 (bench/prologue_ab.py, tnl-7b and tnl-1b,
+# µs composed → fused): the GLU product into l3 pays at 1 and 16 rows (7B bf16 31.1 → 29.8, 32.3 → 29.2), the
+# gated norm into out_proj at 1 row only (7B bf16 16.4 → 14.2; at 16 rows 15.7 → 16.2); the add+norms lose
+# (7B int8 q|k|v|u 27.6 → 34.6, l1|l2 36.5 → 50.5: the stored sum and second input slow the K loop), and with them
+# fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues).
+FUSED_PROLOGUES: dict[str, int] = {"gated_norm": 1, "mul": 16}
 PROLOGUE_WEIGHTS: tuple[str, ...] = ()
 
 
-def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: torch.Tensor | None = None) -> bool:
     """Whether a product of x [..., K] (and the prologue's second input `other`) with `weight` should take the op
-    before it fused (`prologue_linear`): the Triton path, a decode-sized input (<= PROLOGUE_MAX_ROWS rows), a weight
-    kind in PROLOGUE_WEIGHTS ("int8", or "float": x's dtype), other of x's dtype, no autocast (its casts belong to
-    the composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the model composes
-    the ops: on the CPU its Linears' own fast products serve better than this composition."""
-    if backend_for(x.device) != "triton" or x.numel() > PROLOGUE_MAX_ROWS * x.shape[-1]:
+    before it fused (`prologue_linear`): the Triton path, at most FUSED_PROLOGUES[prologue] rows, a weight kind in
+    PROLOGUE_WEIGHTS ("int8", or "float": x's dtype), other of x's dtype, no autocast (its casts belong to the
+    composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the model composes the
+    ops: on the CPU its Linears' own fast products serve better than this composition."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if backend_for(x.device) != "triton" or rows > FUSED_PROLOGUES.get(prologue, 0):
         return False
     if (other is not None and other.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type):
         return False

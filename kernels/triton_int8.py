@@ -385,7 +385,13 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
 # `prologue_linear_triton`): tiles sized for 2-byte weights; rows per shape class come from
 # `bench/int8_sweep.py --weights bf16`.
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
-    **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=0, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
+    # the products that take a prologue by default, from bench/prologue_ab.py's tiles on an H200 (tnl-7b, bf16, µs
+    # fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU product at 1 row 29.8;
+    # 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1)
+    (1, "n4k.k4k"): Config(1, 16, 512, num_stages=1, kind="gemv_once"),
+    (1, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),
+    **{(bucket, "n4k.kbig"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
+    **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
     **{(bucket, "*"): Config(64, 128, 64, num_stages=3) for bucket in M_BUCKETS[5:]},
 }
 DECODE_MAX_M = 16

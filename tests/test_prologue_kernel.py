@@ -163,21 +163,25 @@ def test_bad_input_errors():
 def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
     x, _, w, _, _ = _inputs("norm", 16, 29, 37, torch.float32, "int8")
     monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8",))
+    monkeypatch.setattr(kernels, "FUSED_PROLOGUES", {"mul": 16, "gated_norm": 1})
     with kernels.use_impl("triton"):
-        assert kernels.fuses_prologue(x, w)
-        assert not kernels.fuses_prologue(torch.cat([x, x[:1]]), w)  # 17 rows: a prefill chunk
-        assert not kernels.fuses_prologue(x, w, x.double())  # add_norm's promotion belongs to the composed add
+        assert kernels.fuses_prologue(x, w, "mul", x)
+        assert not kernels.fuses_prologue(torch.cat([x, x[:1]]), w, "mul", x)  # 17 rows: a prefill chunk
+        assert kernels.fuses_prologue(x[:1], w, "gated_norm", x[:1])
+        assert not kernels.fuses_prologue(x[:2], w, "gated_norm", x[:2])  # past the gated norm's rows
+        assert not kernels.fuses_prologue(x, w, "add_norm", x)  # a prologue not named
+        assert not kernels.fuses_prologue(x, w, "mul", x.double())  # the promotion belongs to the composed op
         with torch.autocast(DEVICE):
-            assert not kernels.fuses_prologue(x, w)
-        assert not kernels.fuses_prologue(x.requires_grad_(), w)  # autograd records: no backward in-kernel
+            assert not kernels.fuses_prologue(x, w, "mul", x)
+        assert not kernels.fuses_prologue(x.requires_grad_(), w, "mul", x)  # autograd records: no backward
         with torch.no_grad():
-            assert kernels.fuses_prologue(x, w)
+            assert kernels.fuses_prologue(x, w, "mul", x)
         x = x.detach()
-        assert not kernels.fuses_prologue(x, w.float())  # only the weight kinds named
+        assert not kernels.fuses_prologue(x, w.float(), "mul", x)  # only the weight kinds named
         monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
-        assert kernels.fuses_prologue(x, w.float()) and not kernels.fuses_prologue(x, w.half())
+        assert kernels.fuses_prologue(x, w.float(), "mul", x) and not kernels.fuses_prologue(x, w.half(), "mul", x)
     with kernels.use_impl("torch"):
-        assert not kernels.fuses_prologue(x, w)  # the CPU: the Linears' own products (oneDNN, int8pack)
+        assert not kernels.fuses_prologue(x, w, "mul", x)  # the CPU: the Linears' own products (oneDNN, int8pack)
 
 
 class CallCounter:
@@ -215,6 +219,7 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
     add_norm into the packed l1|l2; mul), and the lm_head (float in int8 models too) the final add_norm."""
     model = copy.deepcopy(untied_tiny_model).to(DEVICE)
     monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
+    monkeypatch.setattr(kernels, "FUSED_PROLOGUES", dict.fromkeys(ref.PROLOGUES, 16))
     if weights == "int8":
         model = quantize_model(model)
         composed = _dequantised(model)

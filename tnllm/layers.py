@@ -48,21 +48,21 @@ class SimpleRMSNorm(nn.Module):
         return kernels.gated_srmsnorm(x, gate, self.eps)
 
 
-def takes_prologue(linear: nn.Module, x: torch.Tensor, other: torch.Tensor | None = None) -> bool:
+def takes_prologue(linear: nn.Module, x: torch.Tensor, prologue: str, other: torch.Tensor | None = None) -> bool:
     """Whether `linear` runs the op before it inside its product for input x: a module that offers it
     (TAKES_PROLOGUE and `prologue_forward`: tnllm's `Linear` and `Int8Linear`; tensor-parallel and bitsandbytes
     layers do not) where `kernels.fuses_prologue` allows."""
-    return getattr(linear, "TAKES_PROLOGUE", False) and kernels.fuses_prologue(x, linear.weight, other)
+    return getattr(linear, "TAKES_PROLOGUE", False) and kernels.fuses_prologue(x, linear.weight, prologue, other)
 
 
 def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
                 delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, linear(norm(x + delta))), or (x, linear(norm(x))) when delta is None: the stream and the
     product of its norm, in one kernel where the product takes the norm (`takes_prologue`)."""
-    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, delta):
-        if delta is None:
-            return x, linear.prologue_forward(x, "norm", eps=norm.eps)
-        return linear.prologue_forward(x, "add_norm", delta, norm.eps)
+    prologue = "norm" if delta is None else "add_norm"
+    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, prologue, delta):
+        fused = linear.prologue_forward(x, prologue, delta, norm.eps)
+        return (x, fused) if delta is None else fused
     if delta is None:
         return x, linear(norm(x))
     x, h = norm.add_norm(x, delta)
@@ -71,7 +71,7 @@ def norm_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor,
 
 def gated_linear(norm: nn.Module, linear: nn.Module, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """linear(norm.gated(x, gate)), in one kernel where the product takes the gated norm (`takes_prologue`)."""
-    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, gate):
+    if type(norm) is SimpleRMSNorm and takes_prologue(linear, x, "gated_norm", gate):
         return linear.prologue_forward(x, "gated_norm", gate, norm.eps)
     return linear(norm.gated(x, gate))
 
@@ -99,7 +99,7 @@ class GLU(nn.Module):
         """l3(l1(x) * l2(x)) from the packed product y12 = (l1|l2)(x) [..., 2g]; the product of the halves runs
         inside l3's kernel where l3 takes it (`takes_prologue`)."""
         first, second = y12.chunk(2, dim=-1)  # each [..., g]: strided views
-        if takes_prologue(self.l3, first, second):
+        if takes_prologue(self.l3, first, "mul", second):
             return self.l3.prologue_forward(first, "mul", second)
         return self.l3(kernels.glu_mul(y12))  # [..., 2g] -> l1(x) * l2(x) [..., g]
 
