@@ -602,6 +602,24 @@ def render_sampler(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_prologue_ab(result: dict) -> str:
+    """bench/prologue_ab.py: each decode product with the op before it fused, against the op composed."""
+    out = ["", f"## Decode products with the op before them fused ({result['device']})", "",
+           f"Date: {run_date(result)}. torch {result['torch']}, triton {result['triton']}. {_commands(result)}. µs "
+           "per call, CUDA-graph replays over weight copies larger than L2, bf16 activations. composed = the op's "
+           "kernel then the product; product = the product alone; fused = `kernels.prologue_linear` with the "
+           "launcher's tile, best fused = the fastest of `float_tiles` (bf16 weights). `kernels.FUSED_PROLOGUES` "
+           "encodes where fusing pays.", "",
+           "| preset | product | op | weights | rows | composed | product | fused | best fused (tile) | rel-L2 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in result["rows"]:
+        best = f"{x['fused_best_us']:.1f} ({x['fused_best_config']})" if x.get("fused_best_us") else ""
+        out.append(f"| {x['preset']} | {x['product']} | {x['prologue']} | {x['weights']} | {x['M']} | "
+                   f"{x['composed_us']:.1f} | {x['product_us']:.1f} | {x['fused_us']:.1f} | {best} | "
+                   f"{x['rel_l2']:.1e} |")
+    return _with_notes(out, result)
+
+
 def render_step_tiles(result: dict) -> str:
     """bench/step_tiles.py: the decode step kernel's launch tiles, best per (heads, sequences) against the tile the
     launcher picked in that run."""
@@ -865,6 +883,8 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("chunk-shipped-h200", "Lightning Attention forward: the shipped setting, dk and dv in one sweep or two",
              render_chunk_sweep,
              "python bench/chunk_sweep.py --shipped-only --out bench/results/chunk-shipped-h200.json"),
+            ("prologue-ab-h200", "Decode products with the op before them fused", render_prologue_ab,
+             "python bench/prologue_ab.py --out bench/results/prologue-ab-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,
              "python bench/step_tiles.py --out bench/results/step-tiles-h200.json"),
             ("app-h200", "The app over HTTP against its engine", render_app,

@@ -151,9 +151,11 @@ def glu_mul(y):
 # µs composed → fused): the GLU product into l3 pays at 1 and 16 rows (7B bf16 31.1 → 29.8, 32.3 → 29.2), the
 # gated norm into out_proj at 1 row only (7B bf16 16.4 → 14.2; at 16 rows 15.7 → 16.2); the add+norms lose
 # (7B int8 q|k|v|u 27.6 → 34.6, l1|l2 36.5 → 50.5: the stored sum and second input slow the K loop), and with them
-# fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues).
+# fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two on float
+# weights the tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; int8
+# weights stay composed until their step is measured with this selection.
 FUSED_PROLOGUES: dict[str, int] = {"gated_norm": 1, "mul": 16}
-PROLOGUE_WEIGHTS: tuple[str, ...] = ()
+PROLOGUE_WEIGHTS: tuple[str, ...] = ("float",)
 
 
 def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: torch.Tensor | None = None) -> bool:
