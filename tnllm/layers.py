@@ -12,9 +12,10 @@ Decode state never lives on a module: the caller passes the layer's fp32 kv tens
 
 Decode launches few kernels (docs/kernels.md#fused-decode-ops): every residual add is fused with the norm after
 it (`SimpleRMSNorm.add_norm`; a block hands its last add to the next norm, see `DecoderLayer`), the gate with the
-token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recurrent step. Where the product after
-them takes it (`kernels.fuses_prologue`: decode rows on the GPU, int8 weights), each of these ops runs inside
-that product's kernel instead (`norm_linear`, `gated_linear`, `GLU.from_packed`).
+token mixer's norm (`SimpleRMSNorm.gated`), and the q/k activation with the recurrent step. Where
+`kernels.fuses_prologue` says the product after one of these ops should take it (decode rows on the GPU; which
+ops and weights: `kernels.FUSED_PROLOGUES`, `PROLOGUE_WEIGHTS`), the op runs inside that product's kernel instead
+(`norm_linear`, `gated_linear`, `GLU.from_packed`).
 """
 
 from __future__ import annotations
