@@ -14,7 +14,7 @@ Public functions (same signatures as their PyTorch twins in `kernels.reference`)
         (weight-only int8 Linear: y = (x @ weightᵀ) · scales + bias)
     prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps=1e-6) -> y (or (s, y))
         a decode product fused with the op before it (a norm, add + norm, gated norm or product; see
-        `reference.PROLOGUES`); `fuses_prologue(x, weight)` says where the model should call it
+        `reference.PROLOGUES`); `fuses_prologue(x, weight, prologue, other)` says where the model should call it
     sample_rows(logits, slots, tables, *, penalty, draw, head) -> ids [B]   one exact seeded sample (or the argmax)
         per row of logits [B, V] from its slot's settings (penalty, temperature, top-k, top-p); the slots'
         tables (`reference.SlotTables`) updated in place

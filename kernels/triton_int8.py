@@ -382,12 +382,11 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (256, "*"): Config(1, 32, 256, kind="deq"),  # M=256: geomean 1.149x of each shape's best
 }
 # The same kernel on float weights (the decode products fused with the op before them on a float model,
-# `prologue_linear_triton`): tiles sized for 2-byte weights; rows per shape class come from
-# `bench/int8_sweep.py --weights bf16`.
+# `prologue_linear_triton`): tiles sized for 2-byte weights (`bench/int8_sweep.py --weights bf16` sweeps the plain
+# product's). The shape rows serve the products that take a prologue by default, from bench/prologue_ab.py's tiles
+# on an H200 (tnl-7b, bf16, µs fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU
+# product at 1 row 29.8; 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1).
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
-    # the products that take a prologue by default, from bench/prologue_ab.py's tiles on an H200 (tnl-7b, bf16, µs
-    # fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU product at 1 row 29.8;
-    # 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1)
     (1, "n4k.k4k"): Config(1, 16, 512, num_stages=1, kind="gemv_once"),
     (1, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),
     **{(bucket, "n4k.kbig"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
@@ -527,26 +526,31 @@ def _shaped(x, y, xs, sum_shape):
 def _rows(x, weight, scales, bias, prologue="none", other=None):
     """The checked inputs' x and other (x itself where there is none) as [M, K] rows with a contiguous last dim
     (views when their last dim is contiguous)."""
-    ref.check_prologue(prologue, x, other)
+    ref.check_prologue(prologue, x, other)  # other: x's shape, dtype and device
     if weight.dtype == torch.int8 or scales is not None:
         ref.check_int8_linear(x, weight, scales, bias)
-    elif weight.dtype != x.dtype or scales is not None:
-        raise TypeError(f"a float weight must have x's dtype and no scales; got x {x.dtype}, weight {weight.dtype}"
-                        + ("" if scales is None else ", and scales"))
+    else:
+        _check_float_weight(x, weight, bias)
     if x.dtype not in DTYPES:
         raise TypeError(f"int8_linear_triton supports x in {[str(d) for d in DTYPES]}, got {x.dtype}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"expected x [..., K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if weight.stride(1) != 1:
         raise ValueError("weight needs a contiguous last dim (K)")
-    devices = {t.device for t in (x, other, weight, scales, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"every input must be on one device, got {sorted(map(str, devices))}")
     rows = []
     for t in (x, x if other is None else other):
         t2 = t.reshape(-1, weight.shape[1])
         rows.append(t2 if t2.stride(-1) == 1 else t2.contiguous())
     return rows
+
+
+def _check_float_weight(x, weight, bias):
+    """What `reference.check_int8_linear` checks of an int8 weight, for a float one of x's dtype (no scales)."""
+    if weight.dtype != x.dtype:
+        raise TypeError(f"a float weight must have x's dtype and no scales; got x {x.dtype}, weight {weight.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"expected x [..., K] and weight [N, K]; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    devices = {t.device for t in (x, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"every input must be on one device, got {sorted(map(str, devices))}")
 
 
 def _launch(kernel, grid, args, meta, warmup):
