@@ -26,6 +26,7 @@ if "--tiny" in sys.argv:  # before anything imports Triton: its interpreter is c
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -156,27 +157,29 @@ def main() -> None:
             "torch": torch.__version__, "triton": triton.__version__, "command": "python " + " ".join(sys.argv),
             "rows": [], "notes": []}
     start = time.perf_counter()
-    with kernels.use_impl("triton"), torch.inference_mode():
-        for preset in args.presets.split(","):
-            for name, (n_in, n_out, prologue) in products(preset).items():
-                for kind in args.weights.split(","):
-                    for m in (int(r) for r in args.rows.split(",")):
-                        if time.perf_counter() - start > args.budget_s:
-                            data["notes"].append(f"budget spent before {preset} {name} {kind} M={m}")
-                            continue
-                        try:
-                            row = bench_product(args, preset, name, n_in, n_out, prologue, kind, m, device)
-                        except Exception as exc:  # noqa: BLE001 (one product's failure must not lose the rest)
-                            data["notes"].append(f"{preset} {name} {kind} M={m}: {type(exc).__name__}: {exc}"[:400])
-                            continue
-                        data["rows"].append(row)
-                        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                                       if k not in ("in", "out", "copies")), flush=True)
-                        args.out.parent.mkdir(parents=True, exist_ok=True)
-                        args.out.write_text(json.dumps(data, indent=1) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=1) + "\n")
 
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+
+    runs = itertools.product(((preset, name, *sizes) for preset in args.presets.split(",")
+                              for name, sizes in products(preset).items()),
+                             args.weights.split(","), (int(r) for r in args.rows.split(",")))
+    with kernels.use_impl("triton"), torch.inference_mode():
+        for (preset, name, n_in, n_out, prologue), kind, m in runs:
+            if time.perf_counter() - start > args.budget_s:
+                data["notes"].append(f"budget spent before {preset} {name} {kind} M={m}")
+                continue
+            try:
+                row = bench_product(args, preset, name, n_in, n_out, prologue, kind, m, device)
+            except Exception as exc:  # noqa: BLE001 (one product's failure must not lose the rest)
+                data["notes"].append(f"{preset} {name} {kind} M={m}: {type(exc).__name__}: {exc}"[:400])
+                continue
+            data["rows"].append(row)
+            print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                           if k not in ("in", "out", "copies")), flush=True)
+            save()
+    save()
 
 if __name__ == "__main__":
     main()
