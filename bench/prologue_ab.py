@@ -150,7 +150,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=200.0)
     args = parser.parse_args()
     if args.tiny:
-        args.presets, args.rows, args.reps, args.rotate_mib = "tiny", "1,3", 1, 0.0
+        args.presets, args.reps, args.rotate_mib = "tiny", 1, 0.0
+        if args.rows == parser.get_default("rows"):
+            args.rows = "1,3"
     device = torch.device("cpu" if args.tiny else "cuda")
     data = {"bench": "prologue_ab", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",

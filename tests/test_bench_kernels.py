@@ -180,3 +180,21 @@ def test_gil_bench_runs_on_the_cpu(tmp_path):
     rows = {r["load"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"none", "bursts", "busy"} and all(r["interval_ms"] == 0.5 for r in rows.values())
     assert 0 < rows["none"]["ms_per_token_p50"] < rows["busy"]["ms_per_token_p50"]
+
+
+def test_prologue_ab_runs_in_the_interpreter(tmp_path):
+    """bench/prologue_ab.py --tiny: every decode product of a layer and the head, composed and fused, timed and
+    agreeing; the report renders one line per row."""
+    out = tmp_path / "ab.json"
+    run = subprocess.run([sys.executable, "bench/prologue_ab.py", "--tiny", "--rows", "3", "--weights", "int8",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["notes"] == []
+    assert [(r["product"], r["prologue"], r["M"]) for r in data["rows"]] == [
+        ("qkvu_proj", "add_norm", 3), ("out_proj", "gated_norm", 3), ("l1|l2", "add_norm", 3), ("l3", "mul", 3),
+        ("lm_head", "add_norm", 3)]
+    for row in data["rows"]:
+        assert row["rel_l2"] < 1e-2 and min(row["composed_us"], row["product_us"], row["fused_us"]) > 0
+    assert _report().render_prologue_ab(data).count("\n| tiny |") == len(data["rows"])
