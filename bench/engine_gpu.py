@@ -23,6 +23,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 
 --prologues off / int8 / all: every row with the decode products' fused prologues nowhere, on int8 weights, or on
 int8 and float weights (an A/B of `kernels.fuses_prologue`; rows name the mode; auto = the shipped setting).
+--norms deferred / kernels: the blocks' norms left to the products after them, or run as kernels
+(`kernels.DEFERRED_NORMS`; rows name the mode; auto = the shipped setting).
 
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
 the H200 layout), so a timeout loses nothing.
@@ -63,6 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # --prologues: the settings of kernels' decision `fuses_prologue` each mode runs with (an A/B of the fusion)
 PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_WEIGHTS": ()}, "int8": {"PROLOGUE_WEIGHTS": ("int8",)},
                   "all": {"PROLOGUE_WEIGHTS": ("int8", "float")}}
+NORM_MODES = {"auto": {}, "deferred": {"DEFERRED_NORMS": True}, "kernels": {"DEFERRED_NORMS": False}}
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
@@ -335,7 +338,7 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
         return {"preset": preset, "quant": args.quant, "batch": batch, "context": context, "decode_ms_per_token": ms,
                 "hbm_floor_ms": floor, "floor_fraction": floor / ms,
-                "aggregate_tok_s": tok_s, "path": path, "prologues": args.prologues, **extra}
+                "aggregate_tok_s": tok_s, "path": path, "prologues": args.prologues, "norms": args.norms, **extra}
 
     if cuda:
         with section(results, f"{preset} graph-replay"):
@@ -413,8 +416,11 @@ def main() -> None:
     parser.add_argument("--prologues", default="auto", choices=tuple(PROLOGUE_MODES),
                         help="decode products fused with the op before them: as kernels.PROLOGUE_WEIGHTS says (auto), "
                              "nowhere (off), on int8 weights (int8), or on int8 and float weights (all)")
+    parser.add_argument("--norms", default="auto", choices=tuple(NORM_MODES),
+                        help="decode blocks' norms: as kernels.DEFERRED_NORMS says (auto), left to the products after "
+                             "them where the blocks allow (deferred), or kernels of their own (kernels)")
     args = parser.parse_args()
-    for name, value in PROLOGUE_MODES[args.prologues].items():
+    for name, value in {**PROLOGUE_MODES[args.prologues], **NORM_MODES[args.norms]}.items():
         setattr(kernels, name, value)
     if args.smoke:
         args.presets, args.contexts, args.sessions, args.tokens = "tiny", "64,256", 4, 12

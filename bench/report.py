@@ -559,12 +559,12 @@ def _commands(result: dict) -> str:
 
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
-IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues"),
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues", "norms"),
             "interleave": ("preset", "quant", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
             "load": ("method", "preset")}
-ABSENT = {"prologues": "auto"}  # an identity field's value in items recorded before the field existed
+ABSENT = {"prologues": "auto", "norms": "auto"}  # an identity field's value in items recorded before it existed
 
 
 def _identity(item: dict, fields: tuple) -> tuple:
@@ -695,11 +695,14 @@ def render_engine(result: dict) -> str:
            "them (sampling, detokenising and events included). `graph-replay` = the captured step alone. "
            f"Weights: float = {result['dtype']}, int8 = weight-only int8 (`--quant int8`). Prologues off / int8 / "
            "all: the decode products' ops before them composed, or fused into the products of int8 weights, or of "
-           "every weight (`--prologues`; docs/kernels.md#prologues-the-op-before-a-product-inside-the-product).", "",
+           "every weight (`--prologues`; docs/kernels.md#prologues-the-op-before-a-product-inside-the-product). Norms "
+           "deferred / kernels: the blocks' norms left to the products after them, or kernels of their own "
+           "(`--norms`; docs/kernels.md#deferred-norms).", "",
            "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
            "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
-        path = x["path"] + ("" if x.get("prologues", "auto") == "auto" else f" (prologues {x['prologues']})")
+        path = x["path"] + "".join(f" ({field} {x[field]})" for field in ("prologues", "norms")
+                                   if x.get(field, "auto") != "auto")
         out.append(f"| {x['preset']} | {_weights(x)} | {path} | {x['batch']} | {x['context']:,} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "
                    f"{x['aggregate_tok_s']:,.0f} | {x.get('commit', '')} |")

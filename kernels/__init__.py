@@ -101,12 +101,13 @@ def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state
     return reference.lightning_attn_chunked(q, k, v, log_decay, **kwargs)
 
 
-def lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none"):
-    """One recurrent decode step (act applied to q and k inside), state updated in place. See
-    `kernels.reference.lightning_attn_step_ref`."""
+def lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps: float = 1e-6):
+    """One recurrent decode step (act applied to q and k inside; with row_ms, a deferred norm's row scale before
+    it), state updated in place. See `kernels.reference.lightning_attn_step_ref`."""
+    kwargs = dict(act=act, row_ms=row_ms, eps=eps)
     if backend_for(q.device) == "triton":
-        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots, act=act)
-    return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots, act=act)
+        return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots, **kwargs)
+    return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots, **kwargs)
 
 
 def srmsnorm(x, eps: float = 1e-6):
@@ -156,6 +157,11 @@ def glu_mul(y):
 # weights stay composed until their step is measured with this selection.
 FUSED_PROLOGUES: dict[str, int] = {"gated_norm": 1, "mul": 16}
 PROLOGUE_WEIGHTS: tuple[str, ...] = ("float",)
+# Where a decode layer's out_proj and l3 both take their prologues, they also add the residual and hand the next
+# norm's scale to the products after them, so the layer runs no add+norm kernel (`layers.defers_norms`,
+# docs/kernels.md#deferred-norms). Off until its decode step is measured on a GPU against the norm kernels
+# (bench/engine_gpu.py --norms deferred / kernels).
+DEFERRED_NORMS = False
 
 
 def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: torch.Tensor | None = None) -> bool:
@@ -175,9 +181,11 @@ def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: 
     return kind in PROLOGUE_WEIGHTS
 
 
-def prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps: float = 1e-6):
-    """A product fused with the op before it. See `kernels.reference.prologue_linear_ref`."""
-    kwargs = dict(prologue=prologue, other=other, eps=eps)
+def prologue_linear(x, weight, scales=None, bias=None, *, prologue, other=None, eps: float = 1e-6, row_ms=None,
+                    row_power: int = 1, residual=None):
+    """A product fused with the op before it (and, with row_ms / residual, a deferred norm's epilogue). See
+    `kernels.reference.prologue_linear_ref`."""
+    kwargs = dict(prologue=prologue, other=other, eps=eps, row_ms=row_ms, row_power=row_power, residual=residual)
     if backend_for(x.device) == "triton":
         return _triton("triton_int8", "prologue_linear_triton")(x, weight, scales, bias, **kwargs)
     return reference.prologue_linear_ref(x, weight, scales, bias, **kwargs)

@@ -28,6 +28,7 @@ __all__ = [
     "add_srmsnorm_ref",
     "gated_srmsnorm_ref",
     "glu_mul_ref",
+    "row_scale",
     "ACTIVATIONS",
     "decay_matrix",
     "check_shapes",
@@ -246,30 +247,56 @@ def lightning_attn_step_ref(
     slots: torch.Tensor | None = None,
     *,
     act: str = "none",
+    row_ms: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """One decode step for one token per sequence; updates `state` in place.
 
         S <- exp(log_decay) * S + act(k)^T v ;  o = act(q) S
+
+    With `row_ms`, q, k and v are first scaled by their row's norm scale (`row_scale`): the step of a layer whose
+    input norm was left to the products after it (docs/kernels.md#deferred-norms).
 
     Args:
         q, k: [B, H, D]; v: [B, H, E]; log_decay: [H]; state: [B, H, D, E] fp32 (or fp64), modified in place.
         slots: None, or int64 [B]: then `state` is a pool [S, H, D, E] and row b reads and writes
             state[slots[b]] (rows may share a slot only if its content does not matter, e.g. a padding sink).
         act: "silu" or "none" (a key of ACTIVATIONS), applied to q and k in the state's dtype.
+        row_ms: None, or [T, B] fp32 partial mean squares of each row's normed input (`check_row_ms`); eps: the
+            norm's.
     Returns:
         o: [B, H, E] in q.dtype.
     """
     check_step_shapes(q, k, v, log_decay, state, slots, act)
-    dt = state.dtype
+    dt, dtype = state.dtype, q.dtype
+    q, k, v = (_cast(t, dt) for t in (q, k, v))
+    if row_ms is not None:
+        check_row_ms(row_ms, q.shape[0], q.device)
+        r = row_scale(row_ms, eps).to(dt)[:, None, None]  # [B, 1, 1]
+        q, k, v = q * r, k * r, v * r
     activation = ACTIVATIONS[act]
-    qa, ka = activation(_cast(q, dt)), activation(_cast(k, dt))
+    qa, ka = activation(q), activation(k)
     rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
     decay = torch.exp(_cast(log_decay, dt))[:, None, None]  # [H, 1, 1]
-    rows.mul_(decay).add_(ka[..., :, None] * _cast(v, dt)[..., None, :])  # [B, H, D, E]
+    rows.mul_(decay).add_(ka[..., :, None] * v[..., None, :])  # [B, H, D, E]
     o = (qa[..., None, :] @ rows).squeeze(-2)  # [B, H, E]
     if slots is not None:
         state.index_copy_(0, slots, rows)
-    return _cast(o, q.dtype)
+    return _cast(o, dtype)
+
+
+def row_scale(row_ms: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A norm's scale per row, rsqrt(mean(s²) + eps) [M] fp32, from partial mean squares row_ms [T, M] whose sum
+    over T is mean(s²) (a product kernel writes one partial per output tile: `prologue_linear_ref`'s residual)."""
+    return torch.rsqrt(row_ms.float().sum(0) + eps)
+
+
+def check_row_ms(row_ms: torch.Tensor, rows: int, device: torch.device) -> None:
+    """row_ms must be fp32 [T, rows] (T >= 1) on `device`."""
+    if row_ms.dtype != torch.float32 or row_ms.dim() != 2 or row_ms.shape[1] != rows or row_ms.shape[0] < 1 \
+            or row_ms.device != device:
+        raise ValueError(f"row_ms must be fp32 [T, {rows}] on {device}, got {row_ms.dtype} {tuple(row_ms.shape)} "
+                         f"on {row_ms.device}")
 
 
 def srmsnorm_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -386,7 +413,8 @@ def check_prologue(prologue: str, x: torch.Tensor, other: torch.Tensor | None) -
 
 def prologue_linear_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None = None,
                         bias: torch.Tensor | None = None, *, prologue: str = "none", other: torch.Tensor | None = None,
-                        eps: float = 1e-6):
+                        eps: float = 1e-6, row_ms: torch.Tensor | None = None, row_power: int = 1,
+                        residual: torch.Tensor | None = None):
     """A Linear of x after one of the ops that precede a block's products (PROLOGUES):
 
         "none"        y = linear(x)
@@ -399,13 +427,21 @@ def prologue_linear_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
     own references do (`srmsnorm_ref`, `add_srmsnorm_ref`, `gated_srmsnorm_ref`, `a * b`); the fused kernel scales
     the product's fp32 rows by the norm instead of rounding the normed input, so 16-bit results differ by rounding.
 
+    Two epilogues serve a norm left to the products after it (docs/kernels.md#deferred-norms):
+    * row_ms [T, M]: the product's rows (before the bias) are multiplied by `row_scale(row_ms, eps) ** row_power`
+      (1 or 2): the scale of a norm whose input reached this product unnormed (once through the gate u, twice
+      through l1 and l2, which must have no bias);
+    * residual [..., N]: the product is added to it, y = residual + y (rounded once), and the result comes with
+      its rows' mean squares: (y, ms [T, M]) with T = 1 here (the kernel writes one partial per output tile).
+
     Args:
         x, other: [..., K], one shape, dtype and device; weight [N, K]; scales [N] (int8 weight) or None;
-        bias None or [N].
+        bias None or [N]; row_ms, residual: as above (residual: x's dtype and leading shape).
     Returns:
-        y [..., N] in x.dtype, or (s [..., K], y) for "add_norm".
+        y [..., N] in x.dtype; (s [..., K], y) for "add_norm"; (y, ms) with a residual (not with "add_norm").
     """
     check_prologue(prologue, x, other)
+    check_epilogue(x, weight, prologue, row_ms, row_power, residual)
     s = None
     if prologue == "none":
         h = x
@@ -417,13 +453,36 @@ def prologue_linear_ref(x: torch.Tensor, weight: torch.Tensor, scales: torch.Ten
         h = gated_srmsnorm_ref(x, other, eps)
     else:
         h = x * other
+    scaled = row_ms is not None  # the row scale comes before the bias
     if weight.dtype == torch.int8:
-        y = int8_linear(h, weight, scales, bias)
+        y = int8_linear(h, weight, scales, None if scaled else bias)
     else:
         if scales is not None:
             raise ValueError("scales belong to an int8 weight; a float weight takes none")
-        y = F.linear(h, weight.to(h.dtype), None if bias is None else bias.to(h.dtype))
+        y = F.linear(h, weight.to(h.dtype), None if bias is None or scaled else bias.to(h.dtype))
+    if scaled:
+        y = y.float() * row_scale(row_ms, eps).pow(row_power).view(*y.shape[:-1], 1)
+        y = _cast(y if bias is None else y + bias.float(), h.dtype)
+    if residual is not None:
+        y = _cast(residual.float() + y.float(), y.dtype)
+        return y, y.float().square().mean(-1).reshape(1, -1)  # [1, M]
     return y if s is None else (s, y)
+
+
+def check_epilogue(x, weight, prologue, row_ms=None, row_power=1, residual=None) -> None:
+    """The deferred-norm epilogue's inputs (`prologue_linear_ref`); ValueError names what is wrong."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if row_ms is not None:
+        check_row_ms(row_ms, rows, x.device)
+        if row_power not in (1, 2):
+            raise ValueError(f"row_power must be 1 or 2, got {row_power!r}")
+    if residual is not None:
+        if prologue == "add_norm":
+            raise ValueError('"add_norm" adds its own residual before the product; it takes no residual after')
+        shape = (*x.shape[:-1], weight.shape[0])
+        if residual.shape != shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"residual must be {x.dtype} {shape} on {x.device}, got {residual.dtype} "
+                             f"{tuple(residual.shape)} on {residual.device}")
 
 
 # -- sampling: the exact draw from a row's head ------------------------------------------------------------

@@ -62,23 +62,48 @@ def _int8_to(q, DT: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES: tl.constexpr,
-              HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, NORM: tl.constexpr):
+def _finish(acc, o_m, o_n, r_n, M, N, eps, s, b, ms_in, res, ms_out, s_rm, n_ms_in, pid_out, HAS_SCALES: tl.constexpr,
+            HAS_BIAS: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr,
+            OUT_DT: tl.constexpr):
+    """The finished product tile acc [BM, BN] (rows o_m, columns o_n, r_n = o_n wrapped into N) in fp32 after the
+    weight scales, a deferred norm's row scale r^ROW_POW (r from the partial mean squares ms_in [n_ms_in, M]), the
+    bias and a residual (res [M, N], row stride s_rm). RESIDUAL: stores this tile's partial mean squares of the
+    rounded sum, ms_out[pid_out, m]."""
+    if HAS_SCALES:
+        acc *= tl.load(s + r_n).to(tl.float32)[None, :]
+    if ROW_POW > 0:
+        o_t = tl.arange(0, T_IN)
+        ms = tl.load(ms_in + o_t[:, None] * M + (o_m % M)[None, :], mask=o_t[:, None] < n_ms_in, other=0.)
+        r = tl.rsqrt(tl.sum(ms, axis=0) + eps)  # [BM]
+        if ROW_POW == 2:
+            r = r * r
+        acc *= r[:, None]
+    if HAS_BIAS:
+        acc += tl.load(b + r_n).to(tl.float32)[None, :]
+    if RESIDUAL:
+        m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
+        acc += tl.load(res + o_m.to(tl.int64)[:, None] * s_rm + o_n[None, :], mask=m_y, other=0.).to(tl.float32)
+        rounded = tl.where(m_y, acc.to(OUT_DT).to(tl.float32), 0.)
+        tl.store(ms_out + pid_out * M + o_m, tl.sum(rounded * rounded, axis=1) / N, mask=o_m < M)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, ms_in, res, ms_out, s_rm,
+              n_ms_in, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, NORM: tl.constexpr,
+              ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr):
     # acc [BM, BN] fp32 for rows o_m and columns o_n: scaled by the norm (NORM: ss [BM] the rows' sums of squares)
-    # and the weight scales (+ bias) into y, or fp32 partial sums [split, M, N] (and ss [split, M]) for the reduce
+    # and finished (`_finish`) into y, or fp32 partial sums [split, M, N] (and ss [split, M]) for the reduce
     m_y = (o_m[:, None] < M) & (o_n[None, :] < N)
     if PARTIAL:  # _splitk_reduce_kernel finishes
         tl.store(y + (pid_k * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], acc, mask=m_y)
         if NORM:
             tl.store(ss_ws + pid_k * M + o_m, ss, mask=o_m < tl.where(pid_n == 0, M, 0))  # one column stores
     else:
-        r_n = o_n % N
         if NORM:
             acc *= tl.rsqrt(ss / K + eps)[:, None]
-        if HAS_SCALES:
-            acc *= tl.load(s + r_n).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b + r_n).to(tl.float32)[None, :]
+        acc = _finish(acc, o_m, o_n, o_n % N, M, N, eps, s, b, ms_in, res, ms_out, s_rm, n_ms_in, pid_n, HAS_SCALES,
+                      HAS_BIAS, ROW_POW, T_IN, RESIDUAL, y.dtype.element_ty)
         tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_y)
 
 
@@ -139,12 +164,13 @@ def _weight_to(b_q, DT: tl.constexpr, INT8: tl.constexpr, MAGIC: tl.constexpr):
     return r
 
 
-@triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn, s_ym, split_k,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
-                    PARTIAL: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr,
-                    NORM: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "n_ms_in", "split_k"])
+def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn, s_ym,
+                    s_rm, n_ms_in, split_k, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    F32: tl.constexpr, PARTIAL: tl.constexpr, SWAP: tl.constexpr, MAGIC: tl.constexpr,
+                    PRO: tl.constexpr, NORM: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr,
+                    RESIDUAL: tl.constexpr):
     # y[m, n] = r[m] s[n] Σ_k op[m, k] w[n, k] (+ b[n]) for one [BM, BN] tile and the pid_k-th of split_k K-slices;
     # op = x (or its prologue, `_prologue`, whose sums also store xs = x + x2), r = 1 or the norm's scale
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -180,15 +206,16 @@ def _int8_mm_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_x
             acc = tl.dot(b_x, tl.trans(b_w), acc, input_precision="ieee")  # [BM, BN]; ieee: fp32 stays fp32
     if SWAP:
         acc = tl.trans(acc_t)
-    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES,
-              HAS_BIAS, PARTIAL, NORM)
+    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, ms_in, res, ms_out,
+              s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
 
 
-@triton.jit(do_not_specialize=["M", "split_k"])
-def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn, s_ym, split_k,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
-                      REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, NORM: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "n_ms_in", "split_k"])
+def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn,
+                      s_ym, s_rm, n_ms_in, split_k, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                      REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, NORM: tl.constexpr,
+                      ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr):
     # y[m, n] as above without tensor cores: each [BN, BK] weight tile is loaded once for BM rows of x
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m = tl.cdiv(M, BM)
@@ -218,29 +245,30 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, M, N, K, eps, s_xm, s_x2m, s
             acc += tl.sum(prod, axis=2)
     if REDUCE_ONCE:
         acc = tl.sum(acc3, axis=2)
-    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, HAS_SCALES,
-              HAS_BIAS, PARTIAL, NORM)
+    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, ms_in, res, ms_out,
+              s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _splitk_reduce_kernel(ws, ss_ws, s, b, y, M, N, K, eps, s_ym, SPLIT_K: tl.constexpr, BN: tl.constexpr,
-                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr):
-    # y[m, n] = r[m] s[n] Σ_i ws[i, m, n] (+ b[n]) for one row m and BN columns; NORM: r from Σ_i ss_ws[i, m]
-    i_m, o_n = tl.program_id(0).to(tl.int64), tl.program_id(1) * BN + tl.arange(0, BN)
+@triton.jit(do_not_specialize=["M", "n_ms_in"])
+def _splitk_reduce_kernel(ws, ss_ws, s, b, y, ms_in, res, ms_out, M, N, K, eps, s_ym, s_rm, n_ms_in,
+                          SPLIT_K: tl.constexpr, BN: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          NORM: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr):
+    # y[m, n] = r[m] s[n] Σ_i ws[i, m, n] (+ b[n]) for one row m and BN columns, then `_finish`; NORM: r from
+    # Σ_i ss_ws[i, m]
+    pid_n = tl.program_id(1)
+    o_m, o_n = tl.program_id(0) + tl.arange(0, 1), pid_n * BN + tl.arange(0, BN)  # o_m [1]: this row
     m_n = o_n < N
-    acc = tl.zeros([BN], dtype=tl.float32)
-    ss = 0.
+    acc = tl.zeros([1, BN], dtype=tl.float32)
+    ss = tl.zeros([1], dtype=tl.float32)
     for i in tl.static_range(SPLIT_K):
-        acc += tl.load(ws + (i * M + i_m) * N + o_n, mask=m_n, other=0.)
+        acc += tl.load(ws + (i * M + o_m.to(tl.int64))[:, None] * N + o_n[None, :], mask=m_n[None, :], other=0.)
         if NORM:
-            ss += tl.load(ss_ws + i * M + i_m)
+            ss += tl.load(ss_ws + i * M + o_m)
     if NORM:
-        acc *= tl.rsqrt(ss / K + eps)
-    if HAS_SCALES:
-        acc *= tl.load(s + o_n, mask=m_n, other=0.).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b + o_n, mask=m_n, other=0.).to(tl.float32)
-    tl.store(y + i_m * s_ym + o_n, acc.to(y.dtype.element_ty), mask=m_n)
+        acc *= tl.rsqrt(ss / K + eps)[:, None]
+    acc = _finish(acc, o_m, o_n, tl.where(m_n, o_n, 0), M, N, eps, s, b, ms_in, res, ms_out, s_rm, n_ms_in, pid_n,
+                  HAS_SCALES, HAS_BIAS, ROW_POW, T_IN, RESIDUAL, y.dtype.element_ty)
+    tl.store(y + o_m.to(tl.int64)[:, None] * s_ym + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_n[None, :])
 
 
 @triton.jit
@@ -445,15 +473,20 @@ def int8_linear_triton(x, weight, scales, bias=None):
     return _linear(x, weight, scales, bias)
 
 
-def prologue_linear_triton(x, weight, scales=None, bias=None, *, prologue="none", other=None, eps=1e-6):
+def prologue_linear_triton(x, weight, scales=None, bias=None, *, prologue="none", other=None, eps=1e-6, row_ms=None,
+                           row_power=1, residual=None):
     """`reference.prologue_linear_ref` in one product kernel (plus split-K's reduce): the prologue's elementwise
     ops run on each input tile, and a norm's per-row scale rsqrt(mean(squares) + eps) multiplies the accumulated
     fp32 row (W·(r·h) = r·(W·h)), so the normed input is never written. "add_norm" also stores s = x + other
     (each element by one program). weight: [N, K] int8 with scales [N], or float (x's dtype) with scales None.
+    row_ms / residual: the deferred-norm epilogue; with a residual each output tile (each column block of the
+    split-K reduce) writes its rows' partial mean squares, ms [T, M] with T = the number of tiles along N.
 
-    Returns y [..., N] in x.dtype, or (s, y) for "add_norm"; allocates only those (and the split-K workspace).
+    Returns y [..., N] in x.dtype, (s, y) for "add_norm", (y, ms) with a residual; allocates only those (and the
+    split-K workspace).
     """
-    return _linear(x, weight, scales, bias, prologue=prologue, other=other, eps=eps)
+    return _linear(x, weight, scales, bias, prologue=prologue, other=other, eps=eps, row_ms=row_ms,
+                   row_power=row_power, residual=residual)
 
 
 def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, warmup: bool = False):
@@ -462,22 +495,23 @@ def _int8_linear(x, weight, scales, bias=None, config: Config | None = None, war
     return _linear(x, weight, scales, bias, config=config, warmup=warmup)
 
 
-def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e-6, config: Config | None = None,
-            warmup: bool = False):
+def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e-6, row_ms=None, row_power=1,
+            residual=None, config: Config | None = None, warmup: bool = False):
     """The launcher behind `int8_linear_triton` and `prologue_linear_triton`, with an optional forced `config`."""
     x2, other2 = _rows(x, weight, scales, bias, prologue, other)  # [M, K] each
+    ref.check_epilogue(x, weight, prologue, row_ms, row_power, residual)
     (M, K), N = x2.shape, weight.shape[0]
     sum_shape = x.shape if prologue == "add_norm" else None
     xs = torch.empty(M, K, dtype=x.dtype, device=x.device) if sum_shape else x2  # [M, K]: add_norm's s = x + other
-    if M == 0 or N == 0 or K == 0:
-        return None if warmup else _empty_product(x, x2, other2, xs, N, bias, sum_shape)
-    cfg = config or choose_config(M, N, K, x.device, weight.dtype == torch.int8)
-    if cfg.kind not in KINDS:
-        raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
-    if cfg.SPLIT_K == 0:
-        cfg = cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, x.device))
+    epilogue = row_ms is not None or residual is not None
+    if M == 0 or N == 0 or K == 0:  # a product over nothing (with an epilogue: the twin's result is exact)
+        if warmup or not epilogue:
+            return None if warmup else _empty_product(x, x2, other2, xs, N, bias, sum_shape)
+        return ref.prologue_linear_ref(x, weight, scales, bias, prologue=prologue, other=other, eps=eps,
+                                       row_ms=row_ms, row_power=row_power, residual=residual)
+    cfg = _launch_config(config, M, N, K, x.device, weight.dtype == torch.int8)
     if cfg.kind == "deq":
-        if prologue != "none" or scales is None:
+        if prologue != "none" or scales is None or epilogue:
             raise ValueError('kind "deq" serves a plain int8 product only')
         return _deq_linear(x2, weight, scales, bias, cfg, warmup, x.shape)
     pro, norm = PROLOGUES.index(prologue), prologue in ref.NORM_PROLOGUES
@@ -485,12 +519,17 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     split = cfg.SPLIT_K
     ws = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)  # [split, M, N]
     ss_ws = torch.empty(split, M, dtype=torch.float32, device=x.device) if norm and split > 1 else ws  # [split, M]
+    reduce_bn = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
+    tiles_n = triton.cdiv(N, cfg.BN if split == 1 else reduce_bn)
+    ms_in, res, ms_out, deferred = _deferred_norm_buffers(y, row_ms, row_power, residual, tiles_n)
     s, b = (y if t is None else t for t in (scales, bias))  # placeholders for absent tensors, never read
-    args = (x2, other2, xs, weight, s, b, ws, ss_ws, M, N, K, eps, x2.stride(0), other2.stride(0), xs.stride(0),
-            weight.stride(0), y.stride(0), split)
-    common = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, HAS_SCALES=scales is not None,
-                  HAS_BIAS=bias is not None, PARTIAL=split > 1, MAGIC=cfg.magic, PRO=pro, NORM=norm,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    finish = dict(deferred, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, NORM=norm)
+    args = (x2, other2, xs, weight, s, b, ws, ss_ws, ms_in, res, ms_out, M, N, K, eps, x2.stride(0), other2.stride(0),
+            xs.stride(0), weight.stride(0), y.stride(0), res.stride(0), ms_in.shape[0], split)
+    common = dict(finish, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, PARTIAL=split > 1,
+                  MAGIC=cfg.magic, PRO=pro, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:  # the kernel stores partial sums; the reduce applies the epilogue
+        common.update(ROW_POW=0, RESIDUAL=False)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
@@ -499,11 +538,34 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
         kernel, meta = _int8_gemv_kernel, dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
     _launch(kernel, grid, args, meta, warmup)
     if split > 1:
-        BN = min(triton.next_power_of_2(N), 16 if triton_interpreted(x.device) else 1024)
-        _launch(_splitk_reduce_kernel, (M, triton.cdiv(N, BN)), (ws, ss_ws, s, b, y, M, N, K, eps, y.stride(0)),
-                dict(SPLIT_K=split, BN=BN, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, NORM=norm,
-                     num_warps=4), warmup)
-    return None if warmup else _shaped(x, y, xs, sum_shape)
+        _launch(_splitk_reduce_kernel, (M, tiles_n), (ws, ss_ws, s, b, y, ms_in, res, ms_out, M, N, K, eps,
+                                                      y.stride(0), res.stride(0), ms_in.shape[0]),
+                dict(finish, SPLIT_K=split, BN=reduce_bn, num_warps=4), warmup)
+    if warmup:
+        return None
+    return (_shaped(x, y, xs, None), ms_out) if residual is not None else _shaped(x, y, xs, sum_shape)
+
+
+def _launch_config(config: Config | None, M: int, N: int, K: int, device: torch.device, int8: bool) -> Config:
+    """The forced `config` (checked, its split resolved), else `choose_config`'s."""
+    cfg = config or choose_config(M, N, K, device, int8)
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
+    return cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, device)) if cfg.SPLIT_K == 0 else cfg
+
+
+def _deferred_norm_buffers(y, row_ms, row_power, residual, tiles_n):
+    """(ms_in [T_in, M], res [M, N], ms_out [tiles_n, M], their constexprs) of the deferred-norm epilogue, y [M, N]
+    standing in for what is absent (never read or written then)."""
+    M, N = y.shape
+    ms_in = y if row_ms is None else row_ms.contiguous()  # [T_in, M]
+    res = y if residual is None else residual.reshape(M, N)  # [M, N]
+    if res.stride(-1) != 1:
+        res = res.contiguous()
+    ms_out = y if residual is None else torch.empty(tiles_n, M, dtype=torch.float32, device=y.device)  # [T, M]
+    meta = dict(ROW_POW=0 if row_ms is None else row_power, RESIDUAL=residual is not None,
+                T_IN=1 if row_ms is None else triton.next_power_of_2(len(row_ms)))
+    return ms_in, res, ms_out, meta
 
 
 def _empty_product(x, x2, other2, xs, N, bias, sum_shape):

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tnllm.kernels._device import triton_interpreted
-from tnllm.kernels.reference import check_step_shapes
+from tnllm.kernels.reference import check_row_ms, check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
 
@@ -29,11 +29,12 @@ def _act(x, ACT: tl.constexpr):
     return x
 
 
-@triton.jit
-def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk, s_sv,
-                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr):
+@triton.jit(do_not_specialize=["B", "n_ms"])
+def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk,
+                 s_sv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, T_MS: tl.constexpr):
     # S <- λ S + act(k)ᵀ v ;  o = act(q) S      for one (sequence, head) and a BV-wide slice of E
+    # T_MS > 0: q, k, v first scaled by r = rsqrt(Σ_t row_ms[t, b] + eps) (n_ms partials; a deferred norm)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_s = i_b
@@ -44,10 +45,15 @@ def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
     b_lam = tl.exp(tl.load(ld + i_h).to(tl.float32))
-    # act(0) = 0 for both activations, so the masked tail stays 0
-    b_q = _act(tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32), ACT)
-    b_k = _act(tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32), ACT)
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
+    if T_MS > 0:
+        o_t = tl.arange(0, T_MS)
+        r = tl.rsqrt(tl.sum(tl.load(row_ms + o_t * B + i_b, mask=o_t < n_ms, other=0.), axis=0) + eps)
+        b_q, b_k, b_v = b_q * r, b_k * r, b_v * r
+    # act(0) = 0 for both activations, so the masked tail stays 0
+    b_q, b_k = _act(b_q, ACT), _act(b_k, ACT)
     p_s = s + i_s * s_sb + i_h * s_sh + o_k[:, None] * s_sk + o_v[None, :] * s_sv
     b_s = tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
     b_s = b_s * b_lam + b_k[:, None] * b_v[None, :]
@@ -56,7 +62,7 @@ def _step_kernel(q, k, v, s, o, ld, slots, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s
     tl.store(o + (i_b * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="none"):
+def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps=1e-6):
     """One Lightning Attention decode step for one token per sequence; `state` is updated in place.
 
         S <- λ_h S + act(k_t)ᵀ v_t ,   o_t = act(q_t) S ,   λ_h = exp(log_decay[h])
@@ -70,21 +76,29 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
         state: [B, H, D, E] fp32, modified in place (any strides).
         slots: None, or int64 [B]: `state` is then a pool [S, H, D, E] and row b updates state[slots[b]].
         act: "silu" or "none" (the keys of `kernels.reference.ACTIVATIONS`).
+        row_ms, eps: None, or [T, B] fp32 partial mean squares: q, k, v scaled by their row's norm scale first
+            (`kernels.reference.lightning_attn_step_ref`).
     Returns:
         o: [B, H, E] in q.dtype (the only allocation; no host sync: CUDA-graph capturable).
     """
     check_step_shapes(q, k, v, log_decay, state, slots, act)
     B, H, D = q.shape
+    if row_ms is not None:
+        check_row_ms(row_ms, B, q.device)
+        row_ms = row_ms.contiguous()
     E = v.shape[-1]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
     BK = triton.next_power_of_2(D)
     BV, warps = TILE or _tile(B * H, BK, E, q.device)
+    n_ms = 0 if row_ms is None else row_ms.shape[0]
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
+        state if row_ms is None else row_ms, B, n_ms, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act, num_warps=warps)
+        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act,
+        T_MS=0 if row_ms is None else triton.next_power_of_2(n_ms), num_warps=warps)
     return o
 
 

@@ -107,10 +107,11 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def prologue_forward(self, x: torch.Tensor, prologue: str, other: torch.Tensor | None = None,
-                         eps: float = 1e-6):
-        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`)."""
+                         eps: float = 1e-6, **epilogue):
+        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`, which also
+        takes the deferred-norm `epilogue`: row_ms, row_power, residual)."""
         return kernels.prologue_linear(x, self.weight, self.scales, self.bias, prologue=prologue, other=other,
-                                       eps=eps)
+                                       eps=eps, **epilogue)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -207,6 +207,7 @@ class TestStep:
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
 
+    @pytest.mark.parametrize("deferred", [False, True], ids=["", "row-ms"])
     @pytest.mark.parametrize("act", ["silu", "none"])
     @pytest.mark.parametrize("pool", [False, True], ids=["no-slots", "slots"])
     @pytest.mark.parametrize("B,H,D,dtype", [
@@ -214,8 +215,9 @@ class TestStep:
         pytest.param(2, 3, 24, torch.bfloat16, id="B2-H3-D24-bf16"),
         pytest.param(4, 2, 16, torch.float16, id="B4-H2-D16-fp16"),
     ])
-    def test_step_fused_activation(self, B, H, D, dtype, pool, act):
-        """The activation applied inside the step, on strided q/k/v views of one fused projection output."""
+    def test_step_fused_activation(self, B, H, D, dtype, pool, act, deferred):
+        """The activation applied inside the step, on strided q/k/v views of one fused projection output; with
+        row_ms (a deferred norm: 5 partial mean squares per row) q, k, v are scaled by the norm first."""
         qkvu = torch.randn(B, 1, 4 * H * D, device=DEVICE).to(dtype)  # [B, T=1, 4 hd], like qkvu_proj's output
         q, k, v = (t.view(B, 1, H, D)[:, 0] for t in qkvu.chunk(4, dim=-1)[:3])  # [B, H, D] views, row stride 4 hd
         assert q.stride(0) == 4 * H * D and not q.is_contiguous()
@@ -223,9 +225,11 @@ class TestStep:
         slots = torch.tensor([4, 1, 2, 0][:B], device=DEVICE) if pool else None
         state = torch.randn(5 if pool else B, H, D, D, device=DEVICE)
         s_ref = state.double().clone()
+        row_ms = torch.rand(5, B, device=DEVICE) * 0.5 if deferred else None
         with kernels.use_impl("triton"):
-            o = kernels.lightning_attn_step(q, k, v, a, state, slots, act=act)
-        o_ref = ref.lightning_attn_step_ref(q.double(), k.double(), v.double(), a, s_ref, slots, act=act)
+            o = kernels.lightning_attn_step(q, k, v, a, state, slots, act=act, row_ms=row_ms, eps=1e-5)
+        r = 1 if row_ms is None else torch.rsqrt(row_ms.double().sum(0) + 1e-5)[:, None, None]  # [B, 1, 1]
+        o_ref = ref.lightning_attn_step_ref(q.double() * r, k.double() * r, v.double() * r, a, s_ref, slots, act=act)
         assert o.dtype == dtype
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
@@ -249,11 +253,17 @@ class TestStep:
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=1e-5)
 
-    def test_step_rejects_unknown_activation(self):
+    @pytest.mark.parametrize("impl", ["triton", "torch"])
+    def test_step_rejects_bad_input(self, impl):
         q = torch.randn(1, 2, 16, device=DEVICE)
-        state = torch.zeros(1, 2, 16, 16, device=DEVICE)
-        with kernels.use_impl("triton"), pytest.raises(ValueError, match="act must be one of"):
-            kernels.lightning_attn_step(q, q, q, -torch.rand(2, device=DEVICE), state, act="gelu")
+        state, a = torch.zeros(1, 2, 16, 16, device=DEVICE), -torch.rand(2, device=DEVICE)
+        with kernels.use_impl(impl):
+            with pytest.raises(ValueError, match="act must be one of"):
+                kernels.lightning_attn_step(q, q, q, a, state, act="gelu")
+            with pytest.raises(ValueError, match="row_ms must be fp32"):
+                kernels.lightning_attn_step(q, q, q, a, state, row_ms=torch.zeros(3, 2, device=DEVICE))  # 2 rows'
+            with pytest.raises(ValueError, match="row_ms must be fp32"):
+                kernels.lightning_attn_step(q, q, q, a, state, row_ms=torch.zeros(3, 1, device=DEVICE).half())
 
     def test_steps_continue_prefill(self):
         """Prefill with the chunk kernel, then decode token by token == one long prefill."""

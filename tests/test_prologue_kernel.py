@@ -15,6 +15,7 @@ from torch import nn
 from tests.conftest import assert_close, pack_glus, requires_cuda, requires_triton_interpret
 from tnllm import kernels
 from tnllm.kernels import reference as ref
+from tnllm.quant import int8 as int8_module
 from tnllm.quant.int8 import Int8Linear, quantize_model
 from tnllm.state import SlotState
 
@@ -107,6 +108,37 @@ class TestTriton:
             out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
             _check(f"{cfg} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.float32)
 
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once"])
+    def test_deferred_norm_epilogue(self, kind):
+        """row_ms (power 1 and 2) and a residual after every prologue that serves them, splits 1 and 3, 17 rows and
+        odd N (several row and column tiles, masked edges): y against a float64 oracle, the partial mean squares'
+        sum against the mean squares of the rounded output, one partial per column tile."""
+        from tnllm.kernels.triton_int8 import Config, _linear
+
+        bm = 16 if kind in ("dot", "dot_t") else 4
+        g = torch.Generator().manual_seed(7)
+        for split, prologue, weight_kind, power in ((1, "gated_norm", "int8", 1), (3, "mul", "int8", 2),
+                                                    (3, "gated_norm", "float", 1), (1, "none", "float", 2)):
+            x, other, w, s, b = _inputs(prologue, 17, 45, 70, torch.float32, weight_kind)
+            row_ms = (torch.rand(5, 17, generator=g) * 0.3).to(DEVICE)
+            residual = torch.randn(17, 45, generator=g).to(DEVICE)
+            cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind)
+            y, ms = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, row_ms=row_ms, row_power=power,
+                            residual=residual, config=cfg)
+            product = _oracle(prologue, x, other, w, s, None)  # [17, 45] float64, before the bias
+            r = torch.rsqrt(row_ms.double().sum(0) + EPS)[:, None] ** power
+            expected = residual.double() + product * r + b.double()
+            assert_close(f"{cfg} {prologue} y", expected, y)
+            assert ms.shape == (-(-45 // 16), 17)  # one partial per 16-wide column tile
+            assert_close(f"{cfg} {prologue} ms", y.double().square().mean(-1), ms.double().sum(0))
+            scaled = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, row_ms=row_ms, row_power=power,
+                             config=cfg)  # the row scale alone
+            assert_close(f"{cfg} {prologue} scaled", product * r + b.double(), scaled)
+            twin = ref.prologue_linear_ref(x, w, s, b, prologue=prologue, other=other, eps=EPS, row_ms=row_ms,
+                                           row_power=power, residual=residual)
+            assert_close("twin y", twin[0], y)
+            assert_close("twin ms", twin[1].sum(0), ms.sum(0))
+
     def test_leading_dims_and_strided_halves(self):
         # the GLU's halves: two strided views of one [..., 2g] output, rows [2, 3]
         y12 = torch.randn(2, 3, 74, device=DEVICE)
@@ -158,6 +190,20 @@ def test_bad_input_errors():
         ref.prologue_linear_ref(x, w.float(), s, b, prologue="norm")
     with pytest.raises(ValueError, match='"deq" serves a plain int8 product only'):
         _linear(x, w, s, b, prologue="norm", config=Config(1, 32, 256, kind="deq"))
+    residual, row_ms = torch.zeros(2, 29), torch.zeros(3, 2)
+    for impl in (ref.prologue_linear_ref, prologue_linear_triton):
+        with pytest.raises(ValueError, match="row_ms must be fp32"):
+            impl(x, w, s, b, prologue="mul", other=other, row_ms=row_ms.double())
+        with pytest.raises(ValueError, match="row_ms must be fp32"):
+            impl(x, w, s, b, prologue="mul", other=other, row_ms=row_ms[:, :1])  # one row of two
+        with pytest.raises(ValueError, match="row_power must be 1 or 2"):
+            impl(x, w, s, b, prologue="mul", other=other, row_ms=row_ms, row_power=3)
+        with pytest.raises(ValueError, match="residual must be"):
+            impl(x, w, s, b, prologue="mul", other=other, residual=residual[:, :28])
+        with pytest.raises(ValueError, match="takes no residual after"):
+            impl(x, w, s, b, prologue="add_norm", other=other, residual=residual)
+    with pytest.raises(ValueError, match='"deq" serves a plain int8 product only'):
+        _linear(x, w, s, b, residual=residual, config=Config(1, 32, 256, kind="deq"))
 
 
 def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
@@ -220,6 +266,7 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
     model = copy.deepcopy(untied_tiny_model).to(DEVICE)
     monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
     monkeypatch.setattr(kernels, "FUSED_PROLOGUES", dict.fromkeys(ref.PROLOGUES, 16))
+    monkeypatch.setattr(kernels, "DEFERRED_NORMS", False)  # every norm in a product (test_deferred_norms: none)
     if weights == "int8":
         model = quantize_model(model)
         composed = _dequantised(model)
@@ -228,7 +275,14 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
     pack_glus(model)
     counter = CallCounter(kernels.prologue_linear)
     monkeypatch.setattr(kernels, "prologue_linear", counter)
-    ids = torch.randint(3, 400, (3, 8), device=DEVICE)
+    _decode_both_ways(model, composed)
+    assert counter.calls == _expected_calls(model.config.n_layers)
+
+
+def _decode_both_ways(model, composed, steps=(6, 7)):
+    """Decode steps of 3 slots after a 6-token prefill: `model` on the Triton path against `composed` on the
+    PyTorch path, from the same states: logits and states equal to fp32 rounding."""
+    ids = torch.randint(3, 400, (3, max(steps) + 1), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     slots = torch.tensor([4, 0, 2], device=DEVICE)
     logits, pools = {}, {}
     for impl, net in (("torch", composed), ("triton", model)):
@@ -236,18 +290,61 @@ def test_model_decode_with_fused_prologues_equals_the_composed_ops(untied_tiny_m
         rows = SlotState(pool.kv, pool.positions, slots)
         composed(ids[:, :6], rows)  # 18 rows: a prefill, which composes the ops
         with kernels.use_impl(impl):
-            logits[impl] = torch.cat([net(ids[:, t:t + 1], rows) for t in (6, 7)], dim=1)
+            logits[impl] = torch.cat([net(ids[:, t:t + 1], rows) for t in steps], dim=1)
         pools[impl] = pool
     assert_close("logits", logits["torch"], logits["triton"], rel=1e-5)
     for a, b in zip(pools["torch"].kv, pools["triton"].kv):
         assert_close("state", a, b, rel=1e-5)
-    assert counter.calls == _expected_calls(model.config.n_layers)
 
 
 def _expected_calls(n_layers):
     """The fused products of two decode steps."""
     step = ["norm", "gated_norm", "add_norm", "mul"] + ["add_norm", "gated_norm", "add_norm", "mul"] * (n_layers - 1)
     return (step + ["add_norm"]) * 2
+
+
+@requires_triton_interpret
+@pytest.mark.parametrize("weights", ["int8", "float"])
+@torch.inference_mode()
+def test_deferred_norms_equal_the_composed_ops(weights, monkeypatch):
+    """Blocks that defer their norms (layers 1 and 2 of LRPE pattern [1, 0, 0, 1]; out_proj and l3 fused with
+    their prologues): two decode steps == the PyTorch path of the same float weights, logits and states, fp32. The
+    first deferring block normalises its input itself (the stream arrives as x + delta), the second takes the
+    stream's mean squares from the first; the LRPE block after them normalises its input as a kernel, and no
+    add+norm runs between the deferring blocks."""
+    from tnllm import TNLConfig, TransNormerLLM
+
+    torch.manual_seed(0)
+    config = TNLConfig.from_name("tiny", vocab_size=400, tie_word_embeddings=False, n_layers=4,
+                                 lrpe_layers=[1, 0, 0, 1])
+    model = TransNormerLLM(config).eval().to(DEVICE)
+    monkeypatch.setattr(kernels, "PROLOGUE_WEIGHTS", ("int8", "float"))
+    monkeypatch.setattr(kernels, "FUSED_PROLOGUES", {"gated_norm": 16, "mul": 16})
+    monkeypatch.setattr(kernels, "DEFERRED_NORMS", True)
+    if weights == "int8":
+        model = quantize_model(model)
+        # q|k|v|u and l1|l2 run as plain products here: through the launcher, as on CUDA (the CPU's own int8
+        # product computes in bf16, no fp32 oracle)
+        monkeypatch.setattr(int8_module, "_use_int8_kernel", lambda x: True)
+    composed = _dequantised(model) if weights == "int8" else model
+    pack_glus(model)
+    _decode_both_ways(model, composed)
+    fused, add_norms = CallCounter(kernels.prologue_linear), CallCounter(kernels.add_srmsnorm)
+    monkeypatch.setattr(kernels, "prologue_linear", fused)
+    monkeypatch.setattr(kernels, "add_srmsnorm", add_norms)
+    x = torch.zeros(3, 1, config.dim, device=DEVICE)
+    with kernels.use_impl("triton"):
+        model(torch.ones(3, 1, dtype=torch.long, device=DEVICE), model.allocate_state(3))  # one decode step
+    assert fused.calls == ["gated_norm", "mul"] * 4  # out_proj and l3 of every block (3 rows)
+    # block 0's channel norm, block 1's token norm (its input arrives as x + delta), block 3's channel norm and the
+    # final norm: composed, these and block 1's, 2's and 3's other three would be add+norms too
+    assert len(add_norms.calls) == 4
+    with kernels.use_impl("triton"):
+        defers = [layer.defers_norms(x, x, None, layer.channel_mixer._packed()) for layer in model.model.layers]
+        assert defers == [False, True, True, False]
+        assert not model.model.layers[1].defers_norms(x[:, :0], x, None, model.model.layers[1].channel_mixer._packed())
+        monkeypatch.setattr(kernels, "DEFERRED_NORMS", False)
+        assert not model.model.layers[1].defers_norms(x, x, None, model.model.layers[1].channel_mixer._packed())
 
 
 @requires_cuda

@@ -223,16 +223,25 @@ class NormLinearAttention(nn.Module):
             kv: torch.Tensor | None = None, slots: torch.Tensor | None = None,
             n_decode: int | None = None) -> torch.Tensor:
         """`forward` from the projected input qkvu = qkvu_proj(x) [B, T, 4 hd]."""
+        o, u = self.attend(qkvu, log_decay, positions, kv, slots, n_decode)
+        return gated_linear(self.norm, self.out_proj, o, u)  # out_proj(u * norm(o)), o [B, T, hd]: all heads
+
+    def attend(self, qkvu: torch.Tensor, log_decay: torch.Tensor, positions: torch.Tensor,
+               kv: torch.Tensor | None = None, slots: torch.Tensor | None = None, n_decode: int | None = None,
+               row_ms: torch.Tensor | None = None, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """(o, u), each [B, T, hd]: the attention output and the gate, out_proj's inputs. row_ms [T', B] (decode
+        steps only): qkvu was projected from the unnormed stream, and the step scales q, k, v by that norm (scale
+        from row_ms and its eps; `DecoderLayer`'s deferred norms; u stays unscaled, for the caller)."""
         B, T, _ = qkvu.shape
         q, k, v, u = qkvu.chunk(4, dim=-1)  # each [B, T, hd]: strided views of one output
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim) for t in (q, k, v))  # [B, T, H, dh]
         if n_decode is not None:
             o = self._packed(q, k, v, log_decay, positions, kv, slots, n_decode)
         elif kv is not None and T == 1:
-            o = self._step(q, k, v, log_decay, positions, kv, slots)
+            o = self._step(q, k, v, log_decay, positions, kv, slots, row_ms, eps)
         else:
             o = self._prefill(q, k, v, log_decay, positions, kv, slots)
-        return gated_linear(self.norm, self.out_proj, o.reshape(B, T, -1), u)  # u * norm(o [B, T, hd]): all heads
+        return o.reshape(B, T, -1), u
 
     def _features(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k [B, T, H, dh] as attention sees them: activated, then LRPE ([B, T, H, 2*dh]) on LRPE layers."""
@@ -240,13 +249,16 @@ class NormLinearAttention(nn.Module):
         q, k = act(q), act(k)
         return (q, k) if self.lrpe is None else self.lrpe(q, k, positions)
 
-    def _step(self, q, k, v, log_decay, positions, kv, slots) -> torch.Tensor:
-        """One decode token: q, k, v [B, 1, H, dh] -> o [B, 1, H, dh]. The step applies the activation to the raw
-        q, k itself; LRPE layers apply it, and LRPE, here first."""
+    def _step(self, q, k, v, log_decay, positions, kv, slots, row_ms=None, eps=1e-6) -> torch.Tensor:
+        """One decode token: q, k, v [B, 1, H, dh] -> o [B, 1, H, dh]. The step applies the activation (after
+        row_ms's norm scale) to the raw q, k itself; LRPE layers apply it, and LRPE, here first."""
         act = self.act
         if self.lrpe is not None:
+            if row_ms is not None:
+                raise ValueError("a layer with LRPE takes its input normed (no row_ms)")
             (q, k), act = self._features(q, k, positions), "none"
-        return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=act)[:, None]
+        return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=act, row_ms=row_ms,
+                                           eps=eps)[:, None]
 
     def _packed(self, q, k, v, log_decay, positions, kv, slots, n_decode) -> torch.Tensor:
         """One packed row, q, k, v [1, T, H, dh]: the first n_decode tokens take the step (one per slot), the
@@ -277,6 +289,9 @@ class DecoderLayer(nn.Module):
 
     The residual stream travels as a pair (x, delta) whose sum it is: a block leaves its last residual add to the
     next norm (the next block's token norm, or the model's final norm), which fuses it (`SimpleRMSNorm.add_norm`).
+    Where the block defers its norms (`defers_norms`), out_proj and l3 add the residual themselves and the stream
+    travels summed, as (x, ms) with ms [T, rows] its rows' partial mean squares: the next norm's scale, which the
+    products after it apply (docs/kernels.md#deferred-norms).
     """
 
     def __init__(self, config: TNLConfig, layer_idx: int):
@@ -286,17 +301,44 @@ class DecoderLayer(nn.Module):
         self.channel_norm = SimpleRMSNorm(config.norm_eps)
         self.channel_mixer = GLU(config.dim, config.glu_dim, config.bias)
 
-    def forward(self, x, log_decay, positions, kv=None, slots=None, delta=None, n_decode=None):
-        """The stream x + delta [B, T, d] (delta None: x alone) -> the block's output as (x', delta'), x' + delta'.
+    def forward(self, x, log_decay, positions, kv=None, slots=None, delta=None, n_decode=None, ms=None):
+        """The stream x + delta [B, T, d] (delta None: x alone; ms: x's partial mean squares, with delta None) ->
+        the block's output as (x', delta', ms'): x' + delta' (ms' None), or x' with its mean squares ms' (delta'
+        None) where the block defers its norms.
 
         log_decay, positions, kv, slots, n_decode: as NormLinearAttention.
         """
         mixer, glu = self.token_mixer, self.channel_mixer
-        x, qkvu = norm_linear(self.token_norm, mixer.qkvu_proj, x, delta)  # delta: the previous block's last add
-        o = mixer.mix(qkvu, log_decay, positions, kv, slots, n_decode)
         packed = glu._packed()
-        if packed is None:
-            x, h = self.channel_norm.add_norm(x, o)
-            return x, glu(h)
-        x, y12 = norm_linear(self.channel_norm, packed, x, o)
-        return x, glu.from_packed(y12)
+        if not self.defers_norms(x, kv, n_decode, packed):
+            x, qkvu = norm_linear(self.token_norm, mixer.qkvu_proj, x, delta)  # delta: the previous block's last add
+            o = mixer.mix(qkvu, log_decay, positions, kv, slots, n_decode)
+            if packed is None:
+                x, h = self.channel_norm.add_norm(x, o)
+                return x, glu(h), None
+            x, y12 = norm_linear(self.channel_norm, packed, x, o)
+            return x, glu.from_packed(y12), None
+        if ms is None:  # the stream arrived without its mean squares: this block's token norm runs as a kernel
+            x, qkvu = norm_linear(self.token_norm, mixer.qkvu_proj, x, delta)
+        else:
+            qkvu = mixer.qkvu_proj(x)  # of the unnormed stream: the step scales q, k, v, out_proj the gate
+        o, u = mixer.attend(qkvu, log_decay, positions, kv, slots, row_ms=ms, eps=self.token_norm.eps)
+        x, ms = mixer.out_proj.prologue_forward(o, "gated_norm", u, mixer.norm.eps, row_ms=ms, residual=x)
+        first, second = packed(x).chunk(2, dim=-1)  # l1(x), l2(x) of the unnormed stream: [B, T, g] views
+        x, ms = glu.l3.prologue_forward(first, "mul", second, self.channel_norm.eps, row_ms=ms, row_power=2,
+                                        residual=x)  # the channel norm's scale, once through l1 and once through l2
+        return x, None, ms
+
+    def defers_norms(self, x: torch.Tensor, kv: torch.Tensor | None, n_decode: int | None,
+                     packed: nn.Module | None) -> bool:
+        """Whether this block leaves its norms to the products after them (decode steps of one token per sequence
+        where out_proj takes the gated norm and l3 the GLU product in-kernel, `takes_prologue`; no LRPE, whose
+        features need the normed q, k; l1 and l2 packed; no bias on q|k|v|u, l1 or l2, whose outputs the norm's
+        scale multiplies; SimpleRMSNorms of one eps; `kernels.DEFERRED_NORMS`):
+        out_proj and l3 then add the residual and write the stream's mean squares, the step and out_proj apply
+        the token norm's scale, l3 the channel norm's, and no norm kernel runs."""
+        mixer, norms = self.token_mixer, (self.token_norm, self.channel_norm, self.token_mixer.norm)
+        return (kernels.DEFERRED_NORMS and kv is not None and n_decode is None and x.shape[1] == 1
+                and mixer.lrpe is None and packed is not None and mixer.qkvu_proj.bias is None and packed.bias is None
+                and all(type(n) is SimpleRMSNorm and n.eps == self.token_norm.eps for n in norms)
+                and takes_prologue(mixer.out_proj, x, "gated_norm") and takes_prologue(self.channel_mixer.l3, x, "mul"))

@@ -81,9 +81,11 @@ class Linear(nn.Linear):
         return linear
 
     def prologue_forward(self, x: torch.Tensor, prologue: str, other: torch.Tensor | None = None,
-                         eps: float = 1e-6):
-        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`)."""
-        return kernels.prologue_linear(x, self.weight, None, self.bias, prologue=prologue, other=other, eps=eps)
+                         eps: float = 1e-6, **epilogue):
+        """self(op(x, other)) for a `kernels.reference.PROLOGUES` op, fused (`kernels.prologue_linear`, which also
+        takes the deferred-norm `epilogue`: row_ms, row_power, residual)."""
+        return kernels.prologue_linear(x, self.weight, None, self.bias, prologue=prologue, other=other, eps=eps,
+                                       **epilogue)
 
     def _drop_pack(self, incompatible_keys) -> None:
         self._cpu_pack = None

@@ -163,10 +163,12 @@ class TransNormerLLM(nn.Module):
         n_decode = None if packed is None else packed.n_decode
 
         x = self._embed(input_ids) * self.config.embed_scale  # [B, T, d]
-        delta = None  # the residual stream is x + delta: each layer's last add is fused into the next norm
+        # the residual stream is x + delta: each layer's last add is fused into the next norm (or, where a layer
+        # defers its norms, x alone with its rows' mean squares ms)
+        delta = ms = None
         for i, layer in enumerate(self.model.layers):
             kv = None if state is None else state.kv[i]
-            x, delta = layer(x, self.log_decay[i], positions, kv, slots, delta=delta, n_decode=n_decode)
+            x, delta, ms = layer(x, self.log_decay[i], positions, kv, slots, delta=delta, n_decode=n_decode, ms=ms)
         if slots is not None:
             state.positions.index_copy_(0, slots, start + advance)
         elif state is not None:
@@ -174,7 +176,8 @@ class TransNormerLLM(nn.Module):
         if packed is not None:
             x, delta = packed.segment_ends(x), packed.segment_ends(delta)  # [1, n_decode + 1, d]
         elif logits_to_keep > 0:
-            x, delta = x[:, -logits_to_keep:], delta[:, -logits_to_keep:]
+            x = x[:, -logits_to_keep:]
+            delta = None if delta is None else delta[:, -logits_to_keep:]
         # the last layer's residual add and the final norm (in the lm_head's kernel where it takes them)
         return norm_linear(self.model.final_norm, self.lm_head, x, delta)[1]
 
