@@ -15,7 +15,8 @@ l1/l2 4096->11008, l3 11008->4096, lm_head 4096->64000), at decode M in --decode
 * chosen: the kernel with the configuration `choose_config` picks now (the `CONFIGS` table);
 * candidates (`Config` of triton_int8): decode M: the split-K "dot" grid (BN 32-256, BK 128-512, SPLIT_K 1-8,
   warps 4/8, stages 2-4), "dot_t" (the weight as the left dot operand), "dot" with `magic` int8 conversion, and
-  the tensor-core-free "gemv" / "gemv_once" (BM rows of x per program, reduce per tile / once); every candidate
+  the tensor-core-free "gemv" / "gemv_once" (BM rows of x per program, reduce per tile / once) and "gemv_word"
+  (int32 words of the int8 weight, converted four bytes at a time); every candidate
   at M = 1, then at larger M the best --top of each family at M = 1 and the gemv tiles made for that many rows;
   prefill M: "dot" / "dot_t" GEMM tiles and "deq" (dequantise into a workspace, then cuBLAS).
 Each timing: quant_gpu.time_us, i.e. a CUDA graph of one call on each of R weight copies (R copies >= --rotate-mib,
@@ -91,13 +92,14 @@ def decode_families(tiny: bool, float_weights: bool = False) -> dict[str, list[C
     if float_weights:
         return {family: [c for c in cs if not c.magic and (c.kind != "dot" or _dot_fits(16, c.BN, c.BK,
                                                                                      c.num_stages, 2))]
-                for family, cs in decode_families(tiny).items() if family != "dot_magic"}
+                for family, cs in decode_families(tiny).items() if family not in ("dot_magic", "gemv_word")}
     if tiny:  # the interpreter: a few small tiles of every kind
         return {"dot": [Config(16, 16, 16, num_stages=1), Config(16, 32, 32, num_stages=1)],
                 "dot_t": [Config(16, 16, 32, num_stages=1, kind="dot_t")],
                 "dot_magic": [Config(16, 16, 16, num_stages=1, magic=True)],
                 "gemv": [Config(1, 16, 16, num_stages=1, kind="gemv"),
-                         Config(1, 16, 32, num_stages=1, kind="gemv_once", magic=True)]}
+                         Config(1, 16, 32, num_stages=1, kind="gemv_once", magic=True)],
+                "gemv_word": [Config(1, 16, 32, num_stages=1, kind="gemv_word")]}
     fam = {"dot": [Config(16, bn, bk, num_warps=w, num_stages=st)
                    for bn, bk, w, st in itertools.product((32, 64, 128, 256), (128, 256, 512), (4, 8), (2, 3, 4))
                    if _dot_fits(16, bn, bk, st)]}
@@ -107,6 +109,9 @@ def decode_families(tiny: bool, float_weights: bool = False) -> dict[str, list[C
     fam["dot_magic"] = [Config(16, bn, bk, num_warps=4, num_stages=st, magic=True)
                         for bn, bk, st in itertools.product((64, 128), (128, 256), (3, 4))]
     fam["gemv"] = gemv_tiles(1)
+    fam["gemv_word"] = [Config(1, bn, bk, num_warps=w, num_stages=1, kind="gemv_word")
+                        for bn, bk, w in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8))
+                        if 16 <= bn * bk // 4 // (32 * w) <= 128]  # accumulators per thread (one per word)
     return fam
 
 

@@ -152,16 +152,17 @@ def glu_mul(y):
 # µs composed → fused): the GLU product into l3 pays at 1 and 16 rows (7B bf16 31.1 → 29.8, 32.3 → 29.2), the
 # gated norm into out_proj at 1 row only (7B bf16 16.4 → 14.2; at 16 rows 15.7 → 16.2); the add+norms lose
 # (7B int8 q|k|v|u 27.6 → 34.6, l1|l2 36.5 → 50.5: the stored sum and second input slow the K loop), and with them
-# fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two on float
-# weights the tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; int8
-# weights stay composed until their step is measured with this selection.
+# fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two the
+# tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; on int8 weights the
+# captured step went 3.20 → 3.09 ms at 1 session.
 FUSED_PROLOGUES: dict[str, int] = {"gated_norm": 1, "mul": 16}
-PROLOGUE_WEIGHTS: tuple[str, ...] = ("float",)
+PROLOGUE_WEIGHTS: tuple[str, ...] = ("int8", "float")
 # Where a decode layer's out_proj and l3 both take their prologues, they also add the residual and hand the next
 # norm's scale to the products after them, so the layer runs no add+norm kernel (`layers.defers_norms`,
-# docs/kernels.md#deferred-norms). Off until its decode step is measured on a GPU against the norm kernels
-# (bench/engine_gpu.py --norms deferred / kernels).
-DEFERRED_NORMS = False
+# docs/kernels.md#deferred-norms). Captured tnl-7b step at 1 session on an H200: bf16 4.22 → 4.10 ms, int8 3.09 →
+# 2.98; tnl-1b bf16 1.02 → 0.97 (no change at 16 sessions, where out_proj composes). False: the norms run as
+# kernels of their own (bench/engine_gpu.py --norms kernels, for A/B runs).
+DEFERRED_NORMS = True
 
 
 def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: torch.Tensor | None = None) -> bool:

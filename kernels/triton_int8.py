@@ -43,7 +43,7 @@ from tnllm.kernels._device import triton_interpreted
 __all__ = ["int8_linear_triton", "prologue_linear_triton"]
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-KINDS = ("dot", "dot_t", "gemv", "gemv_once", "deq")
+KINDS = ("dot", "dot_t", "gemv", "gemv_once", "gemv_word", "deq")
 
 
 @triton.jit
@@ -249,6 +249,88 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
               s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
 
 
+@triton.jit
+def _prmt4(q):
+    # the four bytes of each int32 word q as fp32 bit patterns 0x4B0000uu, uu = byte + 128 (bias-128, so unsigned)
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u;
+        xor.b32 u, $4, 0x80808080;
+        prmt.b32 $0, u, 0x4B000000, 0x7540;
+        prmt.b32 $1, u, 0x4B000000, 0x7541;
+        prmt.b32 $2, u, 0x4B000000, 0x7542;
+        prmt.b32 $3, u, 0x4B000000, 0x7543;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[q], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True,
+        pack=1)
+
+
+@triton.jit
+def _words_to_f32(q, ASM: tl.constexpr):
+    """The four int8 bytes of each int32 word q [..] as exact fp32 tensors (byte 0 = the lowest column): each byte
+    + 128 placed in the mantissa of 2²³ (0x4B0000uu = 2²³ + uu), then 2²³ + 128 subtracted. ASM: one `prmt` per
+    byte (the GPU); else shifts and masks (the interpreter runs no inline PTX)."""
+    if ASM:
+        r0, r1, r2, r3 = _prmt4(q)
+    else:
+        u = q ^ -2139062144  # 0x80808080: every byte + 128
+        r0 = (u & 0xFF) | 0x4B000000
+        r1 = ((u >> 8) & 0xFF) | 0x4B000000
+        r2 = ((u >> 16) & 0xFF) | 0x4B000000
+        r3 = ((u >> 24) & 0xFF) | 0x4B000000
+    return (r0.to(tl.float32, bitcast=True) - 8388736.0, r1.to(tl.float32, bitcast=True) - 8388736.0,
+            r2.to(tl.float32, bitcast=True) - 8388736.0, r3.to(tl.float32, bitcast=True) - 8388736.0)
+
+
+@triton.jit
+def _word_byte_dot(acc3, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.constexpr, k0, K, m_store,
+                   PRO: tl.constexpr, EVEN_K: tl.constexpr):
+    # acc3 [BM, BN, BW] += byte J of the weight words (f [BN, BW], columns 4w + J) x the input's columns 4w + J
+    o_k = 4 * o_w + J
+    p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BW]: every 4th column
+    if EVEN_K:
+        b_x = tl.load(p_x + k0)
+    else:
+        b_x = tl.load(p_x + k0, mask=o_k[None, :] < K - k0, other=0.)
+    if PRO != PRO_NONE:
+        b_x, sq = _prologue(b_x, x2 + r_m[:, None] * s_x2m + o_k[None, :], xs + r_m[:, None] * s_xsm + o_k[None, :],
+                            k0, K, o_k, m_store, sq, PRO, EVEN_K)
+    return acc3 + f[None, :, :] * b_x.to(tl.float32)[:, None, :], sq
+
+
+@triton.jit(do_not_specialize=["M", "n_ms_in", "split_k"])
+def _int8_word_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn,
+                      s_ym, s_rm, n_ms_in, split_k, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                      PRO: tl.constexpr, NORM: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr,
+                      RESIDUAL: tl.constexpr, ASM: tl.constexpr):
+    # "gemv_word": "gemv_once" reading the int8 weight as int32 words w [N, K / 4] (row stride s_wn in words), four
+    # columns per load element, converted four at a time (`_words_to_f32`); the input's columns 4w + j are read as
+    # four strided tiles
+    BW: tl.constexpr = BK // 4
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    n_m = tl.cdiv(M, BM)
+    pid_m, pid_n = pid % n_m, pid // n_m
+    o_m, o_n, o_w = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BW)
+    r_m = (o_m % M).to(tl.int64)
+    p_w = w + (o_n % N).to(tl.int64)[:, None] * s_wn + o_w[None, :]  # [BN, BW] words
+    m_store = o_m < tl.where(pid_n == 0, M, 0)
+    sq = tl.zeros([BM, BW], dtype=tl.float32)
+    acc3 = tl.zeros([BM, BN, BW], dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, split_k * BK):
+        if EVEN_K:
+            q = tl.load(p_w + k0 // 4)
+        else:
+            q = tl.load(p_w + k0 // 4, mask=4 * o_w[None, :] < K - k0, other=0)
+        f0, f1, f2, f3 = _words_to_f32(q, ASM)
+        acc3, sq = _word_byte_dot(acc3, f0, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 0, k0, K, m_store, PRO, EVEN_K)
+        acc3, sq = _word_byte_dot(acc3, f1, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 1, k0, K, m_store, PRO, EVEN_K)
+        acc3, sq = _word_byte_dot(acc3, f2, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 2, k0, K, m_store, PRO, EVEN_K)
+        acc3, sq = _word_byte_dot(acc3, f3, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 3, k0, K, m_store, PRO, EVEN_K)
+    _epilogue(tl.sum(acc3, axis=2), tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n,
+              ms_in, res, ms_out, s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
+
+
 @triton.jit(do_not_specialize=["M", "n_ms_in"])
 def _splitk_reduce_kernel(ws, ss_ws, s, b, y, ms_in, res, ms_out, M, N, K, eps, s_ym, s_rm, n_ms_in,
                           SPLIT_K: tl.constexpr, BN: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -328,10 +410,11 @@ def m_bucket(M: int) -> int | None:
 # (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
 # output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
 # as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
-# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept
-# (docs/quantization.md#cuda-kernel).
+# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. The
+# "gemv_word" rows at M = 1 come from a study of that kind's tiles at the tnl-7b and tnl-1b shapes (times in the
+# comments; the "dot" tiles they replace took 25.0, 32.8, 77.0, 10.7 and 13.0 us; docs/quantization.md#cuda-kernel).
 CONFIGS: dict[tuple[int | None, str], Config] = {
-    (1, "n16k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # qkvu_proj M=1: 24.1 us bf16 34.5 us
+    (1, "n16k.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # qkvu_proj M=1: 20.0 us
     (2, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=2: 22.4 us bf16 34.2 us
     (4, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=4: 21.1 us bf16 34.3 us
     (8, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=8: 21.3 us bf16 34.5 us
@@ -345,7 +428,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "n4k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=5),  # out_proj M=16: 9.7 us bf16 13.3 us
     (512, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=512: 37.3 us bf16 24.2 us
     (None, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=4096: 202.4 us bf16 171.1 us
-    (1, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # l1/l2 M=1: 18.8 us bf16 24.9 us
+    (1, "n12k.k4k"): Config(1, 16, 512, num_stages=1, kind="gemv_word"),  # tnl-1b q|k|v|u 8.0 us, l1|l2 9.3
     (2, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=2: 18.6 us bf16 25.4 us
     (4, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=4: 17.5 us bf16 25.7 us
     (8, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=8: 17.6 us bf16 25.3 us
@@ -359,7 +442,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=16: 17.5 us bf16 29.1 us
     (512, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=512: 94.1 us bf16 59.5 us
     (None, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=4096: 528.9 us bf16 442.9 us
-    (1, "nbig.k4k"): Config(16, 256, 256, SPLIT_K=2, num_warps=8, num_stages=2),  # lm_head M=1: 72.9 us bf16 144.5 us
+    (1, "nbig.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # lm_head M=1: 69.6 us (dot 77.0)
     (2, "nbig.k4k"): Config(16, 256, 128, num_warps=8, num_stages=3),  # lm_head M=2: 68.8 us bf16 126.2 us
     (4, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=4: 68.0 us bf16 126.5 us
     (8, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=8: 68.2 us bf16 127.7 us
@@ -368,7 +451,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
     # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json): µs per call, bf16's, and
     # what the lm_head's tiles it ran before took
-    (1, "n24k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # 32.9 us; bf16 46.5; was 37.9
+    (1, "n24k.k4k"): Config(1, 32, 256, num_stages=1, kind="gemv_word"),  # l1|l2 M=1: 27.2 us (dot 32.8) bf16 47.7
     (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # 32.2 us; bf16 48.7; was 36.6
     (4, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.5; was 32.9
     (8, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.8; was 33.0
@@ -509,7 +592,7 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
             return None if warmup else _empty_product(x, x2, other2, xs, N, bias, sum_shape)
         return ref.prologue_linear_ref(x, weight, scales, bias, prologue=prologue, other=other, eps=eps,
                                        row_ms=row_ms, row_power=row_power, residual=residual)
-    cfg = _launch_config(config, M, N, K, x.device, weight.dtype == torch.int8)
+    cfg = _launch_config(config, M, N, K, weight, prologue, x.device)
     if cfg.kind == "deq":
         if prologue != "none" or scales is None or epilogue:
             raise ValueError('kind "deq" serves a plain int8 product only')
@@ -524,8 +607,9 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     ms_in, res, ms_out, deferred = _deferred_norm_buffers(y, row_ms, row_power, residual, tiles_n)
     s, b = (y if t is None else t for t in (scales, bias))  # placeholders for absent tensors, never read
     finish = dict(deferred, HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, NORM=norm)
-    args = (x2, other2, xs, weight, s, b, ws, ss_ws, ms_in, res, ms_out, M, N, K, eps, x2.stride(0), other2.stride(0),
-            xs.stride(0), weight.stride(0), y.stride(0), res.stride(0), ms_in.shape[0], split)
+    w = weight.view(torch.int32) if cfg.kind == "gemv_word" else weight  # "gemv_word" reads [N, K / 4] words
+    args = (x2, other2, xs, w, s, b, ws, ss_ws, ms_in, res, ms_out, M, N, K, eps, x2.stride(0), other2.stride(0),
+            xs.stride(0), w.stride(0), y.stride(0), res.stride(0), ms_in.shape[0], split)
     common = dict(finish, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, PARTIAL=split > 1,
                   MAGIC=cfg.magic, PRO=pro, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:  # the kernel stores partial sums; the reduce applies the epilogue
@@ -534,6 +618,9 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
         kernel, meta = _int8_mm_kernel, dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
+    elif cfg.kind == "gemv_word":
+        common.pop("MAGIC")
+        kernel, meta = _int8_word_kernel, dict(common, ASM=not triton_interpreted(x.device))
     else:
         kernel, meta = _int8_gemv_kernel, dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
     _launch(kernel, grid, args, meta, warmup)
@@ -546,11 +633,23 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     return (_shaped(x, y, xs, None), ms_out) if residual is not None else _shaped(x, y, xs, sum_shape)
 
 
-def _launch_config(config: Config | None, M: int, N: int, K: int, device: torch.device, int8: bool) -> Config:
-    """The forced `config` (checked, its split resolved), else `choose_config`'s."""
-    cfg = config or choose_config(M, N, K, device, int8)
+def _reads_words(weight: torch.Tensor, prologue: str) -> bool:
+    """Whether "gemv_word" serves this product: an int8 weight whose rows view as int32 words (K, the row stride
+    and the offset multiples of 4), and no "add_norm" (whose stored sum it does not write); else the launcher runs
+    the same tile as "gemv_once"."""
+    return (weight.dtype == torch.int8 and prologue != "add_norm" and weight.shape[1] % 4 == 0
+            and weight.stride(0) % 4 == 0 and weight.storage_offset() % 4 == 0 and weight.data_ptr() % 4 == 0)
+
+
+def _launch_config(config: Config | None, M: int, N: int, K: int, weight: torch.Tensor, prologue: str,
+                   device: torch.device) -> Config:
+    """The forced `config` (checked, its split resolved), else `choose_config`'s; "gemv_word" where it cannot
+    serve (`_reads_words`) runs its tile as "gemv_once"."""
+    cfg = config or choose_config(M, N, K, device, weight.dtype == torch.int8)
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
+    if cfg.kind == "gemv_word" and not _reads_words(weight, prologue):
+        cfg = cfg._replace(kind="gemv_once", magic=True)
     return cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, device)) if cfg.SPLIT_K == 0 else cfg
 
 

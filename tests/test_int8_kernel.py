@@ -46,14 +46,23 @@ try:  # a Triton kernel storing `_int8_to` of 256 int8 values (a jit helper must
     import triton
     import triton.language as tl
 
-    from tnllm.kernels.triton_int8 import _int8_to
+    from tnllm.kernels.triton_int8 import _int8_to, _words_to_f32
 
     @triton.jit
     def _convert_kernel(q, out, MAGIC: tl.constexpr):
         i = tl.arange(0, 256)
         tl.store(out + i, _int8_to(tl.load(q + i), out.dtype.element_ty, MAGIC))
+
+    @triton.jit
+    def _convert_words_kernel(words, out, ASM: tl.constexpr):
+        i = tl.arange(0, 64)
+        f0, f1, f2, f3 = _words_to_f32(tl.load(words + i), ASM)
+        tl.store(out + 4 * i, f0)
+        tl.store(out + 4 * i + 1, f1)
+        tl.store(out + 4 * i + 2, f2)
+        tl.store(out + 4 * i + 3, f3)
 except ImportError:
-    _convert_kernel = None
+    _convert_kernel = _convert_words_kernel = None
 
 
 @requires_triton_interpret
@@ -86,18 +95,19 @@ class TestTriton:
             assert_close("strided x", _oracle(xt, w, s, b), kernels.int8_linear(xt, w, s, b))
             assert kernels.int8_linear(x[:, :0], w, s, b).shape == (2, 0, 29)
 
-    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "deq"])
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "gemv_word", "deq"])
     @pytest.mark.parametrize("magic", [False, True], ids=["cvt", "magic"])
     @pytest.mark.parametrize("M", [1, 17])
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
     def test_every_kind_matches_oracle(self, kind, magic, M, dtype):
         # odd N and K: partial N tiles and masked K steps; splits 1 and 3 (3 K slices of 3 steps: one past the end
-        # on the last); gemv: 4 rows of x per program (M = 17: 5 row blocks, the last re-reading valid rows)
+        # on the last); gemv: 4 rows of x per program (M = 17: 5 row blocks, the last re-reading valid rows);
+        # gemv_word: K a multiple of 4 (its words), not of the tile
         from tnllm.kernels.triton_int8 import Config, _int8_linear
 
         bm = 16 if kind in ("dot", "dot_t") else 4
         for split, bias in ((1, True), (3, False)):
-            x, w, s, b = _inputs(M, 45, 70, dtype, bias)
+            x, w, s, b = _inputs(M, 45, 68 if kind == "gemv_word" else 70, dtype, bias)
             if dtype == torch.bfloat16:  # the model's form: bf16 x with bf16 scales; here also fp32 scales
                 s = s.float()
             cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind, magic=magic)
@@ -122,6 +132,26 @@ class TestTriton:
                 out = torch.empty(256, dtype=dtype, device=DEVICE)
                 _convert_kernel[(1,)](q, out, MAGIC=magic)
                 assert torch.equal(out.float(), q.float()), (dtype, magic)
+
+    def test_word_conversion_is_exact(self):
+        # every int8 value, four to an int32 word, by shifts and masks (the interpreter) or prmt (the GPU)
+        q = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+        for asm in (False, True) if DEVICE == "cuda" else (False,):
+            out = torch.empty(256, dtype=torch.float32, device=DEVICE)
+            _convert_words_kernel[(1,)](q.view(torch.int32), out, ASM=asm)
+            assert torch.equal(out, q.float()), asm
+
+    def test_word_kind_runs_gemv_once_where_words_cannot_serve(self):
+        # K not a multiple of 4, a weight view at an odd offset, and "add_norm" (whose stored sum it does not write)
+        from tnllm.kernels.triton_int8 import Config, _int8_linear, _launch_config, _reads_words
+
+        x, w, s, b = _inputs(1, 45, 68, torch.float32, bias=True)
+        cfg = Config(1, 16, 32, num_stages=1, kind="gemv_word")
+        assert _reads_words(w, "mul") and not _reads_words(w, "add_norm")
+        odd = w.flatten()[1:1 + 45 * 64].view(45, 64)  # rows of 64 at byte offset 1
+        assert not _reads_words(w[:, :67], "none") and not _reads_words(odd, "none")
+        assert _launch_config(cfg, 1, 45, 68, w, "add_norm", w.device).kind == "gemv_once"
+        assert_close("odd offset", _oracle(x[:, :64], odd, s, b), _int8_linear(x[:, :64], odd, s, b, config=cfg))
 
     def test_chosen_kind_runs(self, monkeypatch):
         # choose_config keeps a CONFIGS row's kind under the interpreter (small tiles): each kind through the

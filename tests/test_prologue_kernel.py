@@ -94,7 +94,7 @@ class TestTriton:
                 out = kernels.prologue_linear(x, w, s, b, prologue=prologue, other=other, eps=EPS)
             _check(f"{prologue} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, dtype)
 
-    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once"])
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "gemv_word"])
     @pytest.mark.parametrize("prologue", ["add_norm", "gated_norm", "mul"])
     def test_every_kind_and_split(self, kind, prologue):
         # splits 1 and 3 of 70 = 3 K steps of 32 (one slice past the end, masked last step); 17 rows: several row
@@ -103,12 +103,13 @@ class TestTriton:
 
         bm = 16 if kind in ("dot", "dot_t") else 4
         for split, bias, weight_kind in ((1, True, "int8"), (3, False, "int8"), (3, True, "float")):
-            x, other, w, s, b = _inputs(prologue, 17, 45, 70, torch.float32, weight_kind, bias)
+            x, other, w, s, b = _inputs(prologue, 17, 45, 68 if kind == "gemv_word" else 70, torch.float32,
+                                        weight_kind, bias)  # gemv_word: K a multiple of 4 (its words)
             cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind)
             out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
             _check(f"{cfg} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.float32)
 
-    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once"])
+    @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "gemv_word"])
     def test_deferred_norm_epilogue(self, kind):
         """row_ms (power 1 and 2) and a residual after every prologue that serves them, splits 1 and 3, 17 rows and
         odd N (several row and column tiles, masked edges): y against a float64 oracle, the partial mean squares'
@@ -119,7 +120,7 @@ class TestTriton:
         g = torch.Generator().manual_seed(7)
         for split, prologue, weight_kind, power in ((1, "gated_norm", "int8", 1), (3, "mul", "int8", 2),
                                                     (3, "gated_norm", "float", 1), (1, "none", "float", 2)):
-            x, other, w, s, b = _inputs(prologue, 17, 45, 70, torch.float32, weight_kind)
+            x, other, w, s, b = _inputs(prologue, 17, 45, 68, torch.float32, weight_kind)
             row_ms = (torch.rand(5, 17, generator=g) * 0.3).to(DEVICE)
             residual = torch.randn(17, 45, generator=g).to(DEVICE)
             cfg = Config(bm, 16, 32, SPLIT_K=split, GROUP_M=2, num_stages=1, kind=kind)
