@@ -13,6 +13,7 @@ Kinds of launch (`Config.kind`), one chosen on the host from (M, N, K) by `choos
 * "gemv": no tensor cores. A program owns BN output rows and BM rows of x, loads each [BN, BK] int8 tile once
   (contiguous along K: 16-byte loads), converts it to fp32 and multiplies it with the BM x rows broadcast,
   reducing along K per tile; "gemv_once" accumulates [BM, BN, BK] products and reduces once after the loop;
+  "gemv_word" is "gemv_once" reading the weight as int32 words, four bytes converted at once (`_words_to_f32`);
 * "deq": the weight dequantised (q · s, rounded once to x's dtype) into a workspace by a small kernel, then
   one cuBLAS `F.linear` with the bias: for prefill, where the product is bound by the tensor cores.
 
@@ -410,11 +411,10 @@ def m_bucket(M: int) -> int | None:
 # (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
 # output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
 # as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
-# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. The
-# "gemv_word" rows at M = 1 come from a study of that kind's tiles at the tnl-7b and tnl-1b shapes (times in the
-# comments; the "dot" tiles they replace took 25.0, 32.8, 77.0, 10.7 and 13.0 us; docs/quantization.md#cuda-kernel).
+# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. No row
+# takes "gemv_word": faster per product alone, it made the captured int8 step slower (docs/quantization.md).
 CONFIGS: dict[tuple[int | None, str], Config] = {
-    (1, "n16k.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # qkvu_proj M=1: 20.0 us
+    (1, "n16k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # qkvu_proj M=1: 24.1 us bf16 34.5 us
     (2, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=2: 22.4 us bf16 34.2 us
     (4, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=4: 21.1 us bf16 34.3 us
     (8, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=8: 21.3 us bf16 34.5 us
@@ -428,7 +428,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "n4k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=5),  # out_proj M=16: 9.7 us bf16 13.3 us
     (512, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=512: 37.3 us bf16 24.2 us
     (None, "n4k.k4k"): Config(1, 32, 256, kind="deq"),  # out_proj M=4096: 202.4 us bf16 171.1 us
-    (1, "n12k.k4k"): Config(1, 16, 512, num_stages=1, kind="gemv_word"),  # tnl-1b q|k|v|u 8.0 us, l1|l2 9.3
+    (1, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # l1/l2 M=1: 18.8 us bf16 24.9 us
     (2, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=2: 18.6 us bf16 25.4 us
     (4, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=4: 17.5 us bf16 25.7 us
     (8, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=8: 17.6 us bf16 25.3 us
@@ -442,7 +442,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=16: 17.5 us bf16 29.1 us
     (512, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=512: 94.1 us bf16 59.5 us
     (None, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=4096: 528.9 us bf16 442.9 us
-    (1, "nbig.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # lm_head M=1: 69.6 us (dot 77.0)
+    (1, "nbig.k4k"): Config(16, 256, 256, SPLIT_K=2, num_warps=8, num_stages=2),  # lm_head M=1: 72.9 us bf16 144.5 us
     (2, "nbig.k4k"): Config(16, 256, 128, num_warps=8, num_stages=3),  # lm_head M=2: 68.8 us bf16 126.2 us
     (4, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=4: 68.0 us bf16 126.5 us
     (8, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=8: 68.2 us bf16 127.7 us
@@ -451,7 +451,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
     # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json): µs per call, bf16's, and
     # what the lm_head's tiles it ran before took
-    (1, "n24k.k4k"): Config(1, 32, 256, num_stages=1, kind="gemv_word"),  # l1|l2 M=1: 27.2 us (dot 32.8) bf16 47.7
+    (1, "n24k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # 32.9 us; bf16 46.5; was 37.9
     (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # 32.2 us; bf16 48.7; was 36.6
     (4, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.5; was 32.9
     (8, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.8; was 33.0
