@@ -612,8 +612,8 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
             xs.stride(0), w.stride(0), y.stride(0), res.stride(0), ms_in.shape[0], split)
     common = dict(finish, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=K % cfg.BK == 0, PARTIAL=split > 1,
                   MAGIC=cfg.magic, PRO=pro, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:  # the kernel stores partial sums; the reduce applies the epilogue
-        common.update(ROW_POW=0, RESIDUAL=False)
+    if split > 1:  # the kernel stores partial sums; the reduce applies the epilogue (one compiled kernel for all)
+        common.update(ROW_POW=0, T_IN=1, RESIDUAL=False)
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN), split)
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
