@@ -110,7 +110,7 @@ def decode_families(tiny: bool, float_weights: bool = False) -> dict[str, list[C
                         for bn, bk, st in itertools.product((64, 128), (128, 256), (3, 4))]
     fam["gemv"] = gemv_tiles(1)
     fam["gemv_word"] = [Config(1, bn, bk, num_warps=w, num_stages=1, kind="gemv_word")
-                        for bn, bk, w in itertools.product((8, 16, 32, 64), (256, 512, 1024), (4, 8))
+                        for bn, bk, w in itertools.product((8, 16, 32, 64, 128), (256, 512), (4, 8))
                         if 16 <= bn * bk // 4 // (32 * w) <= 128]  # accumulators per thread (one per word)
     return fam
 

@@ -12,8 +12,11 @@ Kinds of launch (`Config.kind`), one chosen on the host from (M, N, K) by `choos
   decode sizes its BN rows fill the tensor cores' long side instead of x's padded 16 rows;
 * "gemv": no tensor cores. A program owns BN output rows and BM rows of x, loads each [BN, BK] int8 tile once
   (contiguous along K: 16-byte loads), converts it to fp32 and multiplies it with the BM x rows broadcast,
-  reducing along K per tile; "gemv_once" accumulates [BM, BN, BK] products and reduces once after the loop;
-  "gemv_word" is "gemv_once" reading the weight as int32 words, four bytes converted at once (`_words_to_f32`);
+  reducing along K per tile; "gemv_once" accumulates [BM, BN, BK] products and reduces once after the loop. With
+  BM = 1 every tile is two-dimensional ([BN, BK]), which keeps each converted weight tile in the registers it was
+  loaded into (three-dimensional products made Triton move it through shared memory);
+  "gemv_word" is "gemv_once" at BM = 1 reading the weight as int32 words, four bytes converted at once
+  (`_words_to_f32`);
 * "deq": the weight dequantised (q · s, rounded once to x's dtype) into a workspace by a small kernel, then
   one cuBLAS `F.linear` with the bias: for prefill, where the product is bound by the tensor cores.
 
@@ -229,25 +232,69 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
     p_xs = xs + r_m[:, None] * s_xsm + o_k[None, :]  # [BM, BK]
     p_w = w + r_n[:, None] * s_wn + o_k[None, :]  # [BN, BK]
     m_store = o_m < tl.where(pid_n == 0, M, 0)
-    sq = tl.zeros([BM, BK], dtype=tl.float32)  # squares of the norm's input, per column of the K tile
+    if BM == 1:
+        acc, sq = _gemv_one_row(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BN, BK, HAS_SCALES, MAGIC, PRO,
+                                EVEN_K, REDUCE_ONCE)
+    else:
+        acc, sq = _gemv_rows(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BM, BN, BK, HAS_SCALES, MAGIC,
+                             PRO, EVEN_K, REDUCE_ONCE)
+    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, ms_in, res, ms_out,
+              s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
+
+
+@triton.jit
+def _gemv_one_row(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BN: tl.constexpr, BK: tl.constexpr,
+                  HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, EVEN_K: tl.constexpr,
+                  REDUCE_ONCE: tl.constexpr):
+    """The gemv K loop for one row of x: (acc [1, BN], squares [1, BK]). Every tile is two-dimensional: with a
+    [1, BN, BK] product Triton moved each converted weight tile through shared memory."""
+    sq = tl.zeros([1, BK], dtype=tl.float32)
+    if REDUCE_ONCE:
+        acc_nk = tl.zeros([BN, BK], dtype=tl.float32)
+    else:
+        acc_n = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(pid_k * BK, K, split_k * BK):
+        b_w, b_x, sq = _gemv_operands(p_x, p_w, p_x2, p_xs, k0, K, o_k, m_store, sq, HAS_SCALES, MAGIC, PRO, EVEN_K)
+        if REDUCE_ONCE:
+            acc_nk += b_w * b_x  # [BN, BK]
+        else:
+            acc_n += tl.sum(b_w * b_x, axis=1)
+    if REDUCE_ONCE:
+        acc_n = tl.sum(acc_nk, axis=1)
+    return acc_n[None, :], sq
+
+
+@triton.jit
+def _gemv_rows(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BM: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr,
+               EVEN_K: tl.constexpr, REDUCE_ONCE: tl.constexpr):
+    """The gemv K loop for BM rows of x: (acc [BM, BN], squares [BM, BK])."""
+    sq = tl.zeros([BM, BK], dtype=tl.float32)
     if REDUCE_ONCE:
         acc3 = tl.zeros([BM, BN, BK], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
-        b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
-        if PRO != PRO_NONE:
-            b_x, sq = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
-        b_w = _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC)
-        prod = b_w[None, :, :] * b_x.to(tl.float32)[:, None, :]  # [BM, BN, BK]
+        b_w, b_x, sq = _gemv_operands(p_x, p_w, p_x2, p_xs, k0, K, o_k, m_store, sq, HAS_SCALES, MAGIC, PRO, EVEN_K)
+        prod = b_w[None, :, :] * b_x[:, None, :]  # [BM, BN, BK]
         if REDUCE_ONCE:
             acc3 += prod
         else:
             acc += tl.sum(prod, axis=2)
     if REDUCE_ONCE:
         acc = tl.sum(acc3, axis=2)
-    _epilogue(acc, tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n, ms_in, res, ms_out,
-              s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
+    return acc, sq
+
+
+@triton.jit
+def _gemv_operands(p_x, p_w, p_x2, p_xs, k0, K, o_k, m_store, sq, HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr,
+                   PRO: tl.constexpr, EVEN_K: tl.constexpr):
+    """The gemv kinds' operands at K offset k0: the weight tile [BN, BK] and the input rows (or their prologue)
+    [BM, BK], both fp32, and the squares sq grown by this tile's."""
+    b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
+    if PRO != PRO_NONE:
+        b_x, sq = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
+    return _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC), b_x.to(tl.float32), sq
 
 
 @triton.jit
@@ -284,11 +331,11 @@ def _words_to_f32(q, ASM: tl.constexpr):
 
 
 @triton.jit
-def _word_byte_dot(acc3, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.constexpr, k0, K, m_store,
+def _word_byte_dot(acc, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.constexpr, k0, K, m_store,
                    PRO: tl.constexpr, EVEN_K: tl.constexpr):
-    # acc3 [BM, BN, BW] += byte J of the weight words (f [BN, BW], columns 4w + J) x the input's columns 4w + J
+    # acc [BN, BW] += byte J of the weight words (f [BN, BW], columns 4w + J) x the row's columns 4w + J
     o_k = 4 * o_w + J
-    p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [BM, BW]: every 4th column
+    p_x = x + r_m[:, None] * s_xm + o_k[None, :]  # [1, BW]: every 4th column
     if EVEN_K:
         b_x = tl.load(p_x + k0)
     else:
@@ -296,7 +343,7 @@ def _word_byte_dot(acc3, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.c
     if PRO != PRO_NONE:
         b_x, sq = _prologue(b_x, x2 + r_m[:, None] * s_x2m + o_k[None, :], xs + r_m[:, None] * s_xsm + o_k[None, :],
                             k0, K, o_k, m_store, sq, PRO, EVEN_K)
-    return acc3 + f[None, :, :] * b_x.to(tl.float32)[:, None, :], sq
+    return acc + f * b_x.to(tl.float32), sq
 
 
 @triton.jit(do_not_specialize=["M", "n_ms_in", "split_k"])
@@ -305,31 +352,32 @@ def _int8_word_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
                       EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                       PRO: tl.constexpr, NORM: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr,
                       RESIDUAL: tl.constexpr, ASM: tl.constexpr):
-    # "gemv_word": "gemv_once" reading the int8 weight as int32 words w [N, K / 4] (row stride s_wn in words), four
-    # columns per load element, converted four at a time (`_words_to_f32`); the input's columns 4w + j are read as
-    # four strided tiles
+    # "gemv_word": one row of x per program (BM = 1) and BN output rows, the int8 weight read as int32 words
+    # w [N, K / 4] (row stride s_wn in words), four columns per load element, converted four at a time
+    # (`_words_to_f32`); the row's columns 4w + j are read as four strided tiles. Every tile is two-dimensional
+    # ([BN, BW]): a [1, BN, BW] accumulator made Triton move each converted weight tile through shared memory.
+    tl.static_assert(BM == 1, "gemv_word reads one row of x per program")
     BW: tl.constexpr = BK // 4
     pid, pid_k = tl.program_id(0), tl.program_id(1)
-    n_m = tl.cdiv(M, BM)
-    pid_m, pid_n = pid % n_m, pid // n_m
-    o_m, o_n, o_w = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BW)
-    r_m = (o_m % M).to(tl.int64)
+    pid_m, pid_n = pid % M, pid // M
+    o_m, o_n, o_w = pid_m + tl.arange(0, 1), pid_n * BN + tl.arange(0, BN), tl.arange(0, BW)
+    r_m = o_m.to(tl.int64)
     p_w = w + (o_n % N).to(tl.int64)[:, None] * s_wn + o_w[None, :]  # [BN, BW] words
     m_store = o_m < tl.where(pid_n == 0, M, 0)
-    sq = tl.zeros([BM, BW], dtype=tl.float32)
-    acc3 = tl.zeros([BM, BN, BW], dtype=tl.float32)
+    sq = tl.zeros([1, BW], dtype=tl.float32)
+    acc = tl.zeros([BN, BW], dtype=tl.float32)
     for k0 in range(pid_k * BK, K, split_k * BK):
         if EVEN_K:
             q = tl.load(p_w + k0 // 4)
         else:
             q = tl.load(p_w + k0 // 4, mask=4 * o_w[None, :] < K - k0, other=0)
         f0, f1, f2, f3 = _words_to_f32(q, ASM)
-        acc3, sq = _word_byte_dot(acc3, f0, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 0, k0, K, m_store, PRO, EVEN_K)
-        acc3, sq = _word_byte_dot(acc3, f1, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 1, k0, K, m_store, PRO, EVEN_K)
-        acc3, sq = _word_byte_dot(acc3, f2, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 2, k0, K, m_store, PRO, EVEN_K)
-        acc3, sq = _word_byte_dot(acc3, f3, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 3, k0, K, m_store, PRO, EVEN_K)
-    _epilogue(tl.sum(acc3, axis=2), tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_n,
-              ms_in, res, ms_out, s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
+        acc, sq = _word_byte_dot(acc, f0, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 0, k0, K, m_store, PRO, EVEN_K)
+        acc, sq = _word_byte_dot(acc, f1, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 1, k0, K, m_store, PRO, EVEN_K)
+        acc, sq = _word_byte_dot(acc, f2, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 2, k0, K, m_store, PRO, EVEN_K)
+        acc, sq = _word_byte_dot(acc, f3, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 3, k0, K, m_store, PRO, EVEN_K)
+    _epilogue(tl.sum(acc, axis=1)[None, :], tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k,
+              pid_n, ms_in, res, ms_out, s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
 
 
 @triton.jit(do_not_specialize=["M", "n_ms_in"])
@@ -368,7 +416,8 @@ def _dequant_kernel(w, s, out, N, K, s_wn, BN: tl.constexpr, BK: tl.constexpr):
 
 class Config(NamedTuple):
     """One launch: `kind` (KINDS), tile [BM, BN] x BK, K split in SPLIT_K slices (0: `auto_split` picks),
-    Triton warps and stages, `magic` int8 conversion. "gemv" kinds: BM rows of x per program (any power of 2);
+    Triton warps and stages, `magic` int8 conversion. "gemv" kinds: BM rows of x per program (any power of 2;
+    "gemv_word": 1);
     "dot" kinds: BM >= 16. "deq": [BN, BK] tiles of the dequantising kernel (BM, SPLIT_K unused)."""
     BM: int
     BN: int
@@ -648,6 +697,8 @@ def _launch_config(config: Config | None, M: int, N: int, K: int, weight: torch.
     cfg = config or choose_config(M, N, K, device, weight.dtype == torch.int8)
     if cfg.kind not in KINDS:
         raise ValueError(f"unknown kind {cfg.kind!r}; one of {KINDS}")
+    if cfg.kind == "gemv_word" and cfg.BM != 1:
+        raise ValueError(f"kind \"gemv_word\" reads one row of x per program (BM = 1), got {cfg}")
     if cfg.kind == "gemv_word" and not _reads_words(weight, prologue):
         cfg = cfg._replace(kind="gemv_once", magic=True)
     return cfg._replace(SPLIT_K=auto_split(cfg, M, N, K, device)) if cfg.SPLIT_K == 0 else cfg

@@ -105,7 +105,7 @@ class TestTriton:
         # gemv_word: K a multiple of 4 (its words), not of the tile
         from tnllm.kernels.triton_int8 import Config, _int8_linear
 
-        bm = 16 if kind in ("dot", "dot_t") else 4
+        bm = {"dot": 16, "dot_t": 16, "gemv_word": 1}.get(kind, 4)
         for split, bias in ((1, True), (3, False)):
             x, w, s, b = _inputs(M, 45, 68 if kind == "gemv_word" else 70, dtype, bias)
             if dtype == torch.bfloat16:  # the model's form: bf16 x with bf16 scales; here also fp32 scales

@@ -101,7 +101,7 @@ class TestTriton:
         # tiles, the last re-reading valid rows whose sums must not be stored twice wrong
         from tnllm.kernels.triton_int8 import Config, _linear
 
-        bm = 16 if kind in ("dot", "dot_t") else 4
+        bm = {"dot": 16, "dot_t": 16, "gemv_word": 1}.get(kind, 4)
         for split, bias, weight_kind in ((1, True, "int8"), (3, False, "int8"), (3, True, "float")):
             x, other, w, s, b = _inputs(prologue, 17, 45, 68 if kind == "gemv_word" else 70, torch.float32,
                                         weight_kind, bias)  # gemv_word: K a multiple of 4 (its words)
@@ -116,7 +116,7 @@ class TestTriton:
         sum against the mean squares of the rounded output, one partial per column tile."""
         from tnllm.kernels.triton_int8 import Config, _linear
 
-        bm = 16 if kind in ("dot", "dot_t") else 4
+        bm = {"dot": 16, "dot_t": 16, "gemv_word": 1}.get(kind, 4)
         g = torch.Generator().manual_seed(7)
         for split, prologue, weight_kind, power in ((1, "gated_norm", "int8", 1), (3, "mul", "int8", 2),
                                                     (3, "gated_norm", "float", 1), (1, "none", "float", 2)):
