@@ -460,17 +460,18 @@ def m_bucket(M: int) -> int | None:
 # (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
 # output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
 # as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
-# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. No row
-# takes "gemv_word": faster per product alone, it made the captured int8 step slower (docs/quantization.md).
+# a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. The M = 1 rows
+# of the tnl-7b shapes come from a sweep of that M alone with the one-row gemv kinds on two-dimensional tiles
+# (bench/results/int8-sweep-m1-h200.json).
 CONFIGS: dict[tuple[int | None, str], Config] = {
-    (1, "n16k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # qkvu_proj M=1: 24.1 us bf16 34.5 us
+    (1, "n16k.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # qkvu_proj M=1: 20.5 us bf16 35
     (2, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=2: 22.4 us bf16 34.2 us
     (4, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=4: 21.1 us bf16 34.3 us
     (8, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=8: 21.3 us bf16 34.5 us
     (16, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=16: 21.8 us bf16 34.6 us
     (512, "n16k.k4k"): Config(1, 32, 256, kind="deq"),  # qkvu_proj M=512: 141.0 us bf16 90.2 us
     (None, "n16k.k4k"): Config(1, 32, 256, kind="deq"),  # qkvu_proj M=4096: 839.0 us bf16 695.9 us
-    (1, "n4k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv_once", magic=True),  # out_proj M=1: 8.7 us bf16 13.4 us
+    (1, "n4k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv_once", magic=True),  # out_proj M=1: 8.1 us bf16 13.3 us
     (2, "n4k.k4k"): Config(16, 128, 128, SPLIT_K=8, num_warps=8, num_stages=3),  # out_proj M=2: 10.1 us bf16 13.2 us
     (4, "n4k.k4k"): Config(16, 128, 128, SPLIT_K=8, num_warps=8, num_stages=3),  # out_proj M=4: 10.1 us bf16 13.2 us
     (8, "n4k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=5),  # out_proj M=8: 9.7 us bf16 13.2 us
@@ -484,14 +485,14 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "n12k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),  # l1/l2 M=16: 18.4 us bf16 25.5 us
     (512, "n12k.k4k"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l1/l2 M=512: 94.8 us bf16 59.5 us
     (None, "n12k.k4k"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l1/l2 M=4096: 564.8 us bf16 470.7 us
-    (1, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=1: 18.3 us bf16 28.2 us
+    (1, "n4k.kbig"): Config(1, 8, 1024, num_stages=1, kind="gemv_once", magic=True),  # l3 M=1: 17.6 us bf16 27.8 us
     (2, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=2: 17.5 us bf16 28.1 us
     (4, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=8),  # l3 M=4: 17.5 us bf16 28.3 us
     (8, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=8: 17.4 us bf16 28.4 us
     (16, "n4k.kbig"): Config(16, 128, 256, SPLIT_K=4),  # l3 M=16: 17.5 us bf16 29.1 us
     (512, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=512: 94.1 us bf16 59.5 us
     (None, "n4k.kbig"): Config(1, 64, 256, num_warps=8, kind="deq"),  # l3 M=4096: 528.9 us bf16 442.9 us
-    (1, "nbig.k4k"): Config(16, 256, 256, SPLIT_K=2, num_warps=8, num_stages=2),  # lm_head M=1: 72.9 us bf16 144.5 us
+    (1, "nbig.k4k"): Config(1, 32, 256, num_stages=1, kind="gemv_word"),  # lm_head M=1: 66.3 us bf16 151.9 us
     (2, "nbig.k4k"): Config(16, 256, 128, num_warps=8, num_stages=3),  # lm_head M=2: 68.8 us bf16 126.2 us
     (4, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=4: 68.0 us bf16 126.5 us
     (8, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=8: 68.2 us bf16 127.7 us
@@ -500,7 +501,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
     # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json): µs per call, bf16's, and
     # what the lm_head's tiles it ran before took
-    (1, "n24k.k4k"): Config(16, 256, 128, SPLIT_K=4, num_warps=8, num_stages=3),  # 32.9 us; bf16 46.5; was 37.9
+    (1, "n24k.k4k"): Config(1, 64, 256, num_warps=8, num_stages=1, kind="gemv_word"),  # 27.3 us; bf16 47.7; was 32.9
     (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # 32.2 us; bf16 48.7; was 36.6
     (4, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.5; was 32.9
     (8, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=2, num_stages=3),  # 30.0 us; bf16 47.8; was 33.0
