@@ -548,8 +548,14 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
 # on an H200 (tnl-7b, bf16, µs fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU
 # product at 1 row 29.8; 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1).
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
-    (1, "n4k.k4k"): Config(1, 16, 512, num_stages=1, kind="gemv_once"),
-    (1, "n4k.kbig"): Config(16, 128, 128, SPLIT_K=4, num_stages=3),
+    # one row: the best plain product per shape of a sweep of that M (bench/results/float-sweep-m1-h200.json; µs
+    # tnl-7b, tnl-1b; cuBLAS's): the one-row gemv tiles, which beat cuBLAS at every shape
+    (1, "n16k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # q|k|v|u 34.9; 35.6
+    (1, "n4k.k4k"): Config(1, 8, 1024, num_warps=8, num_stages=1, kind="gemv"),  # out_proj 11.2, 5.3; 13.4, 6.4
+    (1, "n24k.k4k"): Config(1, 64, 256, num_warps=8, num_stages=1, kind="gemv"),  # l1|l2 45.9; 50.9
+    (1, "n12k.k4k"): Config(1, 8, 512, num_stages=1, kind="gemv"),  # tnl-1b q|k|v|u 10.4, l1|l2 14.4; 11.5, 14.2
+    (1, "n4k.kbig"): Config(1, 8, 1024, num_warps=8, num_stages=1, kind="gemv"),  # l3 25.2, 10.4; 28.0, 11.3
+    (1, "nbig.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # lm_head 122.7, 62.5; 153.2, 77.5
     **{(bucket, "n4k.kbig"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
     **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
     **{(bucket, "*"): Config(64, 128, 64, num_stages=3) for bucket in M_BUCKETS[5:]},

@@ -130,7 +130,8 @@ class TestTriton:
             r = torch.rsqrt(row_ms.double().sum(0) + EPS)[:, None] ** power
             expected = residual.double() + product * r + b.double()
             assert_close(f"{cfg} {prologue} y", expected, y)
-            assert ms.shape == (-(-45 // 16), 17)  # one partial per 16-wide column tile
+            # one partial per column tile: the product's 16 wide, or under split-K the reduce kernel's (up to 1024)
+            assert ms.shape[1] == 17 and 1 <= ms.shape[0] <= -(-45 // 16)
             assert_close(f"{cfg} {prologue} ms", y.double().square().mean(-1), ms.double().sum(0))
             scaled = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, row_ms=row_ms, row_power=power,
                              config=cfg)  # the row scale alone
@@ -191,7 +192,7 @@ def test_bad_input_errors():
         ref.prologue_linear_ref(x, w.float(), s, b, prologue="norm")
     with pytest.raises(ValueError, match='"deq" serves a plain int8 product only'):
         _linear(x, w, s, b, prologue="norm", config=Config(1, 32, 256, kind="deq"))
-    residual, row_ms = torch.zeros(2, 29), torch.zeros(3, 2)
+    residual, row_ms = torch.zeros(2, 29, device=DEVICE), torch.zeros(3, 2, device=DEVICE)
     for impl in (ref.prologue_linear_ref, prologue_linear_triton):
         with pytest.raises(ValueError, match="row_ms must be fp32"):
             impl(x, w, s, b, prologue="mul", other=other, row_ms=row_ms.double())
@@ -229,6 +230,29 @@ def test_only_decode_rows_without_autograd_take_a_prologue(monkeypatch):
         assert kernels.fuses_prologue(x, w.float(), "mul", x) and not kernels.fuses_prologue(x, w.half(), "mul", x)
     with kernels.use_impl("torch"):
         assert not kernels.fuses_prologue(x, w, "mul", x)  # the CPU: the Linears' own products (oneDNN, int8pack)
+
+
+@requires_triton_interpret
+@torch.inference_mode()
+def test_float_linear_runs_one_row_on_the_triton_product(monkeypatch):
+    """tnllm's float Linear sends a one-row product on the Triton path to the kernel's plain product ("none"), equal
+    to F.linear in fp32 (odd N and K, bias, a leading batch dim); two rows, or autograd recording, stay F.linear."""
+    from tnllm.linear import Linear
+
+    torch.manual_seed(3)
+    linear = Linear(37, 29, bias=True).to(DEVICE)
+    counter = CallCounter(kernels.prologue_linear)
+    monkeypatch.setattr(kernels, "prologue_linear", counter)
+    x = torch.randn(3, 2, 37, device=DEVICE)
+    with kernels.use_impl("triton"):
+        one = linear(x[:1, :1])
+        assert counter.calls == ["none"] and one.shape == (1, 1, 29)
+        assert_close("one row", torch.nn.functional.linear(x[:1, :1], linear.weight, linear.bias), one, rel=1e-6)
+        assert_close("two rows", torch.nn.functional.linear(x[:1], linear.weight, linear.bias), linear(x[:1]))
+        assert counter.calls == ["none"]
+        with torch.enable_grad():
+            linear(x[:1, :1].clone().requires_grad_())
+        assert counter.calls == ["none"]
 
 
 class CallCounter:

@@ -107,6 +107,8 @@ class Linear(nn.Linear):
         return pack
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fuses_prologue(x, self.weight, "none"):  # a GPU decode row: the Triton product beats cuBLAS
+            return self.prologue_forward(x, "none")
         pack = self._live_pack()
         if pack is None or x.dtype != torch.float32 or (torch.is_grad_enabled() and (
                 self.weight.requires_grad or x.requires_grad)):
