@@ -1,18 +1,22 @@
-"""Linear-layer timings behind `quant.choose_method("auto")`: float vs int8 weight-only vs bnb LLM.int8.
+"""Linear-layer timings behind `quant.choose_method("auto")`: float vs int8 weight-only vs bnb LLM.int8 and NF4.
 
     python bench/quant_cpu.py                 # CPU: 2048->2048 and 2048->5632, batch 1/16, fp32/bf16
     python bench/quant_cpu.py --device cuda   # the same on a GPU (fp16/bf16)
     python bench/quant_cpu.py --model assets/tnl   # whole-model decode ms/token per method (batch 1)
 
-Prints a table (median ms per forward, rel-L2 error of the output vs float) and one JSON line.
+Prints a table (median ms per forward, rel-L2 error of the output vs float) and one JSON line; --out also writes
+it (with the command, date and versions) to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,11 +41,13 @@ def time_ms(fn, x: torch.Tensor, reps: int) -> tuple[float, float]:
 
 
 def layers(n_in: int, n_out: int, device: str, dtype: torch.dtype, threshold: float) -> dict[str, nn.Module]:
-    """The same random Linear as float, int8 weight-only and (if importable) bnb Linear8bitLt."""
+    """The same random Linear as float, int8 weight-only and (if importable) bnb Linear8bitLt and 4-bit NF4
+    Linear4bit (not a method of `quant`: timed to decide whether one would pay)."""
     ref = nn.Linear(n_in, n_out, bias=False).to(device=device, dtype=dtype)
     out = {"float": ref, "int8": Int8Linear.from_float(ref)}
     if bnb.available():
         out["bnb_int8"] = bnb.linear_from_float(ref, device, threshold=threshold)
+        out["bnb_nf4"] = bnb.nf4_linear_from_float(ref, device)
     return out
 
 
@@ -88,6 +94,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--threshold", type=float, default=6.0, help="bnb outlier threshold")
     p.add_argument("--model", default=None, help="time whole-model decode of this checkpoint instead")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +103,7 @@ def main() -> None:
         print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
         for r in rows:
             print(f"{r['method']:9} {r['ms_per_token']:8.3f} ms/token (min {r['min_ms']:.3f})")
-        print(json.dumps({"bench": "quant_model_decode", "threads": torch.get_num_threads(), "rows": rows}))
+        emit({"bench": "quant_model_decode", "threads": torch.get_num_threads(), "rows": rows}, args.out)
         return
     dtypes = [torch.float32, torch.bfloat16] if args.device == "cpu" else [torch.float16, torch.bfloat16]
     rows = run(args.device, dtypes, args.reps, args.threshold)
@@ -106,9 +113,18 @@ def main() -> None:
     for r in rows:
         print(f"{r['dtype']:9} {r['shape']:10} {r['batch']:5d} {r['method']:9} {r['ms']:9.4f} {r['min_ms']:8.4f} "
               f"{r['rel_err']:8.5f}")
-    print(json.dumps({"bench": "quant_linear", "device": args.device,
-                      "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                      "rows": rows}))
+    emit({"bench": "quant_linear", "device": args.device, "capability": torch.backends.cpu.get_cpu_capability(),
+          "threads": torch.get_num_threads(), "rows": rows}, args.out)
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print `result` as one JSON line; with `out`, also write it there with the command, date and versions."""
+    print(json.dumps(result))
+    if out is not None:
+        meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+                "bitsandbytes": bnb.version() if bnb.available() else None,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        out.write_text(json.dumps({**result, **meta}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

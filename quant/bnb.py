@@ -30,6 +30,13 @@ def available() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
+def version() -> str:
+    """The installed bitsandbytes version (without importing it)."""
+    from importlib.metadata import version as installed
+
+    return installed("bitsandbytes")
+
+
 def _bnb():
     # Before the first import: silence per-forward "inputs will be cast to float16" and import-time
     # optional-kernel messages (docs/quantization.md#bitsandbytes-on-the-cpu).
@@ -106,4 +113,18 @@ def linear_from_float(linear: nn.Linear, device: torch.device | str, threshold: 
     load_float_weight("linear", mod, linear.weight.detach(), device)
     if linear.bias is not None:
         mod.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return mod.eval()
+
+
+def nf4_linear_from_float(linear: nn.Linear, device: torch.device | str) -> nn.Module:
+    """A bitsandbytes 4-bit NF4 copy of one float nn.Linear (`Linear4bit`, blocks of 64, computing in the weight's
+    dtype), quantised on `device`: what a `bnb_nf4` method would run (bench/quant_cpu.py times it)."""
+    bnb = _bnb()
+    weight = linear.weight.detach()
+    mod = bnb.nn.Linear4bit(linear.in_features, linear.out_features, linear.bias is not None,
+                            compute_dtype=weight.dtype, quant_type="nf4", device="meta")
+    # Params4bit quantises when it is moved to a device, from wherever the float weight is
+    mod.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type="nf4").to(device)
+    if linear.bias is not None:
+        mod.bias = nn.Parameter(linear.bias.detach().clone().to(device), requires_grad=False)
     return mod.eval()
