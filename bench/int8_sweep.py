@@ -1,8 +1,8 @@
 """Sweep of the weight-only int8 kernel's launch configurations (kernels/triton_int8.py) on the GPU.
 
-    python bench/int8_sweep.py --out bench/results/int8-sweep-h200.json     # H200: under 5 minutes
+    python bench/int8_sweep.py --out bench/results/int8-sweep-h200.json.gz     # H200: under 5 minutes
     TRITON_INTERPRET=1 python bench/int8_sweep.py --tiny --out /tmp/s.json   # CPU, Triton interpreter, seconds
-    python bench/int8_sweep.py --weights bf16 --prefill-rows "" --out bench/results/float-sweep-h200.json
+    python bench/int8_sweep.py --weights bf16 --prefill-rows "" --out bench/results/float-sweep-h200.json.gz
 
 --weights bf16 sweeps the same kernel on bf16 weights (what decode products fused with the op before them run on
 a float model, `prologue_linear_triton`): decode M only, no `magic` conversion, tiles sized for 2-byte weights,
@@ -30,8 +30,9 @@ time / per-shape best over the shapes that timed it).
 Time: the kernels of every candidate are compiled first by --compile-workers processes into Triton's disk cache
 (no worker failure can stop the sweep: what they miss compiles on first use). --budget-s bounds the whole run:
 each shape gets its share of the time left (and each M its share of the shape's: M = 1 the most), and the
-candidates a shape could not reach are counted in `skipped`. The JSON (--out) is rewritten after every
-(shape, M); rows name their shape, whose sizes and class are under `shapes`.
+candidates a shape could not reach are counted in `skipped`. The JSON (--out; gzipped where its name ends in .gz,
+as bench/results keeps the sweeps) is rewritten after every (shape, M); rows name their shape, whose sizes and
+class are under `shapes`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
+import gzip  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -255,7 +257,11 @@ class Sweep:
     def save(self) -> None:
         self.args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, separators=(",", ":")) + "\n")
+        text = json.dumps(self.data, separators=(",", ":")) + "\n"
+        if self.args.out.suffix == ".gz":  # a sweep's rows are megabytes of JSON; the repository keeps them gzipped
+            tmp.write_bytes(gzip.compress(text.encode(), mtime=0))
+        else:
+            tmp.write_text(text)
         tmp.replace(self.args.out)
 
     def left_s(self) -> float:
@@ -454,7 +460,7 @@ def table(data: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8-sweep-h200.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "int8-sweep-h200.json.gz")
     parser.add_argument("--tiny", action="store_true", help="CPU, Triton interpreter, tiny shapes, few configs")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--preset", default="tnl-7b")

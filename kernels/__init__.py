@@ -155,7 +155,7 @@ def glu_mul(y):
 # fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two the
 # tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; on int8 weights the
 # captured step went 3.20 → 3.09 ms at 1 session. "none" is the plain product: at one row the one-row gemv tiles
-# of float weights beat cuBLAS at every tnl-7b and tnl-1b shape (bench/results/float-sweep-m1-h200.json, µs: 7B
+# of float weights beat cuBLAS at every tnl-7b and tnl-1b shape (bench/results/float-sweep-m1-h200.json.gz, µs: 7B
 # l1|l2 45.9 against 50.9, lm_head 122.7 against 153.2, q|k|v|u 34.9 against 35.6; 1B 10.4-62.5 against 11.5-77.5),
 # so float Linears (`tnllm.linear.Linear`) run their one-row products on it.
 FUSED_PROLOGUES: dict[str, int] = {"none": 1, "gated_norm": 1, "mul": 16}

@@ -458,11 +458,11 @@ def m_bucket(M: int) -> int | None:
 
 
 # (M bucket, shape class) -> Config; "*" is any shape class without a row of its own. The rows are bench/int8_sweep.py's
-# output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json): per tnl-7b Linear and M, the fastest tile
+# output on an H200 (triton 3.6; bench/results/int8-sweep-h200.json.gz): per tnl-7b Linear and M, the fastest tile
 # as CUDA-graph replays over weights too large for L2 (its time and bf16's in the comment);
 # a "*" row is the one tile closest to every shape's best (geometric mean); the 32 row was not swept. The M = 1 rows
 # of the tnl-7b shapes come from a sweep of that M alone with the one-row gemv kinds on two-dimensional tiles
-# (bench/results/int8-sweep-m1-h200.json).
+# (bench/results/int8-sweep-m1-h200.json.gz).
 CONFIGS: dict[tuple[int | None, str], Config] = {
     (1, "n16k.k4k"): Config(1, 64, 512, num_warps=8, num_stages=1, kind="gemv_word"),  # qkvu_proj M=1: 20.5 us bf16 35
     (2, "n16k.k4k"): Config(16, 128, 256),  # qkvu_proj M=2: 22.4 us bf16 34.2 us
@@ -499,7 +499,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (16, "nbig.k4k"): Config(16, 128, 256, num_stages=3),  # lm_head M=16: 68.6 us bf16 128.7 us
     (512, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=512: 548.6 us bf16 344.3 us
     (None, "nbig.k4k"): Config(1, 32, 256, kind="deq"),  # lm_head M=4096: 3246.3 us bf16 2646.1 us
-    # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json): µs per call, bf16's, and
+    # packed l1|l2 (n24k), swept on its own (bench/results/int8-sweep-l12-h200.json.gz): µs per call, bf16's, and
     # what the lm_head's tiles it ran before took
     (1, "n24k.k4k"): Config(1, 64, 256, num_warps=8, num_stages=1, kind="gemv_word"),  # 27.3 us; bf16 47.7; was 32.9
     (2, "n24k.k4k"): Config(16, 128, 128, SPLIT_K=4),  # 32.2 us; bf16 48.7; was 36.6
@@ -517,7 +517,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (None, "*"): Config(1, 32, 256, kind="deq"),  # M=4096: geomean 1.004x of each shape's best
     (32, "*"): Config(32, 64, 128, SPLIT_K=0),
     # A packed step's rows with a 32-id prompt chunk (the int8 default on CUDA: up to 64), swept at M = 40
-    # (bench/results/int8-sweep-mid-h200.json): µs per call, bf16's, and what the old "*" row took
+    # (bench/results/int8-sweep-mid-h200.json.gz): µs per call, bf16's, and what the old "*" row took
     (64, "n16k.k4k"): Config(64, 128, 64, SPLIT_K=2),  # qkvu_proj M=40: 34.0 us; bf16 35.4; was 34.0
     (64, "n4k.k4k"): Config(64, 128, 64, SPLIT_K=8),  # out_proj M=40: 13.3 us; bf16 14.2; was 13.3
     (64, "n12k.k4k"): Config(64, 128, 64, SPLIT_K=4, num_stages=3),  # l1/l2 M=40: 25.9 us; bf16 26.3; was 31.8
@@ -526,7 +526,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (64, "nbig.k4k"): Config(64, 128, 128, num_stages=3),  # lm_head M=40: 111.1 us; bf16 151.7; was 144.1
     (64, "*"): Config(64, 128, 64, SPLIT_K=4),  # M=40: geomean 1.155x of each shape's best
     # A packed step's rows (decode rows + a prompt chunk of 128: up to 160) and up to 256, swept on their own
-    # (bench/results/int8-sweep-m160-h200.json): µs per call, bf16's, and what the "deq" rows they used took
+    # (bench/results/int8-sweep-m160-h200.json.gz): µs per call, bf16's, and what the "deq" rows they used took
     (160, "n16k.k4k"): Config(64, 128, 64),  # qkvu_proj M=160: 69.9 us; bf16 40.9; was 97.3
     (160, "n4k.k4k"): Config(128, 64, 64, SPLIT_K=2),  # out_proj M=160: 27.4 us; bf16 18.7; was 31.8
     (160, "n12k.k4k"): Config(64, 128, 64),  # l1/l2 M=160: 50.9 us; bf16 30.8; was 69.7
@@ -548,7 +548,7 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
 # on an H200 (tnl-7b, bf16, µs fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU
 # product at 1 row 29.8; 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1).
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
-    # one row: the best plain product per shape of a sweep of that M (bench/results/float-sweep-m1-h200.json; µs
+    # one row: the best plain product per shape of a sweep of that M (bench/results/float-sweep-m1-h200.json.gz; µs
     # tnl-7b, tnl-1b; cuBLAS's): the one-row gemv tiles, which beat cuBLAS at every shape
     (1, "n16k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # q|k|v|u 34.9; 35.6
     (1, "n4k.k4k"): Config(1, 8, 1024, num_warps=8, num_stages=1, kind="gemv"),  # out_proj 11.2, 5.3; 13.4, 6.4

@@ -5,6 +5,7 @@ so odd K and N walk several K steps, N tiles and K slices). The interpreter comp
 dot is wrong, triton 3.9); the native bf16 path is covered by the CUDA tests.
 """
 
+import gzip
 import inspect
 import json
 import os
@@ -211,15 +212,15 @@ interpreter_run_of_a_gpu_script = pytest.mark.skipif(torch.cuda.is_available(), 
 @interpreter_run_of_a_gpu_script
 def test_sweep_tiny_on_cpu(tmp_path):
     """bench/int8_sweep.py --tiny: every kind through the sweep in the interpreter; rows checked and timed,
-    a best row per (shape, M), the table printed in CONFIGS' format."""
+    a best row per (shape, M), the table printed in CONFIGS' format; gzipped JSON as bench/results keeps it."""
     pytest.importorskip("triton")
     from tnllm.kernels import triton_int8 as ti
 
-    out = tmp_path / "sweep.json"
+    out = tmp_path / "sweep.json.gz"
     run = subprocess.run([sys.executable, "bench/int8_sweep.py", "--tiny", "--out", str(out)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    data = json.loads(out.read_text())
+    data = json.loads(gzip.decompress(out.read_bytes()))
     assert not data["notes"] and not any(data["skipped"].values())
     rows = data["rows"]
     assert {r["shape"] for r in rows} == {"square", "odd"} and {r["M"] for r in rows} == {1, 3, 40}
