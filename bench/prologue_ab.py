@@ -53,13 +53,15 @@ def products(preset: str) -> dict[str, tuple[int, int, str]]:
 
 
 def float_tiles(tiny: bool) -> list[ti.Config]:
-    """Tiles tried for bf16 weights with a prologue: split-K "dot" tiles sized for 2-byte weights, and "gemv_once"."""
+    """Tiles tried for bf16 weights with a prologue: split-K "dot" tiles sized for 2-byte weights, and the one-row
+    gemv kinds (what the one-row `FLOAT_CONFIGS` rows take; at 16 rows they run their [16, BN, BK] form)."""
     if tiny:
         return [ti.Config(16, 16, 16, SPLIT_K=2, num_stages=1), ti.Config(1, 16, 32, num_stages=1, kind="gemv_once")]
     out = [ti.Config(16, bn, bk, SPLIT_K=split, num_warps=4, num_stages=3)
            for bn in (64, 128) for bk in (128, 256) for split in (1, 2, 4)]
-    return out + [ti.Config(1, 8, 1024, num_stages=1, kind="gemv_once"), ti.Config(1, 16, 512, num_stages=1,
-                                                                                  kind="gemv_once")]
+    return out + [ti.Config(1, bn, bk, num_warps=w, num_stages=1, kind=kind)
+                  for kind, bn, bk, w in (("gemv_once", 8, 1024, 4), ("gemv_once", 16, 512, 4), ("gemv", 8, 1024, 4),
+                                          ("gemv", 8, 1024, 8), ("gemv", 8, 512, 4), ("gemv", 64, 256, 8))]
 
 
 def inputs(prologue: str, m: int, k: int, device, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
