@@ -74,8 +74,8 @@ def backend_for(device: torch.device | str) -> str:
     """The implementation the dispatch picks for tensors on `device`: "triton" or "torch"."""
     if _FORCE_IMPL is not None:
         return _FORCE_IMPL
-    device = torch.device(device)
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type  # every op asks: no copy
+    return "triton" if kind == "cuda" and triton_available() else "torch"
 
 
 def _fused_impl(*tensors: torch.Tensor) -> str:
@@ -174,9 +174,8 @@ def fuses_prologue(x: torch.Tensor, weight: torch.Tensor, prologue: str, other: 
     PROLOGUE_WEIGHTS ("int8", or "float": x's dtype), other of x's dtype, no autocast (its casts belong to the
     composed ops) and no autograd recording (the fused kernel has no backward). Elsewhere the model composes the
     ops: on the CPU its Linears' own fast products serve better than this composition."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if backend_for(x.device) != "triton" or rows > FUSED_PROLOGUES.get(prologue, 0):
-        return False
+    if backend_for(x.device) != "triton" or x.numel() // max(x.shape[-1], 1) > FUSED_PROLOGUES.get(prologue, 0):
+        return False  # the backend first: a CPU Linear asks on every call
     if (other is not None and other.dtype != x.dtype) or torch.is_autocast_enabled(x.device.type):
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, other, weight)):
