@@ -25,6 +25,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 int8 and float weights (an A/B of `kernels.fuses_prologue`; rows name the mode; auto = the shipped setting).
 --norms deferred / kernels: the blocks' norms left to the products after them, or run as kernels
 (`kernels.DEFERRED_NORMS`; rows name the mode; auto = the shipped setting).
+--pdl on / off: the one-row decode products launched with programmatic dependent launch or not
+(`kernels._pdl.DECODE_PDL`; rows name the mode; auto = the shipped setting).
 
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
 the H200 layout), so a timeout loses nothing.
@@ -54,6 +56,7 @@ from tnllm import TNLConfig, TransNormerLLM, kernels, quant
 from tnllm.engine import Engine, EngineConfig, Session
 from tnllm.engine.graphs import DecodeGraphs, PrefillGraphs, capture_cuda_graph, replay_eagerly, split_into_pieces
 from tnllm.engine.scheduler import decode_step
+from tnllm.kernels import _pdl
 from tnllm.sampling import SamplingParams
 from tnllm.tokenizer import BUNDLED_TOKENIZER, Tokenizer
 from tnllm.webui.validation import CHAT_DEFAULTS
@@ -66,6 +69,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_WEIGHTS": ()}, "int8": {"PROLOGUE_WEIGHTS": ("int8",)},
                   "all": {"PROLOGUE_WEIGHTS": ("int8", "float")}}
 NORM_MODES = {"auto": {}, "deferred": {"DEFERRED_NORMS": True}, "kernels": {"DEFERRED_NORMS": False}}
+PDL_MODES = {"auto": {}, "on": {"DECODE_PDL": True}, "off": {"DECODE_PDL": False}}  # settings of kernels._pdl
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
@@ -338,7 +342,8 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written
         return {"preset": preset, "quant": args.quant, "batch": batch, "context": context, "decode_ms_per_token": ms,
                 "hbm_floor_ms": floor, "floor_fraction": floor / ms,
-                "aggregate_tok_s": tok_s, "path": path, "prologues": args.prologues, "norms": args.norms, **extra}
+                "aggregate_tok_s": tok_s, "path": path, "prologues": args.prologues, "norms": args.norms,
+                "pdl": args.pdl, **extra}
 
     if cuda:
         with section(results, f"{preset} graph-replay"):
@@ -419,9 +424,14 @@ def main() -> None:
     parser.add_argument("--norms", default="auto", choices=tuple(NORM_MODES),
                         help="decode blocks' norms: as kernels.DEFERRED_NORMS says (auto), left to the products after "
                              "them where the blocks allow (deferred), or kernels of their own (kernels)")
+    parser.add_argument("--pdl", default="auto", choices=tuple(PDL_MODES),
+                        help="one-row decode products with programmatic dependent launch: as kernels._pdl.DECODE_PDL "
+                             "says (auto), on, or off")
     args = parser.parse_args()
     for name, value in {**PROLOGUE_MODES[args.prologues], **NORM_MODES[args.norms]}.items():
         setattr(kernels, name, value)
+    for name, value in PDL_MODES[args.pdl].items():
+        setattr(_pdl, name, value)
     if args.smoke:
         args.presets, args.contexts, args.sessions, args.tokens = "tiny", "64,256", 4, 12
         args.budgets, args.interleave_sessions, args.interleave_prompt = "64", 2, 512

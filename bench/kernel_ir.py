@@ -59,7 +59,7 @@ def _signature(fn, constexprs: dict, cfg: ti.Config, int8: bool) -> tuple[dict, 
 def compile_row(cfg: ti.Config, int8: bool = True) -> str:
     """The TTGIR of the launcher's plain one-row product with tile `cfg` (a gemv kind, BM = 1), built for sm_90."""
     meta = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=True, HAS_SCALES=int8, HAS_BIAS=False, PARTIAL=cfg.SPLIT_K > 1,
-                PRO=ti.PROLOGUES.index("none"), NORM=False, ROW_POW=0, T_IN=1, RESIDUAL=False)
+                PRO=ti.PROLOGUES.index("none"), NORM=False, ROW_POW=0, T_IN=1, RESIDUAL=False, PDL=0)
     if cfg.kind == "gemv_word":
         fn, meta = ti._int8_word_kernel, dict(meta, ASM=True)
     else:

@@ -559,12 +559,13 @@ def _commands(result: dict) -> str:
 
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
-IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues", "norms"),
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues", "norms", "pdl"),
             "interleave": ("preset", "quant", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
             "load": ("method", "preset")}
-ABSENT = {"prologues": "auto", "norms": "auto"}  # an identity field's value in items recorded before it existed
+# an identity field's value in items recorded before it existed
+ABSENT = {"prologues": "auto", "norms": "auto", "pdl": "auto"}
 
 
 def _identity(item: dict, fields: tuple) -> tuple:
@@ -697,11 +698,12 @@ def render_engine(result: dict) -> str:
            "all: the decode products' ops before them composed, or fused into the products of int8 weights, or of "
            "every weight (`--prologues`; docs/kernels.md#prologues-the-op-before-a-product-inside-the-product). Norms "
            "deferred / kernels: the blocks' norms left to the products after them, or kernels of their own "
-           "(`--norms`; docs/kernels.md#deferred-norms).", "",
+           "(`--norms`; docs/kernels.md#deferred-norms). PDL on / off: the one-row products launched with "
+           "programmatic dependent launch or not (`--pdl`; docs/kernels.md#programmatic-dependent-launch).", "",
            "| preset | weights | path | sessions | context | ms/token | floor ms | % of floor | aggregate tok/s | "
            "code |", "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
-        path = x["path"] + "".join(f" ({field} {x[field]})" for field in ("prologues", "norms")
+        path = x["path"] + "".join(f" ({field} {x[field]})" for field in ("prologues", "norms", "pdl")
                                    if x.get(field, "auto") != "auto")
         out.append(f"| {x['preset']} | {_weights(x)} | {path} | {x['batch']} | {x['context']:,} | "
                    f"{x['decode_ms_per_token']:.2f} | {x['hbm_floor_ms']:.2f} | {100 * x['floor_fraction']:.0f} % | "

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from tnllm.kernels import reference as ref
 from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels._pdl import CHAINED, OFF, await_inputs, pdl
 
 __all__ = ["int8_linear_triton", "prologue_linear_triton"]
 
@@ -219,8 +220,9 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
                       s_ym, s_rm, n_ms_in, split_k, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                       REDUCE_ONCE: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, NORM: tl.constexpr,
-                      ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr):
-    # y[m, n] as above without tensor cores: each [BN, BK] weight tile is loaded once for BM rows of x
+                      ROW_POW: tl.constexpr, T_IN: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    # y[m, n] as above without tensor cores: each [BN, BK] weight tile is loaded once for BM rows of x (PDL: BM = 1
+    # only, `_gemv_one_row`)
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     n_m = tl.cdiv(M, BM)
     pid_m, pid_n = pid % n_m, pid // n_m  # row blocks of one weight tile run side by side: they share it in L2
@@ -234,7 +236,7 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
     m_store = o_m < tl.where(pid_n == 0, M, 0)
     if BM == 1:
         acc, sq = _gemv_one_row(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BN, BK, HAS_SCALES, MAGIC, PRO,
-                                EVEN_K, REDUCE_ONCE)
+                                EVEN_K, REDUCE_ONCE, PDL)
     else:
         acc, sq = _gemv_rows(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BM, BN, BK, HAS_SCALES, MAGIC,
                              PRO, EVEN_K, REDUCE_ONCE)
@@ -245,23 +247,37 @@ def _int8_gemv_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
 @triton.jit
 def _gemv_one_row(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BN: tl.constexpr, BK: tl.constexpr,
                   HAS_SCALES: tl.constexpr, MAGIC: tl.constexpr, PRO: tl.constexpr, EVEN_K: tl.constexpr,
-                  REDUCE_ONCE: tl.constexpr):
+                  REDUCE_ONCE: tl.constexpr, PDL: tl.constexpr):
     """The gemv K loop for one row of x: (acc [1, BN], squares [1, BK]). Every tile is two-dimensional: with a
-    [1, BN, BK] product Triton moved each converted weight tile through shared memory."""
+    [1, BN, BK] product Triton moved each converted weight tile through shared memory. PDL: the first K step is
+    peeled off, its weight tile loaded before the wait for x's producer (`await_inputs`); these tiles are not
+    software-pipelined, so the peel costs the loop nothing."""
     sq = tl.zeros([1, BK], dtype=tl.float32)
-    if REDUCE_ONCE:
-        acc_nk = tl.zeros([BN, BK], dtype=tl.float32)
-    else:
-        acc_n = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, split_k * BK):
+    acc = tl.zeros([BN, BK if REDUCE_ONCE else 1], dtype=tl.float32)
+    k_start = pid_k * BK
+    if PDL:
+        m_k = o_k[None, :] < K - k_start  # masked: a K slice may have no step
+        b_q = tl.load(p_w + k_start, mask=m_k, other=0)
+        await_inputs(PDL)
+        b_x = tl.load(p_x + k_start, mask=m_k, other=0.)
+        b_x, sq = _gemv_input(b_x, p_x2, p_xs, k_start, K, o_k, m_store, sq, PRO, False)
+        acc = _gemv_row_step(acc, _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC), b_x, REDUCE_ONCE)
+        k_start += split_k * BK
+    for k0 in range(k_start, K, split_k * BK):
         b_w, b_x, sq = _gemv_operands(p_x, p_w, p_x2, p_xs, k0, K, o_k, m_store, sq, HAS_SCALES, MAGIC, PRO, EVEN_K)
-        if REDUCE_ONCE:
-            acc_nk += b_w * b_x  # [BN, BK]
-        else:
-            acc_n += tl.sum(b_w * b_x, axis=1)
+        acc = _gemv_row_step(acc, b_w, b_x, REDUCE_ONCE)
+    return tl.sum(acc, axis=1)[None, :], sq
+
+
+@triton.jit
+def _gemv_row_step(acc, b_w, b_x, REDUCE_ONCE: tl.constexpr):
+    # acc [BN, BK] (REDUCE_ONCE: products, reduced after the loop) or [BN, 1] += the weight tile b_w [BN, BK] x the
+    # row b_x [1, BK]
     if REDUCE_ONCE:
-        acc_n = tl.sum(acc_nk, axis=1)
-    return acc_n[None, :], sq
+        acc += b_w * b_x
+    else:
+        acc += tl.sum(b_w * b_x, axis=1, keep_dims=True)
+    return acc
 
 
 @triton.jit
@@ -292,9 +308,16 @@ def _gemv_operands(p_x, p_w, p_x2, p_xs, k0, K, o_k, m_store, sq, HAS_SCALES: tl
     """The gemv kinds' operands at K offset k0: the weight tile [BN, BK] and the input rows (or their prologue)
     [BM, BK], both fp32, and the squares sq grown by this tile's."""
     b_x, b_q = _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K)
+    b_x, sq = _gemv_input(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
+    return _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC), b_x, sq
+
+
+@triton.jit
+def _gemv_input(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO: tl.constexpr, EVEN_K: tl.constexpr):
+    # the input tile the gemv kinds multiply: x's (or its prologue's, `_prologue`) in fp32, and the squares
     if PRO != PRO_NONE:
         b_x, sq = _prologue(b_x, p_x2, p_xs, k0, K, o_k, m_store, sq, PRO, EVEN_K)
-    return _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC), b_x.to(tl.float32), sq
+    return b_x.to(tl.float32), sq
 
 
 @triton.jit
@@ -346,16 +369,29 @@ def _word_byte_dot(acc, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.co
     return acc + f * b_x.to(tl.float32), sq
 
 
+@triton.jit
+def _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k0, K, m_store, PRO: tl.constexpr,
+               EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    # acc [BN, BW] += the words q [BN, BW] of K step k0, converted, x the row's four strided column tiles
+    f0, f1, f2, f3 = _words_to_f32(q, ASM)
+    acc, sq = _word_byte_dot(acc, f0, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 0, k0, K, m_store, PRO, EVEN_K)
+    acc, sq = _word_byte_dot(acc, f1, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 1, k0, K, m_store, PRO, EVEN_K)
+    acc, sq = _word_byte_dot(acc, f2, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 2, k0, K, m_store, PRO, EVEN_K)
+    acc, sq = _word_byte_dot(acc, f3, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 3, k0, K, m_store, PRO, EVEN_K)
+    return acc, sq
+
+
 @triton.jit(do_not_specialize=["M", "n_ms_in", "split_k"])
 def _int8_word_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K, eps, s_xm, s_x2m, s_xsm, s_wn,
                       s_ym, s_rm, n_ms_in, split_k, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                       EVEN_K: tl.constexpr, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                       PRO: tl.constexpr, NORM: tl.constexpr, ROW_POW: tl.constexpr, T_IN: tl.constexpr,
-                      RESIDUAL: tl.constexpr, ASM: tl.constexpr):
+                      RESIDUAL: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     # "gemv_word": one row of x per program (BM = 1) and BN output rows, the int8 weight read as int32 words
     # w [N, K / 4] (row stride s_wn in words), four columns per load element, converted four at a time
     # (`_words_to_f32`); the row's columns 4w + j are read as four strided tiles. Every tile is two-dimensional
     # ([BN, BW]): a [1, BN, BW] accumulator made Triton move each converted weight tile through shared memory.
+    # PDL: the first K step peeled off, its words loaded before the wait for x's producer (`_gemv_one_row`).
     tl.static_assert(BM == 1, "gemv_word reads one row of x per program")
     BW: tl.constexpr = BK // 4
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -366,16 +402,18 @@ def _int8_word_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
     m_store = o_m < tl.where(pid_n == 0, M, 0)
     sq = tl.zeros([1, BW], dtype=tl.float32)
     acc = tl.zeros([BN, BW], dtype=tl.float32)
-    for k0 in range(pid_k * BK, K, split_k * BK):
+    k_start = pid_k * BK
+    if PDL:
+        q = tl.load(p_w + k_start // 4, mask=4 * o_w[None, :] < K - k_start, other=0)
+        await_inputs(PDL)
+        acc, sq = _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k_start, K, m_store, PRO, False, ASM)
+        k_start += split_k * BK
+    for k0 in range(k_start, K, split_k * BK):
         if EVEN_K:
             q = tl.load(p_w + k0 // 4)
         else:
             q = tl.load(p_w + k0 // 4, mask=4 * o_w[None, :] < K - k0, other=0)
-        f0, f1, f2, f3 = _words_to_f32(q, ASM)
-        acc, sq = _word_byte_dot(acc, f0, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 0, k0, K, m_store, PRO, EVEN_K)
-        acc, sq = _word_byte_dot(acc, f1, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 1, k0, K, m_store, PRO, EVEN_K)
-        acc, sq = _word_byte_dot(acc, f2, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 2, k0, K, m_store, PRO, EVEN_K)
-        acc, sq = _word_byte_dot(acc, f3, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, 3, k0, K, m_store, PRO, EVEN_K)
+        acc, sq = _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k0, K, m_store, PRO, EVEN_K, ASM)
     _epilogue(tl.sum(acc, axis=1)[None, :], tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k,
               pid_n, ms_in, res, ms_out, s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
 
@@ -674,11 +712,14 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
     if cfg.kind in ("dot", "dot_t"):
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
         kernel, meta = _int8_mm_kernel, dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
-    elif cfg.kind == "gemv_word":
-        common.pop("MAGIC")
-        kernel, meta = _int8_word_kernel, dict(common, ASM=not triton_interpreted(x.device))
-    else:
-        kernel, meta = _int8_gemv_kernel, dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
+    else:  # the gemv kinds; one row per program may start before the kernel ahead of it ends (`kernels._pdl`)
+        mode = pdl(x.device) if cfg.BM == 1 else OFF
+        common.update(PDL=mode, **({"launch_pdl": True} if mode == CHAINED else {}))
+        if cfg.kind == "gemv_word":
+            common.pop("MAGIC")
+            kernel, meta = _int8_word_kernel, dict(common, ASM=not triton_interpreted(x.device))
+        else:
+            kernel, meta = _int8_gemv_kernel, dict(common, REDUCE_ONCE=cfg.kind == "gemv_once")
     _launch(kernel, grid, args, meta, warmup)
     if split > 1:
         _launch(_splitk_reduce_kernel, (M, tiles_n), (ws, ss_ws, s, b, y, ms_in, res, ms_out, M, N, K, eps,

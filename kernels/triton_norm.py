@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels._pdl import pdl, start_next
 from tnllm.kernels.reference import check_same_shape
 
 __all__ = ["srmsnorm_triton", "add_srmsnorm_triton", "gated_srmsnorm_triton"]
@@ -31,7 +32,8 @@ def _inv_rms(p, N, eps, BN: tl.constexpr):
 
 
 @triton.jit
-def _norm_fwd_kernel(x, y, r, N, eps, BN: tl.constexpr):
+def _norm_fwd_kernel(x, y, r, N, eps, BN: tl.constexpr, PDL: tl.constexpr):
+    start_next(PDL)  # the forward kernels let a product after them load its first weight tiles (`kernels._pdl`)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     b_r = _inv_rms(x + i_m * N, N, eps, BN)
@@ -72,10 +74,11 @@ def _residual(x, d, o_n, N, S_TY: tl.constexpr):
 
 
 @triton.jit
-def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr):
+def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr, PDL: tl.constexpr):
     # s = x + d, y = s * rsqrt(mean(s²) + eps). The statistics are taken of the rounded s, in the blocks and order
     # of _norm_fwd_kernel, so y is bitwise the unfused srmsnorm(x + d). Like that kernel, the second pass reloads
     # its inputs (and recomputes the same s) rather than holding a row of any width in registers.
+    start_next(PDL)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     p_x, p_d = x + i_m * s_xm, d + i_m * s_dm
@@ -92,8 +95,9 @@ def _add_norm_fwd_kernel(x, d, s, y, s_xm, s_dm, N, eps, BN: tl.constexpr):
 
 
 @triton.jit
-def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr):
+def _gated_norm_fwd_kernel(o, u, y, s_om, s_um, N, eps, BN: tl.constexpr, PDL: tl.constexpr):
     # y = u * o * rsqrt(mean(o²) + eps), fp32 inside, rounded once at the store
+    start_next(PDL)
     i_m = tl.program_id(0).to(tl.int64)
     o_n = tl.arange(0, BN)
     b_r = _inv_rms(o + i_m * s_om, N, eps, BN)
@@ -118,7 +122,7 @@ class _SRMSNormFunction(torch.autograd.Function):
         r = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
         BN, warps = _block(N, x.device)
         if x2.shape[0]:
-            _norm_fwd_kernel[(x2.shape[0],)](x2, y, r, N, eps, BN=BN, num_warps=warps)
+            _norm_fwd_kernel[(x2.shape[0],)](x2, y, r, N, eps, BN=BN, PDL=pdl(x.device), num_warps=warps)
         ctx.save_for_backward(x2, r)
         return y.reshape(shape)
 
@@ -172,7 +176,8 @@ def add_srmsnorm_triton(x, delta, eps=1e-6):
     y = torch.empty_like(s)
     BN, warps = _block(N, x.device)
     if M:
-        _add_norm_fwd_kernel[(M,)](x2, d2, s, y, x2.stride(0), d2.stride(0), N, float(eps), BN=BN, num_warps=warps)
+        _add_norm_fwd_kernel[(M,)](x2, d2, s, y, x2.stride(0), d2.stride(0), N, float(eps), BN=BN, PDL=pdl(x.device),
+                                   num_warps=warps)
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -194,5 +199,6 @@ def gated_srmsnorm_triton(o, u, eps=1e-6):
     y = torch.empty(M, N, dtype=torch.promote_types(o.dtype, u.dtype), device=o.device)
     BN, warps = _block(N, o.device)
     if M:
-        _gated_norm_fwd_kernel[(M,)](o2, u2, y, o2.stride(0), u2.stride(0), N, float(eps), BN=BN, num_warps=warps)
+        _gated_norm_fwd_kernel[(M,)](o2, u2, y, o2.stride(0), u2.stride(0), N, float(eps), BN=BN, PDL=pdl(o.device),
+                                     num_warps=warps)
     return y.view(o.shape)

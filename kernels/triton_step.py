@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from tnllm.kernels._device import triton_interpreted
+from tnllm.kernels._pdl import pdl, start_next
 from tnllm.kernels.reference import check_row_ms, check_step_shapes
 
 __all__ = ["lightning_attn_step_triton"]
@@ -32,9 +33,10 @@ def _act(x, ACT: tl.constexpr):
 @triton.jit(do_not_specialize=["B", "n_ms"])
 def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk,
                  s_sv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, T_MS: tl.constexpr):
+                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, T_MS: tl.constexpr, PDL: tl.constexpr):
     # S <- λ S + act(k)ᵀ v ;  o = act(q) S      for one (sequence, head) and a BV-wide slice of E
     # T_MS > 0: q, k, v first scaled by r = rsqrt(Σ_t row_ms[t, b] + eps) (n_ms partials; a deferred norm)
+    start_next(PDL)  # the product after the step may load its first weight tiles now (`kernels._pdl`)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
     i_s = i_b
@@ -98,7 +100,7 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
         state if row_ms is None else row_ms, B, n_ms, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act,
-        T_MS=0 if row_ms is None else triton.next_power_of_2(n_ms), num_warps=warps)
+        T_MS=0 if row_ms is None else triton.next_power_of_2(n_ms), PDL=pdl(q.device), num_warps=warps)
     return o
 
 

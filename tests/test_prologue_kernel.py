@@ -109,6 +109,23 @@ class TestTriton:
             out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
             _check(f"{cfg} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out, torch.float32)
 
+    @pytest.mark.parametrize("kind", ["gemv", "gemv_once", "gemv_word"])
+    def test_one_row_products_peel_their_first_step_for_pdl(self, kind, monkeypatch):
+        """With PDL on, a one-row product peels its first K step off (its weight tile is loaded before the wait for
+        the kernel ahead): the interpreter runs that loop (not the PTX) against the oracle, with K slices 1, 3 and
+        4 (the last one without a step) over K = 68 (a masked last step), int8 and float weights, prologues."""
+        from tnllm.kernels import _pdl
+        from tnllm.kernels.triton_int8 import Config, _linear
+
+        monkeypatch.setattr(_pdl, "DECODE_PDL", True)
+        assert _pdl.pdl(DEVICE) == (_pdl.PEEL if DEVICE == "cpu" else _pdl.CHAINED)
+        for split, prologue, weight_kind in ((1, "none", "int8"), (3, "gated_norm", "int8"), (4, "mul", "float")):
+            x, other, w, s, b = _inputs(prologue, 1, 45, 68, torch.float32, weight_kind)
+            cfg = Config(1, 16, 32, SPLIT_K=split, num_stages=1, kind=kind)
+            out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
+            _check(f"{cfg} {prologue} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out,
+                   torch.float32)
+
     @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "gemv_word"])
     def test_deferred_norm_epilogue(self, kind):
         """row_ms (power 1 and 2) and a residual after every prologue that serves them, splits 1 and 3, 17 rows and
