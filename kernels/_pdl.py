@@ -33,8 +33,10 @@ def pdl(device: torch.device | str) -> int:
     griddepcontrol instructions issued) with `DECODE_PDL` on a CUDA device of compute capability 9.0 or newer
     (Hopper); PEEL (the peeled loop alone: what the interpreter can check, it runs no PTX) with `DECODE_PDL` under
     the interpreter; else OFF."""
+    if not DECODE_PDL:  # every decode launch asks: the shipped setting answers first
+        return OFF
     device = torch.device(device)
-    if not DECODE_PDL or device.type not in ("cuda", "cpu"):
+    if device.type not in ("cuda", "cpu"):
         return OFF
     if triton_interpreted(device):
         return PEEL

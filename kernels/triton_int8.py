@@ -115,14 +115,17 @@ def _epilogue(acc, ss, s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k, pid_
 @triton.jit
 def _load_k_tiles(p_x, p_w, k0, K, o_k, EVEN_K: tl.constexpr):
     """The x tile [BM, BK] and int8 weight tile [BN, BK] at K offset k0 (columns past K read as 0)."""
+    return _k_tile(p_x, k0, K, o_k, EVEN_K), _k_tile(p_w, k0, K, o_k, EVEN_K)
+
+
+@triton.jit
+def _k_tile(p, k0, K, o_k, EVEN_K: tl.constexpr):
+    # the tile [rows, BK] of pointers p at K offset k0, columns past K read as 0
     if EVEN_K:
-        b_x = tl.load(p_x + k0)
-        b_q = tl.load(p_w + k0)
+        t = tl.load(p + k0)
     else:
-        m_k = o_k[None, :] < K - k0
-        b_x = tl.load(p_x + k0, mask=m_k, other=0.)
-        b_q = tl.load(p_w + k0, mask=m_k, other=0)
-    return b_x, b_q
+        t = tl.load(p + k0, mask=o_k[None, :] < K - k0, other=0)
+    return t
 
 
 # Input prologues: what the product multiplies instead of x's rows (`prologue_linear_triton`). The norms' scale
@@ -255,11 +258,10 @@ def _gemv_one_row(p_x, p_w, p_x2, p_xs, pid_k, split_k, K, o_k, m_store, BN: tl.
     sq = tl.zeros([1, BK], dtype=tl.float32)
     acc = tl.zeros([BN, BK if REDUCE_ONCE else 1], dtype=tl.float32)
     k_start = pid_k * BK
-    if PDL:
-        m_k = o_k[None, :] < K - k_start  # masked: a K slice may have no step
-        b_q = tl.load(p_w + k_start, mask=m_k, other=0)
+    if PDL:  # masked loads: a K slice may have no step
+        b_q = _k_tile(p_w, k_start, K, o_k, False)
         await_inputs(PDL)
-        b_x = tl.load(p_x + k_start, mask=m_k, other=0.)
+        b_x = _k_tile(p_x, k_start, K, o_k, False)
         b_x, sq = _gemv_input(b_x, p_x2, p_xs, k_start, K, o_k, m_store, sq, PRO, False)
         acc = _gemv_row_step(acc, _weight_to(b_q, tl.float32, HAS_SCALES, MAGIC), b_x, REDUCE_ONCE)
         k_start += split_k * BK
@@ -370,6 +372,16 @@ def _word_byte_dot(acc, f, sq, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, J: tl.co
 
 
 @triton.jit
+def _word_tile(p_w, k0, K, o_w, EVEN_K: tl.constexpr):
+    # the words [BN, BW] of K step k0 (columns past K read as 0)
+    if EVEN_K:
+        q = tl.load(p_w + k0 // 4)
+    else:
+        q = tl.load(p_w + k0 // 4, mask=4 * o_w[None, :] < K - k0, other=0)
+    return q
+
+
+@triton.jit
 def _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k0, K, m_store, PRO: tl.constexpr,
                EVEN_K: tl.constexpr, ASM: tl.constexpr):
     # acc [BN, BW] += the words q [BN, BW] of K step k0, converted, x the row's four strided column tiles
@@ -404,15 +416,12 @@ def _int8_word_kernel(x, x2, xs, w, s, b, y, ss_ws, ms_in, res, ms_out, M, N, K,
     acc = tl.zeros([BN, BW], dtype=tl.float32)
     k_start = pid_k * BK
     if PDL:
-        q = tl.load(p_w + k_start // 4, mask=4 * o_w[None, :] < K - k_start, other=0)
+        q = _word_tile(p_w, k_start, K, o_w, False)
         await_inputs(PDL)
         acc, sq = _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k_start, K, m_store, PRO, False, ASM)
         k_start += split_k * BK
     for k0 in range(k_start, K, split_k * BK):
-        if EVEN_K:
-            q = tl.load(p_w + k0 // 4)
-        else:
-            q = tl.load(p_w + k0 // 4, mask=4 * o_w[None, :] < K - k0, other=0)
+        q = _word_tile(p_w, k0, K, o_w, EVEN_K)
         acc, sq = _word_step(acc, sq, q, x, x2, xs, r_m, s_xm, s_x2m, s_xsm, o_w, k0, K, m_store, PRO, EVEN_K, ASM)
     _epilogue(tl.sum(acc, axis=1)[None, :], tl.sum(sq, axis=1), s, b, y, ss_ws, o_m, o_n, M, N, K, eps, s_ym, pid_k,
               pid_n, ms_in, res, ms_out, s_rm, n_ms_in, HAS_SCALES, HAS_BIAS, PARTIAL, NORM, ROW_POW, T_IN, RESIDUAL)
@@ -580,11 +589,12 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
     (256, "nbig.k4k"): Config(256, 128, 64, num_warps=8),  # lm_head M=256: 295.6 us; bf16 183.3; was 388.5
     (256, "*"): Config(1, 32, 256, kind="deq"),  # M=256: geomean 1.149x of each shape's best
 }
-# The same kernel on float weights (the decode products fused with the op before them on a float model,
-# `prologue_linear_triton`): tiles sized for 2-byte weights (`bench/int8_sweep.py --weights bf16` sweeps the plain
-# product's). The shape rows serve the products that take a prologue by default, from bench/prologue_ab.py's tiles
-# on an H200 (tnl-7b, bf16, µs fused; composed): out_proj with the gated norm at 1 row 14.2; 16.4; l3 with the GLU
-# product at 1 row 29.8; 31.1, at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1).
+# The same kernel on float weights (a float model's one-row products, and its products fused with the op before
+# them, `prologue_linear_triton`): tiles sized for 2-byte weights (`bench/int8_sweep.py --weights bf16` sweeps the
+# plain product's). The one-row rows also serve the products that take a prologue there (out_proj's gated norm,
+# l3's GLU product; bench/prologue_ab.py times those); the l3 rows at 2-16 rows come from bench/prologue_ab.py's
+# tiles on an H200 (tnl-7b, bf16, µs fused; composed): at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows
+# the same tile: 12.3; 13.1).
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
     # one row: the best plain product per shape of a sweep of that M (bench/results/float-sweep-m1-h200.json.gz; µs
     # tnl-7b, tnl-1b; cuBLAS's): the one-row gemv tiles, which beat cuBLAS at every shape
