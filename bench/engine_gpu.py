@@ -25,8 +25,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 int8 and float weights (an A/B of `kernels.fuses_prologue`; rows name the mode; auto = the shipped setting).
 --norms deferred / kernels: the blocks' norms left to the products after them, or run as kernels
 (`kernels.DEFERRED_NORMS`; rows name the mode; auto = the shipped setting).
---pdl on / off: the one-row decode products launched with programmatic dependent launch or not
-(`kernels._pdl.DECODE_PDL`; rows name the mode; auto = the shipped setting).
+--pdl on / off: the one-row decode products, of every weight kind, launched with programmatic dependent launch or
+not (`kernels._pdl.DECODE_PDL`; rows name the mode; auto = the shipped setting: int8 products only).
 
 Every row is written to OUT/engine-h200.json as soon as it exists (the same name in --smoke, so the test reads
 the H200 layout), so a timeout loses nothing.
@@ -69,7 +69,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_WEIGHTS": ()}, "int8": {"PROLOGUE_WEIGHTS": ("int8",)},
                   "all": {"PROLOGUE_WEIGHTS": ("int8", "float")}}
 NORM_MODES = {"auto": {}, "deferred": {"DEFERRED_NORMS": True}, "kernels": {"DEFERRED_NORMS": False}}
-PDL_MODES = {"auto": {}, "on": {"DECODE_PDL": True}, "off": {"DECODE_PDL": False}}  # settings of kernels._pdl
+# settings of kernels._pdl: auto = as shipped, on = every weight kind, off = none
+PDL_MODES = {"auto": {}, "on": {"DECODE_PDL": frozenset(_pdl.WEIGHT_KINDS)}, "off": {"DECODE_PDL": frozenset()}}
 CHECK_CHUNK, CHECK_MAX_CHUNK = 37, 64  # the captured-vs-eager prefill check: 37 ids = pieces of 32, 4 and 1
 CHECK_BATCHED = (5, 12)  # chunks read together with it (slots 2 and 3): pieces 4 + 1 and 8 + 4
 # Sampled with chat's defaults (the length is each row's), seeded.
@@ -426,7 +427,7 @@ def main() -> None:
                              "them where the blocks allow (deferred), or kernels of their own (kernels)")
     parser.add_argument("--pdl", default="auto", choices=tuple(PDL_MODES),
                         help="one-row decode products with programmatic dependent launch: as kernels._pdl.DECODE_PDL "
-                             "says (auto), on, or off")
+                             "says (auto: int8 products), on for every weight kind, or off")
     args = parser.parse_args()
     for name, value in {**PROLOGUE_MODES[args.prologues], **NORM_MODES[args.norms]}.items():
         setattr(kernels, name, value)

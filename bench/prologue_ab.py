@@ -10,7 +10,8 @@ add+norm), at each M in --rows and for int8 and bf16 weights, µs per call of:
   (`kernels.int8_linear` for int8 weights; `F.linear`, cuBLAS, for bf16): what decode runs unfused;
 * product: the product alone (what fusing could reach at best);
 * fused: `kernels.prologue_linear` with the launcher's tile; bf16 weights also every tile of `float_tiles`
-  ("fused_best": the fastest of them, with its `Config`).
+  ("fused_best": the fastest of them, with its `Config`; "tiles": every tile's µs).
+--products limits the run to some of them (e.g. out_proj,l3 --rows 1 --weights bf16: the float one-row tiles).
 Timing: quant_gpu.time_us, a CUDA graph of one call per weight copy (copies >= --rotate-mib, so L2 never holds
 the weight), median of --reps replays. `rel_l2`: fused against composed. Rows are saved after every product.
 """
@@ -59,9 +60,10 @@ def float_tiles(tiny: bool) -> list[ti.Config]:
         return [ti.Config(16, 16, 16, SPLIT_K=2, num_stages=1), ti.Config(1, 16, 32, num_stages=1, kind="gemv_once")]
     out = [ti.Config(16, bn, bk, SPLIT_K=split, num_warps=4, num_stages=3)
            for bn in (64, 128) for bk in (128, 256) for split in (1, 2, 4)]
+    # not "gemv_once" on [64, 256] tiles: triton 3.6's LLVM aborts the process compiling it with the gated norm
     return out + [ti.Config(1, bn, bk, num_warps=w, num_stages=1, kind=kind)
-                  for kind, bn, bk, w in (("gemv_once", 8, 1024, 4), ("gemv_once", 16, 512, 4), ("gemv", 8, 1024, 4),
-                                          ("gemv", 8, 1024, 8), ("gemv", 8, 512, 4), ("gemv", 64, 256, 8))]
+                  for kind in ("gemv", "gemv_once") for w in (4, 8)
+                  for bn, bk in ((8, 512), (8, 1024), (16, 512)) + (((64, 256),) if kind == "gemv" else ())]
 
 
 def inputs(prologue: str, m: int, k: int, device, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,7 +138,8 @@ def bench_product(args, preset, name, n_in, n_out, prologue, kind, m, device) ->
                 row.setdefault("tile_errors", []).append(f"{ti.config_src(cfg)}: {type(exc).__name__}")
         if tried:
             us, cfg = min(tried, key=lambda t: t[0])
-            row.update(fused_best_us=us, fused_best_config=ti.config_src(cfg))
+            row.update(fused_best_us=us, fused_best_config=ti.config_src(cfg),
+                       tiles={ti.config_src(cfg): us for us, cfg in tried})
     return row
 
 
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prologue-ab-h200.json")
     parser.add_argument("--tiny", action="store_true", help="CPU, Triton interpreter, the tiny preset")
     parser.add_argument("--presets", default="tnl-7b,tnl-1b")
+    parser.add_argument("--products", default=None, help="comma-separated names of `products` (default: all)")
     parser.add_argument("--rows", default="1,16")
     parser.add_argument("--weights", default="int8,bf16")
     parser.add_argument("--reps", type=int, default=20)
@@ -167,7 +171,8 @@ def main() -> None:
         args.out.write_text(json.dumps(data, indent=1) + "\n")
 
     runs = itertools.product(((preset, name, *sizes) for preset in args.presets.split(",")
-                              for name, sizes in products(preset).items()),
+                              for name, sizes in products(preset).items()
+                              if args.products is None or name in args.products.split(",")),
                              args.weights.split(","), (int(r) for r in args.rows.split(",")))
     with kernels.use_impl("triton"), torch.inference_mode():
         for (preset, name, n_in, n_out, prologue), kind, m in runs:
@@ -181,7 +186,7 @@ def main() -> None:
                 continue
             data["rows"].append(row)
             print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                           if k not in ("in", "out", "copies")), flush=True)
+                           if k not in ("in", "out", "copies", "tiles")), flush=True)
             save()
     save()
 

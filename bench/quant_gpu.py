@@ -6,10 +6,11 @@
 Sections (each row is written to --out as soon as it exists, so a timeout loses nothing):
 * linear: every decoder Linear shape of --preset (tnl-7b: qkvu_proj 4096->16384, out_proj 4096->4096, l1/l2
   4096->11008, l3 11008->4096) at M = --rows, bf16 activations: bf16 F.linear vs the int8 Triton kernel
-  (`kernels.int8_linear`) vs bitsandbytes Linear8bitLt (if importable). us = median over --reps of CUDA-event
-  timed runs of one call on each of R weight copies back to back (R copies >= --rotate-mib, so the weights are
-  read from HBM, not L2), divided by R; bf16 and int8 runs are replayed CUDA graphs (as the engine decodes),
-  bnb runs eager (its outlier path syncs with the host); eager_us is the same without a graph for every method.
+  (`kernels.int8_linear`) vs bitsandbytes Linear8bitLt and Linear4bit NF4 (if importable). us = median over
+  --reps of CUDA-event timed runs of one call on each of R weight copies back to back (R copies >= --rotate-mib,
+  so the weights are read from HBM, not L2), divided by R; bf16, int8 and NF4 runs are replayed CUDA graphs (as
+  the engine decodes), bnb_int8 runs eager (its outlier path syncs with the host); eager_us is the same without a
+  graph for every method.
   weight_gb_s = weight bytes / us. max_rel_err = max|y - ref| / max|ref| against float64 dequantise-then-matmul
   of the int8 weight (for bf16 that is the quantisation error itself);
 * model: random-weight --preset in bf16, then quantised in place (`quant.quantize(model, "int8")`, timed as
@@ -107,7 +108,7 @@ def time_us(calls: list, device: torch.device, reps: int, graph: bool) -> float:
 
 def layer_copies(n_in: int, n_out: int, copies: int, device: torch.device, threshold: float) -> dict[str, list]:
     """Method -> `copies` independent random layers of one shape: (call(x), weight bytes) per layer."""
-    out = {"bf16": [], "int8": [], "int8_linear": [], "bnb_int8": []}
+    out = {"bf16": [], "int8": [], "int8_linear": [], "bnb_int8": [], "bnb_nf4": []}
     for _ in range(copies):
         lin = nn.Linear(n_in, n_out, bias=False, device=device, dtype=torch.bfloat16)
         q = Int8Linear.from_float(lin)
@@ -118,6 +119,8 @@ def layer_copies(n_in: int, n_out: int, copies: int, device: torch.device, thres
         if bnb.available():
             b = bnb.linear_from_float(lin, device, threshold=threshold)
             out["bnb_int8"].append((b, b, b.weight.numel() + n_out * 4))  # int8 rows + fp32 row scales
+            nf4 = bnb.nf4_linear_from_float(lin, device)
+            out["bnb_nf4"].append((nf4, nf4, n_in * n_out // 2 + n_in * n_out // 64 * 4))  # nibbles + fp32 absmax
     return {method: layers for method, layers in out.items() if layers}
 
 
@@ -137,11 +140,19 @@ def bench_linear(args, results: Results, device: torch.device) -> None:
                 for method, group in layers.items():
                     calls = [functools.partial(call, x) for _, call, _ in group]
                     y = calls[0]().double()
-                    us = time_us(calls, device, args.reps, graph=method != "bnb_int8")
-                    eager_us = us if method == "bnb_int8" else time_us(calls, device, args.reps, graph=False)
+                    graph = method != "bnb_int8"
+                    try:
+                        us = time_us(calls, device, args.reps, graph=graph)
+                    except RuntimeError as err:  # a bitsandbytes build whose NF4 product cannot be captured
+                        if method != "bnb_nf4":
+                            raise
+                        results.add("notes", f"{name} M={m} bnb_nf4 not capturable, timed eager: {err}")
+                        graph = False
+                        us = time_us(calls, device, args.reps, graph=False)
+                    eager_us = time_us(calls, device, args.reps, graph=False) if graph else us
                     nbytes = group[0][2]
                     row = {"shape": name, "in": n_in, "out": n_out, "rows": m, "method": method,
-                           "us": us, "eager_us": eager_us, "timing": "eager" if method == "bnb_int8" else "graph",
+                           "us": us, "eager_us": eager_us, "timing": "graph" if graph else "eager",
                            "weight_mib": nbytes / 2**20, "weight_gb_s": nbytes / us / 1e3,
                            "tflop_s": 2 * m * n_in * n_out / us / 1e6, "copies": len(group),
                            "max_rel_err": ((y - ref).abs().max() / ref.abs().max()).item(),

@@ -723,7 +723,7 @@ def _linear(x, weight, scales, bias=None, *, prologue="none", other=None, eps=1e
         f32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreted(x.device))
         kernel, meta = _int8_mm_kernel, dict(common, GROUP_M=cfg.GROUP_M, F32=f32, SWAP=cfg.kind == "dot_t")
     else:  # the gemv kinds; one row per program may start before the kernel ahead of it ends (`kernels._pdl`)
-        mode = pdl(x.device) if cfg.BM == 1 else OFF
+        mode = pdl(x.device, "int8" if weight.dtype == torch.int8 else "float") if cfg.BM == 1 else OFF
         common.update(PDL=mode, **({"launch_pdl": True} if mode == CHAINED else {}))
         if cfg.kind == "gemv_word":
             common.pop("MAGIC")

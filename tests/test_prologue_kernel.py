@@ -117,14 +117,32 @@ class TestTriton:
         from tnllm.kernels import _pdl
         from tnllm.kernels.triton_int8 import Config, _linear
 
-        monkeypatch.setattr(_pdl, "DECODE_PDL", True)
-        assert _pdl.pdl(DEVICE) == (_pdl.PEEL if DEVICE == "cpu" else _pdl.CHAINED)
+        monkeypatch.setattr(_pdl, "DECODE_PDL", frozenset(_pdl.WEIGHT_KINDS))
+        for weights in (None, *_pdl.WEIGHT_KINDS):
+            assert _pdl.pdl(DEVICE, weights) == (_pdl.PEEL if DEVICE == "cpu" else _pdl.CHAINED)
         for split, prologue, weight_kind in ((1, "none", "int8"), (3, "gated_norm", "int8"), (4, "mul", "float")):
             x, other, w, s, b = _inputs(prologue, 1, 45, 68, torch.float32, weight_kind)
             cfg = Config(1, 16, 32, SPLIT_K=split, num_stages=1, kind=kind)
             out = _linear(x, w, s, b, prologue=prologue, other=other, eps=EPS, config=cfg)
             _check(f"{cfg} {prologue} {weight_kind}", prologue, _oracle(prologue, x, other, w, s, b), out,
                    torch.float32)
+
+    def test_pdl_is_chosen_per_weight_kind(self, monkeypatch):
+        """With PDL listed for int8 weights alone (the shipped setting), a one-row int8 product asks for and gets it,
+        a float one does not, and the kernels ahead of a product (which ask without a kind) signal."""
+        from tnllm.kernels import _pdl
+        from tnllm.kernels import triton_int8 as ti
+
+        on = _pdl.PEEL if DEVICE == "cpu" else _pdl.CHAINED
+        monkeypatch.setattr(_pdl, "DECODE_PDL", frozenset({"int8"}))
+        assert (_pdl.pdl(DEVICE), _pdl.pdl(DEVICE, "int8"), _pdl.pdl(DEVICE, "float")) == (on, on, _pdl.OFF)
+        asked = []
+        monkeypatch.setattr(ti, "pdl", lambda device, weights=None: asked.append(weights) or _pdl.pdl(device, weights))
+        for weight_kind in ("int8", "float"):
+            x, other, w, s, b = _inputs("none", 1, 45, 68, torch.float32, weight_kind)
+            out = ti._linear(x, w, s, b, config=ti.Config(1, 16, 32, num_stages=1, kind="gemv"))
+            _check(weight_kind, "none", _oracle("none", x, other, w, s, b), out, torch.float32)
+        assert asked == ["int8", "float"]
 
     @pytest.mark.parametrize("kind", ["dot", "dot_t", "gemv", "gemv_once", "gemv_word"])
     def test_deferred_norm_epilogue(self, kind):
