@@ -758,13 +758,16 @@ def render_quant(result: dict) -> str:
            "replays, weights read from HBM; `int8` = the Triton kernel, `Int8Linear` = what the model runs (the "
            "kernel, or the dequantised weight through cuBLAS above its row limit); `bnb_int8` = bitsandbytes "
            "`Linear8bitLt` (outlier threshold 6), timed eagerly (it reads its outlier columns on the host, so no "
-           "graph captures it).", "",
-           "| Linear | rows | bf16 µs | int8 kernel µs | Int8Linear µs | bnb_int8 µs |", "|---|---|---|---|---|---|"]
+           "graph captures it); `bnb_nf4` = bitsandbytes 4-bit `Linear4bit` (NF4, blocks of 64), a graph replay, "
+           "timed to decide whether a 4-bit method pays (docs/quantization.md#4-bit-nf4).", "",
+           "| Linear | rows | bf16 µs | int8 kernel µs | Int8Linear µs | bnb_int8 µs | bnb_nf4 µs |",
+           "|---|---|---|---|---|---|---|"]
     cells: dict[tuple[str, int], dict[str, float]] = {}
     for x in result["linear"]:
         cells.setdefault((x["shape"], x["rows"]), {})[x["method"]] = x["us"]
     for (shape, rows), us in cells.items():
-        times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear", "bnb_int8"))
+        times = " | ".join(fmt(us.get(method), "{:.1f}") for method in ("bf16", "int8", "int8_linear", "bnb_int8",
+                                                                      "bnb_nf4"))
         out.append(f"| {_cell(shape)} | {rows} | {times} |")
     out += ["", "Through the engine (decode: ms per token of each session; × bf16: tok/s against bf16's at the same "
             "batch, from the same code and launch mode where recorded; path: captured CUDA graphs or eager steps; "
