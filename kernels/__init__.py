@@ -3,9 +3,10 @@
 Public functions (same signatures as their PyTorch twins in `kernels.reference`):
     lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state=False, cu_seqlens=None)
         q, k [B, T, H, D], v [B, T, H, E], log_decay [H] fp32 (<= 0) -> (o [B, T, H, E], state [B, H, D, E] | None)
-    lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none")   q, k [B, H, D], v [B, H, E]; state
-        updated in place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates state[slots[b]]);
-        act ("silu" | "none", see ACTIVATIONS) is applied to q and k inside the step
+    lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none", lrpe=None)   q, k [B, H, D],
+        v [B, H, E]; state updated in place (with int64 slots [B], state is a pool [S, H, D, E] and row b updates
+        state[slots[b]]); act ("silu" | "none", see ACTIVATIONS) is applied to q and k inside the step, then LRPE
+        with lrpe = (theta [H, D], positions [B]) (the state then [.., H, 2 D, E])
     srmsnorm(x, eps=1e-6)
     add_srmsnorm(x, delta, eps=1e-6) -> (s, y)   s = x + delta, y = srmsnorm(s): a residual add and the next norm
     gated_srmsnorm(o, u, eps=1e-6)   u * srmsnorm(o): the token mixer's gated norm
@@ -101,10 +102,12 @@ def lightning_attn(q, k, v, log_decay, *, initial_state=None, output_final_state
     return reference.lightning_attn_chunked(q, k, v, log_decay, **kwargs)
 
 
-def lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps: float = 1e-6):
-    """One recurrent decode step (act applied to q and k inside; with row_ms, a deferred norm's row scale before
-    it), state updated in place. See `kernels.reference.lightning_attn_step_ref`."""
-    kwargs = dict(act=act, row_ms=row_ms, eps=eps)
+def lightning_attn_step(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps: float = 1e-6,
+                        lrpe=None):
+    """One recurrent decode step (act applied to q and k inside, then LRPE with lrpe = (theta, positions); with
+    row_ms, a deferred norm's row scale before it), state updated in place. See
+    `kernels.reference.lightning_attn_step_ref`."""
+    kwargs = dict(act=act, row_ms=row_ms, eps=eps, lrpe=lrpe)
     if backend_for(q.device) == "triton":
         return _triton("triton_step", "lightning_attn_step_triton")(q, k, v, log_decay, state, slots, **kwargs)
     return reference.lightning_attn_step_ref(q, k, v, log_decay, state, slots, **kwargs)

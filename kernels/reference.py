@@ -221,17 +221,26 @@ def _full_chunks(q, k, v, a, state, C: int):
 ACTIVATIONS = {"silu": F.silu, "none": lambda t: t}
 
 
-def check_step_shapes(q, k, v, log_decay, state, slots=None, act="none") -> None:
+def check_step_shapes(q, k, v, log_decay, state, slots=None, act="none", lrpe=None) -> None:
     """Validate the inputs of a decode step (shared by every implementation); ValueError names them."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     B, H, D = q.shape
     rows = B if slots is None else state.shape[0]
-    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (rows, H, D, v.shape[-1]):
+    features = 2 * D if lrpe is not None else D  # LRPE doubles q's and k's features
+    if k.shape != q.shape or v.shape[:2] != (B, H) or state.shape != (rows, H, features, v.shape[-1]):
         raise ValueError(
-            f"step expects q, k [B, H, D], v [B, H, E], state [B (or pool size with slots), H, D, E]; got "
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
+            f"step expects q, k [B, H, D], v [B, H, E], state [B (or pool size with slots), H, D (2 D with lrpe), "
+            f"E]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, state {tuple(state.shape)}"
         )
+    if lrpe is not None:
+        theta, positions = lrpe
+        if theta.shape != (H, D) or theta.stride(-1) != 1 or not theta.is_floating_point():
+            raise ValueError(f"lrpe's theta must be float [H, D]=[{H}, {D}] with a contiguous last dim, got "
+                             f"{theta.dtype} {tuple(theta.shape)}")
+        if positions.shape != (B,) or positions.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"lrpe's positions must be int32/int64 [B]=[{B}], got {positions.dtype} "
+                             f"{tuple(positions.shape)}")
     if slots is not None and (slots.shape != (B,) or slots.dtype != torch.long):
         raise ValueError(f"slots must be int64 [B]=[{B}], got {slots.dtype} {tuple(slots.shape)}")
     if log_decay.shape != (H,):
@@ -249,13 +258,16 @@ def lightning_attn_step_ref(
     act: str = "none",
     row_ms: torch.Tensor | None = None,
     eps: float = 1e-6,
+    lrpe: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step for one token per sequence; updates `state` in place.
 
-        S <- exp(log_decay) * S + act(k)^T v ;  o = act(q) S
+        S <- exp(log_decay) * S + f(k)^T v ;  o = f(q) S ,   f = act, or LRPE after act
 
     With `row_ms`, q, k and v are first scaled by their row's norm scale (`row_scale`): the step of a layer whose
-    input norm was left to the products after it (docs/kernels.md#deferred-norms).
+    input norm was left to the products after it (docs/kernels.md#deferred-norms). With `lrpe` = (theta [H, D],
+    positions [B]), the step of an LRPE layer: f(x) = [act(x) cos(θ t), act(x) sin(θ t)] (`tnllm.layers.Lrpe`,
+    t = the row's position), in the state's dtype, so the state's contracted dim is 2 D.
 
     Args:
         q, k: [B, H, D]; v: [B, H, E]; log_decay: [H]; state: [B, H, D, E] fp32 (or fp64), modified in place.
@@ -267,7 +279,7 @@ def lightning_attn_step_ref(
     Returns:
         o: [B, H, E] in q.dtype.
     """
-    check_step_shapes(q, k, v, log_decay, state, slots, act)
+    check_step_shapes(q, k, v, log_decay, state, slots, act, lrpe)
     dt, dtype = state.dtype, q.dtype
     q, k, v = (_cast(t, dt) for t in (q, k, v))
     if row_ms is not None:
@@ -276,6 +288,11 @@ def lightning_attn_step_ref(
         q, k, v = q * r, k * r, v * r
     activation = ACTIVATIONS[act]
     qa, ka = activation(q), activation(k)
+    if lrpe is not None:
+        theta, positions = lrpe
+        angles = (positions.float()[:, None, None] * theta.float()).to(dt)  # [B, H, D]: fp32, as `Lrpe`'s
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        qa, ka = (torch.cat([x * cos, x * sin], dim=-1) for x in (qa, ka))  # [B, H, 2 D]
     rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
     decay = torch.exp(_cast(log_decay, dt))[:, None, None]  # [H, 1, 1]
     rows.mul_(decay).add_(ka[..., :, None] * v[..., None, :])  # [B, H, D, E]

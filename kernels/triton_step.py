@@ -31,11 +31,13 @@ def _act(x, ACT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["B", "n_ms"])
-def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_sb, s_sh, s_sk,
-                 s_sv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, T_MS: tl.constexpr, PDL: tl.constexpr):
-    # S <- λ S + act(k)ᵀ v ;  o = act(q) S      for one (sequence, head) and a BV-wide slice of E
+def _step_kernel(q, k, v, s, o, ld, slots, row_ms, theta, pos, B, n_ms, eps, s_qb, s_qh, s_kb, s_kh, s_vb, s_vh,
+                 s_sb, s_sh, s_sk, s_sv, s_th, s_pb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr, HAS_SLOTS: tl.constexpr, ACT: tl.constexpr, T_MS: tl.constexpr,
+                 LRPE: tl.constexpr, PDL: tl.constexpr):
+    # S <- λ S + f(k)ᵀ v ;  o = f(q) S      for one (sequence, head) and a BV-wide slice of E; f = act
     # T_MS > 0: q, k, v first scaled by r = rsqrt(Σ_t row_ms[t, b] + eps) (n_ms partials; a deferred norm)
+    # LRPE > 0 (q's head dim; K = 2 LRPE): f(x)[j] = act(x)[j mod LRPE] · (cos for j < LRPE, else sin)(t θ[j mod LRPE])
     start_next(PDL)  # the product after the step may load its first weight tiles now (`kernels._pdl`)
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), i_bh % H
@@ -46,9 +48,10 @@ def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_k
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
+    o_x = o_k % LRPE if LRPE > 0 else o_k  # the q / k element of each state row
     b_lam = tl.exp(tl.load(ld + i_h).to(tl.float32))
-    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_k, mask=m_k, other=0.).to(tl.float32)
-    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_k, mask=m_k, other=0.).to(tl.float32)
+    b_q = tl.load(q + i_b * s_qb + i_h * s_qh + o_x, mask=m_k, other=0.).to(tl.float32)
+    b_k = tl.load(k + i_b * s_kb + i_h * s_kh + o_x, mask=m_k, other=0.).to(tl.float32)
     b_v = tl.load(v + i_b * s_vb + i_h * s_vh + o_v, mask=m_v, other=0.).to(tl.float32)
     if T_MS > 0:
         o_t = tl.arange(0, T_MS)
@@ -56,6 +59,11 @@ def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_k
         b_q, b_k, b_v = b_q * r, b_k * r, b_v * r
     # act(0) = 0 for both activations, so the masked tail stays 0
     b_q, b_k = _act(b_q, ACT), _act(b_k, ACT)
+    if LRPE > 0:
+        angle = tl.load(pos + i_b * s_pb).to(tl.float32) * tl.load(theta + i_h * s_th + o_x, mask=m_k, other=0.).to(
+            tl.float32)
+        rotation = tl.where(o_k < LRPE, tl.cos(angle), tl.sin(angle))
+        b_q, b_k = b_q * rotation, b_k * rotation
     p_s = s + i_s * s_sb + i_h * s_sh + o_k[:, None] * s_sk + o_v[None, :] * s_sv
     b_s = tl.load(p_s, mask=m_s, other=0.).to(tl.float32)
     b_s = b_s * b_lam + b_k[:, None] * b_v[None, :]
@@ -64,13 +72,14 @@ def _step_kernel(q, k, v, s, o, ld, slots, row_ms, B, n_ms, eps, s_qb, s_qh, s_k
     tl.store(o + (i_b * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
 
-def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps=1e-6):
+def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="none", row_ms=None, eps=1e-6,
+                               lrpe=None):
     """One Lightning Attention decode step for one token per sequence; `state` is updated in place.
 
-        S <- λ_h S + act(k_t)ᵀ v_t ,   o_t = act(q_t) S ,   λ_h = exp(log_decay[h])
+        S <- λ_h S + f(k_t)ᵀ v_t ,   o_t = f(q_t) S ,   λ_h = exp(log_decay[h]),   f = act (then LRPE)
 
-    The activation runs in the kernel, in fp32, on the raw q and k (e.g. strided views of a fused projection's
-    output), so decode needs no separate activation launches and no activated copies of q and k.
+    The activation (and an LRPE layer's cos/sin features) runs in the kernel, in fp32, on the raw q and k (e.g.
+    strided views of a fused projection's output), so decode needs no separate launches for them and no copies.
 
     Args:
         q, k: [B, H, D]; v: [B, H, E] (any float dtype; any strides, last dim contiguous).
@@ -80,11 +89,13 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
         act: "silu" or "none" (the keys of `kernels.reference.ACTIVATIONS`).
         row_ms, eps: None, or [T, B] fp32 partial mean squares: q, k, v scaled by their row's norm scale first
             (`kernels.reference.lightning_attn_step_ref`).
+        lrpe: None, or (theta [H, D] float, positions int [B]): an LRPE layer's step; state is then [.., H, 2 D, E].
     Returns:
         o: [B, H, E] in q.dtype (the only allocation; no host sync: CUDA-graph capturable).
     """
-    check_step_shapes(q, k, v, log_decay, state, slots, act)
+    check_step_shapes(q, k, v, log_decay, state, slots, act, lrpe)
     B, H, D = q.shape
+    theta, positions = lrpe if lrpe is not None else (state, state)  # `state`: unused placeholders
     if row_ms is not None:
         check_row_ms(row_ms, B, q.device)
         row_ms = row_ms.contiguous()
@@ -92,15 +103,17 @@ def lightning_attn_step_triton(q, k, v, log_decay, state, slots=None, *, act="no
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("q, k, v need a contiguous last dim (strides elsewhere are free)")
     o = torch.empty(B, H, E, dtype=q.dtype, device=q.device)
-    BK = triton.next_power_of_2(D)
+    features = state.shape[2]  # D, or 2 D with LRPE
+    BK = triton.next_power_of_2(features)
     BV, warps = TILE or _tile(B * H, BK, E, q.device)
     n_ms = 0 if row_ms is None else row_ms.shape[0]
     _step_kernel[(triton.cdiv(E, BV), B * H)](
         q, k, v, state, o, log_decay, state if slots is None else slots,  # `state`: an unused placeholder
-        state if row_ms is None else row_ms, B, n_ms, eps,
+        state if row_ms is None else row_ms, theta, positions, B, n_ms, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *state.stride(), H=H, K=D, V=E, BK=BK, BV=BV, HAS_SLOTS=slots is not None, ACT=act,
-        T_MS=0 if row_ms is None else triton.next_power_of_2(n_ms), PDL=pdl(q.device), num_warps=warps)
+        *state.stride(), theta.stride(0), positions.stride(0), H=H, K=features, V=E, BK=BK, BV=BV,
+        HAS_SLOTS=slots is not None, ACT=act, T_MS=0 if row_ms is None else triton.next_power_of_2(n_ms),
+        LRPE=D if lrpe is not None else 0, PDL=pdl(q.device), num_warps=warps)
     return o
 
 

@@ -234,6 +234,51 @@ class TestStep:
         assert_close("state", s_ref, state, rel=1e-5)
         assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
 
+    @pytest.mark.parametrize("deferred", [False, True], ids=["", "row-ms"])
+    @pytest.mark.parametrize("B,H,D,E,dtype,pool", [
+        pytest.param(3, 2, 16, 16, torch.float32, False, id="B3-H2-D16-fp32"),
+        pytest.param(2, 3, 24, 40, torch.bfloat16, True, id="B2-H3-D24-E40-bf16-slots"),
+    ])
+    def test_step_lrpe(self, B, H, D, E, dtype, pool, deferred):
+        """An LRPE layer's step: act, then the cos/sin features of each row's position (up to 200,000, where the
+        angles reach 10⁵ radians) inside the kernel, on strided q, k views; the state's contracted dim 2 D."""
+        qkv = torch.randn(B, 3 * H * D, device=DEVICE).to(dtype)  # [B, 3 hd]
+        q, k = (t.view(B, H, D) for t in qkv[:, :2 * H * D].chunk(2, dim=-1))  # [B, H, D] views
+        v = torch.randn(B, H, E, device=DEVICE).to(dtype)
+        a = -torch.rand(H, device=DEVICE)
+        theta = torch.rand(H, D, device=DEVICE) ** 2  # in (0, 1), as trained thetas
+        positions = torch.tensor([0, 199_999, 37][:B], device=DEVICE)
+        slots = torch.tensor([2, 0, 1][:B], device=DEVICE) if pool else None
+        state = torch.randn(3 if pool else B, H, 2 * D, E, device=DEVICE)
+        s_ref = state.double().clone()
+        row_ms = torch.rand(4, B, device=DEVICE) * 0.5 if deferred else None
+        with kernels.use_impl("triton"):
+            o = kernels.lightning_attn_step(q, k, v, a, state, slots, act="silu", row_ms=row_ms,
+                                            lrpe=(theta, positions))
+        o_ref = ref.lightning_attn_step_ref(q.double(), k.double(), v.double(), a, s_ref, slots, act="silu",
+                                            row_ms=row_ms, lrpe=(theta, positions))
+        assert o.dtype == dtype and o.shape == (B, H, E)
+        assert_close("state", s_ref, state, rel=1e-5)
+        assert_close("o", o_ref, o, rel=TOL[dtype] if dtype != torch.float32 else 1e-5)
+
+    def test_step_lrpe_equals_the_layer_features(self):
+        """The reference's LRPE step == `tnllm.layers.Lrpe`'s features through a plain step (fp32)."""
+        from tnllm.layers import Lrpe
+
+        B, H, D = 3, 2, 8
+        lrpe = Lrpe(H, D)
+        lrpe.reset_parameters()
+        q, k, v = (torch.randn(B, 1, H, D) for _ in range(3))
+        positions = torch.tensor([[5], [70_000], [0]])
+        a = -torch.rand(H)
+        state = torch.randn(B, H, 2 * D, D)
+        state2 = state.clone()
+        fq, fk = lrpe(q, k, positions)  # [B, 1, H, 2 D]
+        expected = ref.lightning_attn_step_ref(fq[:, 0], fk[:, 0], v[:, 0], a, state)
+        got = ref.lightning_attn_step_ref(q[:, 0], k[:, 0], v[:, 0], a, state2,
+                                          lrpe=(lrpe.theta.detach()[:, 0], positions[:, 0]))
+        assert torch.equal(state, state2) and torch.equal(expected, got)
+
     @pytest.mark.parametrize("tile", [(16, 4), (32, 2), (64, 8)], ids=lambda t: f"bv{t[0]}-w{t[1]}")
     def test_step_any_tile(self, tile, monkeypatch):
         """Every launch tile the table may pick, BV below E (several programs per head) included, on pool slots."""

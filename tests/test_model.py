@@ -245,7 +245,7 @@ def test_state_layers_can_live_on_different_devices():
 # -- fused decode ops (docs/kernels.md#fused-decode-ops) ----------------------------------------
 def spy_fused_launchers(monkeypatch) -> dict[str, int]:
     """Count the calls of the fused Triton launchers (the dispatch looks them up at call time); a step counts
-    under "step:<act>"."""
+    under "step:<act>", an LRPE layer's under "step:<act>+lrpe"."""
     from tnllm.kernels import triton_norm, triton_step
 
     calls: dict[str, int] = {}
@@ -260,7 +260,8 @@ def spy_fused_launchers(monkeypatch) -> dict[str, int]:
 
     for name in ("add_srmsnorm_triton", "gated_srmsnorm_triton"):
         spy(triton_norm, name, key=lambda kw, name=name: name)
-    spy(triton_step, "lightning_attn_step_triton", key=lambda kw: f"step:{kw['act']}")
+    spy(triton_step, "lightning_attn_step_triton",
+        key=lambda kw: f"step:{kw['act']}" + ("+lrpe" if kw.get("lrpe") else ""))
     return calls
 
 
@@ -286,7 +287,7 @@ def test_fused_decode_equals_torch_path(monkeypatch, pooled):
     assert calls == {"add_srmsnorm_triton": 2 * 3 * calls_per_forward,  # 2 residual adds per layer
                      "gated_srmsnorm_triton": 3 * calls_per_forward,
                      "step:silu": 1 * 4,  # the activation fused into the step: layer 1, every decode token
-                     "step:none": 2 * 4}  # LRPE layers activate (and rotate) q, k before the step
+                     "step:silu+lrpe": 2 * 4}  # and LRPE's features too: layers 0 and 2
 
 
 @requires_interpreter

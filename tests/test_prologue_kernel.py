@@ -367,11 +367,12 @@ def _expected_calls(n_layers):
 @pytest.mark.parametrize("weights", ["int8", "float"])
 @torch.inference_mode()
 def test_deferred_norms_equal_the_composed_ops(weights, monkeypatch):
-    """Blocks that defer their norms (layers 1 and 2 of LRPE pattern [1, 0, 0, 1]; out_proj and l3 fused with
-    their prologues): two decode steps == the PyTorch path of the same float weights, logits and states, fp32. The
-    first deferring block normalises its input itself (the stream arrives as x + delta), the second takes the
-    stream's mean squares from the first; the LRPE block after them normalises its input as a kernel, and no
-    add+norm runs between the deferring blocks."""
+    """Blocks that defer their norms (LRPE pattern [1, 0, 0, 1], every block's l1 and l2 packed but block 2's, so
+    blocks 0, 1 and 3 defer; out_proj and l3 fused with their prologues): two decode steps == the PyTorch path of
+    the same float weights, logits and states, fp32. Block 0 (LRPE: the step scales q and k before its features)
+    normalises the embedding itself, block 1 takes the stream's mean squares from it, block 2 normalises the
+    summed stream as a kernel and hands block 3 x + delta, which block 3 adds and normalises with the add+norm
+    kernel; no add+norm runs between deferring blocks."""
     from tnllm import TNLConfig, TransNormerLLM
 
     torch.manual_seed(0)
@@ -387,21 +388,25 @@ def test_deferred_norms_equal_the_composed_ops(weights, monkeypatch):
         # product computes in bf16, no fp32 oracle)
         monkeypatch.setattr(int8_module, "_use_int8_kernel", lambda x: True)
     composed = _dequantised(model) if weights == "int8" else model
-    pack_glus(model)
+    for i in (0, 1, 3):
+        model.model.layers[i].channel_mixer.pack()
     _decode_both_ways(model, composed)
     fused, add_norms = CallCounter(kernels.prologue_linear), CallCounter(kernels.add_srmsnorm)
+    norms = CallCounter(kernels.srmsnorm)
     monkeypatch.setattr(kernels, "prologue_linear", fused)
     monkeypatch.setattr(kernels, "add_srmsnorm", add_norms)
+    monkeypatch.setattr(kernels, "srmsnorm", norms)
     x = torch.zeros(3, 1, config.dim, device=DEVICE)
     with kernels.use_impl("triton"):
         model(torch.ones(3, 1, dtype=torch.long, device=DEVICE), model.allocate_state(3))  # one decode step
-    assert fused.calls == ["gated_norm", "mul"] * 4  # out_proj and l3 of every block (3 rows)
-    # block 0's channel norm, block 1's token norm (its input arrives as x + delta), block 3's channel norm and the
-    # final norm: composed, these and block 1's, 2's and 3's other three would be add+norms too
-    assert len(add_norms.calls) == 4
+    # out_proj and l3 of every block (3 rows), but block 2's l3: its unpacked GLU multiplies l1's and l2's outputs
+    assert fused.calls == ["gated_norm", "mul"] * 2 + ["gated_norm"] + ["gated_norm", "mul"]
+    # block 2's channel norm and block 3's token norm (x + delta); plain: block 0's and 2's token norms, the final
+    # norm. Composed, every block's two norms and the final one would run as add+norms (but block 0's token norm)
+    assert len(add_norms.calls) == 2 and len(norms.calls) == 3
     with kernels.use_impl("triton"):
         defers = [layer.defers_norms(x, x, None, layer.channel_mixer._packed()) for layer in model.model.layers]
-        assert defers == [False, True, True, False]
+        assert defers == [True, True, False, True]
         assert not model.model.layers[1].defers_norms(x[:, :0], x, None, model.model.layers[1].channel_mixer._packed())
         monkeypatch.setattr(kernels, "DEFERRED_NORMS", False)
         assert not model.model.layers[1].defers_norms(x, x, None, model.model.layers[1].channel_mixer._packed())

@@ -251,14 +251,10 @@ class NormLinearAttention(nn.Module):
 
     def _step(self, q, k, v, log_decay, positions, kv, slots, row_ms=None, eps=1e-6) -> torch.Tensor:
         """One decode token: q, k, v [B, 1, H, dh] -> o [B, 1, H, dh]. The step applies the activation (after
-        row_ms's norm scale) to the raw q, k itself; LRPE layers apply it, and LRPE, here first."""
-        act = self.act
-        if self.lrpe is not None:
-            if row_ms is not None:
-                raise ValueError("a layer with LRPE takes its input normed (no row_ms)")
-            (q, k), act = self._features(q, k, positions), "none"
-        return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=act, row_ms=row_ms,
-                                           eps=eps)[:, None]
+        row_ms's norm scale) and an LRPE layer's features (positions [B, 1]) to the raw q, k itself."""
+        lrpe = None if self.lrpe is None else (self.lrpe.theta[:, 0], positions[:, 0])  # [H, dh], [B]
+        return kernels.lightning_attn_step(q[:, 0], k[:, 0], v[:, 0], log_decay, kv, slots, act=self.act,
+                                           row_ms=row_ms, eps=eps, lrpe=lrpe)[:, None]
 
     def _packed(self, q, k, v, log_decay, positions, kv, slots, n_decode) -> torch.Tensor:
         """One packed row, q, k, v [1, T, H, dh]: the first n_decode tokens take the step (one per slot), the
@@ -332,13 +328,13 @@ class DecoderLayer(nn.Module):
     def defers_norms(self, x: torch.Tensor, kv: torch.Tensor | None, n_decode: int | None,
                      packed: nn.Module | None) -> bool:
         """Whether this block leaves its norms to the products after them (decode steps of one token per sequence
-        where out_proj takes the gated norm and l3 the GLU product in-kernel, `takes_prologue`; no LRPE, whose
-        features need the normed q, k; l1 and l2 packed; no bias on q|k|v|u, l1 or l2, whose outputs the norm's
-        scale multiplies; SimpleRMSNorms of one eps; `kernels.DEFERRED_NORMS`):
+        where out_proj takes the gated norm and l3 the GLU product in-kernel, `takes_prologue`; l1 and l2 packed; no
+        bias on q|k|v|u, l1 or l2, whose outputs the norm's scale multiplies; SimpleRMSNorms of one eps;
+        `kernels.DEFERRED_NORMS`; an LRPE layer's step scales q and k before its features):
         out_proj and l3 then add the residual and write the stream's mean squares, the step and out_proj apply
         the token norm's scale, l3 the channel norm's, and no norm kernel runs."""
         mixer, norms = self.token_mixer, (self.token_norm, self.channel_norm, self.token_mixer.norm)
         return (kernels.DEFERRED_NORMS and kv is not None and n_decode is None and x.shape[1] == 1
-                and mixer.lrpe is None and packed is not None and mixer.qkvu_proj.bias is None and packed.bias is None
+                and packed is not None and mixer.qkvu_proj.bias is None and packed.bias is None
                 and all(type(n) is SimpleRMSNorm and n.eps == self.token_norm.eps for n in norms)
                 and takes_prologue(mixer.out_proj, x, "gated_norm") and takes_prologue(self.channel_mixer.l3, x, "mul"))
