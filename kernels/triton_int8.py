@@ -488,8 +488,8 @@ def config_src(cfg: Config) -> str:
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 160, 256, 512, None)
 # Shape classes by N and K (the tnl-7b Linears fall in distinct classes: qkvu_proj n16k.k4k, out_proj n4k.k4k,
 # l1/l2 n12k.k4k, the GLU's packed l1|l2 (what CUDA decode runs, `GLU.pack`) n24k.k4k, l3 n4k.kbig, lm_head
-# nbig.k4k).
-N_CLASSES = ((4096, "n4k"), (12288, "n12k"), (16384, "n16k"), (24576, "n24k"), (None, "nbig"))
+# nbig.k4k; tnl-1b's out_proj and l3 are n2k.k4k and n2k.kbig).
+N_CLASSES = ((2048, "n2k"), (4096, "n4k"), (12288, "n12k"), (16384, "n16k"), (24576, "n24k"), (None, "nbig"))
 K_CLASSES = ((4096, "k4k"), (None, "kbig"))
 
 
@@ -498,6 +498,12 @@ def shape_class(N: int, K: int) -> str:
     n = next(name for top, name in N_CLASSES if top is None or N <= top)
     k = next(name for top, name in K_CLASSES if top is None or K <= top)
     return f"{n}.{k}"
+
+
+def _wider(shape: str) -> str:
+    """The class whose rows serve a class without rows of its own: n2k takes n4k's (only the float one-row
+    products were swept at N <= 2,048), every other class the "*" row."""
+    return "n4k." + shape[4:] if shape.startswith("n2k.") else "*"
 
 
 def m_bucket(M: int) -> int | None:
@@ -591,19 +597,22 @@ CONFIGS: dict[tuple[int | None, str], Config] = {
 }
 # The same kernel on float weights (a float model's one-row products, and its products fused with the op before
 # them, `prologue_linear_triton`): tiles sized for 2-byte weights (`bench/int8_sweep.py --weights bf16` sweeps the
-# plain product's). The one-row rows also serve the products that take a prologue there (out_proj's gated norm,
-# l3's GLU product; bench/prologue_ab.py times those); the l3 rows at 2-16 rows come from bench/prologue_ab.py's
-# tiles on an H200 (tnl-7b, bf16, µs fused; composed): at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows
-# the same tile: 12.3; 13.1).
+# plain product's); the l3 rows at 2-16 rows come from bench/prologue_ab.py's tiles on an H200 (tnl-7b, bf16, µs
+# fused; composed): at 16 rows 29.2; 32.3 (tnl-1b's l3, 5632 -> 2048, at 16 rows the same tile: 12.3; 13.1).
 FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
     # one row: the best plain product per shape of a sweep of that M (bench/results/float-sweep-m1-h200.json.gz; µs
     # tnl-7b, tnl-1b; cuBLAS's): the one-row gemv tiles, which beat cuBLAS at every shape
     (1, "n16k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # q|k|v|u 34.9; 35.6
-    (1, "n4k.k4k"): Config(1, 8, 1024, num_warps=8, num_stages=1, kind="gemv"),  # out_proj 11.2, 5.3; 13.4, 6.4
     (1, "n24k.k4k"): Config(1, 64, 256, num_warps=8, num_stages=1, kind="gemv"),  # l1|l2 45.9; 50.9
     (1, "n12k.k4k"): Config(1, 8, 512, num_stages=1, kind="gemv"),  # tnl-1b q|k|v|u 10.4, l1|l2 14.4; 11.5, 14.2
-    (1, "n4k.kbig"): Config(1, 8, 1024, num_warps=8, num_stages=1, kind="gemv"),  # l3 25.2, 10.4; 28.0, 11.3
     (1, "nbig.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # lm_head 122.7, 62.5; 153.2, 77.5
+    # one row of out_proj and l3, which decode runs with their prologue (the gated norm, the GLU product): the
+    # fastest fused tile per shape (bench/results/prologue-ab-m1-h200.json; µs fused; the plain product's tile
+    # with the prologue)
+    (1, "n4k.k4k"): Config(1, 8, 512, num_stages=1, kind="gemv_once"),  # tnl-7b out_proj 12.8; 13.4
+    (1, "n2k.k4k"): Config(1, 8, 1024, num_stages=1, kind="gemv_once"),  # tnl-1b out_proj 5.5; 6.2
+    (1, "n4k.kbig"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # tnl-7b l3 25.6; 32.0
+    (1, "n2k.kbig"): Config(1, 8, 1024, num_stages=1, kind="gemv_once"),  # tnl-1b l3 9.2; 12.4
     **{(bucket, "n4k.kbig"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
     **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
     **{(bucket, "*"): Config(64, 128, 64, num_stages=3) for bucket in M_BUCKETS[5:]},
@@ -630,15 +639,16 @@ def auto_split(cfg: Config, M: int, N: int, K: int, device: torch.device) -> int
 @functools.lru_cache(maxsize=4096)  # host time: this runs on every eager call
 def choose_config(M: int, N: int, K: int, device: torch.device, int8: bool = True) -> Config:
     """The launch configuration for an [M, K] x [N, K]ᵀ product on `device` (a pure function of the shapes):
-    the row of (m_bucket(M), shape_class(N, K)), else of (m_bucket(M), "*"), in `CONFIGS` (int8 weights) or
-    `FLOAT_CONFIGS`; SPLIT_K 0 -> `auto_split`.
+    the row of (m_bucket(M), shape_class(N, K)), else of its `_wider` class, else of (m_bucket(M), "*"), in
+    `CONFIGS` (int8 weights) or `FLOAT_CONFIGS`; SPLIT_K 0 -> `auto_split`.
 
     Under the interpreter the row's kind with 16-wide tiles (BM <= 16) and 2 K slices for M <= 16, so that tests
     at small shapes walk several K steps, N tiles and slices.
     """
     bucket = m_bucket(M)
     table = CONFIGS if int8 else FLOAT_CONFIGS
-    cfg = table.get((bucket, shape_class(N, K))) or table[(bucket, "*")]
+    shape = shape_class(N, K)
+    cfg = table.get((bucket, shape)) or table.get((bucket, _wider(shape))) or table[(bucket, "*")]
     if triton_interpreted(device):
         split = 2 if M <= DECODE_MAX_M and K > 32 and cfg.kind != "deq" else 1
         bm = 16 if cfg.kind in ("dot", "dot_t") else min(cfg.BM, 16)

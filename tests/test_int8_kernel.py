@@ -194,6 +194,11 @@ def test_config_table():
     classes = {ti.shape_class(n, k) for n, k in ((16384, 4096), (4096, 4096), (11008, 4096), (22016, 4096),
                                                  (4096, 11008), (64000, 4096))}
     assert len(classes) == 6
+    # tnl-1b's out_proj and l3 have classes of their own; without rows they take the tnl-7b shapes' (n4k)
+    assert (ti.shape_class(2048, 2048), ti.shape_class(2048, 5632)) == ("n2k.k4k", "n2k.kbig")
+    dev = torch.device("cpu")
+    assert ti.choose_config(1, 2048, 5632, dev, int8=True) == ti.choose_config(1, 4096, 11008, dev, int8=True)
+    assert ti.choose_config(1, 2048, 5632, dev, int8=False) != ti.choose_config(1, 4096, 11008, dev, int8=False)
     assert [ti.m_bucket(m) for m in (1, 2, 3, 16, 17, 512, 513, 4096)] == [1, 2, 4, 16, 32, 512, None, None]
     for bucket in ti.M_BUCKETS:  # every bucket has a fallback row
         assert (bucket, "*") in ti.CONFIGS
