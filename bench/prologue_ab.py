@@ -9,8 +9,9 @@ add+norm), at each M in --rows and for int8 and bf16 weights, µs per call of:
 * composed: the op's own kernel (`kernels.add_srmsnorm`, `gated_srmsnorm`, `glu_mul`), then the product
   (`kernels.int8_linear` for int8 weights; `F.linear`, cuBLAS, for bf16): what decode runs unfused;
 * product: the product alone (what fusing could reach at best);
-* fused: `kernels.prologue_linear` with the launcher's tile; bf16 weights also every tile of `float_tiles`
-  ("fused_best": the fastest of them, with its `Config`; "tiles": every tile's µs).
+* fused: `kernels.prologue_linear` with the launcher's tile; bf16 weights also every tile of `float_tiles`, int8
+  weights at one row every tile of `int8_tiles` ("fused_best": the fastest of them, with its `Config`; "tiles":
+  every tile's µs).
 --products limits the run to some of them (e.g. out_proj,l3 --rows 1 --weights bf16: the float one-row tiles).
 Timing: quant_gpu.time_us, a CUDA graph of one call per weight copy (copies >= --rotate-mib, so L2 never holds
 the weight), median of --reps replays. `rel_l2`: fused against composed. Rows are saved after every product.
@@ -64,6 +65,16 @@ def float_tiles(tiny: bool) -> list[ti.Config]:
     return out + [ti.Config(1, bn, bk, num_warps=w, num_stages=1, kind=kind)
                   for kind in ("gemv", "gemv_once") for w in (4, 8)
                   for bn, bk in ((8, 512), (8, 1024), (16, 512)) + (((64, 256),) if kind == "gemv" else ())]
+
+
+def int8_tiles(tiny: bool) -> list[ti.Config]:
+    """Tiles tried for int8 weights with a prologue at one row: the one-row gemv kinds, the weight read as bytes
+    (converted with the magic-number trick) or as int32 words."""
+    if tiny:
+        return [ti.Config(1, 16, 32, num_stages=1, kind=kind, magic=True) for kind in ("gemv_once", "gemv_word")]
+    return [ti.Config(1, bn, bk, num_warps=w, num_stages=1, kind=kind, magic=True)
+            for kind in ("gemv_once", "gemv_word") for w in (4, 8)
+            for bn, bk in ((8, 1024), (16, 512), (32, 256), (64, 256), (64, 512))]
 
 
 def inputs(prologue: str, m: int, k: int, device, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,9 +140,10 @@ def bench_product(args, preset, name, n_in, n_out, prologue, kind, m, device) ->
            "composed_us": timed(lambda w, s: composed(prologue, x, other, op_input, w, s)),
            "product_us": timed(lambda w, s: product(h, w, s)),
            "fused_us": timed(fused)}
-    if kind == "bf16":
+    tiles = float_tiles(args.tiny) if kind == "bf16" else int8_tiles(args.tiny) if m == 1 else []
+    if tiles:
         tried = []
-        for cfg in float_tiles(args.tiny):
+        for cfg in tiles:
             try:
                 tried.append((timed(functools.partial(fused, config=cfg)), cfg))
             except Exception as exc:  # noqa: BLE001 (a tile that does not fit is skipped)
