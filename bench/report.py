@@ -771,7 +771,8 @@ def render_quant(result: dict) -> str:
         out.append(f"| {_cell(shape)} | {rows} | {times} |")
     out += ["", "Through the engine (decode: ms per token of each session; × bf16: tok/s against bf16's at the same "
             "batch, from the same code and launch mode where recorded; path: captured CUDA graphs or eager steps; "
-            "PDL: an experiment's int8 products launched with programmatic dependent launch, docs/kernels.md):", "",
+            "PDL: an experiment's int8 products launched with programmatic dependent launch or not, docs/kernels.md; "
+            "— = the row's code as shipped, which launches one-row int8 products with it from 7932c0e on):", "",
             "| method | path | PDL | batch | context | ms/token | × bf16 | prefill s | weights GiB | quantise s "
             "| code |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
