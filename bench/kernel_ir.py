@@ -9,9 +9,13 @@ converts one of them (`ttg.convert_layout`), through shared memory with a barrie
 that should stream its weight (a [1, BN, BK] accumulator did exactly that: docs/quantization.md#cuda-kernel).
 This script compiles each one-row "gemv" kind row of the launcher's tables for sm_90 (Hopper; no GPU needed:
 Triton's own compiler and ptxas) with the argument attributes a real launch specialises on (16-byte aligned
-pointers, K and the strides multiples of 16), and lists the shapes converted inside the K loop. Layout choices
-belong to the Triton version that compiles; the GPU's may differ from this machine's, so a new tile is still
-timed there (bench/int8_sweep.py).
+pointers, K and the strides multiples of 16), and lists the shapes converted inside the K loop. With --registers
+it also reads each kernel's registers per thread from its cubin, launched plainly and with programmatic dependent
+launch (the first K step peeled off, `kernels._pdl`). Layout choices and register counts belong to the Triton
+version that compiles; the GPU's may differ from this machine's (install the GPU's Triton here to match it), so a
+new tile is still timed there (bench/int8_sweep.py).
+
+    python bench/kernel_ir.py --registers
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter compiles nothing: run without it
     sys.exit("bench/kernel_ir.py compiles kernels: unset TRITON_INTERPRET")
@@ -30,6 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from tnllm.kernels import triton_int8 as ti  # noqa: E402
+from tnllm.kernels._pdl import CHAINED, OFF  # noqa: E402
 
 GEMV_KINDS = ("gemv", "gemv_once", "gemv_word")
 # Integer arguments a launch at the tnl shapes specialises as multiples of 16 (K, N, the row strides)
@@ -58,8 +66,23 @@ def _signature(fn, constexprs: dict, cfg: ti.Config, int8: bool) -> tuple[dict, 
 
 def compile_row(cfg: ti.Config, int8: bool = True) -> str:
     """The TTGIR of the launcher's plain one-row product with tile `cfg` (a gemv kind, BM = 1), built for sm_90."""
+    return _compiled(cfg, int8).asm["ttgir"]
+
+
+def registers(cfg: ti.Config, int8: bool = True, pdl: int = OFF) -> int:
+    """Registers per thread of the same kernel (with PDL mode `pdl`), read from its cubin by the cuobjdump that
+    ships with Triton: fewer programs fit on an SM as they grow, and a one-row product needs many in flight."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(_compiled(cfg, int8, pdl).asm["cubin"])
+        cubin.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+
+
+def _compiled(cfg: ti.Config, int8: bool, pdl: int = OFF):
     meta = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=True, HAS_SCALES=int8, HAS_BIAS=False, PARTIAL=cfg.SPLIT_K > 1,
-                PRO=ti.PROLOGUES.index("none"), NORM=False, ROW_POW=0, T_IN=1, RESIDUAL=False, PDL=0)
+                PRO=ti.PROLOGUES.index("none"), NORM=False, ROW_POW=0, T_IN=1, RESIDUAL=False, PDL=pdl)
     if cfg.kind == "gemv_word":
         fn, meta = ti._int8_word_kernel, dict(meta, ASM=True)
     else:
@@ -68,9 +91,8 @@ def compile_row(cfg: ti.Config, int8: bool = True) -> str:
     names = fn.arg_names
     src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in meta.items()},
                     attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    return compiled.asm["ttgir"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
 def loop_conversions(ttgir: str) -> list[str]:
@@ -93,13 +115,20 @@ def one_row_rows() -> list[tuple[str, tuple, ti.Config]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    parser.add_argument("--registers", action="store_true",
+                        help="also the registers per thread without and with programmatic dependent launch")
     args = parser.parse_args()
     rows = []
     for table, key, cfg in one_row_rows():
-        converted = loop_conversions(compile_row(cfg, int8=table == "CONFIGS"))
-        rows.append({"table": table, "key": list(key), "config": ti.config_src(cfg), "loop_conversions": converted})
+        int8 = table == "CONFIGS"
+        converted = loop_conversions(compile_row(cfg, int8))
+        row = {"table": table, "key": list(key), "config": ti.config_src(cfg), "loop_conversions": converted}
+        if args.registers:
+            row["registers"] = {"pdl_off": registers(cfg, int8, OFF), "pdl_on": registers(cfg, int8, CHAINED)}
+        rows.append(row)
         if not args.json:
-            print(f"{table:13} {str(key):22} {ti.config_src(cfg):70} {', '.join(converted) or '-'}", flush=True)
+            regs = " regs {pdl_off} / {pdl_on} with PDL".format(**row["registers"]) if args.registers else ""
+            print(f"{table:13} {str(key):22} {ti.config_src(cfg):70} {', '.join(converted) or '-'}{regs}", flush=True)
     if args.json:
         print(json.dumps({"bench": "kernel_ir", "triton": triton.__version__, "target": "cuda sm_90", "rows": rows}))
 

@@ -25,9 +25,11 @@ def _compiling(args: list[str]) -> str:
 
 
 def test_one_row_tiles_convert_no_weight_tile_in_their_k_loop():
-    out = json.loads(_compiling(["bench/kernel_ir.py", "--json"]).strip().splitlines()[-1])
+    out = json.loads(_compiling(["bench/kernel_ir.py", "--json", "--registers"]).strip().splitlines()[-1])
     tables = {r["table"] for r in out["rows"]}
     assert tables == {"CONFIGS", "FLOAT_CONFIGS"} and len(out["rows"]) >= 5
+    # the registers of each compiled kernel, plain and with PDL, as its cubin states them
+    assert all(0 < r["registers"][mode] <= 255 for r in out["rows"] for mode in ("pdl_off", "pdl_on"))
     moved = [(r["table"], r["key"], r["config"], t) for r in out["rows"] for t in r["loop_conversions"]
              if not t.startswith("1x")]
     assert not moved, moved
