@@ -141,14 +141,7 @@ def bench_linear(args, results: Results, device: torch.device) -> None:
                     calls = [functools.partial(call, x) for _, call, _ in group]
                     y = calls[0]().double()
                     graph = method != "bnb_int8"
-                    try:
-                        us = time_us(calls, device, args.reps, graph=graph)
-                    except RuntimeError as err:  # a bitsandbytes build whose NF4 product cannot be captured
-                        if method != "bnb_nf4":
-                            raise
-                        results.add("notes", f"{name} M={m} bnb_nf4 not capturable, timed eager: {err}")
-                        graph = False
-                        us = time_us(calls, device, args.reps, graph=False)
+                    us = time_us(calls, device, args.reps, graph=graph)
                     eager_us = time_us(calls, device, args.reps, graph=False) if graph else us
                     nbytes = group[0][2]
                     row = {"shape": name, "in": n_in, "out": n_out, "rows": m, "method": method,
