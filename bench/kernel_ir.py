@@ -64,23 +64,9 @@ def _signature(fn, constexprs: dict, cfg: ti.Config, int8: bool) -> tuple[dict, 
     return signature, attrs
 
 
-def compile_row(cfg: ti.Config, int8: bool = True) -> str:
-    """The TTGIR of the launcher's plain one-row product with tile `cfg` (a gemv kind, BM = 1), built for sm_90."""
-    return _compiled(cfg, int8).asm["ttgir"]
-
-
-def registers(cfg: ti.Config, int8: bool = True, pdl: int = OFF) -> int:
-    """Registers per thread of the same kernel (with PDL mode `pdl`), read from its cubin by the cuobjdump that
-    ships with Triton: fewer programs fit on an SM as they grow, and a one-row product needs many in flight."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(_compiled(cfg, int8, pdl).asm["cubin"])
-        cubin.flush()
-        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
-    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
-
-
-def _compiled(cfg: ti.Config, int8: bool, pdl: int = OFF):
+def compile_row(cfg: ti.Config, int8: bool = True, pdl: int = OFF):
+    """The launcher's plain one-row product with tile `cfg` (a gemv kind, BM = 1) and PDL mode `pdl`, built for
+    sm_90: Triton's compiled kernel (`.asm["ttgir"]`, `.asm["cubin"]`)."""
     meta = dict(BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EVEN_K=True, HAS_SCALES=int8, HAS_BIAS=False, PARTIAL=cfg.SPLIT_K > 1,
                 PRO=ti.PROLOGUES.index("none"), NORM=False, ROW_POW=0, T_IN=1, RESIDUAL=False, PDL=pdl)
     if cfg.kind == "gemv_word":
@@ -95,6 +81,17 @@ def _compiled(cfg: ti.Config, int8: bool, pdl: int = OFF):
                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
 
 
+def registers(compiled) -> int:
+    """Registers per thread of a `compile_row` kernel, read from its cubin by the cuobjdump that ships with Triton:
+    fewer programs fit on an SM as they grow, and a one-row product needs many in flight."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+        usage = subprocess.run([str(tool), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+    return int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+
+
 def loop_conversions(ttgir: str) -> list[str]:
     """The tensor types converted between layouts inside the kernel's loops, e.g. "64x128xf32"."""
     loops = re.findall(r"scf\.for[\s\S]*?scf\.yield", ttgir)
@@ -103,7 +100,7 @@ def loop_conversions(ttgir: str) -> list[str]:
 
 def weight_tile_conversions(cfg: ti.Config, int8: bool = True) -> list[str]:
     """The conversions inside the K loop of tile `cfg` that move more than one row (a weight tile or a product)."""
-    return [t for t in loop_conversions(compile_row(cfg, int8)) if not t.startswith("1x")]
+    return [t for t in loop_conversions(compile_row(cfg, int8).asm["ttgir"]) if not t.startswith("1x")]
 
 
 def one_row_rows() -> list[tuple[str, tuple, ti.Config]]:
@@ -121,10 +118,11 @@ def main() -> None:
     rows = []
     for table, key, cfg in one_row_rows():
         int8 = table == "CONFIGS"
-        converted = loop_conversions(compile_row(cfg, int8))
+        plain = compile_row(cfg, int8)
+        converted = loop_conversions(plain.asm["ttgir"])
         row = {"table": table, "key": list(key), "config": ti.config_src(cfg), "loop_conversions": converted}
         if args.registers:
-            row["registers"] = {"pdl_off": registers(cfg, int8, OFF), "pdl_on": registers(cfg, int8, CHAINED)}
+            row["registers"] = {"pdl_off": registers(plain), "pdl_on": registers(compile_row(cfg, int8, CHAINED))}
         rows.append(row)
         if not args.json:
             regs = " regs {pdl_off} / {pdl_on} with PDL".format(**row["registers"]) if args.registers else ""
