@@ -141,10 +141,14 @@ def build(preset: str, dtype: torch.dtype, device: torch.device) -> TransNormerL
     return model.to(dtype).eval()
 
 
-def weight_bytes(model: TransNormerLLM) -> int:
+def weight_bytes(model: TransNormerLLM, *, per_step: bool = False) -> int:
     """Bytes of every parameter and buffer, each storage once (the tied head counts once; int8 Linears keep their
-    weights as buffers)."""
+    weights as buffers). `per_step`: what one decode step reads, so the embedding table counts only where the
+    head reads it (a float tied head); a step looks up one of its rows, and an int8 head holds its own copy."""
     seen = {t.data_ptr(): t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers())}
+    table = model.model.embed_tokens.weight
+    if per_step and table.data_ptr() != model.lm_head.weight.data_ptr():
+        seen.pop(table.data_ptr())
     return sum(seen.values())
 
 
@@ -341,7 +345,7 @@ def bench_preset(preset: str, args, results: "Results", tok, bandwidth: float) -
     device, contexts = torch.device(args.device), [int(c) for c in args.contexts.split(",")]
     cuda = device.type == "cuda"
     model = build_weights(preset, args.quant, device)
-    weights = weight_bytes(model)
+    weights = weight_bytes(model, per_step=True)
 
     def row(path: str, batch: int, context: int, ms: float, tok_s: float, state_bytes: int, **extra) -> dict:
         floor = (weights + 2 * batch * state_bytes) / bandwidth * 1e3  # weights read, states read and written

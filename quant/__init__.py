@@ -5,7 +5,8 @@
 
 Methods: "bnb_int8" (bitsandbytes LLM.int8 Linear8bitLt through Accelerate, quant/bnb.py), "int8"
 (pure-PyTorch weight-only int8, quant/int8.py), "none" (float), "auto" (`choose_method`).
-Quantised: every nn.Linear inside the decoder layers; embeddings and the tied lm_head stay float.
+Quantised: every nn.Linear inside the decoder layers, and with "int8" the lm_head too (its own int8 copy of a tied
+matrix); the embedding stays float, and so does the head under bitsandbytes.
 Design and reasons: docs/quantization.md.
 """
 
@@ -93,7 +94,7 @@ def load_quantized(
 
     Args:
         method: "auto" | "bnb_int8" | "int8" | "none" (plain tnllm.load_model).
-        dtype: compute dtype of the float parts (embeddings, lm_head, scales, activations).
+        dtype: compute dtype of the float parts (embedding, a float lm_head, scales, activations).
         device: where the model lives (ignored when `device_map` is given).
         device_map: CUDA only: "auto" / "balanced" / "sequential" or an Accelerate map: spread the
             decoder layers over several GPUs (Accelerate's infer_auto_device_map + dispatch_model).

@@ -53,10 +53,16 @@ def _config(threshold: float, skip: list[str]):
                                  keep_in_fp32_modules=[])
 
 
+def targets(model: TransNormerLLM) -> dict[str, nn.Linear]:
+    """The float Linears this method quantises: the decoder's. The lm_head stays float, as transformers keeps it
+    under bitsandbytes: LLM.int8 decodes slower than 16 bits, so quantising the largest product would only cost."""
+    return target_linears(model)
+
+
 def float_modules(model: TransNormerLLM) -> list[str]:
     """Names of the Linear modules to keep float: every nn.Linear outside the decoder layers (lm_head)."""
-    targets = target_linears(model)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in targets]
+    quantised = targets(model)
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantised]
 
 
 def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
@@ -69,7 +75,7 @@ def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
     _bnb()
     skip = float_modules(model)
     replace_with_bnb_layers(model, _config(threshold, skip), modules_to_not_convert=skip)
-    for module in target_linears(model).values():
+    for module in targets(model).values():
         module.register_load_state_dict_pre_hook(reject_float_into_int8)
     # LLM.int8 finds its outlier columns on the host in every call, which a CUDA graph cannot capture: the
     # engine decodes such a model eagerly (Engine reads `capturable`).
@@ -91,13 +97,13 @@ def quantize_model(model: TransNormerLLM, threshold: float = 6.0) -> TransNormer
     """A loaded float model (docs/quantization.md#quantising-a-loaded-model): swap in Linear8bitLt, then quantise
     each on its device."""
     floats = {}
-    for name, module in target_linears(model).items():
+    for name, module in targets(model).items():
         floats[name] = {k: t.detach() for k, t in module.named_parameters(recurse=False)}
         for key, tensor in floats[name].items():  # the swap below copies meta placeholders, not the weights
             setattr(module, key, nn.Parameter(tensor.to("meta"), requires_grad=False))
     with init_empty_weights():  # else each new module first allocates and initialises a float weight on the CPU
         replace_linears(model, threshold)
-    for name, module in target_linears(model).items():
+    for name, module in targets(model).items():
         tensors = floats.pop(name)
         load_float_weight(name, module, tensors["weight"], tensors["weight"].device)
         if "bias" in tensors:

@@ -1,7 +1,8 @@
 """Pieces shared by the int8 and bitsandbytes back ends: what gets quantised, and the ordering guard.
 
 Quantised: every `nn.Linear` inside `model.model.layers` (token_mixer.qkvu_proj / out_proj,
-channel_mixer.l1 / l2 / l3). Kept float: embeddings and the tied lm_head (norms have no weights).
+channel_mixer.l1 / l2 / l3), and for weight-only int8 the lm_head too (each back end's `targets`). Kept float:
+the embedding (norms have no weights); a quantised head holds its own int8 copy of a tied matrix.
 """
 
 from __future__ import annotations
@@ -20,10 +21,14 @@ class QuantOrderError(RuntimeError):
     """
 
 
-def target_linears(model: TransNormerLLM) -> dict[str, nn.Linear]:
-    """Qualified name -> module of every nn.Linear (or subclass) inside the decoder layers."""
-    return {f"model.layers.{name}": m for name, m in model.model.layers.named_modules()
-            if isinstance(m, nn.Linear)}
+def target_linears(model: TransNormerLLM, *, head: bool = False) -> dict[str, nn.Linear]:
+    """Qualified name -> module of every nn.Linear (or subclass) inside the decoder layers, and "lm_head" last
+    when `head` (and it is still a float Linear)."""
+    targets = {f"model.layers.{name}": m for name, m in model.model.layers.named_modules()
+               if isinstance(m, nn.Linear)}
+    if head and isinstance(model.lm_head, nn.Linear):
+        targets["lm_head"] = model.lm_head
+    return targets
 
 
 def check_not_quantised(name: str, module: nn.Module) -> None:

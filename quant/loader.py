@@ -18,7 +18,6 @@ from tnllm.checkpoint import TIED_KEYS, CheckpointError, _iter_file, check_weigh
 from tnllm.memory import malloc_trim
 from tnllm.model import TransNormerLLM
 from tnllm.quant import bnb, int8
-from tnllm.quant.common import target_linears
 
 DeviceMap = dict[str, int | str | torch.device]
 
@@ -74,6 +73,7 @@ def stream_weights(model: TransNormerLLM, directory: Path, files: list[str], fou
     set_weight = _weight_setter(method)
     weights = {f"{n}.weight": model.get_submodule(n) for n in quantised}
     tied = model.config.tie_word_embeddings
+    head_quantised = TIED_KEYS[1] in weights  # a tied matrix then fills the float embedding and the int8 head
     with torch.no_grad():
         for name in files:
             for key, tensor in _iter_file(directory / name):
@@ -81,6 +81,8 @@ def stream_weights(model: TransNormerLLM, directory: Path, files: list[str], fou
                     if TIED_KEYS[0] in found:
                         continue  # the shared matrix is read from the embedding key
                     key = TIED_KEYS[0]
+                if tied and head_quantised and key == TIED_KEYS[0]:
+                    set_weight(TIED_KEYS[1], weights[TIED_KEYS[1]], tensor, _device_for(TIED_KEYS[1], device_map))
                 device = _device_for(key, device_map)
                 if key in weights:
                     set_weight(key, weights[key], tensor, device)
@@ -88,8 +90,7 @@ def stream_weights(model: TransNormerLLM, directory: Path, files: list[str], fou
                     malloc_trim()  # else the freed float copies stay in glibc's heaps (tnllm.memory)
                 else:
                     set_module_tensor_to_device(model, key, device, value=tensor, dtype=dtype, clear_cache=False)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.tie_head()
     for name, buf in model.named_buffers():  # the fp32 decay table (built on the CPU, never loaded)
         if not buf.is_meta:
             set_module_tensor_to_device(model, name, _device_for(name, device_map), value=buf, clear_cache=False)
@@ -106,7 +107,7 @@ def load(path_or_repo_id: str | Path, method: str, *, dtype: torch.dtype, device
     with init_empty_weights():  # parameters on meta; buffers (the fp32 decay table) real, on the CPU
         model = TransNormerLLM(config)
     found = check_weights(model, directory, files)
-    quantised = list(target_linears(model))
+    quantised = list((bnb if method == "bnb_int8" else int8).targets(model))
     with init_empty_weights():  # the new modules' weights must be meta too (docs/quantization.md#streaming-loader)
         if method == "bnb_int8":
             bnb.replace_linears(model, threshold)

@@ -89,8 +89,15 @@ def test_logits_close_to_float(saved, method):
     assert rel <= 0.02 and top1 >= 0.97
     layers = {n.rsplit(".", 1)[-1]: m for n, m in q.named_modules() if n.startswith("model.layers.")}
     assert all(layers[name].weight.dtype == torch.int8 for name in QUANTISED)
-    assert q.lm_head.weight is q.model.embed_tokens.weight and q.lm_head.weight.dtype == torch.float32
-    assert type(q.lm_head) is Linear and not q.training
+    if method == "int8":  # its own int8 copy of the tied matrix; the embedding stays float and unchanged
+        assert type(q.lm_head) is Int8Linear and q.lm_head.weight.dtype == torch.int8
+        assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        q.to(torch.float32)  # moving the model must not re-tie a float matrix over the int8 head
+        assert q.lm_head.weight.dtype == torch.int8
+    else:  # bnb keeps the head float, tied to the embedding
+        assert q.lm_head.weight is q.model.embed_tokens.weight and q.lm_head.weight.dtype == torch.float32
+        assert type(q.lm_head) is Linear
+    assert not q.training
 
 
 def test_methods_agree_and_none_is_float(saved):
@@ -227,7 +234,12 @@ def test_sharded_and_lm_head_only_checkpoints(saved, method, tmp_path):
     with torch.no_grad():
         for sub in ("sharded", "head"):
             q = quant.load_quantized(tmp_path / sub, method)
-            assert q.lm_head.weight is q.model.embed_tokens.weight
+            if method == "int8":  # the int8 head is the quantised tied matrix, whichever key held it
+                want = quant.int8.quantize_weight(model.model.embed_tokens.weight, torch.float32)
+                assert torch.equal(q.lm_head.weight, want[0]) and torch.equal(q.lm_head.scales, want[1]), sub
+                assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight), sub
+            else:
+                assert q.lm_head.weight is q.model.embed_tokens.weight
             assert torch.equal(q(IDS), ref(IDS)), sub
 
 

@@ -70,8 +70,7 @@ class TransNormerLLM(nn.Module):
         self.config = config
         self.model = TransNormerModel(config)
         self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_head()
         # Fixed decay rates: recomputed, never loaded or saved.
         self.register_buffer("log_decay", self._log_decay_table(), persistent=False)  # [L, H] fp32
         if self.lm_head.weight.device.type != "meta":
@@ -86,10 +85,15 @@ class TransNormerLLM(nn.Module):
         # (a bf16 model would otherwise round it) and be real data after a meta-device build.
         # Re-tie lm_head too: to_empty() gives each module its own new parameter.
         super()._apply(fn, recurse)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_head()
         self.log_decay = self._log_decay_table().to(self.lm_head.weight.device)
         return self
+
+    def tie_head(self) -> None:
+        """Share the embedding matrix with a float lm_head when the config ties them. A quantised head (8-bit
+        weights, tnllm.quant) keeps its own copy and is left alone."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
