@@ -23,8 +23,8 @@ Per preset (tnl-7b, tnl-1b; random bf16 weights; tiny fp32 in --smoke):
 
 --prologues off / int8 / all: every row with the decode products' fused prologues nowhere, on int8 weights, or on
 int8 and float weights (an A/B of `kernels.fuses_prologue`; rows name the mode; auto = the shipped setting);
-gated16: as shipped, but out_proj takes the gated norm up to 16 rows, so the blocks defer their norms at 2-16
-sessions too.
+gated1: as shipped, but out_proj takes the gated norm at one row only, so the blocks run their norms as kernels at
+2-16 sessions (the setting before the gated norm went up to 16 rows).
 --norms deferred / kernels: the blocks' norms left to the products after them, or run as kernels
 (`kernels.DEFERRED_NORMS`; rows name the mode; auto = the shipped setting).
 --pdl on / off: the one-row decode products, of every weight kind, launched with programmatic dependent launch or
@@ -68,10 +68,10 @@ from serve import stream_in_threads, time_sessions, token_gaps_ms
 ROOT = Path(__file__).resolve().parents[1]
 
 # --prologues: the settings of kernels' decision `fuses_prologue` each mode runs with (an A/B of the fusion)
-# ("gated16": out_proj takes the gated norm up to 16 rows, so blocks defer their norms at up to 16 sessions too)
+# ("gated1": out_proj takes the gated norm at one row only, so blocks compose their norms at 2-16 sessions)
 PROLOGUE_MODES = {"auto": {}, "off": {"PROLOGUE_WEIGHTS": ()}, "int8": {"PROLOGUE_WEIGHTS": ("int8",)},
                   "all": {"PROLOGUE_WEIGHTS": ("int8", "float")},
-                  "gated16": {"FUSED_PROLOGUES": {**kernels.FUSED_PROLOGUES, "gated_norm": 16}}}
+                  "gated1": {"FUSED_PROLOGUES": {**kernels.FUSED_PROLOGUES, "gated_norm": 1}}}
 NORM_MODES = {"auto": {}, "deferred": {"DEFERRED_NORMS": True}, "kernels": {"DEFERRED_NORMS": False}}
 # settings of kernels._pdl: auto = as shipped, on = every weight kind, off = none
 PDL_MODES = {"auto": {}, "on": {"DECODE_PDL": frozenset(_pdl.WEIGHT_KINDS)}, "off": {"DECODE_PDL": frozenset()}}
@@ -430,7 +430,7 @@ def main() -> None:
     parser.add_argument("--prologues", default="auto", choices=tuple(PROLOGUE_MODES),
                         help="decode products fused with the op before them: as kernels.PROLOGUE_WEIGHTS says (auto), "
                              "nowhere (off), on int8 weights (int8), on int8 and float weights (all), or as shipped "
-                             "with out_proj's gated norm up to 16 rows (gated16: blocks defer their norms there too)")
+                             "with out_proj's gated norm at one row only (gated1: blocks compose their norms at 2-16 rows)")
     parser.add_argument("--norms", default="auto", choices=tuple(NORM_MODES),
                         help="decode blocks' norms: as kernels.DEFERRED_NORMS says (auto), left to the products after "
                              "them where the blocks allow (deferred), or kernels of their own (kernels)")

@@ -60,7 +60,7 @@ def float_tiles(tiny: bool) -> list[ti.Config]:
     if tiny:
         return [ti.Config(16, 16, 16, SPLIT_K=2, num_stages=1), ti.Config(1, 16, 32, num_stages=1, kind="gemv_once")]
     out = [ti.Config(16, bn, bk, SPLIT_K=split, num_warps=4, num_stages=3)
-           for bn in (64, 128) for bk in (128, 256) for split in (1, 2, 4)]
+           for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8) if bn > 32 or split > 1]
     # not "gemv_once" on [64, 256] tiles: triton 3.6's LLVM aborts the process compiling it with the gated norm
     return out + [ti.Config(1, bn, bk, num_warps=w, num_stages=1, kind=kind)
                   for kind in ("gemv", "gemv_once") for w in (4, 8)

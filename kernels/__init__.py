@@ -153,7 +153,10 @@ def glu_mul(y):
 # Per prologue, the most rows at which a product takes it in-kernel (absent: never), and the weights ("int8",
 # "float") whose products take them. Measured per product on an H200 (bench/prologue_ab.py, tnl-7b and tnl-1b,
 # µs composed → fused): the GLU product into l3 pays at 1 and 16 rows (7B bf16 31.1 → 29.8, 32.3 → 29.2), the
-# gated norm into out_proj at 1 row only (7B bf16 16.4 → 14.2; at 16 rows 15.7 → 16.2); the add+norms lose
+# gated norm into out_proj at 1 row (7B bf16 16.4 → 14.2) and, alone, not at 16 (15.7 → 16.2), but fused up to 16
+# rows it lets the blocks defer their norms at every decode batch (no add+norm kernels, no split-K reduce of a
+# cuBLAS out_proj): the tnl-7b bf16 engine at 16 sessions 4.97 → 4.87 ms per token, tnl-1b 1.178 → 1.171, same run
+# (engine-h200.json, prologues auto / gated16 of code 63633e7); the add+norms lose
 # (7B int8 q|k|v|u 27.6 → 34.6, l1|l2 36.5 → 50.5: the stored sum and second input slow the K loop), and with them
 # fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two the
 # tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; on int8 weights the
@@ -161,7 +164,7 @@ def glu_mul(y):
 # of float weights beat cuBLAS at every tnl-7b and tnl-1b shape (bench/results/float-sweep-m1-h200.json.gz, µs: 7B
 # l1|l2 45.9 against 50.9, lm_head 122.7 against 153.2, q|k|v|u 34.9 against 35.6; 1B 10.4-62.5 against 11.5-77.5),
 # so float Linears (`tnllm.linear.Linear`) run their one-row products on it.
-FUSED_PROLOGUES: dict[str, int] = {"none": 1, "gated_norm": 1, "mul": 16}
+FUSED_PROLOGUES: dict[str, int] = {"none": 1, "gated_norm": 16, "mul": 16}
 PROLOGUE_WEIGHTS: tuple[str, ...] = ("int8", "float")
 # Where a decode layer's out_proj and l3 both take their prologues, they also add the residual and hand the next
 # norm's scale to the products after them, so the layer runs no add+norm kernel (`layers.defers_norms`,
