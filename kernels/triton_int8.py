@@ -614,6 +614,12 @@ FLOAT_CONFIGS: dict[tuple[int | None, str], Config] = {
     (1, "n4k.kbig"): Config(1, 8, 1024, num_stages=1, kind="gemv"),  # tnl-7b l3 25.6; 32.0
     (1, "n2k.kbig"): Config(1, 8, 1024, num_stages=1, kind="gemv_once"),  # tnl-1b l3 9.2; 12.4
     **{(bucket, "n4k.kbig"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
+    # out_proj at 2-16 rows, which decode runs with the gated norm: the fastest fused tile at 2 and 16 rows
+    # (bench/results/prologue-ab-m16-h200.json, 36 tiles; µs fused at 2 / 16 rows; the "*" tile's): tnl-7b 16.1 / 15.7;
+    # 20.3 / 20.3, tnl-1b 6.8 / 9.1; 9.0 / 9.1 (at 2 rows its one-row gemv tile reads both rows)
+    **{(bucket, "n4k.k4k"): Config(16, 128, 128, SPLIT_K=4, num_stages=3) for bucket in (2, 4, 8, 16)},
+    (2, "n2k.k4k"): Config(1, 8, 512, num_stages=1, kind="gemv_once"),
+    **{(bucket, "n2k.k4k"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (4, 8, 16)},
     **{(bucket, "*"): Config(16, 64, 128, SPLIT_K=4, num_stages=3) for bucket in (1, 2, 4, 8, 16)},
     **{(bucket, "*"): Config(64, 128, 64, num_stages=3) for bucket in M_BUCKETS[5:]},
 }
