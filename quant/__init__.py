@@ -32,7 +32,7 @@ AUTO = {
                     "with a quarter of the decoder weight bytes; bitsandbytes quantises the activations on every "
                     "call, slower at decode sizes"),
     "cuda": ("int8", "weight-only int8 through a Triton kernel that reads the int8 weight: faster than bf16 at "
-                     "decode sizes (7B: 1.64x bf16's tok/s); bitsandbytes LLM.int8 runs eagerly and decoded 17x slower "
+                     "decode sizes (7B: 1.66x bf16's tok/s); bitsandbytes LLM.int8 runs eagerly and decoded 22x slower "
                      "than bf16"),
 }
 
