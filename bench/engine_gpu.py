@@ -430,7 +430,8 @@ def main() -> None:
     parser.add_argument("--prologues", default="auto", choices=tuple(PROLOGUE_MODES),
                         help="decode products fused with the op before them: as kernels.PROLOGUE_WEIGHTS says (auto), "
                              "nowhere (off), on int8 weights (int8), on int8 and float weights (all), or as shipped "
-                             "with out_proj's gated norm at one row only (gated1: blocks compose their norms at 2-16 rows)")
+                             "with out_proj's gated norm at one row only (gated1: blocks compose their norms at "
+                             "2-16 rows)")
     parser.add_argument("--norms", default="auto", choices=tuple(NORM_MODES),
                         help="decode blocks' norms: as kernels.DEFERRED_NORMS says (auto), left to the products after "
                              "them where the blocks allow (deferred), or kernels of their own (kernels)")

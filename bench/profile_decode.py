@@ -10,7 +10,8 @@ Per preset (random bf16 weights, quantised in place by --quant; batch 1 and --ba
   difference between step_ms and the kernels' sum is the time the GPU sits between kernels;
 * linears_only_ms: every Linear of the step (same shapes and weights: bf16, or int8 under --quant) captured back
   to back with nothing else: what the matrix products alone cost, the most any fusion of the rest can recover;
-* hbm_floor_ms: the bytes a step reads (`weight_bytes(per_step=True)`) / device-to-device copy bandwidth measured in the same run.
+* hbm_floor_ms: the bytes a step reads (`weight_bytes(per_step=True)`) / device-to-device copy bandwidth measured in
+  the same run.
 
 Writes OUT/profile-h200.json (under --quant: OUT/profile-QUANT-h200.json) after every preset.
 """

@@ -92,7 +92,7 @@ class TransNormerLLM(nn.Module):
     def tie_head(self) -> None:
         """Share the embedding matrix with a float lm_head when the config ties them. A quantised head (8-bit
         weights, tnllm.quant) keeps its own copy and is left alone."""
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
+        if self.config.tie_word_embeddings and self.lm_head.weight.is_floating_point():
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
