@@ -155,8 +155,9 @@ def glu_mul(y):
 # µs composed → fused): the GLU product into l3 pays at 1 and 16 rows (7B bf16 31.1 → 29.8, 32.3 → 29.2), the
 # gated norm into out_proj at 1 row (7B bf16 16.4 → 14.2) and, alone, not at 16 (15.7 → 16.2), but fused up to 16
 # rows it lets the blocks defer their norms at every decode batch (no add+norm kernels, no split-K reduce of a
-# cuBLAS out_proj): the tnl-7b bf16 engine at 16 sessions 4.97 → 4.87 ms per token, tnl-1b 1.178 → 1.171, same run
-# (engine-h200.json, prologues auto / gated16 of code 63633e7); the add+norms lose
+# cuBLAS out_proj): the tnl-7b bf16 engine at 16 sessions 4.97 → 4.87 ms per token (same run), and 4.96 → 4.82
+# once out_proj's 2-16-row tile was chosen with the gated norm (engine-h200.json, --prologues gated1 against the
+# shipped setting, code 4f8755d); the add+norms lose
 # (7B int8 q|k|v|u 27.6 → 34.6, l1|l2 36.5 → 50.5: the stored sum and second input slow the K loop), and with them
 # fused the tnl-7b int8 step took 3.50 ms against 3.00 (bench/engine_gpu.py --prologues). With these two the
 # tnl-7b bf16 step took 4.04 ms at 1 session and 4.88 at 16 against 4.19 and 4.99 composed; on int8 weights the
