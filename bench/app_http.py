@@ -12,6 +12,8 @@ tok_s = (tokens - 1) / (time the reply's text was complete - time of the first u
 rate a user watches, prefill excluded. Over HTTP the final result (Gradio's completion message, which ends the
 spinner) follows the message that completed the text by a fixed millisecond or two: `tok_s_to_completion` counts
 up to it. Each row is the median over --runs runs after one untimed run; `ratio` is app-http / engine (tok_s).
+--switch-interval-ms 5,0.5: one app-http row per value of the app's interpreter switch interval (an A/B of how soon
+the engine thread gets the interpreter lock back from Gradio's work; the rows name it).
 Every row is written to --out as soon as it exists.
 """
 
@@ -94,9 +96,11 @@ def timed_runs(run, n: int) -> dict:
 class App:
     """`python app.py` in a subprocess (own process group), up when its /config answers."""
 
-    def __init__(self, args, model: str, port: int):
+    def __init__(self, args, model: str, port: int, switch_interval_ms: float | None = None):
         command = [sys.executable, "app.py", "--device", args.device, "--model", model, "--baseline", "none",
                    "--no-int8", "--port", str(port), "--max-reply-seconds", "600"]
+        if switch_interval_ms is not None:
+            command += ["--switch-interval-ms", str(switch_interval_ms)]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile("w", prefix="app-http-", suffix=".log", delete=False)  # noqa: SIM115
@@ -128,6 +132,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--port", type=int, default=7931)
     parser.add_argument("--startup-s", type=float, default=300)
+    parser.add_argument("--switch-interval-ms", default="",
+                        help="comma-separated app --switch-interval-ms values, one app-http row each (default: one "
+                             "row at Python's own interval)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = SamplingParams(**{**CHAT_DEFAULTS, "max_new_tokens": args.tokens, "seed": 0})
@@ -152,13 +159,14 @@ def main() -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        app = App(args, model, args.port)
-        try:
-            http = timed_runs(lambda a=app: http_run(a.url, a.fn_index, controls), args.runs)
-        finally:
-            app.stop()
-        ratio = http["tok_s"] / engine["tok_s"] if http["tok_s"] and engine["tok_s"] else None
-        save({"model": model, "path": "app-http", **http, "ratio_to_engine": ratio})
+        for interval in [float(v) for v in args.switch_interval_ms.split(",") if v] or [None]:
+            app = App(args, model, args.port, interval)
+            try:
+                http = timed_runs(lambda a=app: http_run(a.url, a.fn_index, controls), args.runs)
+            finally:
+                app.stop()
+            ratio = http["tok_s"] / engine["tok_s"] if http["tok_s"] and engine["tok_s"] else None
+            save({"model": model, "path": "app-http", "switch_interval_ms": interval, **http, "ratio_to_engine": ratio})
 
 
 if __name__ == "__main__":

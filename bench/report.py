@@ -559,7 +559,8 @@ def _commands(result: dict) -> str:
 
 
 # The fields that name an item of a row-based result file (the rest are its measurements), per list.
-IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues", "norms", "pdl"),
+IDENTITY = {"rows": ("preset", "quant", "path", "batch", "context", "model", "prologues", "norms", "pdl",
+                     "switch_interval_ms"),
             "interleave": ("preset", "quant", "packed", "decoding_sessions", "prompt_tokens", "prefill_budget"),
             "checks": ("preset", "dtype", "batch"), "model": ("method", "preset", "batch", "context", "pdl"),
             "prefill": ("method", "preset", "context"), "linear": ("shape", "rows", "method"),
@@ -746,7 +747,8 @@ def render_app(result: dict) -> str:
     for x in result["rows"]:
         ratio = f"{x['ratio_to_engine']:.2f}" if x.get("ratio_to_engine") else ""
         runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
-        out.append(f"| {x['model']} | {x['path']} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
+        path = x["path"] + (f" (switch interval {x['switch_interval_ms']:g} ms)" if x.get("switch_interval_ms") else "")
+        out.append(f"| {x['model']} | {path} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
                    f"{fmt(x.get('tok_s_to_completion'), '{:.1f}')} | {ratio} | {x.get('commit', '')} |")
     return _with_notes(out, result)
 

@@ -148,7 +148,7 @@ def test_bad_input_is_a_readable_error(chat):
         next(chat("x" * 9000, *controls(GREEDY)))
 
 
-def test_launch_settings_are_safe():
+def test_launch_settings_are_safe(monkeypatch):
     from tnllm.webui import launch as app
 
     kw = app.launch_kwargs(None, None)
@@ -160,6 +160,32 @@ def test_launch_settings_are_safe():
     assert args.int8 is False and args.port == 7000 and args.host is None and args.max_reply_seconds == 120
     with pytest.raises(SystemExit):
         app.parse_args(["--max-reply-seconds", "-1"])
+    assert args.switch_interval_ms is None  # Python's own interval unless asked
+    monkeypatch.setenv("TNLLM_SWITCH_INTERVAL_MS", "0.5")
+    assert app.parse_args([]).switch_interval_ms == 0.5
+    with pytest.raises(SystemExit):
+        app.parse_args(["--switch-interval-ms", "0"])
+
+
+def test_switch_interval_is_set_before_the_engine_starts(monkeypatch):
+    """--switch-interval-ms applies to the whole process before the model (and its engine thread) loads."""
+    import sys
+
+    from tnllm.webui import launch as app
+
+    default, seen = sys.getswitchinterval(), []
+
+    def stop_at_load(*args, **kwargs):
+        seen.append(sys.getswitchinterval())
+        raise app.StartupError("stop here")
+
+    monkeypatch.setattr(app, "load_runtime", stop_at_load)
+    try:
+        with pytest.raises(SystemExit):
+            app.main(["--switch-interval-ms", "0.5", "--device", "cpu"])
+    finally:
+        sys.setswitchinterval(default)
+    assert seen == [pytest.approx(0.0005)]
 
 
 @pytest.mark.parametrize("limit_s", [1e-9, 0.3], ids=["during-prefill", "during-decode"])

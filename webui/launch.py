@@ -8,7 +8,8 @@ Examples:
     torchrun --standalone --nproc-per-node 2 app.py --tp 2 --model DIR   # tensor parallel; rank 0 serves the UI
 
 Every flag has an environment variable (TNLLM_MODEL, TNLLM_BASELINE, TNLLM_INT8, TNLLM_DEVICE, TNLLM_DTYPE,
-TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_MAX_REPLY_SECONDS, TNLLM_TP).
+TNLLM_MAX_CONTEXT, TNLLM_HOST, TNLLM_PORT, TNLLM_CONCURRENCY, TNLLM_QUEUE_SIZE, TNLLM_MAX_REPLY_SECONDS, TNLLM_TP,
+TNLLM_SWITCH_INTERVAL_MS).
 Without --host, Gradio's own GRADIO_SERVER_NAME applies (a Space sets it), else loopback. Launch settings
 (docs/reliability.md#safe-launch-settings): share off, no SSR, no monitoring/MCP/run-history endpoints, 1 MB
 uploads, model directories blocked from file serving. A checkpoint or tokenizer that fails its checks stops the
@@ -106,9 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {MAX_REPLY_SECONDS:g})")
     p.add_argument("--tp", type=int, default=int(env("TNLLM_TP", "1")),
                    help="tensor-parallel ranks; launch with torchrun --nproc-per-node N (float weights)")
+    p.add_argument("--switch-interval-ms", type=float, default=env("TNLLM_SWITCH_INTERVAL_MS"),
+                   help="how long a thread may keep the interpreter lock while another waits for it (default: "
+                        "Python's, 5 ms); shorter hands it back sooner from the web server's work to the engine thread")
     args = p.parse_args(argv)
     if not args.max_reply_seconds > 0:
         p.error(f"--max-reply-seconds must be > 0, got {args.max_reply_seconds}")
+    if args.switch_interval_ms is not None and not args.switch_interval_ms > 0:
+        p.error(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
     return args
 
 
@@ -140,6 +146,8 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Load the model (or fail with exit code 2), then serve the app: `python app.py` and `tnllm-chat`."""
     args = parse_args(argv)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tnllm").setLevel(logging.INFO)  # startup progress; Gradio/httpx stay quiet
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
