@@ -65,8 +65,8 @@ def float_modules(model: TransNormerLLM) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantised]
 
 
-def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
-    """Swap the target nn.Linear modules for Linear8bitLt (in place, meta or float model).
+def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> list[str]:
+    """Swap the target nn.Linear modules for Linear8bitLt (in place, meta or float model); returns their names.
 
     On a float model the new modules hold the old float weights, not yet quantised.
     """
@@ -75,11 +75,13 @@ def replace_linears(model: TransNormerLLM, threshold: float = 6.0) -> None:
     _bnb()
     skip = float_modules(model)
     replace_with_bnb_layers(model, _config(threshold, skip), modules_to_not_convert=skip)
-    for module in targets(model).values():
+    swapped = targets(model)
+    for module in swapped.values():
         module.register_load_state_dict_pre_hook(reject_float_into_int8)
     # LLM.int8 finds its outlier columns on the host in every call, which a CUDA graph cannot capture: the
     # engine decodes such a model eagerly (Engine reads `capturable`).
     model.capturable = False
+    return list(swapped)
 
 
 @torch.no_grad()

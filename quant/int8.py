@@ -127,13 +127,16 @@ def targets(model: TransNormerLLM) -> dict[str, nn.Linear]:
     return target_linears(model, head=True)
 
 
-def replace_linears(model: TransNormerLLM, dtype: torch.dtype) -> None:
-    """Swap every target nn.Linear for an empty (meta) Int8Linear; `load_float_weight` fills it."""
-    for name, linear in targets(model).items():
+def replace_linears(model: TransNormerLLM, dtype: torch.dtype) -> list[str]:
+    """Swap every target nn.Linear for an empty (meta) Int8Linear (`load_float_weight` fills it); returns their
+    names."""
+    swapped = targets(model)
+    for name, linear in swapped.items():
         parent_name, _, child = name.rpartition(".")
         empty = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                            device="meta", dtype=dtype)
         model.get_submodule(parent_name).register_module(child, empty)
+    return list(swapped)
 
 
 def quantize_model(model: TransNormerLLM) -> TransNormerLLM:

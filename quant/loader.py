@@ -107,12 +107,11 @@ def load(path_or_repo_id: str | Path, method: str, *, dtype: torch.dtype, device
     with init_empty_weights():  # parameters on meta; buffers (the fp32 decay table) real, on the CPU
         model = TransNormerLLM(config)
     found = check_weights(model, directory, files)
-    quantised = list((bnb if method == "bnb_int8" else int8).targets(model))
     with init_empty_weights():  # the new modules' weights must be meta too (docs/quantization.md#streaming-loader)
         if method == "bnb_int8":
-            bnb.replace_linears(model, threshold)
+            quantised = bnb.replace_linears(model, threshold)
         else:
-            int8.replace_linears(model, dtype)
+            quantised = int8.replace_linears(model, dtype)
     if device_map is None:
         device_map = {"": device}
     else:
