@@ -221,6 +221,15 @@ def _full_chunks(q, k, v, a, state, C: int):
 ACTIVATIONS = {"silu": F.silu, "none": lambda t: t}
 
 
+def lrpe_features(xs, theta: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """LRPE's features [x cos(t θ), x sin(t θ)] of each x [..., H, D] in `dtype`, θ = theta [H, D] and t =
+    positions (x's leading dims): the angles in fp32 (bf16 would round positions past 256), one cos/sin
+    evaluation for every x. The prefill layer (`tnllm.layers.Lrpe`) and the decode step share it."""
+    angles = (positions.float()[..., None, None] * theta.float()).to(dtype)  # [..., H, D]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return tuple(torch.cat([x.to(dtype) * cos, x.to(dtype) * sin], dim=-1) for x in xs)  # [..., H, 2 D]
+
+
 def check_step_shapes(q, k, v, log_decay, state, slots=None, act="none", lrpe=None) -> None:
     """Validate the inputs of a decode step (shared by every implementation); ValueError names them."""
     if act not in ACTIVATIONS:
@@ -289,10 +298,7 @@ def lightning_attn_step_ref(
     activation = ACTIVATIONS[act]
     qa, ka = activation(q), activation(k)
     if lrpe is not None:
-        theta, positions = lrpe
-        angles = (positions.float()[:, None, None] * theta.float()).to(dt)  # [B, H, D]: fp32, as `Lrpe`'s
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        qa, ka = (torch.cat([x * cos, x * sin], dim=-1) for x in (qa, ka))  # [B, H, 2 D]
+        qa, ka = lrpe_features((qa, ka), *lrpe, dt)  # [B, H, 2 D]
     rows = state if slots is None else state.index_select(0, slots)  # [B, H, D, E]
     decay = torch.exp(_cast(log_decay, dt))[:, None, None]  # [H, 1, 1]
     rows.mul_(decay).add_(ka[..., :, None] * v[..., None, :])  # [B, H, D, E]

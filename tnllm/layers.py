@@ -181,10 +181,9 @@ class Lrpe(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k [B, T, H, dh], positions [B, T] (absolute, int) -> both [B, T, H, 2 * dh] in their dtype
         (one cos/sin evaluation serves both)."""
-        theta = self.theta.float().squeeze(1)  # [H, dh]
-        angles = positions.to(theta.device, torch.float32)[:, :, None, None] * theta  # [B, T, H, dh], fp32
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        return tuple(torch.cat([x.float() * cos, x.float() * sin], dim=-1).to(x.dtype) for x in (q, k))
+        theta = self.theta.squeeze(1)  # [H, dh]
+        features = kernels.reference.lrpe_features((q, k), theta, positions.to(theta.device), torch.float32)
+        return tuple(f.to(x.dtype) for f, x in zip(features, (q, k)))
 
 
 class NormLinearAttention(nn.Module):
