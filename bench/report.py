@@ -22,6 +22,7 @@ replaces those rows of the recorded file and keeps the others (fold_rows); each 
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import re
@@ -604,14 +605,14 @@ def render_sampler(result: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_prologue_ab(result: dict) -> str:
+def render_prologue_ab(result: dict, title: str = "Decode products with the op before them fused") -> str:
     """bench/prologue_ab.py: each decode product with the op before it fused, against the op composed."""
-    out = ["", f"## Decode products with the op before them fused ({result['device']})", "",
+    out = ["", f"## {title} ({result['device']})", "",
            f"Date: {run_date(result)}. torch {result['torch']}, triton {result['triton']}. {_commands(result)}. µs "
            "per call, CUDA-graph replays over weight copies larger than L2, bf16 activations. composed = the op's "
            "kernel then the product; product = the product alone; fused = `kernels.prologue_linear` with the "
-           "launcher's tile, best fused = the fastest of `float_tiles` (bf16 weights). `kernels.FUSED_PROLOGUES` "
-           "encodes where fusing pays.", "",
+           "launcher's tile, best fused = the fastest of the tiles tried (`float_tiles` for bf16 weights, "
+           "`int8_tiles` for int8 weights at one row). `kernels.FUSED_PROLOGUES` encodes where fusing pays.", "",
            "| preset | product | op | weights | rows | composed | product | fused | best fused (tile) | rel-L2 |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for x in result["rows"]:
@@ -619,6 +620,21 @@ def render_prologue_ab(result: dict) -> str:
         out.append(f"| {x['preset']} | {x['product']} | {x['prologue']} | {x['weights']} | {x['M']} | "
                    f"{x['composed_us']:.1f} | {x['product_us']:.1f} | {x['fused_us']:.1f} | {best} | "
                    f"{x['rel_l2']:.1e} |")
+    return _with_notes(out, result)
+
+
+def render_tile_sweep(result: dict, name: str) -> str:
+    """bench/int8_sweep.py: the fastest tile per (Linear, M) of one sweep, against cuBLAS bf16 and the tile the
+    launcher chose in that run."""
+    weights = result.get("weights") or "int8"
+    out = ["", f"## Product tile sweep: {name} ({result['device']}, {result['preset']}, {weights} weights)", "",
+           f"Date: {run_date(result)}. torch {result['torch']}, triton {result['triton']}. {_commands(result)}. µs "
+           "per call, CUDA-graph replays over weight copies larger than L2, bf16 activations; chosen = the tile the "
+           "launcher's table picked in that run (`kernels/triton_int8.py` CONFIGS / FLOAT_CONFIGS).", "",
+           "| Linear | rows | best tile | µs | TB/s | bf16 cuBLAS µs | chosen µs |", "|---|---|---|---|---|---|---|"]
+    for x in result["best"]:
+        out.append(f"| {_cell(x['shape'])} | {x['M']} | `{x['config_src']}` | {x['us']:.1f} | {x['tb_s']:.2f} | "
+                   f"{fmt(x.get('bf16_us'), '{:.1f}')} | {fmt(x.get('chosen_us'), '{:.1f}')} |")
     return _with_notes(out, result)
 
 
@@ -908,6 +924,12 @@ def render_all(results: Path, kernels_json: Path) -> str:
              "python bench/quant_quality.py --device cuda --out bench/results/quant-quality-h200.json")):
         path = results / f"{name}.json"
         text += renderer(json.loads(path.read_text())) if path.is_file() else not_measured(title, _shown(path), command)
+    # the runs that chose single tiles of the launcher's tables, where recorded
+    for path in sorted(results.glob("prologue-ab-*-h200.json")):
+        text += render_prologue_ab(json.loads(path.read_text()), f"Decode products with the op before them fused: "
+                                   f"{path.name}")
+    for path in sorted(results.glob("*sweep*-h200.json.gz")):
+        text += render_tile_sweep(json.loads(gzip.decompress(path.read_bytes())), path.name)
     return text
 
 
