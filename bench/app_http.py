@@ -13,7 +13,7 @@ rate a user watches, prefill excluded. Over HTTP the final result (Gradio's comp
 spinner) follows the message that completed the text by a fixed millisecond or two: `tok_s_to_completion` counts
 up to it. Each row is the median over --runs runs after one untimed run; `ratio` is app-http / engine (tok_s).
 --switch-interval-ms 5,0.5: one app-http row per value of the app's interpreter switch interval (an A/B of how soon
-the engine thread gets the interpreter lock back from Gradio's work; the rows name it).
+the engine thread gets the interpreter lock back from Gradio's work); every app-http row names the interval it ran at.
 Every row is written to --out as soon as it exists.
 """
 
@@ -38,6 +38,7 @@ import torch
 
 from tnllm.sampling import SamplingParams
 from tnllm.webui.http_client import ChatClient
+from tnllm.webui.launch import SWITCH_INTERVAL_MS
 from tnllm.webui.runtime import load_runtime
 from tnllm.webui.validation import CHAT_DEFAULTS
 
@@ -134,7 +135,7 @@ def main() -> None:
     parser.add_argument("--startup-s", type=float, default=300)
     parser.add_argument("--switch-interval-ms", default="",
                         help="comma-separated app --switch-interval-ms values, one app-http row each (default: one "
-                             "row at Python's own interval)")
+                             "row at the app's default)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     params = SamplingParams(**{**CHAT_DEFAULTS, "max_new_tokens": args.tokens, "seed": 0})
@@ -166,7 +167,8 @@ def main() -> None:
             finally:
                 app.stop()
             ratio = http["tok_s"] / engine["tok_s"] if http["tok_s"] and engine["tok_s"] else None
-            save({"model": model, "path": "app-http", "switch_interval_ms": interval, **http, "ratio_to_engine": ratio})
+            ran_at = SWITCH_INTERVAL_MS if interval is None else interval
+            save({"model": model, "path": "app-http", "switch_interval_ms": ran_at, **http, "ratio_to_engine": ratio})
 
 
 if __name__ == "__main__":

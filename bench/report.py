@@ -763,7 +763,9 @@ def render_app(result: dict) -> str:
     for x in result["rows"]:
         ratio = f"{x['ratio_to_engine']:.2f}" if x.get("ratio_to_engine") else ""
         runs = ", ".join(f"{r:.0f}" for r in x["tok_s_runs"])
-        path = x["path"] + (f" (switch interval {x['switch_interval_ms']:g} ms)" if x.get("switch_interval_ms") else "")
+        path = x["path"]
+        if path == "app-http":  # rows without an interval ran at Python's own (the app's default then)
+            path += f" (switch interval {x.get('switch_interval_ms') or 5:g} ms)"
         out.append(f"| {x['model']} | {path} | {x['tokens'][0]} | {fmt(x['tok_s'], '{:.1f}')} | {runs} | "
                    f"{fmt(x.get('tok_s_to_completion'), '{:.1f}')} | {ratio} | {x.get('commit', '')} |")
     return _with_notes(out, result)

@@ -160,15 +160,16 @@ def test_launch_settings_are_safe(monkeypatch):
     assert args.int8 is False and args.port == 7000 and args.host is None and args.max_reply_seconds == 120
     with pytest.raises(SystemExit):
         app.parse_args(["--max-reply-seconds", "-1"])
-    assert args.switch_interval_ms is None  # Python's own interval unless asked
-    monkeypatch.setenv("TNLLM_SWITCH_INTERVAL_MS", "0.5")
-    assert app.parse_args([]).switch_interval_ms == 0.5
+    assert args.switch_interval_ms == app.SWITCH_INTERVAL_MS < 5  # shorter than Python's own
+    monkeypatch.setenv("TNLLM_SWITCH_INTERVAL_MS", "2")
+    assert app.parse_args([]).switch_interval_ms == 2
     with pytest.raises(SystemExit):
         app.parse_args(["--switch-interval-ms", "0"])
 
 
 def test_switch_interval_is_set_before_the_engine_starts(monkeypatch):
-    """--switch-interval-ms applies to the whole process before the model (and its engine thread) loads."""
+    """The switch interval (given or the app's default) applies to the whole process before the model (and its
+    engine thread) loads."""
     import sys
 
     from tnllm.webui import launch as app
@@ -182,10 +183,12 @@ def test_switch_interval_is_set_before_the_engine_starts(monkeypatch):
     monkeypatch.setattr(app, "load_runtime", stop_at_load)
     try:
         with pytest.raises(SystemExit):
-            app.main(["--switch-interval-ms", "0.5", "--device", "cpu"])
+            app.main(["--switch-interval-ms", "2", "--device", "cpu"])
+        with pytest.raises(SystemExit):
+            app.main(["--device", "cpu"])
     finally:
         sys.setswitchinterval(default)
-    assert seen == [pytest.approx(0.0005)]
+    assert seen == [pytest.approx(0.002), pytest.approx(app.SWITCH_INTERVAL_MS / 1e3)]
 
 
 @pytest.mark.parametrize("limit_s", [1e-9, 0.3], ids=["during-prefill", "during-decode"])

@@ -42,6 +42,11 @@ EXIT_BAD_MODEL = 2
 # Gradio keeps each session's state (chat history, component copies: 0.1-0.7 MB measured by bench/soak.py) for an
 # hour, up to 10,000 sessions by default; API clients never close theirs. Least recently used beyond this go.
 MAX_GRADIO_SESSIONS = 200
+# The engine thread needs the interpreter lock back after every PyTorch op; while Gradio's event loop runs Python
+# (sending an update), CPython makes it wait up to the switch interval, 5 ms by default: as long as a whole short
+# reply of the bundled model on a GPU. Streamed over HTTP, that model's replies reached 0.41-0.83 of the engine's
+# rate at 5 ms and 0.88-1.36 at 0.5-1 ms (H200 and CPU), while the 7B shape did not change (docs/engine.md).
+SWITCH_INTERVAL_MS = 0.5
 
 
 def build_demo(runtime: Runtime, *, concurrency_limit: int = CHAT_CONCURRENCY, max_size: int = 16,
@@ -107,13 +112,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"(default {MAX_REPLY_SECONDS:g})")
     p.add_argument("--tp", type=int, default=int(env("TNLLM_TP", "1")),
                    help="tensor-parallel ranks; launch with torchrun --nproc-per-node N (float weights)")
-    p.add_argument("--switch-interval-ms", type=float, default=env("TNLLM_SWITCH_INTERVAL_MS"),
-                   help="how long a thread may keep the interpreter lock while another waits for it (default: "
-                        "Python's, 5 ms); shorter hands it back sooner from the web server's work to the engine thread")
+    p.add_argument("--switch-interval-ms", type=float,
+                   default=float(env("TNLLM_SWITCH_INTERVAL_MS", str(SWITCH_INTERVAL_MS))),
+                   help=f"how long a thread may keep the interpreter lock while another waits for it (default "
+                        f"{SWITCH_INTERVAL_MS:g}; Python's own is 5): shorter hands it back sooner from the web "
+                        f"server's work to the engine thread")
     args = p.parse_args(argv)
     if not args.max_reply_seconds > 0:
         p.error(f"--max-reply-seconds must be > 0, got {args.max_reply_seconds}")
-    if args.switch_interval_ms is not None and not args.switch_interval_ms > 0:
+    if not args.switch_interval_ms > 0:
         p.error(f"--switch-interval-ms must be > 0, got {args.switch_interval_ms}")
     return args
 
@@ -146,8 +153,7 @@ def serve_tensor_parallel(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Load the model (or fail with exit code 2), then serve the app: `python app.py` and `tnllm-chat`."""
     args = parse_args(argv)
-    if args.switch_interval_ms is not None:
-        sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tnllm").setLevel(logging.INFO)  # startup progress; Gradio/httpx stay quiet
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
