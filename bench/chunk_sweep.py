@@ -12,7 +12,9 @@ length aims for when a sequence is cut; MIN_SEG_CHUNKS 4 or 16), with fla's `chu
 anchor. Each row: fwd_ms, the segment pre-pass alone (`_seg_state_kernel` + `_seg_scan_kernel`, 0 when the plan
 does not segment) as prepass_ms, segments per sequence, chunk-kernel programs, % of the forward's memory floor
 (q, k, v read and o written once, at the copy bandwidth of the same run), ratio to fla. The best setting per
-shape is timed again with its backward (fwd+bwd). Rows are written to --out as they come, so a timeout loses
+shape is timed again with its backward (fwd+bwd); err_vs_shipped is each row's largest output difference from the
+shipped setting's, relative to the largest output. --variants times the kernel's code variants (VARIANTS) instead of
+the tiles and segment rules. Rows are written to --out as they come, so a timeout loses
 nothing. `triton_chunk._CFG` is restored afterwards; the run never edits it.
 """
 
@@ -58,6 +60,11 @@ NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=3), dict(BT=64, BV=64, WARPS=4, ST
 WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
         dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=64, WARPS_WIDE=4, STAGES_WIDE=2)]
 PROGRAMS = [dict(SEG_PROGRAMS_PER_SM=p, MIN_SEG_CHUNKS=m) for p in (2, 1, 4) for m in (16, 4)]
+# --variants: the chunk kernel's code variants (triton_chunk._CFG's STATE_T, DESC) and the segment pre-pass's state
+# tile BS, the first the shipped setting
+VARIANTS = [dict(STATE_T=True, DESC=False, BS=128), dict(STATE_T=False), dict(DESC=True), dict(BS=64),
+            dict(STATE_T=False, BS=64)]
+VARIANTS_WIDE = [dict(STATE_T_WIDE=False, DESC=False), dict(STATE_T_WIDE=True), dict(DESC=True)]
 
 
 def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:
@@ -95,11 +102,14 @@ def sweep_shape(shape, tiles, programs, anchors, copy_tbps: float, result: dict)
     fla = anchors.get("fla")
     fla_ms = bench(lambda: fla(q, k, v, g_gamma=-rate, scale=1.0)[0])[0] if fla else None
     shipped, rows = dict(triton_chunk._CFG), []
+    o_shipped = lightning_attn_triton(q, k, v, -rate)[0].float()
     for tile, prog in itertools.product(tiles, programs):
         triton_chunk._CFG.update({**shipped, **tile, **prog})
         plan, facts = current_plan(q, v)
         row = dict(base, cfg={**tile, **prog}, **facts, fla_fwd_ms=fla_ms)
         try:
+            o = lightning_attn_triton(q, k, v, -rate)[0].float()
+            row["err_vs_shipped"] = ((o - o_shipped).abs().max() / o_shipped.abs().max()).item()
             row["fwd_ms"] = bench(lambda: lightning_attn_triton(q, k, v, -rate)[0])[0]
             row["prepass_ms"] = prepass_ms(plan, k, v, ld)
             row["pct_floor"] = 100 * floor_ms / row["fwd_ms"]
@@ -132,6 +142,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="CPU interpreter, small shapes, two settings")
     p.add_argument("--shipped-only", action="store_true",
                    help="time the shipped setting alone (forward, then with its backward)")
+    p.add_argument("--variants", action="store_true",
+                   help="the chunk kernel's code variants (VARIANTS) at the shipped segment rule, not the tile sweep")
     p.add_argument("--budget-s", type=float, default=420.0, help="no new shape starts after this")
     args = p.parse_args()
     start = time.perf_counter()
@@ -140,11 +152,14 @@ def main() -> None:
         timespec="seconds"), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
         "torch": torch.__version__, "command": "python bench/chunk_sweep.py " + " ".join(sys.argv[1:]),
         "anchor_errors": errors, "shipped": dict(triton_chunk._CFG), "ceilings": ceilings(), "rows": [], "best": []}
-    for first in (NARROW[0], WIDE[0], PROGRAMS[0]):  # each list starts with what ships, the row to beat
+    # each list starts with what ships, the row to beat
+    for first in (NARROW[0], WIDE[0], PROGRAMS[0], VARIANTS[0], VARIANTS_WIDE[0]):
         if any(triton_chunk._CFG[k] != v for k, v in first.items()):
             raise SystemExit(f"{first} is not the shipped setting {triton_chunk._CFG}: update the lists")
     keep = 1 if args.shipped_only else 2 if args.tiny else None
     narrow, wide, programs = NARROW[:keep], WIDE[:keep], PROGRAMS[:keep]
+    if args.variants:
+        narrow, wide, programs = VARIANTS[:keep], VARIANTS_WIDE[:keep], PROGRAMS[:1]
     for shape in shapes(args.tiny):
         if time.perf_counter() - start > args.budget_s:
             result.setdefault("skipped", []).append(list(shape))

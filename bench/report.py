@@ -659,11 +659,11 @@ def render_step_tiles(result: dict) -> str:
     return _with_notes(out, result)
 
 
-def render_chunk_sweep(result: dict) -> str:
+def render_chunk_sweep(result: dict, title: str | None = None) -> str:
     """bench/chunk_sweep.py: the Lightning Attention forward per launch setting and segment count, against fla."""
     shipped_only = len(result["rows"]) == len(result["best"])  # bench/chunk_sweep.py --shipped-only
-    title = ("the shipped setting, dk and dv in one sweep or two" if shipped_only else
-             "launch settings and segments")
+    title = title or ("the shipped setting, dk and dv in one sweep or two" if shipped_only else
+                      "launch settings and segments")
     out = ["", f"## Lightning Attention forward: {title} ({result['device']}, bf16, H = 32)", "",
            f"Date: {run_date(result)}. torch {result['torch']}. {_commands(result)}. ms per forward (do_bench, L2 "
            "flushed); pre-pass = the segment state kernels alone; floor = q, k, v read and o written once at the "
@@ -687,6 +687,24 @@ def render_chunk_sweep(result: dict) -> str:
                    f"| {best['fwdbwd_ms']:.3f} | {fused} | {fmt(fla)} | "
                    f"{fmt(fla / fastest['fwd_ms'] if fla else None, '{:.2f}×')} |")
     return _with_notes(out, result)
+
+
+def render_chunk_variants(result: dict) -> str:
+    """bench/chunk_sweep.py --variants: every code variant of the chunk kernel per shape, the fastest's backward."""
+    out = [render_chunk_sweep(result, "the chunk kernel's code variants").rstrip("\n"), "", "Every variant of that run (ms per forward; err = largest "
+           "output difference from the run's shipped setting, relative to the largest output):", "",
+           "| N | B | dk/dv | setting | segments | pre-pass | fwd | % floor | vs fla | err |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    segment_rule = ("SEG_PROGRAMS_PER_SM", "MIN_SEG_CHUNKS")  # the shipped rule in every row
+    for x in result["rows"]:
+        setting = ", ".join(f"{k}={v}" for k, v in x["cfg"].items() if k not in segment_rule)
+        shape = f"| {x['N']:,} | {x['B']} | {x['dk']}/{x['dv']} | {setting} |"
+        if "fwd_ms" not in x:
+            out.append(f"{shape} | | {x['error'][:60]} | | | |")
+            continue
+        out.append(f"{shape} {x['segments']} | {x['prepass_ms']:.3f} | {x['fwd_ms']:.3f} | {x['pct_floor']:.0f}% | "
+                   f"{fmt(x.get('vs_fla'), '{:.2f}×')} | {fmt(x.get('err_vs_shipped'), '{:.1e}')} |")
+    return "\n".join(out) + "\n"
 
 
 def render_streamer_ab(result: dict) -> str:
@@ -912,6 +930,9 @@ def render_all(results: Path, kernels_json: Path) -> str:
             ("chunk-shipped-h200", "Lightning Attention forward: the shipped setting, dk and dv in one sweep or two",
              render_chunk_sweep,
              "python bench/chunk_sweep.py --shipped-only --out bench/results/chunk-shipped-h200.json"),
+            ("chunk-variants-h200", "Lightning Attention forward: the chunk kernel's code variants",
+             render_chunk_variants,
+             "python bench/chunk_sweep.py --variants --out bench/results/chunk-variants-h200.json"),
             ("prologue-ab-h200", "Decode products with the op before them fused", render_prologue_ab,
              "python bench/prologue_ab.py --out bench/results/prologue-ab-h200.json"),
             ("step-tiles-h200", "Decode step kernel tiles", render_step_tiles,

@@ -144,15 +144,20 @@ def test_step_tile_sweep_runs_in_the_interpreter(tmp_path):
     assert rows[0]["us"] > 0 and rows[0]["state_tb_s"] > 0
 
 
-def test_chunk_sweep_runs_in_the_interpreter(tmp_path):
-    """bench/chunk_sweep.py --tiny: every shape timed under each setting, the best again with its backward, the
-    launch settings restored afterwards, and the report renders the file."""
+@pytest.mark.parametrize("variants", [False, True], ids=["tiles", "variants"])
+def test_chunk_sweep_runs_in_the_interpreter(tmp_path, variants):
+    """bench/chunk_sweep.py --tiny: every shape timed under each setting (tiles and segment rules, or the kernel's
+    code variants), each checked against the shipped setting's output, the best again with its backward, the launch
+    settings restored afterwards, and the report renders the file."""
     out = tmp_path / "sweep.json"
-    run = subprocess.run([sys.executable, "bench/chunk_sweep.py", "--tiny", "--out", str(out)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "bench/chunk_sweep.py", "--tiny", "--out", str(out)]
+                         + ["--variants"] * variants, cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert run.returncode == 0, run.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert len(data["rows"]) == 3 * 4 and all(r["fwd_ms"] > 0 and r["segments"] >= 1 for r in data["rows"])
+    settings = 2 if variants else 4
+    assert len(data["rows"]) == 3 * settings and all(r["fwd_ms"] > 0 and r["segments"] >= 1 for r in data["rows"])
+    assert all(r["err_vs_shipped"] < 1e-5 for r in data["rows"])
     assert [(b["N"], b["dk"]) for b in data["best"]] == [(64, 16), (256, 16), (128, 32)]
     assert all(b["fwdbwd_ms"] > 0 and b["shipped_fwd_ms"] > 0 for b in data["best"])
     text = _report().render_chunk_sweep(data)

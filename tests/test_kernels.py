@@ -89,6 +89,28 @@ class TestChunk:
         for name in out_r:
             assert_close(name, out_r[name], out_t[name], rel=TOL[torch.float32])
 
+    @pytest.mark.parametrize("variant", [dict(STATE_T=False), dict(DESC=True), dict(STATE_T=False, DESC=True)],
+                             ids=["state", "desc", "state-desc"])
+    @pytest.mark.parametrize("case", ["fp32-seg", "bf16-seg", "varlen-seg"])
+    def test_chunk_kernel_variants(self, variant, case, monkeypatch):
+        """Each variant of the chunk kernel (state held untransposed, tensor-descriptor tiles), forced, against the
+        float64 reference: forward, final state and every gradient, with segments, odd lengths and batch > 1."""
+        from tnllm.kernels import triton_chunk
+
+        monkeypatch.setitem(triton_chunk.__dict__, "_CFG" if ON_GPU else "_CFG_INTERPRET",
+                            {**(triton_chunk._CFG if ON_GPU else triton_chunk._CFG_INTERPRET), **variant})
+        cu = None
+        if case == "fp32-seg":
+            dtype, inputs = torch.float32, _attn_inputs(2, 65, 3, 32, 16, torch.float32, n_state=2)
+        elif case == "bf16-seg":
+            dtype, inputs = torch.bfloat16, _attn_inputs(2, 65, 2, 32, 16, torch.bfloat16, n_state=2)
+        else:
+            cu = torch.tensor([0, 5, 42, 43, 70], device=DEVICE)
+            dtype, inputs = torch.float32, _attn_inputs(1, 70, 2, 16, 32, torch.float32, n_state=4)
+        out_r, out_t = _run_both(*inputs, cu=cu, seg_len=16 if cu is not None else 32)
+        for name in out_r:
+            assert_close(name, out_r[name], out_t[name], rel=TOL[dtype])
+
     def test_zero_rate_stays_causal(self):
         q, k, v, _, _ = _attn_inputs(1, 40, 2, 16, 16, torch.float32)
         a = torch.zeros(2, device=DEVICE)
