@@ -60,11 +60,10 @@ NARROW = [dict(BT=64, BV=128, WARPS=8, STAGES=3), dict(BT=64, BV=64, WARPS=4, ST
 WIDE = [dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2), dict(BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=1),
         dict(BV_WIDE=128, WARPS_WIDE=8, STAGES_WIDE=1), dict(BV_WIDE=64, WARPS_WIDE=4, STAGES_WIDE=2)]
 PROGRAMS = [dict(SEG_PROGRAMS_PER_SM=p, MIN_SEG_CHUNKS=m) for p in (2, 1, 4) for m in (16, 4)]
-# --variants: the chunk kernel's code variants (triton_chunk._CFG's STATE_T, DESC) and the segment pre-pass's state
-# tile BS, the first the shipped setting
-VARIANTS = [dict(STATE_T=True, DESC=False, BS=128), dict(STATE_T=False), dict(DESC=True), dict(BS=64),
-            dict(STATE_T=False, BS=64)]
-VARIANTS_WIDE = [dict(STATE_T_WIDE=False, DESC=False), dict(STATE_T_WIDE=True), dict(DESC=True)]
+# --variants: the chunk kernel's code variant (triton_chunk._CFG's STATE_T: its state held transposed) and the segment
+# pre-pass's state tile BS, the first the shipped setting
+VARIANTS = [dict(STATE_T=True, BS=128), dict(STATE_T=False), dict(BS=64), dict(STATE_T=False, BS=64)]
+VARIANTS_WIDE = [dict(STATE_T_WIDE=False), dict(STATE_T_WIDE=True)]
 
 
 def shapes(tiny: bool) -> list[tuple[int, int, int, int, int]]:

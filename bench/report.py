@@ -691,8 +691,9 @@ def render_chunk_sweep(result: dict, title: str | None = None) -> str:
 
 def render_chunk_variants(result: dict) -> str:
     """bench/chunk_sweep.py --variants: every code variant of the chunk kernel per shape, the fastest's backward."""
-    out = [render_chunk_sweep(result, "the chunk kernel's code variants").rstrip("\n"), "", "Every variant of that run (ms per forward; err = largest "
-           "output difference from the run's shipped setting, relative to the largest output):", "",
+    out = [render_chunk_sweep(result, "the chunk kernel's code variants").rstrip("\n"), "",
+           "Every variant of that run (ms per forward; err = largest output difference from the run's shipped "
+           "setting, relative to the largest output):", "",
            "| N | B | dk/dv | setting | segments | pre-pass | fwd | % floor | vs fla | err |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     segment_rule = ("SEG_PROGRAMS_PER_SM", "MIN_SEG_CHUNKS")  # the shipped rule in every row

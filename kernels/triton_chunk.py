@@ -62,14 +62,14 @@ def _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def _chunk_span(bos, eos, i_c, n_c, o_t, BT: tl.constexpr, REVERSE: tl.constexpr):
-    """The i_c-th of a segment's n_c chunks in processing order (last chunk first when REVERSE): its first token t0,
-    its tokens o_tok [BT] (int64), its length n_m and the mask of its real tokens m_t [BT]."""
+    """The i_c-th of a segment's n_c chunks in processing order (last chunk first when REVERSE): its tokens
+    o_tok [BT] (int64), its length n_m and the mask of its real tokens m_t [BT]."""
     if REVERSE:
         t0 = bos + (n_c - 1 - i_c) * BT
     else:
         t0 = bos + i_c * BT
     n_m = tl.minimum(eos - t0, BT).to(tl.int32)
-    return t0, t0 + o_t.to(tl.int64), n_m, o_t < n_m
+    return t0 + o_t.to(tl.int64), n_m, o_t < n_m
 
 
 @triton.jit
@@ -159,10 +159,8 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   BT: tl.constexpr, REVERSE: tl.constexpr, USE_H: tl.constexpr, H_PER_SEG: tl.constexpr,
                   STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, BF16_STATE: tl.constexpr,
-                  F32: tl.constexpr, DESC: tl.constexpr, STATE_T: tl.constexpr):
+                  F32: tl.constexpr, STATE_T: tl.constexpr):
     # out_i = sum_{j causal} λ^|i-j| (a_i·b_j) c_j + λ^e_i a_i S ;  S <- λ^m S + Σ_j λ^f_j b_jᵀ c_j
-    # DESC: tiles move through tensor descriptors over the segment's rows (TMA on Hopper), which zero the rows
-    # past its end on loads and drop them on stores; otherwise masked pointer loads and stores.
     i_v, i_sh = tl.program_id(0), tl.program_id(1)
     i_s, i_h = i_sh // H, i_sh % H
     bos, eos, i_n, is_first, is_last = _seg_bounds(seg, i_s, T, NS, L, IS_VARLEN)
@@ -176,30 +174,18 @@ def _chunk_kernel(a, b, c, o, h, hf, ld, seg, T, NS, L, s_hn, s_hh, s_hk, s_hv,
     b_h = _entering_state(h, i_s, i_n, i_h, s_hn, s_hh, s_hk, s_hv, o_k, o_v, m_k, m_v, USE_H, H_PER_SEG, BK, BV,
                           STATE_T)
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
-    if DESC:
-        n_rows = (eos - bos).to(tl.int32)
-        d_a = tl.make_tensor_descriptor(a + (bos * H + i_h) * K, [n_rows, K], [H * K, 1], [BT, BK])
-        d_b = tl.make_tensor_descriptor(b + (bos * H + i_h) * K, [n_rows, K], [H * K, 1], [BT, BK])
-        d_c = tl.make_tensor_descriptor(c + (bos * H + i_h) * V, [n_rows, V], [H * V, 1], [BT, BV])
-        d_o = tl.make_tensor_descriptor(o + (bos * H + i_h) * V, [n_rows, V], [H * V, 1], [BT, BV])
     for i_c in range(n_c):
-        t0, o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
-        if DESC:
-            r0 = (t0 - bos).to(tl.int32)
-            b_a = d_a.load([r0, 0])
-            b_b = d_b.load([r0, 0])
-            b_c = d_c.load([r0, i_v * BV])
-        else:
-            b_a = tl.load(a + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-            b_b = tl.load(b + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-            b_c = tl.load(c + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+        o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
+        p_a = a + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
+        p_b = b + (o_tok[:, None] * H + i_h) * K + o_k[None, :]
+        p_c = c + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_a = tl.load(p_a, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_b = tl.load(p_b, mask=m_t[:, None] & m_k[None, :], other=0.)
+        b_c = tl.load(p_c, mask=m_t[:, None] & m_v[None, :], other=0.)
         b_o = _chunk_out(b_a, b_b, b_c, b_h, b_D, _state_decay(o_t, n_m, m_t, b_ld, REVERSE), BF16_STATE, F32,
                          STATE_T)
-        if DESC:
-            d_o.store([r0, i_v * BV], b_o.to(o.dtype.element_ty))
-        else:
-            p_o = o + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
-            tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        p_o = o + (o_tok[:, None] * H + i_h) * V + o_v[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         b_h = _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE, F32, STATE_T)
 
     if STORE_FINAL and (is_first if REVERSE else is_last):
@@ -233,7 +219,7 @@ def _seg_state_kernel(b, c, hs, ld, seg, T, NS, L, H: tl.constexpr, K: tl.conste
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     n_c = tl.cdiv(eos - bos, BT).to(tl.int32)
     for i_c in range(n_c):
-        _t0, o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
+        o_tok, n_m, m_t = _chunk_span(bos, eos, i_c, n_c, o_t, BT, REVERSE)
         b_b = tl.load(b + (o_tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_c = tl.load(c + (o_tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         b_h = _carry_state(b_h, b_ld, b_b, b_c, o_t, n_m, m_t, REVERSE, F32, False)
@@ -280,26 +266,11 @@ def _seg_scan_kernel(hs, h0, ld, seg, sseg, T, NS, L, H: tl.constexpr, K: tl.con
 # 16-wide blocks. BT chunk; BV, WARPS, STAGES of the chunk kernel, "_WIDE" when the contracted dim K exceeds 128;
 # BS state tile of the segment kernels; SEG_PROGRAMS_PER_SM, MIN_SEG_CHUNKS: the segment length rule (`_Plan`).
 # STATE_T (STATE_T_WIDE): the chunk kernel holds its state transposed, [V, K], so that its products take the state
-# from registers; DESC: its tiles move through tensor descriptors (TMA). Both timed by `bench/chunk_sweep.py
-# --variants` (docs/kernels.md#the-state-held-transposed).
+# from registers (`bench/chunk_sweep.py --variants`, docs/kernels.md#the-state-held-transposed).
 _CFG = dict(BT=64, BV=128, WARPS=8, STAGES=3, BV_WIDE=64, WARPS_WIDE=8, STAGES_WIDE=2, BS=128, SEG_PROGRAMS_PER_SM=2,
-            MIN_SEG_CHUNKS=16, DESC=False, STATE_T=True, STATE_T_WIDE=False)
+            MIN_SEG_CHUNKS=16, STATE_T=True, STATE_T_WIDE=False)
 _CFG_INTERPRET = dict(BT=16, BV=16, WARPS=4, STAGES=1, BV_WIDE=16, WARPS_WIDE=4, STAGES_WIDE=1, BS=16,
-                      SEG_PROGRAMS_PER_SM=1, MIN_SEG_CHUNKS=1, DESC=False, STATE_T=True, STATE_T_WIDE=False)
-
-
-def _descriptors_fit(*tensors: torch.Tensor) -> bool:
-    """Whether tensor descriptors can address these [.., H, dim] tensors: 16-byte aligned bases and rows (TMA's
-    rule). On the GPU, device-side descriptors need Triton's scratch allocator, set here once."""
-    if not all(t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0 for t in tensors):
-        return False
-    if not triton_interpreted(tensors[0].device):
-        triton.set_allocator(_scratch)  # per thread (a context variable): autograd runs the backward in its own
-    return True
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+                      SEG_PROGRAMS_PER_SM=1, MIN_SEG_CHUNKS=1, STATE_T=True, STATE_T_WIDE=False)
 
 
 @functools.cache
@@ -389,7 +360,6 @@ class _Plan:
             self.T, self.NS, self.L, *strides, H=self.H, K=K, V=V, BK=max(16, triton.next_power_of_2(K)),
             BV=BV, BT=self.BT, REVERSE=reverse, USE_H=h is not None, H_PER_SEG=h_per_seg,
             STORE_FINAL=store_final, IS_VARLEN=self.varlen, BF16_STATE=a.dtype == torch.bfloat16, F32=self.f32(a),
-            DESC=self.cfg["DESC"] and _descriptors_fit(a, b, c, out),
             STATE_T=self.cfg["STATE_T" if K <= 128 else "STATE_T_WIDE"],
             num_warps=self.cfg["WARPS" if K <= 128 else "WARPS_WIDE"], num_stages=self.stages(K, a))
         return out, hf
