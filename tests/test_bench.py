@@ -275,7 +275,7 @@ def test_report_sections_state_their_own_json_date(tmp_path):
 def test_report_says_not_measured_for_missing_json(tmp_path):
     """A section whose JSON is missing is named, with the file and the command that would write it."""
     text = _report().render_all(tmp_path, tmp_path / "kernels.json")
-    assert text.count("Not measured yet: no ") == 17
+    assert text.count("Not measured yet: no ") == 18
     assert f"no {tmp_path / 'soak-cpu.json'}. Command: `python bench/soak.py`." in text
     assert "budget" not in text
 
